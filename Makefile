@@ -1,0 +1,23 @@
+# One entry point per job. `make setup` builds .venv (CPU torch by default: set TORCH=torch for a CUDA build).
+PY ?= .venv/bin/python
+TORCH ?= torch==2.13.0
+RANK ?= 64
+ALPHA ?= $(RANK)
+ARGS ?=
+
+.PHONY: setup test train smoke params bench chat clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml constraints.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q "$(TORCH)"
+	.venv/bin/pip install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .venv .pytest_cache runs/smoke

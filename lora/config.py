@@ -1,0 +1,41 @@
+"""What a LoRA adapter is: its rank, scale, dropout and which projections it adapts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA hyper-parameters. The default targets are the seed's: the three MLP projections."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.05
+    targets: tuple[str, ...] = field(default=MLP_TARGETS)
+    use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.targets:
+            raise ValueError(f"LoRA targets must name at least one of {ALL_TARGETS}, got none")
+        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown LoRA target(s) {unknown}: choose from {ALL_TARGETS}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets repeat a name: {self.targets}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)

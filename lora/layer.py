@@ -1,0 +1,51 @@
+"""`LoRALinear`: a frozen linear layer plus a trainable low-rank update, `W x + s * B(A(dropout(x)))`.
+
+It *is* an `nn.Linear` (it owns `weight`), so a base checkpoint loads into a LoRA model unchanged and the
+adapter's keys end in `.lora_A.weight` / `.lora_B.weight`, as PEFT writes them. No bias: Llama has none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoRAConfig
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig):
+        super().__init__(in_features, out_features, bias=False)
+        self.rank = config.rank
+        self.scaling = config.scaling
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(in_features, config.rank, bias=False)
+        self.lora_B = nn.Linear(config.rank, out_features, bias=False)
+        self.merged = False
+        self.weight.requires_grad_(False)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter changes nothing."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold `s * B @ A` into `weight` (computed in float32, stored in weight's dtype)."""
+        if self.merged:
+            return
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+        self.merged = True
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, scaling={self.scaling:g}, merged={self.merged}"

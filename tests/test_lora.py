@@ -1,0 +1,213 @@
+"""LoRA: exact parameter counts, parity with PEFT both ways, merge/export, and what trains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, hf_checkpoint
+import lora
+from lora import LoRAConfig
+from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SEED_TABLE = {  # rank: (trainable, total) from the seed's table, MLP targets
+    4: (2_027_520, 1_102_075_904),
+    16: (8_110_080, 1_108_158_464),
+    64: (32_440_320, 1_132_488_704),
+    256: (129_761_280, 1_229_809_664),
+}
+SEED_PERCENT = {4: 0.18, 16: 0.73, 64: 2.86, 256: 10.55}
+
+
+@pytest.mark.parametrize("rank", sorted(SEED_TABLE))
+def test_counts_on_the_real_tinyllama_shape_match_the_seed(rank):
+    with torch.device("meta"):
+        model = Llama(LlamaConfig(), lora=LoRAConfig(rank=rank, alpha=rank))
+    trainable, total = lora.count_parameters(model)
+    assert (trainable, total) == SEED_TABLE[rank]
+    assert round(100 * trainable / total, 2) == SEED_PERCENT[rank]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0, alpha=8), "rank"), (dict(rank=4, alpha=0), "alpha"), (dict(rank=4, alpha=-1), "alpha"),
+    (dict(rank=4, alpha=8, targets=("gate_proj", "lm_head")), "lm_head"),
+    (dict(rank=4, alpha=8, dropout=1.0), "dropout"), (dict(rank=2.5, alpha=8), "rank"),
+])
+def test_invalid_lora_config_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRAConfig(**kwargs)
+
+
+def _peft_model(path, config: LoRAConfig, seed=3):
+    base = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
+    pcfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                           target_modules=list(config.targets), use_rslora=config.use_rslora,
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, pcfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _our_name(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.").replace(".default.", ".")
+
+
+def _batch(vocab, B=2, T=13, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt that takes no loss
+    labels[1, 9:] = -100
+    return ids, labels
+
+
+CASES = {
+    "mlp": LoRAConfig(rank=4, alpha=8, dropout=0.0),
+    "attention_gqa": LoRAConfig(rank=3, alpha=5, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "all_rslora": LoRAConfig(rank=8, alpha=16, dropout=0.0, use_rslora=True,
+                             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
+    config = CASES[case]
+    path = hf_checkpoint(tmp_path / "base")
+    ref = _peft_model(path, config)
+    ref.save_pretrained(tmp_path / "adapter")
+
+    ours = load_model(path, lora=lora.read_adapter_config(tmp_path / "adapter"))
+    lora.load_adapter(ours, tmp_path / "adapter")
+    ours.eval()
+    assert ours.lora_config.scaling == pytest.approx(config.scaling)
+
+    ids, labels = _batch(TINY["vocab_size"])
+    out = ref(input_ids=ids, labels=labels)
+    out.loss.backward()
+    logits = ours(ids)
+    assert (logits - out.logits).abs().max().item() <= 1e-4
+
+    loss_sum, n = causal_lm_loss(ours, ids, labels)
+    (loss_sum / n).backward()
+    ref_sum, ref_n = reference_loss(out.logits, labels)
+    assert n == ref_n
+    assert (loss_sum / n).item() == pytest.approx(out.loss.item(), abs=1e-5)
+    assert (ref_sum / ref_n).item() == pytest.approx(out.loss.item(), abs=1e-5)
+
+    ours_params = dict(ours.named_parameters())
+    compared = 0
+    for name, p in ref.named_parameters():
+        if "lora_" not in name:
+            continue
+        g_ref, g = p.grad, ours_params[_our_name(name)].grad
+        rel = ((g - g_ref).norm() / g_ref.norm()).item()
+        assert rel <= 1e-4, f"{name}: relative gradient error {rel}"
+        compared += 1
+    per_layer = len(config.targets) * 2
+    assert compared == per_layer * TINY["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("case", ["mlp", "all_rslora"])
+def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, case):
+    config = CASES[case]
+    path = hf_checkpoint(tmp_path / "base")
+    ours = load_model(path, lora=config).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for layer in lora.lora_layers(ours).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    lora.save_adapter(ours, tmp_path / "adapter", base_model=str(path))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["r"] == config.rank
+
+    base = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
+    ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids, _ = _batch(TINY["vocab_size"])
+    with torch.no_grad():
+        assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+        assert (ours(ids) - load_model(path)(ids)).abs().max().item() > 1e-3, "adapter had no effect"
+
+
+def test_adapter_keys_and_shapes_are_pefts(tmp_path):
+    from safetensors.torch import load_file
+    cfg = LlamaConfig(**TINY)
+    model = Llama(cfg, lora=LoRAConfig(rank=4, alpha=4))
+    lora.save_adapter(model, tmp_path)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(sd) == 3 * 2 * cfg.num_hidden_layers
+    assert sd["base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"].shape == (4, cfg.hidden_size)
+    assert sd["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"].shape == (cfg.intermediate_size, 4)
+    assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, cfg.intermediate_size)
+
+
+def test_fresh_adapter_leaves_logits_bit_identical(hf_tiny):
+    base = load_model(hf_tiny).eval()
+    with_lora = load_model(hf_tiny, lora=LoRAConfig(rank=8, alpha=16)).eval()
+    assert all(l.lora_A.weight.abs().sum() > 0 for l in lora.lora_layers(with_lora).values())
+    ids, _ = _batch(TINY["vocab_size"])
+    with torch.no_grad():
+        assert torch.equal(base(ids), with_lora(ids))
+
+
+def test_merge_then_export_reloads_in_transformers(tmp_path, hf_tiny):
+    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj"))).eval()
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+    ids, _ = _batch(TINY["vocab_size"])
+    with torch.no_grad():
+        before = model(ids)
+        assert (before - load_model(hf_tiny)(ids)).abs().max() > 1e-3, "adapter had no effect"
+        with pytest.raises(ValueError, match="not merged"):
+            save_model(model, tmp_path / "unmerged")
+        lora.merge(model)
+        after = model(ids)
+    assert (before - after).abs().max().item() <= 1e-4
+    save_model(model, tmp_path / "merged")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - before).abs().max().item() <= 1e-4
+        assert torch.equal(load_model(tmp_path / "merged")(ids), after)
+
+
+def test_only_lora_trains_and_base_is_unchanged(hf_tiny):
+    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, dropout=0.1)).train()
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, labels = _batch(TINY["vocab_size"])
+    loss, n = causal_lm_loss(model, ids, labels)
+    (loss / n).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == (".lora_" in name), name
+    opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())
+    assert all(not torch.equal(v, after[k]) for k, v in lora_before.items() if "lora_B" in k)
+
+
+def test_load_adapter_refuses_mismatches(tmp_path):
+    cfg = LlamaConfig(**TINY)
+    lora.save_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
+    with pytest.raises(ValueError, match="rank r=4 but the model was built with rank 8"):
+        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=8, alpha=4)), tmp_path / "r4")
+    with pytest.raises(ValueError, match="targets"):
+        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4, targets=("q_proj",))), tmp_path / "r4")
+    with pytest.raises(ValueError, match="shape mismatches.*gate_proj"):
+        lora.load_adapter(Llama(LlamaConfig(**{**TINY, "intermediate_size": 80}),
+                                lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.load_adapter(Llama(cfg), tmp_path / "r4")
+    c = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**c, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        lora.read_adapter_config(tmp_path / "r4")

@@ -1,0 +1,181 @@
+"""The model against `transformers.LlamaForCausalLM` (float32, CPU, random small configs), plus loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, hf_checkpoint
+from tinyllama import Llama, LlamaConfig, load_model
+from tinyllama.model import num_parameters
+
+transformers = pytest.importorskip("transformers")
+
+CONFIGS = {
+    "gqa": {},
+    "mha": dict(num_key_value_heads=4),
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "odd_sizes": dict(vocab_size=97, hidden_size=48, intermediate_size=77, num_attention_heads=6,
+                      num_key_value_heads=3, num_hidden_layers=3),
+    "rope_eps": dict(rope_theta=500.0, rms_norm_eps=1e-3),
+}
+
+
+def _hf(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_transformers(tmp_path, name):
+    path = hf_checkpoint(tmp_path / name, seed=1, **CONFIGS[name])
+    ours, ref = load_model(path), _hf(path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 23))
+    with torch.no_grad():
+        diff = (ours(ids) - ref(ids).logits).abs().max().item()
+    assert diff <= 1e-4, f"{name}: max |logits diff| = {diff}"
+
+
+def test_padding_mask_and_position_ids_match_transformers(hf_tiny):
+    ours, ref = load_model(hf_tiny), _hf(hf_tiny)
+    ids = torch.randint(0, TINY["vocab_size"], (3, 17))
+    mask = torch.ones(3, 17, dtype=torch.long)
+    mask[1, :5] = 0   # left padding
+    mask[2, 11:] = 0  # right padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, position_ids=pos)
+        b = ref(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max().item() <= 1e-4
+    assert torch.isfinite(a).all(), "padding rows must not produce NaN"
+    # A left-padded row equals the same tokens run alone.
+    with torch.no_grad():
+        alone = ours(ids[1:2, 5:])
+    assert (a[1, 5:] - alone[0]).abs().max().item() <= 1e-4
+
+
+def test_explicit_position_ids_match_transformers(hf_tiny):
+    ours, ref = load_model(hf_tiny), _hf(hf_tiny)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 2, 4, 6, 8, 10, 12, 14, 16]])
+    with torch.no_grad():
+        diff = (ours(ids, position_ids=pos) - ref(ids, position_ids=pos).logits).abs().max().item()
+        shifted = (ours(ids, position_ids=pos) - ours(ids)).abs().max().item()
+    assert diff <= 1e-4
+    assert shifted > 1e-3, "position_ids had no effect"
+
+
+def test_sharded_checkpoint_gives_same_logits(tmp_path):
+    path = hf_checkpoint(tmp_path / "one")
+    ref = _hf(path)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = list((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 11))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "sharded")(ids), load_model(path)(ids))
+
+
+def test_bf16_load_keeps_dtype_and_is_close(hf_tiny):
+    ours32, ours16 = load_model(hf_tiny), load_model(hf_tiny, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours16.parameters())
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        assert (ours16(ids).float() - ours32(ids)).abs().max().item() < 0.1
+
+
+def test_tinyllama_shape_has_exactly_1_100_048_384_parameters():
+    # TinyLlama/TinyLlama_v1.1 config.json, as published (written here so nothing is downloaded).
+    real = {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1,
+            "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+            "intermediate_size": 5632, "max_position_embeddings": 2048, "model_type": "llama",
+            "num_attention_heads": 32, "num_hidden_layers": 22, "num_key_value_heads": 4,
+            "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.31.0.dev0",
+            "use_cache": True, "vocab_size": 32000}
+    config = LlamaConfig.from_dict(real)
+    assert num_parameters(config) == 1_100_048_384
+    with torch.device("meta"):
+        model = Llama(config)
+    assert model.lm_head.weight.is_meta
+    names = dict(model.named_parameters())
+    for key in ["model.embed_tokens.weight", "model.layers.21.self_attn.q_proj.weight",
+                "model.layers.0.self_attn.k_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                "model.norm.weight", "lm_head.weight"]:
+        assert key in names
+    assert names["model.layers.0.self_attn.k_proj.weight"].shape == (256, 2048)  # 4 KV heads x 64
+
+
+# ---- errors a user will hit -------------------------------------------------------------------------
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_bias", True),
+                                         ("rope_scaling", {"type": "linear", "factor": 2.0}),
+                                         ("mlp_bias", True)])
+def test_unsupported_config_fields_are_refused_by_name(hf_tiny, field, value):
+    _edit_config(hf_tiny, **{field: value})
+    with pytest.raises(ValueError, match=field):
+        load_model(hf_tiny)
+
+
+def test_unsupported_rope_type_is_refused(hf_tiny):
+    _edit_config(hf_tiny, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
+    with pytest.raises(ValueError, match="rope_type"):
+        load_model(hf_tiny)
+
+
+def test_unknown_config_field_is_reported(hf_tiny):
+    _edit_config(hf_tiny, sliding_window=128)
+    with pytest.warns(UserWarning, match="sliding_window"):
+        load_model(hf_tiny)
+
+
+def test_bin_only_checkpoint_is_refused(hf_tiny):
+    (hf_tiny / "model.safetensors").unlink()
+    (hf_tiny / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+        load_model(hf_tiny)
+
+
+def test_missing_and_unexpected_keys_are_listed(hf_tiny):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(hf_tiny / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    sd["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    save_file(sd, hf_tiny / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        load_model(hf_tiny)
+    assert "model.layers.1.mlp.up_proj.weight" in str(e.value)
+    assert "model.layers.1.mlp.extra.weight" in str(e.value)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(hf_tiny):
+    _edit_config(hf_tiny, intermediate_size=100)
+    with pytest.raises(ValueError, match=r"mlp\.gate_proj\.weight: checkpoint \(96, 64\) vs model \(100, 64\)"):
+        load_model(hf_tiny)
+
+
+def test_unreachable_repo_id_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(RuntimeError, match="could not get 'TinyLlama/TinyLlama_v1.1'.*local folder"):
+        load_model("TinyLlama/TinyLlama_v1.1")
+
+
+def test_not_a_folder_nor_repo_id():
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+        load_model("no/such/folder/here")
+
+
+def test_config_dataclass_rejects_bad_gqa():
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        LlamaConfig(**{**TINY, "num_key_value_heads": 3})

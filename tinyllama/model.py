@@ -1,0 +1,323 @@
+"""The Llama 2 architecture (as TinyLlama-1.1B uses it) in plain PyTorch.
+
+One file, top to bottom: config, RMSNorm, rotary embeddings, grouped-query attention, the SwiGLU MLP (with
+LoRA built in when a `LoRAConfig` is given), the decoder block, the model, and a key/value cache.
+
+Module and parameter names are Hugging Face's (`model.layers.0.mlp.gate_proj.weight`, `lm_head.weight`), so a
+`LlamaForCausalLM` safetensors checkpoint loads with no renaming, and LoRA keys are a fixed prefix away from
+PEFT's. Numerics follow `transformers`' Llama (RMSNorm in float32, rotate-half RoPE with cos/sin in float32),
+which the tests check to 1e-4 in float32.
+
+Deliberately left out: RoPE scaling variants, attention/MLP biases, tensor parallelism, dropout in the base
+model. A config that asks for any of them is refused, not approximated.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lora.config import LoRAConfig
+from lora.layer import LoRALinear
+
+# config.json keys that carry no information about the computation.
+_HARMLESS_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "pad_token_id", "attention_dropout", "_name_or_path", "pretraining_tp",
+    "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "generation_config",
+}
+# config.json keys whose only supported value is the one given; anything else is refused.
+_FIXED_KEYS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None}
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly in config.json")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        d = dict(d)
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"config.json: model_type is {d['model_type']!r}; only 'llama' is supported")
+        # transformers >= 5 writes rope_theta inside rope_parameters.
+        rope = d.pop("rope_parameters", None)
+        if rope is not None:
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(
+                    f"config.json: rope_parameters.rope_type={rope['rope_type']!r} is not supported "
+                    "(only plain RoPE, rope_type 'default')")
+            d.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        for key, supported in _FIXED_KEYS.items():
+            value = d.pop(key, supported)
+            if value != supported:
+                raise ValueError(f"config.json: {key}={value!r} is not supported "
+                                 f"(this implementation needs {key}={supported!r})")
+        for key in ("bos_token_id", "eos_token_id"):
+            if isinstance(d.get(key), list):  # some configs list several; the first is the main one
+                d[key] = d[key][0]
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_KEYS)
+        if unknown:
+            warnings.warn(f"config.json: ignoring fields this implementation does not read: {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlamaConfig":
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` that `transformers.LlamaForCausalLM.from_pretrained` reads."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, rope_scaling=None)
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and cast back before the weight, exactly as the HF weights were trained.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(config: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [batch, seq, head_dim] for rotate-half RoPE, computed in float32."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (
+        torch.arange(0, d, 2, device=position_ids.device, dtype=torch.int64).float() / d))
+    with torch.autocast(device_type=position_ids.device.type, enabled=False):
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, d]; the HF convention: pairs are (i, i + d/2), not interleaved."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | None) -> nn.Linear:
+    if lora is not None and name in lora.targets:
+        return LoRALinear(in_features, out_features, lora)
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        h, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = _linear(h, q_dim, "q_proj", lora)
+        self.k_proj = _linear(h, kv_dim, "k_proj", lora)
+        self.v_proj = _linear(h, kv_dim, "v_proj", lora)
+        self.o_proj = _linear(q_dim, h, "o_proj", lora)
+
+    def forward(self, x, cos, sin, mask=None, cache: "KVCache | None" = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:  # grouped-query: each k/v head serves n_heads/n_kv_heads queries
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). LoRA lives here from construction when configured."""
+
+    def __init__(self, config: LlamaConfig, lora: LoRAConfig | None = None):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(h, i, "gate_proj", lora)
+        self.up_proj = _linear(h, i, "up_proj", lora)
+        self.down_proj = _linear(i, h, "down_proj", lora)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx, lora)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, lora)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Hugging Face's `LlamaModel`: embeddings, decoder layers, final norm (named `model.*`)."""
+
+    def __init__(self, config: LlamaConfig, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, lora) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """`Llama(config, lora=None)`; `model(input_ids) -> logits [batch, seq, vocab]`.
+
+    Built on the current default device, so `with torch.device("meta"): Llama(cfg)` costs no memory.
+    With a `LoRAConfig`, the targeted projections are `LoRALinear` and everything but `lora_A`/`lora_B` is
+    frozen.
+    """
+
+    def __init__(self, config: LlamaConfig, lora: LoRAConfig | None = None):
+        super().__init__()
+        self.config = config
+        self.lora_config = lora
+        self.model = LlamaBody(config, lora)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        if lora is not None:
+            for name, p in self.named_parameters():
+                p.requires_grad_(".lora_" in name)
+
+    def hidden_states(self, input_ids, *, position_ids=None, attention_mask=None, document_ids=None,
+                      cache: "KVCache | None" = None) -> torch.Tensor:
+        """The final-norm hidden states [B, T, hidden]: everything but the LM head.
+
+        - `position_ids` [B, T]: defaults to 0..T-1 (continuing from the cache when one is given).
+        - `attention_mask` [B, T_keys]: 1 for real tokens, 0 for padding (T_keys includes cached tokens).
+        - `document_ids` [B, T]: packed rows; a token attends only to earlier tokens of its own document.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
+        mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device,
+                                    force=cache is not None)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, **kwargs) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, **kwargs))
+
+
+def build_attention_mask(T: int, past: int, attention_mask=None, document_ids=None, device=None,
+                         force: bool = False):
+    """A boolean SDPA mask [B or 1, 1, T, past + T] (True = may attend), or None for plain causal.
+
+    Every token may always attend to itself, so a padding query never has an empty row (which would give
+    NaN); its output is ignored anyway.
+    """
+    if attention_mask is None and document_ids is None and not force:
+        return None
+    q = torch.arange(past, past + T, device=device)
+    k = torch.arange(past + T, device=device)
+    mask = (k[None, :] <= q[:, None])[None, None]  # causal, [1, 1, T, past+T]
+    if attention_mask is not None:
+        if attention_mask.shape[-1] != past + T:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected "
+                             f"{past + T} (cached {past} + new {T})")
+        mask = mask & attention_mask.bool()[:, None, None, :]
+    if document_ids is not None:
+        if past:
+            raise ValueError("document_ids (packed rows) cannot be combined with a key/value cache")
+        mask = mask & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
+    return mask | (k[None, :] == q[:, None])[None, None]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    Stores the n_kv_heads heads only (grouped-query attention shares them), so a TinyLlama cache is 8x smaller
+    than one per query head.
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # positions filled; advanced by the model after all layers have written
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        self.k[layer_idx, :, :, self.length:end] = k
+        self.v[layer_idx, :, :, self.length:end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+
+def num_parameters(config: LlamaConfig) -> int:
+    """Parameter count of the base model, computed from the shapes alone (ties counted once)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Llama(config).parameters())
+
+
+def matmul_params_per_token(config: LlamaConfig) -> int:
+    """Weights used in a matmul per token (all linear layers incl. the LM head; not the embedding)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return config.num_hidden_layers * per_layer + h * config.vocab_size
