@@ -21,3 +21,12 @@ test: setup
 
 clean:
 	rm -rf .venv .pytest_cache runs/smoke
+
+train: setup
+	$(PY) train.py --rank $(RANK) --alpha $(ALPHA) $(ARGS)
+
+smoke: setup
+	$(PY) scripts/smoke.py
+
+params: setup
+	$(PY) train.py --rank $(RANK) --dry-run $(ARGS)

@@ -9,6 +9,7 @@ subsets, LoRA biases, `modules_to_save`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,3 +139,18 @@ def merge(model):
     for layer in lora_layers(model).values():
         layer.merge()
     return model
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Run the base model inside this block (e.g. to compare answers before and after fine-tuning)."""
+    layers = lora_layers(model).values()
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapter is merged into the base weights; it can no longer be switched off")
+    for layer in layers:
+        layer.active = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.active = True

@@ -24,6 +24,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(in_features, config.rank, bias=False)
         self.lora_B = nn.Linear(config.rank, out_features, bias=False)
         self.merged = False
+        self.active = True  # False: behave as the base layer (see lora.disabled)
         self.weight.requires_grad_(False)
         self.reset_lora_parameters()
 
@@ -34,7 +35,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
-        if self.merged:
+        if self.merged or not self.active:
             return y
         return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 

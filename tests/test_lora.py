@@ -211,3 +211,17 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**c, "use_dora": True}))
     with pytest.raises(ValueError, match="use_dora"):
         lora.read_adapter_config(tmp_path / "r4")
+
+
+def test_disabled_context_gives_the_base_model_back(hf_tiny):
+    base = load_model(hf_tiny).eval()
+    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8)).eval()
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, 0.1)
+        ids, _ = _batch(TINY["vocab_size"])
+        adapted = model(ids)
+        with lora.disabled(model):
+            assert torch.equal(model(ids), base(ids))
+        assert torch.equal(model(ids), adapted)
+        assert (adapted - base(ids)).abs().max() > 1e-3

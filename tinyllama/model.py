@@ -168,6 +168,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads and T == 1:
+            # Decoding one token: the queries sharing a k/v head become rows of one query block, so the cache
+            # is read in place instead of copied n_heads/n_kv_heads times. A single query may see every key
+            # given, so no causal mask is needed beyond the padding mask.
+            g = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:  # grouped-query: each k/v head serves n_heads/n_kv_heads queries
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -314,10 +321,3 @@ def num_parameters(config: LlamaConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in Llama(config).parameters())
 
-
-def matmul_params_per_token(config: LlamaConfig) -> int:
-    """Weights used in a matmul per token (all linear layers incl. the LM head; not the embedding)."""
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    return config.num_hidden_layers * per_layer + h * config.vocab_size

@@ -26,6 +26,8 @@ class Tokenizer:
         self.vocab_size: int = self.sp.get_piece_size()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode takes one str, got {type(text).__name__}; encode a list item by item")
         ids = self.sp.encode(text, out_type=int)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

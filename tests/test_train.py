@@ -1,0 +1,194 @@
+"""The training loop: learning, loss normalisation, resume, data parallel, errors, and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+import lora
+import train
+from tinyllama import load_model
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random Llama with the real 32,000-token vocabulary and tokenizer, so guanaco text fits."""
+    path = hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, vocab_size=32000, hidden_size=32,
+                         intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
+    return path
+
+
+def run(tmp_path, ckpt, name="run", **overrides) -> tuple[dict, list[dict]]:
+    settings = dict(model=str(ckpt), data=str(GUANACO_SAMPLE), eval_data="none", rank=4, alpha=8.0,
+                    dropout=0.0, lr=1e-2, warmup=0, batch_size=4, grad_accum=1, max_len=128, steps=3,
+                    group_by_length=False, log_every=1, out=str(tmp_path / name), samples=False, seed=0)
+    settings.update(overrides)
+    summary = train.main(train.TrainConfig(**settings))
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def adapter_weights(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def train_losses(rows):
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def test_overfits_a_few_sequences_when_lora_has_the_capacity(tmp_path):
+    # Small vocabulary, rank near the width, adapters everywhere: LoRA alone can memorise 4 sequences. (With
+    # HF's default init std 0.02 the frozen LM head caps every logit near 1.3, so the loss cannot fall far.)
+    ckpt = hf_checkpoint(tmp_path / "small_vocab", seed=0, vocab_size=64, initializer_range=0.3)
+    summary, rows = run(tmp_path, ckpt, data="random:4", max_len=24, rank=32, alpha=32.0, lr=1e-2, steps=60,
+                        batch_size=4, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    losses = train_losses(rows)
+    assert losses[-1] < losses[0] / 3, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_grad_accumulation_weights_tokens_not_micro_batches(tmp_path, tiny_ckpt):
+    # 8x1 and 2x4 see the same 8 conversations per step; the micro-batches have very different labelled-token
+    # counts, so a mean of per-micro-batch means would give a different gradient (norm and direction).
+    rows = GUANACO_SAMPLE.read_text().splitlines()
+    data = tmp_path / "sixteen.jsonl"  # 16 rows: both settings cut epochs into the same whole steps
+    data.write_text("\n".join((rows * 2)[:16]) + "\n")
+    _, one = run(tmp_path, tiny_ckpt, "bs8", data=str(data), batch_size=8, grad_accum=1, grad_clip=0.0)
+    _, four = run(tmp_path, tiny_ckpt, "bs2x4", data=str(data), batch_size=2, grad_accum=4, grad_clip=0.0)
+    for a, b in zip(one, four):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa, wb = adapter_weights(tmp_path / "bs8"), adapter_weights(tmp_path / "bs2x4")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resume_continues_exactly(tmp_path, tiny_ckpt):
+    common = dict(schedule="constant", dropout=0.1, steps=6, save_every=3)
+    _, full = run(tmp_path, tiny_ckpt, "full", **common)
+    _, first = run(tmp_path, tiny_ckpt, "half", **{**common, "steps": 3})
+    _, both = run(tmp_path, tiny_ckpt, "half", **common, resume=str(tmp_path / "half"))
+    assert train_losses(first) == train_losses(full)[:3]
+    assert train_losses(both) == train_losses(full)  # a resumed run appends to metrics.jsonl
+    wa, wb = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "half")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tiny_ckpt):
+    common = dict(schedule="cosine", warmup=2, dropout=0.1, steps=6, save_every=3, keep_checkpoints=0)
+    _, full = run(tmp_path, tiny_ckpt, "full", **common)
+    _, resumed = run(tmp_path, tiny_ckpt, "resumed", **common, resume=str(tmp_path / "full" / "checkpoint-3"))
+    assert len(train_losses(resumed)) == 3
+    assert train_losses(resumed) == train_losses(full)[3:]
+    wa, wb = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
+    args = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+            "--alpha", "8", "--grad-accum", "1",
+            "--dropout", "0", "--lr", "1e-2", "--warmup", "0", "--max-len", "128", "--steps", "3",
+            "--no-group-by-length", "--log-every", "1", "--no-samples"]
+    _, single = run(tmp_path, tiny_ckpt, "single", batch_size=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "train.py", *args, "--batch-size", "2",
+                           "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-5)
+    wa, wb = adapter_weights(tmp_path / "single"), adapter_weights(tmp_path / "ddp")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--schedule", "step"], "--schedule must be one of"),
+    (["--targets", "gate_proj,lm_head"], "unknown LoRA target"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--dtype", "float64"], "--dtype must be one of"),
+    (["--resume", "/nonexistent/run"], "no checkpoint there"),
+    (["--data", "/nonexistent/file.jsonl"], "does not exist"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad args"))
+    with pytest.raises(SystemExit, match=message):
+        train.main(train.parse_args(argv))
+
+
+def test_dry_run_prints_the_seed_table_without_downloading(capsys):
+    summary = train.main(train.parse_args(["--rank", "64", "--dry-run"]))
+    out = capsys.readouterr().out
+    assert "32,440,320" in out and "1,132,488,704" in out and "2.86%" in out
+    assert [r["trainable_params"] for r in summary["rows"]] == [2_027_520, 8_110_080, 32_440_320, 129_761_280]
+
+
+def test_nan_loss_stops_and_names_the_step_keeping_the_last_checkpoint(tmp_path, tiny_ckpt):
+    # An absurd learning rate blows the adapter up after the first update.
+    with pytest.raises(train.TrainingError, match=r"at step (\d+).*checkpoint-1") as e:
+        run(tmp_path, tiny_ckpt, "nan", lr=1e30, steps=5, save_every=1, keep_checkpoints=0, grad_clip=0.0)
+    step = int(e.value.args[0].split("at step ")[1].split(":")[0])
+    assert step >= 2
+    good = tmp_path / "nan" / f"checkpoint-{step - 1}"
+    model = load_model(tiny_ckpt, lora=lora.read_adapter_config(good))
+    lora.load_adapter(model, good)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_ckpt, monkeypatch):
+    run(tmp_path, tiny_ckpt, "crash", steps=2, save_every=1, keep_checkpoints=0)
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, tiny_ckpt, "crash", steps=4, save_every=3, resume=str(tmp_path / "crash"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "crash" / "latest").read_text() == "checkpoint-2"
+    assert not (tmp_path / "crash" / "checkpoint-3").exists()
+    found = train.find_checkpoint(str(tmp_path / "crash"))
+    assert found.name == "checkpoint-2"
+    state = torch.load(found / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
+    import peft
+    import transformers
+    run(tmp_path, tiny_ckpt, "peft", steps=3)
+    adapter = tmp_path / "peft" / "adapter"
+    ours = load_model(tiny_ckpt, lora=lora.read_adapter_config(adapter)).eval()
+    lora.load_adapter(ours, adapter)
+    assert any(w.abs().max() > 0 for k, w in adapter_weights(tmp_path / "peft").items() if "lora_B" in k)
+    base = transformers.LlamaForCausalLM.from_pretrained(tiny_ckpt, attn_implementation="eager")
+    ref = peft.PeftModel.from_pretrained(base, adapter).eval()
+    ids = torch.randint(0, 32000, (2, 16))
+    with torch.no_grad():
+        assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_summary_has_the_seed_columns(tmp_path, tiny_ckpt):
+    summary, rows = run(tmp_path, tiny_ckpt, "summary", steps=2, eval_data=str(GUANACO_SAMPLE), eval_every=1)
+    for key in ("training_time_s", "trainable_params", "total_params", "trainable_percent", "tokens_per_s",
+                "peak_gib", "eval_loss", "eval_ppl"):
+        assert key in summary
+    assert summary["trainable_params"] == lora.count_parameters(
+        load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8)))[0]
+    assert [r["split"] for r in rows] == ["train", "eval", "train", "eval"]
+    for r in rows:
+        assert {"step", "split", "loss", "lr", "tokens_per_s"} <= r.keys()

@@ -1,0 +1,620 @@
+"""Supervised fine-tuning of TinyLlama with LoRA, top to bottom in one `main()`.
+
+    python train.py --rank 64 --alpha 64            # guanaco train split from the Hub, adapter in runs/
+    torchrun --nproc_per_node 2 train.py --rank 64  # data parallel (NCCL on GPU, gloo on CPU)
+
+Every setting is a field of `TrainConfig`; the command line is generated from it. What it does, in order:
+validate settings (before any download or GPU work), load data and model, then for each optimizer step run
+`grad_accum` micro-batches whose summed token losses are divided by the labelled-token count of the whole
+step (across micro-batches and ranks), clip, step AdamW over the LoRA weights only, log, evaluate, checkpoint.
+
+Deliberately left out: full fine-tuning, mixed LoRA ranks per layer, fp16 loss scaling (bf16 needs none),
+FSDP/tensor parallelism (a 1.1B frozen base fits on one GPU; data parallel is enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lora
+from lora import LoRAConfig
+from tinyllama import Tokenizer, load_model
+from tinyllama.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+from tinyllama.flops import measure_matmul_peak, training_flops_per_token
+from tinyllama.loss import causal_lm_loss, shift_labels
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+SAMPLE_PROMPTS = [
+    "What is the difference between a list and a tuple in Python?",
+    "Give me three tips for sleeping better.",
+    "Write a haiku about the sea.",
+]
+
+
+@dataclass
+class TrainConfig:
+    # What to train
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub repo id or local HF checkpoint folder"})
+    data: str = field(default="train", metadata={
+        "help": "guanaco split (train, test) or a local .jsonl (guanaco rows or OASST trees); "
+                "'random[:N]' = N random token sequences, every position labelled (benchmark workload)"})
+    eval_data: str = field(default="test", metadata={"help": "eval split or file; 'none' disables eval"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer.model path (default: the model's)"})
+    random_init: bool = field(default=False, metadata={
+        "help": "build --model's shape (or TinyLlama's) with random weights instead of loading them"})
+    # LoRA
+    rank: int = 64
+    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (default: equal to --rank)"})
+    dropout: float = 0.05
+    targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
+    rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(rank)"})
+    # Optimisation
+    lr: float = 2e-4
+    warmup: int = field(default=20, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "|".join(SCHEDULES)})
+    weight_decay: float = 0.0
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
+    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = 2
+    max_len: int = 1024
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
+    epochs: float = 1.0
+    packing: bool = field(default=False, metadata={"help": "pack conversations into full rows"})
+    group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (padding mode)"})
+    # Bookkeeping
+    eval_every: int = field(default=100, metadata={"help": "steps between evals; 0: only at the end"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: none"})
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    out: str = field(default="", metadata={"help": "output folder (default: runs/rank{rank})"})
+    resume: str = field(default="", metadata={"help": "checkpoint folder, or an output folder (latest)"})
+    seed: int = 0
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU), "
+                                                         "float32, bfloat16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer"})
+    grad_checkpointing: bool = False
+    samples: bool = field(default=True, metadata={"help": "print base vs fine-tuned answers at the end"})
+    dry_run: bool = field(default=False, metadata={"help": "print the parameter table and exit"})
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---- settings --------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", " ")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            parser.add_argument(flag, type=kind, default=f.default, help=help_)
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def validate(cfg: TrainConfig) -> LoRAConfig:
+    """Refuse bad settings before anything is downloaded or put on a GPU."""
+    problems = []
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+
+    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    need(cfg.max_len >= 8, f"--max-len must be >= 8, got {cfg.max_len}")
+    need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+    need(cfg.steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}")
+    for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    need(cfg.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if cfg.device == "auto" else cfg.device)
+        need(device.type in ("cpu", "cuda"), f"--device must be cpu or cuda[:N], got {cfg.device!r}")
+        need(device.type != "cuda" or torch.cuda.is_available(),
+             f"--device {cfg.device} asked for CUDA but torch.cuda.is_available() is False")
+    except RuntimeError as e:
+        problems.append(f"--device {cfg.device!r}: {e}")
+    need(not (cfg.compile and cfg.grad_checkpointing),
+         "--compile with --grad-checkpointing is not supported; pick one")
+    if cfg.resume:
+        need(find_checkpoint(cfg.resume) is not None,
+             f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
+             "holding one)")
+    for path in (cfg.data, cfg.eval_data):
+        if path.endswith((".jsonl", ".json")):
+            need(Path(path).is_file(), f"data file {path} does not exist")
+    lora_config = None
+    try:
+        lora_config = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank), dropout=cfg.dropout,
+                                 targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
+                                 use_rslora=cfg.rslora)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    if problems:
+        raise SystemExit("train.py: invalid settings:\n  " + "\n  ".join(problems))
+    return lora_config
+
+
+# ---- small pieces the loop uses ---------------------------------------------------------------------------
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule down to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - progress)
+    return cfg.lr
+
+
+def labelled_count(batch) -> int:
+    return int(shift_labels(batch["labels"]).ne(-100).sum())
+
+
+def real_token_count(batch) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["document_ids"].ge(0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def batch_loss(model, batch):
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_reduce_grads(params) -> None:
+    """Sum LoRA gradients over ranks in one flat buffer (they are small: no bucketing or overlap needed)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+class Timer:
+    """Step timing: CUDA events on GPU (no host sync until read), wall clock on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self._start.elapsed_time(end) / 1000
+        return time.perf_counter() - self._t0
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+def random_examples(n: int, length: int, vocab_size: int, seed: int):
+    """The fixed benchmark workload: random ids, every position labelled (W1)."""
+    from data import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab_size, (length,), generator=g)
+        ids[0] = 1  # BOS, which nothing predicts
+        labels = ids.clone()
+        labels[0] = -100
+        out.append(Example(ids, labels))
+    return out
+
+
+def load_examples(source: str, tokenizer, cfg: TrainConfig, vocab_size: int, log):
+    from data import encode_all, load_conversations
+
+    if source == "random" or source.startswith("random:"):
+        n = int(source.split(":")[1]) if ":" in source else max(64, cfg.batch_size * cfg.grad_accum * 16)
+        return random_examples(n, cfg.max_len, vocab_size, cfg.seed)
+    conversations = load_conversations(source)
+    examples, report = encode_all(conversations, tokenizer, cfg.max_len)
+    log(f"data {source}: {len(conversations)} conversations -> {len(examples)} examples ({report})")
+    if not examples:
+        raise TrainingError(f"no usable training examples in {source!r} (see the report above)")
+    return examples
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+def find_checkpoint(path: str) -> Path | None:
+    p = Path(path)
+    if (p / "trainer_state.pt").is_file():
+        return p
+    latest = p / "latest"
+    if latest.is_file() and (p / latest.read_text().strip() / "trainer_state.pt").is_file():
+        return p / latest.read_text().strip()
+    return None
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, stream, cfg: TrainConfig, base_model: str):
+    """Write checkpoint-{step} to a temporary folder, then rename it into place (atomic on one filesystem)."""
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lora.save_adapter(model, tmp, base_model=base_model)
+    state = {
+        "step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+        "config": dataclasses.asdict(cfg), "rng": {
+            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (out / "latest.tmp").write_text(final.name)
+    os.replace(out / "latest.tmp", out / "latest")
+    if cfg.keep_checkpoints:
+        done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        for old in done[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, stream):
+    lora.load_adapter(model, path)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["stream"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+def evaluate(model, examples, cfg: TrainConfig, device, autocast) -> tuple[float, float]:
+    from data import eval_batches
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), autocast():
+        for batch in eval_batches(examples, cfg.batch_size, cfg.max_len, packing=cfg.packing):
+            loss_sum, n = batch_loss(model, to_device(batch, device))
+            total += torch.stack([loss_sum.double(), n.double()])
+    model.train()
+    loss_sum, n = all_reduce_sum(total).tolist()
+    loss = loss_sum / max(n, 1)
+    return loss, math.exp(min(loss, 50))
+
+
+def main(cfg: TrainConfig) -> dict:
+    lora_config = validate(cfg)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if cfg.device == "auto" else cfg.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main_process = rank == 0
+    log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
+    dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = Path(cfg.out or f"runs/rank{cfg.rank}")
+
+    if cfg.dry_run:
+        return dry_run(cfg, lora_config, log)
+
+    # Same seed on every rank: identical LoRA init and data order; ranks differ only in their data shard.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Model and tokenizer.
+    if cfg.random_init:
+        model = random_model(cfg, lora_config, device, dtype)
+    else:
+        model = load_model(cfg.model, dtype=dtype, device=device, lora=lora_config)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    tokenizer = None
+    if not cfg.data.startswith("random") or cfg.samples:
+        tok_path = cfg.tokenizer or resolve_checkpoint(cfg.model) / "tokenizer.model"
+        tokenizer = Tokenizer(tok_path)
+
+    # Data.
+    from data import BatchStream
+
+    train_examples = load_examples(cfg.data, tokenizer, cfg, model.config.vocab_size, log)
+    eval_examples = []
+    if cfg.eval_data.lower() != "none":
+        eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
+                         else load_examples(cfg.eval_data, tokenizer, cfg, model.config.vocab_size, log))
+        eval_examples = eval_examples[rank::world]
+    stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
+                         group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
+                         rank=rank, world_size=world)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
+
+    # Optimizer over the LoRA weights only (fp32 master weights and state, whatever the base dtype).
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    start_step = 0
+    if cfg.resume:
+        start_step = load_checkpoint(find_checkpoint(cfg.resume), model, optimizer, stream)
+        log(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}")
+    if cfg.compile:
+        for layer in model.model.layers:
+            layer.compile()
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    trainable, total = lora.count_parameters(model)
+    flops_per_token = training_flops_per_token(model.config, lora_config, cfg.max_len)
+    peak_flops = measure_matmul_peak(device, dtype)
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        metrics_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w")
+    log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
+        f"({dtype}), {world} process(es), {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}x{world} "
+        f"sequences, max_len {cfg.max_len}, {'packed' if cfg.packing else 'padded'}")
+
+    def record(row):
+        if main_process:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+
+    timer = Timer(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_seconds, train_tokens, train_labelled, first_loss, last_loss = 0.0, 0, 0, None, None
+    eval_loss = eval_ppl = None
+    progress = Progress(total_steps, start_step, enabled=main_process)
+    for step in range(start_step, total_steps):
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        counts = torch.tensor([sum(labelled_count(b) for b in micro), sum(real_token_count(b) for b in micro)],
+                              dtype=torch.float64)
+        n_labelled, n_tokens = all_reduce_sum(counts.to(device)).tolist()
+        if n_labelled == 0:
+            raise TrainingError(f"step {step + 1}: no labelled tokens in this batch")
+
+        timer.start()
+        loss_total = torch.zeros((), device=device)
+        for batch in micro:
+            with autocast():
+                loss_sum, _ = batch_loss(model, to_device(batch, device))
+            (loss_sum / n_labelled).backward()
+            loss_total += loss_sum.detach()
+        all_reduce_grads(params)
+        loss = all_reduce_sum(loss_total).item() / n_labelled
+        if not math.isfinite(loss):
+            saved = find_checkpoint(str(out)) if main_process else None
+            raise TrainingError(f"loss is {loss} at step {step + 1}: stopping before the update. Last good "
+                                f"checkpoint: {saved or 'none (use --save-every)'}. Try a lower --lr.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))  # the norm, clipped or not
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = timer.stop()
+
+        train_seconds += seconds
+        train_tokens += int(n_tokens)
+        train_labelled += int(n_labelled)
+        first_loss = loss if first_loss is None else first_loss
+        last_loss = loss
+        done = step + 1
+        progress.update(done, loss, lr, n_tokens / seconds)
+        if done % max(cfg.log_every, 1) == 0 or done == total_steps or done == start_step + 1:
+            record({"step": done, "split": "train", "loss": loss, "lr": lr, "tokens_per_s": n_tokens / seconds,
+                    "labelled_tokens_per_s": n_labelled / seconds, "step_s": seconds,
+                    "mfu": n_tokens * flops_per_token / seconds / peak_flops / world,
+                    "grad_norm": float(grad_norm),
+                    "peak_gib": peak_memory_gib(device), "epoch": stream.epoch})
+        if (cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps) and eval_examples:
+            eval_loss, eval_ppl = evaluate(model, eval_examples, cfg, device, autocast)
+            record({"step": done, "split": "eval", "loss": eval_loss, "ppl": eval_ppl, "lr": lr,
+                    "tokens_per_s": None})
+            progress.note(f"step {done}: eval loss {eval_loss:.4f}, ppl {eval_ppl:.2f}")
+        if cfg.save_every and (done % cfg.save_every == 0 or done == total_steps) and main_process:
+            save_checkpoint(out, done, model, optimizer, stream, cfg, cfg.model)
+    progress.close()
+
+    summary = {
+        "training_time_s": train_seconds, "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100 * trainable / total, "steps": total_steps - start_step,
+        "tokens_per_s": train_tokens / train_seconds if train_seconds else None,
+        "labelled_tokens_per_s": train_labelled / train_seconds if train_seconds else None,
+        "mfu": (train_tokens * flops_per_token / train_seconds / peak_flops / world) if train_seconds else None,
+        "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": first_loss,
+        "last_loss": last_loss, "eval_loss": eval_loss, "eval_ppl": eval_ppl, "device": device_name(device),
+        "world_size": world, "out": str(out),
+    }
+    if main_process:
+        metrics_file.close()
+        lora.save_adapter(model, out / "adapter", base_model=cfg.model)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print_summary(summary, log)
+        plot_losses(out)
+        if cfg.samples and tokenizer is not None:
+            show_samples(model, tokenizer, out, log)
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def random_model(cfg, lora_config, device, dtype):
+    """The model's shape with random weights (benchmarks with no Hub access; the step cost is the same)."""
+    from tinyllama import Llama, LlamaConfig
+
+    folder = Path(cfg.model)
+    config = LlamaConfig.from_json(folder / "config.json") if (folder / "config.json").is_file() else LlamaConfig()
+    with torch.device(device):
+        model = Llama(config, lora=lora_config)
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            p.data = p.data.to(dtype)
+    return model
+
+
+def dry_run(cfg, lora_config, log) -> dict:
+    """The parameter table for --model's shape, built on the meta device: nothing is downloaded."""
+    from tinyllama import Llama, LlamaConfig
+
+    folder = Path(cfg.model)
+    config = LlamaConfig.from_json(folder / "config.json") if (folder / "config.json").is_file() else LlamaConfig()
+    log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({'TinyLlama-1.1B shape' if not (folder / 'config.json').is_file() else folder}, targets {','.join(lora_config.targets)})")
+    rows = []
+    for r in sorted({4, 16, 64, 256, cfg.rank}):
+        with torch.device("meta"):
+            m = Llama(config, lora=dataclasses.replace(lora_config, rank=r, alpha=float(r)))
+        trainable, total = lora.count_parameters(m)
+        log(f"{r:>6} {trainable:>14,} {total:>16,} {100 * trainable / total:>11.2f}%")
+        rows.append({"rank": r, "trainable_params": trainable, "total_params": total})
+    return {"rows": rows}
+
+
+def peak_memory_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+def print_summary(s: dict, log) -> None:
+    log("\n| Training Time (s) | Trainable Params | Total Params | Trainable % | tokens/s | MFU | peak GiB |")
+    log("|---|---|---|---|---|---|---|")
+    peak = f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "n/a (cpu)"
+    log(f"| {s['training_time_s']:.2f} | {s['trainable_params']:,} | {s['total_params']:,} | "
+        f"{s['trainable_percent']:.2f} | {s['tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {peak} |")
+    log(f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+        + (f"; eval loss {s['eval_loss']:.4f} (ppl {s['eval_ppl']:.2f})" if s["eval_loss"] is not None else "")
+        + f"; adapter saved to {s['out']}/adapter")
+
+
+def plot_losses(out: Path) -> None:
+    """loss.png of train and eval loss, when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split in ("train", "eval"):
+        pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if split == "eval" else None, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def show_samples(model, tokenizer, out: Path, log, max_new_tokens: int = 96) -> None:
+    """Answers of the base and the fine-tuned model to fixed prompts, side by side (also samples.md)."""
+    from tinyllama.chat import answer
+
+    lines = ["# Base vs fine-tuned (greedy)", ""]
+    for prompt in SAMPLE_PROMPTS:
+        with lora.disabled(model):
+            base = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        tuned = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        lines += [f"## {prompt}", "", "**base:** " + base.strip(), "", "**fine-tuned:** " + tuned.strip(), ""]
+    text = "\n".join(lines)
+    (out / "samples.md").write_text(text)
+    log("\n" + text)
+
+
+class Progress:
+    """A one-line progress bar (loss, lr, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // 20)
+
+    def update(self, step, loss, lr, tokens_per_s):
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / (step - self.start) * (self.total - step)
+        width = 30
+        bar = "#" * int(width * step / self.total)
+        line = (f"[{bar:<{width}}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total or step == self.start + 1:
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, text):
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except TrainingError as e:
+        raise SystemExit(f"train.py: {e}")
