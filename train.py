@@ -187,11 +187,27 @@ def real_token_count(batch) -> int:
     return int(batch["document_ids"].ge(0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
 
 
-def to_device(batch, device):
+def prepare(batch, device):
+    """Move a micro-batch to `device`, dropping the attention mask where it cannot change the loss.
+
+    Padded batches are right-padded, so under the causal mask no real token ever sees a pad: the mask only
+    changes the outputs at pad positions, which carry no label and predict nothing. Without it SDPA runs its
+    mask-free causal kernel (flash attention on GPU). tests/test_train.py checks loss and gradients agree.
+    """
+    batch = dict(batch)
+    if "attention_mask" in batch and is_right_padded(batch["attention_mask"]):
+        del batch["attention_mask"]
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (checked on the CPU copy, before the batch moves)."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 def batch_loss(model, batch):
+    """(loss sum, labelled-token count) of a micro-batch; every key but the labels is a model argument."""
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)
 
@@ -325,7 +341,7 @@ def evaluate(model, examples, cfg: TrainConfig, device, autocast) -> tuple[float
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad(), autocast():
         for batch in eval_batches(examples, cfg.batch_size, cfg.max_len, packing=cfg.packing):
-            loss_sum, n = batch_loss(model, to_device(batch, device))
+            loss_sum, n = batch_loss(model, prepare(batch, device))
             total += torch.stack([loss_sum.double(), n.double()])
     model.train()
     loss_sum, n = all_reduce_sum(total).tolist()
@@ -435,7 +451,7 @@ def main(cfg: TrainConfig) -> dict:
         loss_total = torch.zeros((), device=device)
         for batch in micro:
             with autocast():
-                loss_sum, _ = batch_loss(model, to_device(batch, device))
+                loss_sum, _ = batch_loss(model, prepare(batch, device))
             (loss_sum / n_labelled).backward()
             loss_total += loss_sum.detach()
         all_reduce_grads(params)

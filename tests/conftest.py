@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,3 +47,13 @@ def hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
 @pytest.fixture
 def hf_tiny(tmp_path):
     return hf_checkpoint(tmp_path / "hf_tiny")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests need a GPU: skip them, saying so, when there is none (CI has none)."""
+    if torch.cuda.is_available() or os.environ.get("GPU_TESTS_ON_CPU"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run bench/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -192,3 +192,26 @@ def test_summary_has_the_seed_columns(tmp_path, tiny_ckpt):
     assert [r["split"] for r in rows] == ["train", "eval", "train", "eval"]
     for r in rows:
         assert {"step", "split", "loss", "lr", "tokens_per_s"} <= r.keys()
+
+
+def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, tokenizer):
+    from data import BatchStream, encode_all, load_conversations
+    examples, _ = encode_all(load_conversations(str(GUANACO_SAMPLE)), tokenizer, 128)
+    batch = next(BatchStream(examples, 4, 128, seed=0))
+    assert train.is_right_padded(batch["attention_mask"]) and not batch["attention_mask"].all()
+    fast = train.prepare(batch, torch.device("cpu"))
+    assert "attention_mask" not in fast
+    results = []
+    for b in (batch, fast):
+        torch.manual_seed(0)
+        model = load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8, dropout=0.0))
+        for layer in lora.lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        loss, n = train.batch_loss(model, b)
+        (loss / n).backward()
+        results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-6)
+    assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-7) for k in g1)
+    left = batch["attention_mask"].flip(-1)
+    assert not train.is_right_padded(left)

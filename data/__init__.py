@@ -1,0 +1,21 @@
+"""The guanaco data pipeline: load conversations, encode them with loss masks, and batch them.
+
+    conversations = load_conversations("train")            # or a local guanaco / OASST trees .jsonl
+    examples, report = encode_all(conversations, tokenizer, max_len=1024)
+    stream = BatchStream(examples, batch_size=8, max_len=1024, packing=True, seed=0)
+    batch = next(stream)                                   # dict of tensors: model kwargs + "labels"
+
+Modules: `guanaco` (turns, parsing, rendering), `oasst` (message trees), `sources` (files, the Hub, load
+reports), `encode` (tokens and labels), `batching` (padding, packing, the stream), `stats` (a command-line
+summary of a data file). Runtime code uses torch, numpy, huggingface_hub and the tokenizer it is given; never
+transformers or datasets.
+"""
+
+from .batching import BatchStream, collate_packed, collate_padded, eval_batches, pack, pack_row, plan_packing
+from .encode import IGNORE_INDEX, EncodeReport, Example, NoLabelledTokens, encode, encode_all, encode_prompt
+from .guanaco import BadRow, Turn, parse_guanaco, render
+from .sources import Conversations, LoadReport, load_conversations
+
+__all__ = ["Turn", "BadRow", "parse_guanaco", "render", "load_conversations", "LoadReport", "Conversations",
+           "encode", "encode_all", "encode_prompt", "Example", "EncodeReport", "NoLabelledTokens", "IGNORE_INDEX",
+           "BatchStream", "collate_padded", "collate_packed", "pack", "pack_row", "plan_packing", "eval_batches"]

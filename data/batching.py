@@ -1,0 +1,274 @@
+"""Examples -> micro-batches: padding or packing, shuffled per epoch, resumable, data-parallel.
+
+A batch is a dict of tensors whose keys other than `labels` are keyword arguments of the model:
+- padding mode: {"input_ids", "labels", "attention_mask"}, right-padded to the longest example of the
+  micro-batch. There is no pad token: padding uses `pad_id` (any id), attention_mask 0 and label -100.
+- packing mode: {"input_ids", "labels", "position_ids", "document_ids"}, rows of exactly `max_len` tokens holding
+  whole examples back to back. position_ids restart at 0 for every example and the model lets a token attend only
+  to earlier tokens with the same document id, so each example computes exactly what it would alone. The unused
+  tail of a row is padding: document id -1, label -100.
+  No label is ever predicted across a document boundary: position t predicts labels[t + 1], and the first token
+  of every example is BOS, labelled -100 (`pack_row` checks it).
+
+`BatchStream` is the training iterator: infinite, epoch e is shuffled with seed + e, its position (epoch, batch
+index) is a small state dict, and with world_size K each rank takes its slice of a global batch, so K ranks of
+batch B see exactly what one process of batch B*K sees. `eval_batches` goes through every example once, in order.
+
+Packing is planned once (best-fit decreasing, the tightest simple packing) and the packed rows are shuffled each
+epoch, so the number of batches per epoch is fixed. The examples that share a row therefore share it in every
+epoch; the attention mask makes that invisible to the computation, it only fixes which examples are in the same
+micro-batch. Deliberately left out: splitting an example across rows (its second half would lose its context),
+and dataset-level caching of tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from .encode import IGNORE_INDEX
+
+PAD_DOCUMENT = -1
+_MEGABATCH = 50  # length grouping sorts windows of 50 global batches: enough to pair similar lengths, still random
+
+
+# ---------------------------------------------------------------------------------------------- padding mode
+
+def collate_padded(examples, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one; padding is masked out of attention and labelled -100."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e)
+        input_ids[i, :n] = torch.as_tensor(e.input_ids)
+        labels[i, :n] = torch.as_tensor(e.labels)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+# ---------------------------------------------------------------------------------------------- packing mode
+
+def plan_packing(lengths: list[int], max_len: int, *, sort: bool = True) -> list[list[int]]:
+    """Group example indices into rows of at most max_len tokens.
+
+    sort=True: best-fit decreasing (each example, longest first, goes to the fullest row it fits in).
+    sort=False: next-fit in the given order (rows keep the examples in order; used for evaluation).
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > max_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} examples are longer than max_len={max_len} (e.g. example {too_long[0]} "
+                         f"has {lengths[too_long[0]]} tokens); encode them with the same max_len")
+    rows: list[list[int]] = []
+    if not sort:
+        used = max_len
+        for i, n in enumerate(lengths):
+            if used + n > max_len:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += n
+        return rows
+    free: list[tuple[int, int]] = []  # sorted (free tokens, row index)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = bisect.bisect_left(free, (lengths[i], -1))
+        if j == len(free):
+            rows.append([i])
+            bisect.insort(free, (max_len - lengths[i], len(rows) - 1))
+        else:
+            space, r = free.pop(j)
+            rows[r].append(i)
+            bisect.insort(free, (space - lengths[i], r))
+    return rows
+
+
+def pack_row(examples, max_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """One packed row of exactly max_len tokens from whole examples (1-D tensors)."""
+    input_ids = torch.full((max_len,), pad_id, dtype=torch.long)
+    labels = torch.full((max_len,), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(max_len, dtype=torch.long)
+    document_ids = torch.full((max_len,), PAD_DOCUMENT, dtype=torch.long)
+    start = 0
+    for doc, e in enumerate(examples):
+        n = len(e)
+        if start + n > max_len:
+            raise ValueError(f"examples of {sum(len(x) for x in examples)} tokens do not fit a row of {max_len}")
+        ex_labels = torch.as_tensor(e.labels)
+        if ex_labels[0] != IGNORE_INDEX:
+            # The previous document's last token would be trained to predict this label.
+            raise ValueError("cannot pack an example whose first token is labelled: its label would be "
+                             "predicted from the previous example's last token (examples start with BOS, -100)")
+        input_ids[start:start + n] = torch.as_tensor(e.input_ids)
+        labels[start:start + n] = ex_labels
+        position_ids[start:start + n] = torch.arange(n)
+        document_ids[start:start + n] = doc
+        start += n
+    position_ids[start:] = torch.arange(max_len - start)  # the padding tail is a document of its own
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
+
+
+def collate_packed(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def pack(examples, max_len: int, *, pad_id: int = 0, sort: bool = True) -> list[dict[str, torch.Tensor]]:
+    """All examples packed into rows of exactly max_len tokens (see plan_packing for the order)."""
+    plan = plan_packing([len(e) for e in examples], max_len, sort=sort)
+    return [pack_row([examples[i] for i in row], max_len, pad_id) for row in plan]
+
+
+# ---------------------------------------------------------------------------------------------- padding accounting
+
+def padding_fraction(lengths: list[int], groups: list[list[int]], width: int | None = None) -> float:
+    """Fraction of batch positions that are padding. `groups` are micro-batches (padding mode, padded to their
+    longest, width=None) or packed rows (width=max_len)."""
+    real = sum(lengths[i] for g in groups for i in g)
+    total = sum((width if width is not None else max(lengths[i] for i in g) * len(g)) for g in groups)
+    return 1.0 - real / total if total else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- the stream
+
+class BatchStream:
+    """Infinite, deterministic, resumable iterator over micro-batches of `examples` (see the module docstring).
+
+    An *item* is one example (padding mode) or one packed row (packing mode). Epoch e orders the items with
+    seed + e; the items of an epoch are cut into global batches of batch_size * world_size consecutive items
+    (an incomplete last one is dropped, a different one each epoch), and rank r takes items
+    [r * batch_size, (r + 1) * batch_size) of each global batch.
+    """
+
+    def __init__(self, examples, batch_size: int, max_len: int, *, packing: bool = False,
+                 group_by_length: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad_id: int = 0):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
+                             f"rank={rank}, world_size={world_size}")
+        if packing and group_by_length:
+            raise ValueError("group_by_length has nothing to do with packing: every packed row is max_len long")
+        self.examples = examples
+        self.batch_size, self.max_len, self.packing = batch_size, max_len, packing
+        self.group_by_length, self.seed, self.rank, self.world_size = group_by_length, seed, rank, world_size
+        self.pad_id = pad_id
+        self.lengths = [len(e) for e in examples]
+        too_long = [n for n in self.lengths if n > max_len]
+        if too_long:
+            raise ValueError(f"{len(too_long)} examples are longer than max_len={max_len} (longest "
+                             f"{max(too_long)}); encode them with the same max_len")
+        self.rows = plan_packing(self.lengths, max_len) if packing else None
+        self.n_items = len(self.rows) if packing else len(examples)
+        self.global_batch_size = batch_size * world_size
+        self.batches_per_epoch = self.n_items // self.global_batch_size
+        if self.batches_per_epoch == 0:
+            kind = "packed rows" if packing else "examples"
+            raise ValueError(f"{self.n_items} {kind} do not fill one global batch of {self.global_batch_size} "
+                             f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")
+        self.epoch, self.index = 0, 0  # position of the next batch
+        self._order_epoch, self._order = None, None
+
+    # -- order ------------------------------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """Item indices of an epoch, cut to whole global batches; identical on every rank."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n_items, generator=g).tolist()
+        keep = self.batches_per_epoch * self.global_batch_size
+        if not self.group_by_length:
+            return perm[:keep]
+        # Sort windows of the shuffled order by length so a batch holds similar lengths, then shuffle the batches:
+        # a different order every epoch, but little padding.
+        window = self.global_batch_size * _MEGABATCH
+        grouped = []
+        for s in range(0, len(perm), window):
+            grouped += sorted(perm[s:s + window], key=lambda i: -self.lengths[i])
+        batches = [grouped[s:s + self.global_batch_size] for s in range(0, keep, self.global_batch_size)]
+        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+
+    def batch_items(self, epoch: int, index: int, rank: int | None = None) -> list[int]:
+        """The items of this rank's (or `rank`'s) micro-batch `index` in `epoch`."""
+        if self._order_epoch != epoch:
+            self._order_epoch, self._order = epoch, self.epoch_order(epoch)
+        r = self.rank if rank is None else rank
+        start = index * self.global_batch_size + r * self.batch_size
+        return self._order[start:start + self.batch_size]
+
+    def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return collate_packed([pack_row([self.examples[i] for i in self.rows[it]], self.max_len, self.pad_id)
+                                   for it in items])
+        return collate_padded([self.examples[i] for i in items], self.pad_id)
+
+    # -- iteration and resumption -----------------------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = self.collate(self.batch_items(self.epoch, self.index))
+        self.index += 1
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        """The position of the next batch, plus what must match for it to mean the same thing on resume."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_items": self.n_items,
+                "global_batch_size": self.global_batch_size, "packing": self.packing,
+                "group_by_length": self.group_by_length}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        diff = {k: (state.get(k), mine[k]) for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]}
+        if diff:
+            raise ValueError("cannot resume this data stream: the saved position belongs to a different setup "
+                             + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+                             + "; use the same data, max_len, seed and global batch size (batch_size x world_size)")
+        if not 0 <= state["index"] < self.batches_per_epoch:
+            raise ValueError(f"saved batch index {state['index']} is outside 0..{self.batches_per_epoch - 1}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    # -- accounting -------------------------------------------------------------------------------------------
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        """Fraction of the tokens an epoch feeds the model (all ranks) that are padding."""
+        order = self.epoch_order(epoch)
+        if self.packing:
+            return padding_fraction(self.lengths, [self.rows[i] for i in order], self.max_len)
+        return padding_fraction(self.lengths, [order[s:s + self.batch_size]
+                                               for s in range(0, len(order), self.batch_size)])
+
+    def iter_once(self):
+        """This rank's share of every example once, in order (see eval_batches); does not move the stream."""
+        return eval_batches(self.examples, self.batch_size, self.max_len, packing=self.packing, rank=self.rank,
+                            world_size=self.world_size, pad_id=self.pad_id)
+
+
+def eval_batches(examples, batch_size: int, max_len: int, *, packing: bool = False, rank: int = 0,
+                 world_size: int = 1, pad_id: int = 0):
+    """Every example exactly once, in order, nothing dropped; micro-batch k goes to rank k % world_size.
+
+    Packing uses next-fit in the given order, so rows hold consecutive examples. The last batch may be smaller,
+    and ranks may get one batch more or less than each other.
+    """
+    lengths = [len(e) for e in examples]
+    if packing:
+        groups = plan_packing(lengths, max_len, sort=False)  # rows of consecutive examples
+    else:
+        if max(lengths, default=0) > max_len:
+            raise ValueError(f"an example of {max(lengths)} tokens is longer than max_len={max_len}")
+        groups = [[i] for i in range(len(examples))]
+    # Checked above, batches made below on demand: errors surface at the call, tensors only when iterated.
+    return _eval_iter(examples, groups, batch_size, max_len, packing, rank, world_size, pad_id)
+
+
+def _eval_iter(examples, groups, batch_size, max_len, packing, rank, world_size, pad_id):
+    for k, s in enumerate(range(0, len(groups), batch_size)):
+        if k % world_size != rank:
+            continue
+        chunk = groups[s:s + batch_size]
+        if packing:
+            yield collate_packed([pack_row([examples[i] for i in g], max_len, pad_id) for g in chunk])
+        else:
+            yield collate_padded([examples[g[0]] for g in chunk], pad_id)
