@@ -148,9 +148,20 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         need(find_checkpoint(cfg.resume) is not None,
              f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
              "holding one)")
-    for path in (cfg.data, cfg.eval_data):
-        if path.endswith((".jsonl", ".json")):
-            need(Path(path).is_file(), f"data file {path} does not exist")
+    model_path = Path(cfg.model)
+    need(model_path.is_dir() or (not model_path.exists() and cfg.model.count("/") == 1
+                                 and not cfg.model.startswith((".", "/", "~"))),
+         f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r}")
+    from data.sources import HUB_FILES
+
+    for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        if source.startswith("random"):
+            n = source.partition(":")[2]
+            need(source == "random" or (source.startswith("random:") and n.isdigit() and int(n) > 0),
+                 f"{flag} {source!r}: write random or random:N with N >= 1")
+        elif source not in HUB_FILES and not (flag == "--eval-data" and source.lower() == "none"):
+            need(Path(source).is_file(), f"{flag} {source!r} is neither a split name ({', '.join(HUB_FILES)}) "
+                                         "nor an existing file (guanaco or OASST trees .jsonl)")
     lora_config = None
     try:
         lora_config = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank), dropout=cfg.dropout,

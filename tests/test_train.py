@@ -120,7 +120,10 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--dtype", "float64"], "--dtype must be one of"),
     (["--resume", "/nonexistent/run"], "no checkpoint there"),
-    (["--data", "/nonexistent/file.jsonl"], "does not exist"),
+    (["--data", "/nonexistent/file.jsonl"], "neither a split name"),
+    (["--eval-data", "validation"], "neither a split name"),
+    (["--model", "/nonexistent/folder"], "neither a checkpoint folder nor a Hub repo id"),
+    (["--data", "random:0"], "random:N with N >= 1"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad args"))
