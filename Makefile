@@ -30,3 +30,12 @@ smoke: setup
 
 params: setup
 	$(PY) train.py --rank $(RANK) --dry-run $(ARGS)
+
+BASELINE ?=
+BENCH_ARGS ?=
+bench: setup
+	$(PY) bench/bench.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
+
+ADAPTER ?=
+chat: setup
+	$(PY) -m tinyllama.chat $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)

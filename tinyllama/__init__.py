@@ -1,9 +1,13 @@
-"""TinyLlama (Llama 2 architecture) in plain PyTorch: model, checkpoint loading, tokenizer."""
+"""TinyLlama (Llama 2 architecture) in plain PyTorch: model, checkpoint loading, tokenizer, generation.
+
+The chat (`tinyllama.chat`: guanaco prompts, `answer`, the command line) is imported on its own.
+"""
 
 from .checkpoint import load_model, save_model
+from .generate import StopStrings, generate, generate_batch
 from .loss import causal_lm_loss, reference_loss
 from .model import KVCache, Llama, LlamaConfig
 from .tokenizer import Tokenizer
 
 __all__ = ["Llama", "LlamaConfig", "KVCache", "Tokenizer", "load_model", "save_model", "causal_lm_loss",
-           "reference_loss"]
+           "reference_loss", "generate", "generate_batch", "StopStrings"]
