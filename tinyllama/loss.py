@@ -68,8 +68,9 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, targets.numel(), chunk_size):
             t = targets[start:start + chunk_size]
             logits = F.linear(h[start:start + chunk_size], weight).float()
-            total += F.cross_entropy(logits, t, reduction="sum")
-            probs = logits.softmax(-1)
+            lse = logits.logsumexp(-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one [chunk, vocab] buffer
             probs[torch.arange(t.numel(), device=t.device), t] -= 1
             grad_h[start:start + chunk_size] = probs.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)

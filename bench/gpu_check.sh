@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The one GPU session, prepared: CUDA-only tests, then the training benchmark (this project and transformers +
+# peft) and the decode benchmark, every table and a log written to OUT_DIR.
+#
+#   PYTHONPATH=. bash bench/gpu_check.sh OUT_DIR                   # on the GPU machine (python3 preinstalled)
+#   PY=.venv/bin/python bash bench/gpu_check.sh OUT_DIR --cpu-dry-run   # the same stages, tiny sizes, on a CPU
+#                                                                       # (--quick is the same)
+#
+# Needs no network and no pip: torch, transformers and peft are already there. Each stage runs under its own
+# time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 460 s: under 8 minutes),
+# so a hang costs one stage, not the session; a stage that cannot get GPU_CHECK_MIN_STAGE_S (default 45 s) is
+# skipped and says so. The benchmark rewrites its results after every run, so a stage cut short keeps what it
+# measured. Results: OUT_DIR/<device>-<date>.md/.json (all stages combined), one .md/.json per stage,
+# stages.tsv (stage, exit status, seconds), gpu_check.log (everything printed).
+#
+# Stages and their expected time on one H200 (from the reference numbers: transformers + peft eager 39.5k
+# tokens/s, so 128 steps x 4096 tokens take ~13 s; a torch.compile warm-up ~60-90 s):
+#   1. env           nvidia-smi, versions                                                        ~5 s
+#   2. tests         pytest -m cuda (bf16 fast paths against the reference path)                 ~30-60 s
+#   3. train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64;
+#                    transformers + peft eager on W1 and W2 (pad-to-longest) at rank 64, and
+#                    under torch.compile on W1; 128 steps each                                    ~200-260 s
+#   4. profile       bench/profile_step.py: where a W1 rank-64 step's time goes, this project
+#                    and transformers + peft eager (OUT_DIR/profile/profile.md)                   ~30-45 s
+#   5. decode        bench/decode_bench.py --full (random TinyLlama checkpoint, batch 1 and 16)   ~60-90 s
+#   6. compile       this project with --compile on W1, transformers + peft under torch.compile
+#                    on W2 (pad-to-longest: recompiles for new lengths): whatever time is left     rest
+#   7. combine       one table of everything                                                      ~5 s
+# Expected total ~400-460 s; stage 6 gets what remains of the budget, minus 20 s kept for stage 7, and is
+# skipped when that is under GPU_CHECK_MIN_STAGE_S (raise GPU_CHECK_BUDGET_S to make room for it).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
+MODE=${2:-gpu}
+PY=${PY:-python3}
+BUDGET=${GPU_CHECK_BUDGET_S:-460}
+MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+printf 'stage\texit\tseconds\n' > "$OUT/stages.tsv"
+T0=$(date +%s)
+
+if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
+  # Every stage's code path, with tiny sizes, on the CPU; the CUDA tests run on the CPU in bf16.
+  export GPU_TESTS_ON_CPU=1
+  DEV=(--device cpu --shape tiny --steps 3 --warmup-steps 1)
+  PROFILE=(--device cpu --shape tiny --skip 2 --profile-steps 1)
+  DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
+  BUDGET=${GPU_CHECK_BUDGET_S:-900}
+elif [ "$MODE" = "gpu" ]; then
+  DEV=(--device cuda --shape full --steps 128)
+  PROFILE=(--device cuda --shape full --skip 5 --profile-steps 3)
+  DECODE_ARGS="--full"
+  if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
+         "On a CPU, use --cpu-dry-run." | tee -a "$LOG" >&2
+    exit 3
+  fi
+else
+  echo "unknown mode $MODE (expected nothing, --cpu-dry-run or --quick)" >&2
+  exit 2
+fi
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+log() { echo "$*" | tee -a "$LOG"; }
+
+# stage NAME LIMIT_S OK_CODES CMD...: run CMD under min(LIMIT_S, what is left of the budget minus RESERVE).
+RESERVE=20
+stage() {
+  local name=$1 limit=$2 ok=$3
+  shift 3
+  local avail=$(( $(left) - RESERVE ))
+  [ "$limit" -gt "$avail" ] && limit=$avail
+  if [ "$limit" -lt "$MIN_STAGE" ] && [ "$name" != combine ] && [ "$name" != env ]; then
+    log "== $name: skipped, only ${avail}s of the ${BUDGET}s budget left"
+    printf '%s\tskipped\t0\n' "$name" >> "$OUT/stages.tsv"
+    return 0
+  fi
+  log "== $name (limit ${limit}s, $(( $(date +%s) - T0 ))s into the budget): $*"
+  local start=$(date +%s) rc
+  if command -v timeout >/dev/null; then
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+  else
+    "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+  fi
+  local took=$(( $(date +%s) - start ))
+  case " $ok " in *" $rc "*) status=ok ;; *) status=FAILED ;; esac
+  [ "$rc" = 124 ] && status="TIMED OUT"
+  log "== $name: exit $rc ($status) after ${took}s"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >> "$OUT/stages.tsv"
+}
+
+stage env 30 "0" bash -c "nvidia-smi || true; nproc; free -g || true; $PY -c '
+import importlib, torch
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())
+for m in (\"transformers\", \"peft\", \"safetensors\", \"sentencepiece\", \"numpy\", \"huggingface_hub\", \"pytest\"):
+    try:
+        print(m, getattr(importlib.import_module(m), \"__version__\", \"?\"))
+    except ImportError as e:
+        print(m, \"MISSING:\", e)
+'"
+# Exit 5: no test selected (no CUDA-only tests yet) is not a failure.
+stage tests 150 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+stage train 320 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
+  --workloads W1,W2-padded,W2-packed --systems this,hf-eager,hf-compile --hf-workloads W1,W2-padded \
+  --hf-compile-workloads W1 --no-decode --out-dir "$OUT" --name train
+stage profile 90 "0" "$PY" bench/profile_step.py "${PROFILE[@]}" --rank 64 --systems this,hf-eager \
+  --out "$OUT/profile"
+stage decode 100 "0" "$PY" bench/bench.py "${DEV[@]}" --workloads "" --decode --decode-args "$DECODE_ARGS" \
+  --out-dir "$OUT" --name decode
+stage compile 400 "0" "$PY" bench/bench.py "${DEV[@]}" --focus-rank 64 --workloads W1,W2-padded \
+  --systems this-compile,hf-compile --this-compile-workloads W1 --hf-compile-workloads W2-padded --no-decode \
+  --out-dir "$OUT" --name compile
+RESERVE=0
+parts=()
+for s in train compile decode; do [ -f "$OUT/$s.json" ] && parts+=("$OUT/$s.json"); done
+if [ ${#parts[@]} -gt 0 ]; then
+  stage combine 60 "0" "$PY" bench/bench.py --combine "${parts[@]}" --out-dir "$OUT" \
+    --name "$("$PY" -c 'import json,re,sys; d=json.load(open(sys.argv[1])); print(re.sub(r"[^a-z0-9]+","-",d["device"].lower()).strip("-")+"-"+d["date"])' "${parts[0]}")"
+fi
+log "== done in $(( $(date +%s) - T0 ))s; stages:"
+column -t "$OUT/stages.tsv" 2>/dev/null | tee -a "$LOG" || cat "$OUT/stages.tsv" | tee -a "$LOG"
