@@ -135,8 +135,7 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     need(cfg.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
     try:
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if cfg.device == "auto" else cfg.device)
+        device = resolve_device(cfg.device)
         need(device.type in ("cpu", "cuda"), f"--device must be cpu or cuda[:N], got {cfg.device!r}")
         need(device.type != "cuda" or torch.cuda.is_available(),
              f"--device {cfg.device} asked for CUDA but torch.cuda.is_available() is False")
@@ -175,6 +174,20 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
 
 
 # ---- small pieces the loop uses ---------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_shape(model: str):
+    """The `LlamaConfig` of a local checkpoint folder, else TinyLlama-1.1B's (nothing is downloaded)."""
+    from tinyllama import LlamaConfig
+
+    config_json = Path(model) / "config.json"
+    return LlamaConfig.from_json(config_json) if config_json.is_file() else LlamaConfig()
+
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule down to 0."""
@@ -362,9 +375,10 @@ def evaluate(model, examples, cfg: TrainConfig, device, autocast) -> tuple[float
 
 def main(cfg: TrainConfig) -> dict:
     lora_config = validate(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, lora_config, print)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -375,9 +389,6 @@ def main(cfg: TrainConfig) -> dict:
     log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
     dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = Path(cfg.out or f"runs/rank{cfg.rank}")
-
-    if cfg.dry_run:
-        return dry_run(cfg, lora_config, log)
 
     # Same seed on every rank: identical LoRA init and data order; ranks differ only in their data shard.
     random.seed(cfg.seed)
@@ -524,10 +535,9 @@ def main(cfg: TrainConfig) -> dict:
 
 def random_model(cfg, lora_config, device, dtype):
     """The model's shape with random weights (benchmarks with no Hub access; the step cost is the same)."""
-    from tinyllama import Llama, LlamaConfig
+    from tinyllama import Llama
 
-    folder = Path(cfg.model)
-    config = LlamaConfig.from_json(folder / "config.json") if (folder / "config.json").is_file() else LlamaConfig()
+    config = model_shape(cfg.model)
     with torch.device(device):
         model = Llama(config, lora=lora_config)
     for name, p in model.named_parameters():
@@ -538,11 +548,12 @@ def random_model(cfg, lora_config, device, dtype):
 
 def dry_run(cfg, lora_config, log) -> dict:
     """The parameter table for --model's shape, built on the meta device: nothing is downloaded."""
-    from tinyllama import Llama, LlamaConfig
+    from tinyllama import Llama
 
-    folder = Path(cfg.model)
-    config = LlamaConfig.from_json(folder / "config.json") if (folder / "config.json").is_file() else LlamaConfig()
-    log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({'TinyLlama-1.1B shape' if not (folder / 'config.json').is_file() else folder}, targets {','.join(lora_config.targets)})")
+    config = model_shape(cfg.model)
+    shape = cfg.model if (Path(cfg.model) / "config.json").is_file() else "TinyLlama-1.1B shape"
+    log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({shape}, targets "
+        f"{','.join(lora_config.targets)})")
     rows = []
     for r in sorted({4, 16, 64, 256, cfg.rank}):
         with torch.device("meta"):
