@@ -7,7 +7,7 @@
 #                                                                       # (--quick is the same)
 #
 # Needs no network and no pip: torch, transformers and peft are already there. Each stage runs under its own
-# time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 460 s: under 8 minutes),
+# time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 470 s: under 8 minutes),
 # so a hang costs one stage, not the session; a stage that cannot get GPU_CHECK_MIN_STAGE_S (default 45 s) is
 # skipped and says so. The benchmark rewrites its results after every run, so a stage cut short keeps what it
 # measured. Results: OUT_DIR/<device>-<date>.md/.json (all stages combined), one .md/.json per stage,
@@ -17,23 +17,23 @@
 # tokens/s, so 128 steps x 4096 tokens take ~13 s; a torch.compile warm-up ~60-90 s):
 #   1. env           nvidia-smi, versions                                                        ~5 s
 #   2. tests         pytest -m cuda (bf16 fast paths against the reference path)                 ~30-60 s
-#   3. train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64;
-#                    transformers + peft eager on W1 and W2 (pad-to-longest) at rank 64, and
-#                    under torch.compile on W1; 128 steps each                                    ~200-260 s
+#   3. train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64,
+#                    and with --compile on W1 at rank 64; transformers + peft eager on W1 and W2
+#                    (pad-to-longest) at rank 64, and under torch.compile on W1; 128 steps each   ~260-320 s
 #   4. profile       bench/profile_step.py: where a W1 rank-64 step's time goes, this project
 #                    and transformers + peft eager (OUT_DIR/profile/profile.md)                   ~30-45 s
 #   5. decode        bench/decode_bench.py --full (random TinyLlama checkpoint, batch 1 and 16)   ~60-90 s
-#   6. compile       this project with --compile on W1, transformers + peft under torch.compile
-#                    on W2 (pad-to-longest: recompiles for new lengths): whatever time is left     rest
+#   6. compile       W2 under torch.compile, this project and transformers + peft (pad-to-longest
+#                    recompiles for new lengths): whatever time is left                            rest
 #   7. combine       one table of everything                                                      ~5 s
-# Expected total ~400-460 s; stage 6 gets what remains of the budget, minus 20 s kept for stage 7, and is
+# Expected total ~420-470 s; stage 6 gets what remains of the budget, minus 20 s kept for stage 7, and is
 # skipped when that is under GPU_CHECK_MIN_STAGE_S (raise GPU_CHECK_BUDGET_S to make room for it).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
 MODE=${2:-gpu}
 PY=${PY:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-460}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -106,16 +106,18 @@ for m in (\"transformers\", \"peft\", \"safetensors\", \"sentencepiece\", \"nump
 '"
 # Exit 5: no test selected (no CUDA-only tests yet) is not a failure.
 stage tests 150 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
-stage train 320 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
-  --workloads W1,W2-padded,W2-packed --systems this,hf-eager,hf-compile --hf-workloads W1,W2-padded \
-  --hf-compile-workloads W1 --no-decode --out-dir "$OUT" --name train
+# The headline comparison (W1 rank 64: this project eager and compiled vs transformers + peft eager and
+# compiled) is all in this stage, so it cannot be starved by a later one.
+stage train 380 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
+  --workloads W1,W2-padded,W2-packed --systems this,this-compile,hf-eager,hf-compile --hf-workloads W1,W2-padded \
+  --this-compile-workloads W1 --hf-compile-workloads W1 --no-decode --out-dir "$OUT" --name train
 stage profile 90 "0" "$PY" bench/profile_step.py "${PROFILE[@]}" --rank 64 --systems this,hf-eager \
   --out "$OUT/profile"
 stage decode 100 "0" "$PY" bench/bench.py "${DEV[@]}" --workloads "" --decode --decode-args "$DECODE_ARGS" \
   --out-dir "$OUT" --name decode
-stage compile 400 "0" "$PY" bench/bench.py "${DEV[@]}" --focus-rank 64 --workloads W1,W2-padded \
-  --systems this-compile,hf-compile --this-compile-workloads W1 --hf-compile-workloads W2-padded --no-decode \
-  --out-dir "$OUT" --name compile
+stage compile 400 "0" "$PY" bench/bench.py "${DEV[@]}" --focus-rank 64 --workloads W2-padded \
+  --systems this-compile,hf-compile --this-compile-workloads W2-padded --hf-compile-workloads W2-padded \
+  --no-decode --out-dir "$OUT" --name compile
 RESERVE=0
 parts=()
 for s in train compile decode; do [ -f "$OUT/$s.json" ] && parts+=("$OUT/$s.json"); done
