@@ -195,6 +195,7 @@ def test_summary_has_the_seed_columns(tmp_path, tiny_ckpt):
     assert [r["split"] for r in rows] == ["train", "eval", "train", "eval"]
     for r in rows:
         assert {"step", "split", "loss", "lr", "tokens_per_s"} <= r.keys()
+    assert (tmp_path / "summary" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: test extra
 
 
 def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, tokenizer):
