@@ -465,7 +465,9 @@ def main(cfg: TrainConfig) -> dict:
         micro = [next(stream) for _ in range(cfg.grad_accum)]
         counts = torch.tensor([sum(labelled_count(b) for b in micro), sum(real_token_count(b) for b in micro)],
                               dtype=torch.float64)
-        n_labelled, n_tokens = all_reduce_sum(counts.to(device)).tolist()
+        if dist.is_initialized():  # NCCL reduces device tensors; a single process needs no round trip
+            counts = all_reduce_sum(counts.to(device)).cpu()
+        n_labelled, n_tokens = counts.tolist()
         if n_labelled == 0:
             raise TrainingError(f"step {step + 1}: no labelled tokens in this batch")
 
