@@ -395,30 +395,31 @@ def main(cfg: TrainConfig) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    # Model and tokenizer.
-    if cfg.random_init:
-        model = random_model(cfg, lora_config, device, dtype)
-    else:
-        model = load_model(cfg.model, dtype=dtype, device=device, lora=lora_config)
-    model.gradient_checkpointing = cfg.grad_checkpointing
-    model.train()
+    # Tokenizer and data first: they are cheap, and their errors should not wait for the model to load.
+    folder = None if cfg.random_init else resolve_checkpoint(cfg.model)  # downloads from the Hub if needed
+    vocab_size = model_shape(cfg.model if folder is None else str(folder)).vocab_size
     tokenizer = None
     if not cfg.data.startswith("random") or cfg.samples:
-        tok_path = cfg.tokenizer or resolve_checkpoint(cfg.model) / "tokenizer.model"
-        tokenizer = Tokenizer(tok_path)
-
-    # Data.
+        tokenizer = Tokenizer(cfg.tokenizer or (folder or resolve_checkpoint(cfg.model)) / "tokenizer.model")
     from data import BatchStream
 
-    train_examples = load_examples(cfg.data, tokenizer, cfg, model.config.vocab_size, log)
+    train_examples = load_examples(cfg.data, tokenizer, cfg, vocab_size, log)
     eval_examples = []
     if cfg.eval_data.lower() != "none":
         eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
-                         else load_examples(cfg.eval_data, tokenizer, cfg, model.config.vocab_size, log))
+                         else load_examples(cfg.eval_data, tokenizer, cfg, vocab_size, log))
         eval_examples = eval_examples[rank::world]
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=rank, world_size=world)
+
+    # The model, with LoRA built in (base frozen).
+    if cfg.random_init:
+        model = random_model(cfg, lora_config, device, dtype)
+    else:
+        model = load_model(folder, dtype=dtype, device=device, lora=lora_config)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
 
     # Optimizer over the LoRA weights only (fp32 master weights and state, whatever the base dtype).
