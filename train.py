@@ -33,7 +33,7 @@ import torch.distributed as dist
 import lora
 from lora import LoRAConfig
 from tinyllama import Tokenizer, load_model
-from tinyllama.checkpoint import DEFAULT_MODEL, resolve_checkpoint
+from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
 from tinyllama.loss import causal_lm_loss, shift_labels
 
@@ -657,5 +657,5 @@ class Progress:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except TrainingError as e:
+    except (TrainingError, HubUnavailable) as e:  # errors for people: the message, not a traceback
         raise SystemExit(f"train.py: {e}")

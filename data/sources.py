@@ -73,7 +73,9 @@ def hub_file(split: str, *, cache_dir=None, local_files_only: bool = False) -> P
         return Path(hf_hub_download(HUB_REPO, filename, repo_type="dataset", cache_dir=cache_dir,
                                     local_files_only=local_files_only))
     except Exception as e:  # offline, missing cache, auth, HTTP: all end the same way for the user
-        raise RuntimeError(
+        from tinyllama.checkpoint import HubUnavailable
+
+        raise HubUnavailable(
             f"could not get split {split!r} of the guanaco dataset: downloading {filename} from the Hugging Face "
             f"dataset {HUB_REPO} failed ({type(e).__name__}: {e}). Without network access, pass a local file "
             f"instead: a guanaco .jsonl (one {{\"text\": ...}} per line) or an OASST trees .jsonl, or put the file "

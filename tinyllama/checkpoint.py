@@ -25,6 +25,10 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "to
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class HubUnavailable(RuntimeError):
+    """A model or dataset could not be fetched from the Hugging Face Hub (offline, unknown or gated repo)."""
+
+
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     """A local folder as is, or a Hub repo id downloaded (to the HF cache; HF_HOME/HF_HUB_OFFLINE apply)."""
     path = Path(path_or_repo_id)
@@ -41,7 +45,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, unknown repo, gated repo, ...: all end here with one clear message
-        raise RuntimeError(
+        raise HubUnavailable(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If you are "
             f"offline, download it elsewhere (`huggingface-cli download {repo_id}`) and pass the local "
             "folder instead, or check HF_HOME / HF_HUB_OFFLINE.") from e
