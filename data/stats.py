@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batching import BatchStream
+from .batching import BatchStream, padding_fraction, plan_packing
 from .encode import _encode_full, encode_all
 from .guanaco import render
 from .sources import load_conversations
@@ -46,14 +46,17 @@ def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed:
         "examples": report.examples, "tokens": report.tokens, "labelled_tokens": report.labelled,
         "boundary_merges": merged, "batch_size": batch_size,
     }
-    for name, kwargs in (("padded", {}), ("padded_grouped", {"group_by_length": True}), ("packed", {"packing": True})):
+    lengths_in = [len(e) for e in examples]  # after truncation: what the model is fed
+    for name, kwargs in (("padded", {}), ("padded_grouped", {"group_by_length": True})):
         try:
             stream = BatchStream(examples, batch_size, max_len, seed=seed, **kwargs)
             out[f"padding_{name}"] = stream.padding_fraction(epoch=0)
-            if name == "packed":
-                out["packed_rows"] = stream.n_items
-        except ValueError:  # fewer items than one batch
-            out[f"padding_{name}"] = float("nan")
+        except ValueError:  # fewer examples than one batch: one batch of them all, in file order
+            out[f"padding_{name}"] = padding_fraction(lengths_in, [list(range(len(lengths_in)))])
+    # Packing does not depend on the batch size: the plan's rows are what every epoch feeds the model.
+    rows = plan_packing(lengths_in, max_len)
+    out["packed_rows"] = len(rows)
+    out["padding_packed"] = padding_fraction(lengths_in, rows, max_len)
     out["packing_efficiency"] = 1.0 - out["padding_packed"]
     return out
 
