@@ -219,3 +219,17 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
     assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-7) for k in g1)
     left = batch["attention_mask"].flip(-1)
     assert not train.is_right_padded(left)
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny_ckpt, monkeypatch):
+    # Dropout on: recomputation must replay the same dropout masks (checkpoint restores the RNG state).
+    import tinyllama.model
+    _, plain = run(tmp_path, tiny_ckpt, "plain", dropout=0.1, steps=3)
+    calls = []
+    real = tinyllama.model.checkpoint
+    monkeypatch.setattr(tinyllama.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, ckpt = run(tmp_path, tiny_ckpt, "ckpt", dropout=0.1, steps=3, grad_checkpointing=True)
+    assert len(calls) == 3 * 2  # every layer of every step went through checkpointing
+    assert train_losses(ckpt) == pytest.approx(train_losses(plain), rel=1e-6)
+    wa, wb = adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "ckpt")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
