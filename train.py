@@ -69,8 +69,8 @@ class TrainConfig:
     schedule: str = field(default="cosine", metadata={"help": "|".join(SCHEDULES)})
     weight_decay: float = 0.0
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
-    batch_size: int = field(default=8, metadata={"help": "micro-batch size per process"})
-    grad_accum: int = 2
+    batch_size: int = field(default=4, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = 4
     max_len: int = 1024
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
     epochs: float = 1.0
