@@ -428,8 +428,9 @@ def main(cfg: TrainConfig) -> dict:
                                   fused=device.type == "cuda")
     start_step = 0
     if cfg.resume:
-        start_step = load_checkpoint(find_checkpoint(cfg.resume), model, optimizer, stream)
-        log(f"resumed from {find_checkpoint(cfg.resume)} at step {start_step}")
+        resume_from = find_checkpoint(cfg.resume)
+        start_step = load_checkpoint(resume_from, model, optimizer, stream)
+        log(f"resumed from {resume_from} at step {start_step}")
     if cfg.compile:
         for layer in model.model.layers:
             layer.compile()

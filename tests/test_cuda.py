@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, hf_checkpoint
+from conftest import hf_checkpoint
 import lora
 import train
 from tinyllama import causal_lm_loss, load_model, reference_loss
