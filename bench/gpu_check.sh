@@ -10,8 +10,10 @@
 # time limit inside one overall budget (GPU_CHECK_BUDGET_S, default 470 s: under 8 minutes),
 # so a hang costs one stage, not the session; a stage that cannot get GPU_CHECK_MIN_STAGE_S (default 45 s) is
 # skipped and says so. The benchmark rewrites its results after every run, so a stage cut short keeps what it
-# measured. Results: OUT_DIR/<device>-<date>.md/.json (all stages combined), one .md/.json per stage,
-# stages.tsv (stage, exit status, seconds), gpu_check.log (everything printed).
+# measured. Results in OUT_DIR, five files at most (the device tool brings back no more than 8):
+# <device>-<date>.md/.json (all stages combined), stages.tsv (stage, exit status, seconds), gpu_check.log
+# (everything printed), and parts.tar.gz: each stage's own .md/.json and the profile, re-packed after every
+# stage so a run cut short still brings back what it measured.
 #
 # Stages and their expected time on one H200 (from the reference numbers: transformers + peft eager 39.5k
 # tokens/s, so 128 steps x 4096 tokens take ~13 s; a torch.compile warm-up ~60-90 s):
@@ -21,7 +23,7 @@
 #                    and with --compile on W1 at rank 64; transformers + peft eager on W1 and W2
 #                    (pad-to-longest) at rank 64, and under torch.compile on W1; 128 steps each   ~260-320 s
 #   4. profile       bench/profile_step.py: where a W1 rank-64 step's time goes, this project
-#                    and transformers + peft eager (OUT_DIR/profile/profile.md)                   ~30-45 s
+#                    and transformers + peft eager (profile/profile.md in parts.tar.gz)          ~30-45 s
 #   5. decode        bench/decode_bench.py --full (random TinyLlama checkpoint, batch 1 and 16)   ~60-90 s
 #   6. compile       W2 under torch.compile, this project and transformers + peft (pad-to-longest
 #                    recompiles for new lengths): whatever time is left                            rest
@@ -38,6 +40,7 @@ MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
+WORK=$(mktemp -d)  # per-stage results; packed into OUT/parts.tar.gz after each stage
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 printf 'stage\texit\tseconds\n' > "$OUT/stages.tsv"
@@ -93,6 +96,7 @@ stage() {
   [ "$rc" = 124 ] && status="TIMED OUT"
   log "== $name: exit $rc ($status) after ${took}s"
   printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >> "$OUT/stages.tsv"
+  tar czf "$OUT/parts.tar.gz" -C "$WORK" .
 }
 
 stage env 30 "0" bash -c "nvidia-smi || true; nproc; free -g || true; $PY -c '
@@ -110,17 +114,17 @@ stage tests 150 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 # compiled) is all in this stage, so it cannot be starved by a later one.
 stage train 380 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
   --workloads W1,W2-padded,W2-packed --systems this,this-compile,hf-eager,hf-compile --hf-workloads W1,W2-padded \
-  --this-compile-workloads W1 --hf-compile-workloads W1 --no-decode --out-dir "$OUT" --name train
+  --this-compile-workloads W1 --hf-compile-workloads W1 --no-decode --out-dir "$WORK" --name train
 stage profile 90 "0" "$PY" bench/profile_step.py "${PROFILE[@]}" --rank 64 --systems this,hf-eager \
-  --out "$OUT/profile"
+  --out "$WORK/profile"
 stage decode 100 "0" "$PY" bench/bench.py "${DEV[@]}" --workloads "" --decode --decode-args "$DECODE_ARGS" \
-  --out-dir "$OUT" --name decode
+  --out-dir "$WORK" --name decode
 stage compile 400 "0" "$PY" bench/bench.py "${DEV[@]}" --focus-rank 64 --workloads W2-padded \
   --systems this-compile,hf-compile --this-compile-workloads W2-padded --hf-compile-workloads W2-padded \
-  --no-decode --out-dir "$OUT" --name compile
+  --no-decode --out-dir "$WORK" --name compile
 RESERVE=0
 parts=()
-for s in train compile decode; do [ -f "$OUT/$s.json" ] && parts+=("$OUT/$s.json"); done
+for s in train compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
 if [ ${#parts[@]} -gt 0 ]; then
   stage combine 60 "0" "$PY" bench/bench.py --combine "${parts[@]}" --out-dir "$OUT" \
     --name "$("$PY" -c 'import json,re,sys; d=json.load(open(sys.argv[1])); print(re.sub(r"[^a-z0-9]+","-",d["device"].lower()).strip("-")+"-"+d["date"])' "${parts[0]}")"
