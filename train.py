@@ -15,6 +15,7 @@ FSDP/tensor parallelism (a 1.1B frozen base fits on one GPU; data parallel is en
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,15 +30,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lora
 from lora import LoRAConfig
 from tinyllama import Tokenizer, load_model
 from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
-from tinyllama.loss import causal_lm_loss, shift_labels
+from tinyllama.loss import causal_lm_loss, label_positions, shift_labels
 
 SCHEDULES = ("cosine", "linear", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLE_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
@@ -87,7 +92,14 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU), "
                                                          "float32, bfloat16"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder layer"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (see --compile-scope)"})
+    compile_scope: str = field(default="layers", metadata={"help": "layers: each decoder layer on its own "
+                                                                    "(fast to compile); model: all of it"})
+    compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: "
+                                                                   + "|".join(COMPILE_MODES)})
+    sdpa_backends: str = field(default="flash,cudnn,efficient,math", metadata={
+        "help": "attention kernels in order of preference (flash, efficient, cudnn, math), or 'default' for "
+                "PyTorch's own order; see sdpa_context"})
     grad_checkpointing: bool = False
     samples: bool = field(default=True, metadata={"help": "print base vs fine-tuned answers at the end"})
     dry_run: bool = field(default=False, metadata={"help": "print the parameter table and exit"})
@@ -143,6 +155,12 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         problems.append(f"--device {cfg.device!r}: {e}")
     need(not (cfg.compile and cfg.grad_checkpointing),
          "--compile with --grad-checkpointing is not supported; pick one")
+    need(cfg.compile_scope in ("layers", "model"), f"--compile-scope must be layers or model, got {cfg.compile_scope!r}")
+    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+    backends = cfg.sdpa_backends.split(",")
+    need(cfg.sdpa_backends == "default" or (set(backends) <= set(SDPA_BACKENDS) and len(set(backends)) == len(backends)),
+         f"--sdpa-backends must be 'default' or distinct names from {list(SDPA_BACKENDS)}, comma-separated; "
+         f"got {cfg.sdpa_backends!r}")
     if cfg.resume:
         need(find_checkpoint(cfg.resume) is not None,
              f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
@@ -217,11 +235,16 @@ def prepare(batch, device):
     Padded batches are right-padded, so under the causal mask no real token ever sees a pad: the mask only
     changes the outputs at pad positions, which carry no label and predict nothing. Without it SDPA runs its
     mask-free causal kernel (flash attention on GPU). tests/test_train.py checks loss and gradients agree.
+    The labelled positions are found here, on the CPU copy (`label_index`), so the loss never makes the host
+    wait for the GPU; on CUDA the batch is copied from pinned memory, without blocking the host either.
     """
     batch = dict(batch)
     if "attention_mask" in batch and is_right_padded(batch["attention_mask"]):
         del batch["attention_mask"]
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch["label_index"] = label_positions(batch["labels"])
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -233,7 +256,7 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
 def batch_loss(model, batch):
     """(loss sum, labelled-token count) of a micro-batch; every key but the labels is a model argument."""
     extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)  # label_index goes to the loss
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -256,7 +279,8 @@ def all_reduce_grads(params) -> None:
 
 
 class Timer:
-    """Step timing: CUDA events on GPU (no host sync until read), wall clock on CPU."""
+    """One step's time: CUDA events on GPU (`stop` records without waiting; `elapsed` waits for the step to
+    finish), wall clock on CPU."""
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
@@ -268,13 +292,74 @@ class Timer:
         else:
             self._t0 = time.perf_counter()
 
-    def stop(self) -> float:
+    def stop(self) -> None:
         if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-            return self._start.elapsed_time(end) / 1000
-        return time.perf_counter() - self._t0
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000
+        return self._seconds
+
+
+# ---- speed ------------------------------------------------------------------------------------------------
+
+def sdpa_context(spec: str):
+    """The attention kernels SDPA may pick, in order of preference ("flash,cudnn,efficient,math").
+
+    The default prefers flash attention: PyTorch's own choice on Hopper is cuDNN's, which builds a new kernel
+    plan for every new sequence length, and length-grouped padded batches bring a new length almost every step
+    (bench/results/nvidia-h200-*.md measure both). Flash takes no mask, so packed rows (a block-diagonal mask,
+    always max_len long) go to cuDNN, the next in the list. "default" leaves PyTorch's order alone.
+    """
+    if spec == "default":
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPA_BACKENDS[name] for name in spec.split(",")], set_priority=True)
+
+
+def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
+    """(kernel for unmasked causal attention with k/v repeated, the same with grouped k/v read in place).
+
+    Asked of SDPA's own checks (`torch.backends.cuda.can_use_*`) for this model's head shapes, under the
+    preference `spec`. When they differ, reading the grouped heads in place would cost a slower kernel, so
+    the model repeats them instead (`Attention.native_gqa`). On a CPU both are ("cpu", "cpu").
+    """
+    if device.type != "cuda":
+        return "cpu", "cpu"
+    from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention, can_use_efficient_attention,
+                                     can_use_flash_attention)
+    checks = {"flash": can_use_flash_attention, "efficient": can_use_efficient_attention,
+              "cudnn": can_use_cudnn_attention, "math": lambda params: True}
+    order = spec.split(",") if spec != "default" else ["cudnn", "flash", "efficient", "math"]
+    kind = dict(device=device, dtype=torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    q = torch.zeros(1, config.num_attention_heads, 128, config.head_dim, **kind)
+
+    def first(kv_heads: int, gqa: bool) -> str:
+        kv = torch.zeros(1, kv_heads, 128, config.head_dim, **kind)
+        params = SDPAParams(q, kv, kv, None, 0.0, True, gqa)
+        with sdpa_context(spec):
+            return next(name for name in order if checks[name](params))
+
+    return first(config.num_attention_heads, False), first(config.num_key_value_heads, True)
+
+
+def compile_model(model, scope: str, mode: str = "default") -> None:
+    """torch.compile in place. `layers`: each decoder layer (all 22 share one graph, so it compiles in
+    seconds); `model`: embeddings to final norm as one graph (`hidden_states`), no Python between layers.
+    The loss stays eager either way (`FrozenHeadCrossEntropy`). `uncompile_model` undoes `model` scope."""
+    if scope == "layers":
+        for layer in model.model.layers:
+            layer.compile(mode=mode)
+    else:
+        model.hidden_states = torch.compile(model.hidden_states, mode=mode)
+
+
+def uncompile_model(model) -> None:
+    model.__dict__.pop("hidden_states", None)
 
 
 # ---- data -------------------------------------------------------------------------------------------------
@@ -366,7 +451,8 @@ def evaluate(model, examples, cfg: TrainConfig, device, autocast) -> tuple[float
     with torch.no_grad(), autocast():
         for batch in eval_batches(examples, cfg.batch_size, cfg.max_len, packing=cfg.packing):
             loss_sum, n = batch_loss(model, prepare(batch, device))
-            total += torch.stack([loss_sum.double(), n.double()])
+            total[0] += loss_sum.double()
+            total[1] += n
     model.train()
     loss_sum, n = all_reduce_sum(total).tolist()
     loss = loss_sum / max(n, 1)
@@ -424,19 +510,27 @@ def main(cfg: TrainConfig) -> dict:
 
     # Optimizer over the LoRA weights only (fp32 master weights and state, whatever the base dtype).
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
+    # Fused (one kernel for all tensors, on CPU too): it alone can skip an update on the device (`found_inf`).
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     start_step = 0
     if cfg.resume:
         resume_from = find_checkpoint(cfg.resume)
         start_step = load_checkpoint(resume_from, model, optimizer, stream)
         log(f"resumed from {resume_from} at step {start_step}")
+    repeated, in_place = attention_kernels(device, dtype, cfg.sdpa_backends, model.config)
+    for layer in model.model.layers:
+        layer.self_attn.native_gqa = in_place == repeated
+    if device.type == "cuda":
+        log(f"attention: {repeated} kernel" + (", grouped k/v heads read in place" if in_place == repeated else
+                                               f" (k/v heads repeated: in place would take {in_place})"))
     if cfg.compile:
-        for layer in model.model.layers:
-            layer.compile()
+        compile_model(model, cfg.compile_scope, cfg.compile_mode)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    @contextlib.contextmanager
+    def autocast():  # every forward of the run: bf16 autocast (on a bf16 model) and the attention kernels
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16), \
+                sdpa_context(cfg.sdpa_backends):
+            yield
 
     trainable, total = lora.count_parameters(model)
     flops_per_token = training_flops_per_token(model.config, lora_config, cfg.max_len)
@@ -454,12 +548,42 @@ def main(cfg: TrainConfig) -> dict:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
 
-    timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_seconds, train_tokens, train_labelled, first_loss, last_loss = 0.0, 0, 0, None, None
+    totals = dict(seconds=0.0, tokens=0, labelled=0, first_loss=None, last_loss=None)
     eval_loss = eval_ppl = None
     progress = Progress(total_steps, start_step, enabled=main_process)
+    # The host never waits for the GPU inside a step. A step's numbers (loss, grad norm, time) are read only
+    # after the next step has been queued, so the CPU prepares step n+1 while the GPU runs step n. A non-finite
+    # loss must still stop the run before its update: `bad` is set on the device, and the fused AdamW skips
+    # every update from then on (its `found_inf`, the flag torch.amp.GradScaler uses); the host raises when
+    # it reads that step's loss, one step later, with the weights as they were before the bad step.
+    bad = torch.zeros((), device=device)
+    optimizer.found_inf = bad
+
+    def finish(p):
+        """The host side of a queued step: read its numbers (waits for that step only), check, log."""
+        loss = p["loss"].item() / p["n_labelled"]
+        if not math.isfinite(loss):
+            saved = find_checkpoint(str(out)) if main_process else None
+            raise TrainingError(f"loss is {loss} at step {p['step']}: stopping before the update. Last good "
+                                f"checkpoint: {saved or 'none (use --save-every)'}. Try a lower --lr.")
+        seconds = p["timer"].elapsed()
+        totals["seconds"] += seconds
+        totals["tokens"] += int(p["n_tokens"])
+        totals["labelled"] += int(p["n_labelled"])
+        totals["first_loss"] = loss if totals["first_loss"] is None else totals["first_loss"]
+        totals["last_loss"] = loss
+        done = p["step"]
+        progress.update(done, loss, p["lr"], p["n_tokens"] / seconds)
+        if done % max(cfg.log_every, 1) == 0 or done == total_steps or done == start_step + 1:
+            record({"step": done, "split": "train", "loss": loss, "lr": p["lr"],
+                    "tokens_per_s": p["n_tokens"] / seconds, "labelled_tokens_per_s": p["n_labelled"] / seconds,
+                    "step_s": seconds, "mfu": p["n_tokens"] * flops_per_token / seconds / peak_flops / world,
+                    "grad_norm": float(p["grad_norm"]), "peak_gib": peak_memory_gib(device),
+                    "epoch": p["epoch"]})
+
+    pending = None
     for step in range(start_step, total_steps):
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -473,6 +597,7 @@ def main(cfg: TrainConfig) -> dict:
         if n_labelled == 0:
             raise TrainingError(f"step {step + 1}: no labelled tokens in this batch")
 
+        timer = Timer(device)
         timer.start()
         loss_total = torch.zeros((), device=device)
         for batch in micro:
@@ -481,47 +606,42 @@ def main(cfg: TrainConfig) -> dict:
             (loss_sum / n_labelled).backward()
             loss_total += loss_sum.detach()
         all_reduce_grads(params)
-        loss = all_reduce_sum(loss_total).item() / n_labelled
-        if not math.isfinite(loss):
-            saved = find_checkpoint(str(out)) if main_process else None
-            raise TrainingError(f"loss is {loss} at step {step + 1}: stopping before the update. Last good "
-                                f"checkpoint: {saved or 'none (use --save-every)'}. Try a lower --lr.")
+        loss_total = all_reduce_sum(loss_total)
+        torch.maximum(bad, (~torch.isfinite(loss_total)).to(bad.dtype), out=bad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))  # the norm, clipped or not
-        optimizer.step()
+        optimizer.step()  # skipped on the device if `bad`
         optimizer.zero_grad(set_to_none=True)
-        seconds = timer.stop()
+        timer.stop()
 
-        train_seconds += seconds
-        train_tokens += int(n_tokens)
-        train_labelled += int(n_labelled)
-        first_loss = loss if first_loss is None else first_loss
-        last_loss = loss
+        if pending is not None:
+            finish(pending)
         done = step + 1
-        progress.update(done, loss, lr, n_tokens / seconds)
-        if done % max(cfg.log_every, 1) == 0 or done == total_steps or done == start_step + 1:
-            record({"step": done, "split": "train", "loss": loss, "lr": lr, "tokens_per_s": n_tokens / seconds,
-                    "labelled_tokens_per_s": n_labelled / seconds, "step_s": seconds,
-                    "mfu": n_tokens * flops_per_token / seconds / peak_flops / world,
-                    "grad_norm": float(grad_norm),
-                    "peak_gib": peak_memory_gib(device), "epoch": stream.epoch})
-        if (cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps) and eval_examples:
+        pending = dict(step=done, loss=loss_total, grad_norm=grad_norm, timer=timer, lr=lr, n_tokens=n_tokens,
+                       n_labelled=n_labelled, epoch=stream.epoch)
+        evaluate_now = (cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps) and eval_examples
+        save_now = cfg.save_every and (done % cfg.save_every == 0 or done == total_steps) and main_process
+        if evaluate_now or save_now or done == total_steps:
+            finish(pending)  # checked before anything is evaluated or saved
+            pending = None
+        if evaluate_now:
             eval_loss, eval_ppl = evaluate(model, eval_examples, cfg, device, autocast)
             record({"step": done, "split": "eval", "loss": eval_loss, "ppl": eval_ppl, "lr": lr,
                     "tokens_per_s": None})
             progress.note(f"step {done}: eval loss {eval_loss:.4f}, ppl {eval_ppl:.2f}")
-        if cfg.save_every and (done % cfg.save_every == 0 or done == total_steps) and main_process:
+        if save_now:
             save_checkpoint(out, done, model, optimizer, stream, cfg, cfg.model)
     progress.close()
 
+    seconds, tokens, labelled = totals["seconds"], totals["tokens"], totals["labelled"]
     summary = {
-        "training_time_s": train_seconds, "trainable_params": trainable, "total_params": total,
+        "training_time_s": seconds, "trainable_params": trainable, "total_params": total,
         "trainable_percent": 100 * trainable / total, "steps": total_steps - start_step,
-        "tokens_per_s": train_tokens / train_seconds if train_seconds else None,
-        "labelled_tokens_per_s": train_labelled / train_seconds if train_seconds else None,
-        "mfu": (train_tokens * flops_per_token / train_seconds / peak_flops / world) if train_seconds else None,
-        "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": first_loss,
-        "last_loss": last_loss, "eval_loss": eval_loss, "eval_ppl": eval_ppl, "device": device_name(device),
-        "world_size": world, "out": str(out),
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "labelled_tokens_per_s": labelled / seconds if seconds else None,
+        "mfu": (tokens * flops_per_token / seconds / peak_flops / world) if seconds else None,
+        "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": totals["first_loss"],
+        "last_loss": totals["last_loss"], "eval_loss": eval_loss, "eval_ppl": eval_ppl,
+        "device": device_name(device), "world_size": world, "out": str(out),
     }
     if main_process:
         metrics_file.close()
@@ -530,6 +650,7 @@ def main(cfg: TrainConfig) -> dict:
         print_summary(summary, log)
         plot_losses(out)
         if cfg.samples and tokenizer is not None:
+            uncompile_model(model)  # generation's growing shapes would recompile a whole-model graph
             show_samples(model, tokenizer, out, log)
     if distributed:
         dist.barrier()

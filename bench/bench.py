@@ -91,6 +91,11 @@ def parse_args(argv=None):
     p.add_argument("--hf-compile-workloads", default="",
                    help="workloads transformers + peft under torch.compile runs (default: --hf-workloads)")
     p.add_argument("--this-compile-workloads", default="W1", help="workloads this-compile runs")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;KEY=VALUE",
+                   help="also run this project with these train.py settings (TrainConfig fields, e.g. "
+                        "'whole:compile=true;compile_scope=model'), at the focus rank on --variant-workloads; "
+                        "its rows are system 'this[NAME]'. Repeatable")
+    p.add_argument("--variant-workloads", default="W1", help="workloads the --variant runs use")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--w2-data", default="auto",
                    help="guanaco .jsonl for W2; auto: the eval split if cached locally (full shape), else synthetic")
@@ -176,18 +181,45 @@ def release(compiled: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
-def run_this(w: wl.Workload, rank: int, *, ctx, compile: bool = False) -> dict:
-    """One run of the real training loop (`train.main`) and its row."""
+BATCH_FIELDS = ("data", "batch_size", "grad_accum", "max_len", "steps", "packing", "group_by_length", "seed")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """'NAME:key=value;key=value' -> (NAME, TrainConfig overrides typed as the fields are)."""
+    name, _, body = spec.partition(":")
+    types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig)}
+    overrides = {}
+    for item in filter(None, body.split(";")):
+        key, _, value = item.partition("=")
+        kind = types.get(key.strip())
+        if not name or kind is None:
+            raise SystemExit(f"bench.py: --variant {spec!r}: expected NAME:key=value;... with TrainConfig fields "
+                             f"({', '.join(types)}); {key!r} is not one")
+        if key.strip() in BATCH_FIELDS:
+            raise SystemExit(f"bench.py: --variant {spec!r}: {key} changes the batches; a variant changes how a "
+                             f"step runs, not what it holds (choose the batching with --workloads)")
+        kind = kind if isinstance(kind, str) else kind.__name__
+        value = value.strip()
+        overrides[key.strip()] = (value.lower() in ("1", "true", "yes") if kind == "bool" else
+                                  {"int": int, "float": float, "str": str}[kind](value))
+    return name, overrides
+
+
+def run_this(w: wl.Workload, rank: int, *, ctx, compile: bool = False, variant: tuple[str, dict] | None = None) -> dict:
+    """One run of the real training loop (`train.main`) and its row; `variant`: (name, TrainConfig overrides)."""
     steps = ctx["steps"]
-    name = f"this-{w.name}-r{rank}{'-compile' if compile else ''}"
+    overrides = dict(variant[1]) if variant else {}
+    compile = overrides.pop("compile", compile)
+    name = f"this-{w.name}-r{rank}{'-compile' if compile else ''}{'-' + variant[0] if variant else ''}"
     out = ctx["tmp"] / name
     data = f"random:{steps * w.batch_size}" if w.name == "W1" else str(ctx["w2_path"])
-    cfg = train.TrainConfig(
+    settings = dict(
         model=str(ctx["model_dir"]), random_init=True, data=data, eval_data="none", tokenizer=str(TOKENIZER),
         rank=rank, alpha=float(rank), dropout=ctx["dropout"], batch_size=w.batch_size, grad_accum=1,
         max_len=w.max_len, steps=steps, packing=w.packing, group_by_length=w.group_by_length, samples=False,
         log_every=1, eval_every=0, save_every=0, out=str(out), device=str(ctx["device"]), dtype="auto",
         compile=compile, seed=0)
+    cfg = train.TrainConfig(**{**settings, **overrides})
     leftover = allocated_gib(ctx["device"])
     t0 = time.perf_counter()
     summary = train.main(cfg)
@@ -202,7 +234,8 @@ def run_this(w: wl.Workload, rank: int, *, ctx, compile: bool = False) -> dict:
     if abs(counted - sum(counts["tokens"])) > 0.5 + 1e-6 * counted:
         raise RuntimeError(f"{name}: train.py counted {counted:.0f} real tokens, the replayed batches hold "
                            f"{sum(counts['tokens'])}: the benchmark no longer builds the batches train.py does")
-    return make_row("this-compile" if compile else "this", w, rank, [m["step_s"] for m in metrics], counts,
+    system = f"this[{variant[0]}]" if variant else "this-compile" if compile else "this"
+    return make_row(system, w, rank, [m["step_s"] for m in metrics], counts,
                     ctx=ctx, trainable=summary["trainable_params"], total=summary["total_params"],
                     peak_gib=summary["peak_gib"], compile=compile,
                     losses=[m["loss"] for m in metrics], wall_s=wall, leftover_gib=leftover)
@@ -271,6 +304,9 @@ def plan(args, ranks: list[int], names: list[str], systems: list[str]) -> list[t
         runs += [("this-compile", n, args.focus_rank) for n in names if n in args.this_compile_workloads.split(",")]
     if "hf-compile" in systems:
         runs += [("hf-compile", n, args.focus_rank) for n in pick(args.hf_compile_workloads or args.hf_workloads)]
+    for spec in args.variant:
+        name = spec.partition(":")[0]
+        runs += [(f"this[{name}]", n, args.focus_rank) for n in args.variant_workloads.split(",") if n in names]
     return runs
 
 
@@ -293,6 +329,7 @@ def main(argv=None) -> dict:
     systems = ([s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else
                ["this", "hf-eager", "hf-compile"] if args.baseline == "hf" else ["this"])
     bad_systems = [s for s in systems if s not in SYSTEMS]
+    variants = dict(parse_variant(v) for v in args.variant)
     if unknown or bad_systems:
         raise SystemExit(f"bench.py: unknown workload(s) {unknown} or system(s) {bad_systems}; "
                          f"choose from {wl.WORKLOADS} and {SYSTEMS}")
@@ -355,7 +392,9 @@ def main(argv=None) -> dict:
             w = works[wname]
             print(f"\n=== {system} {wname} rank {rank} ===", flush=True)
             try:
-                if system.startswith("this"):
+                if system.startswith("this["):
+                    row = run_this(w, rank, ctx=ctx, variant=(system[5:-1], variants[system[5:-1]]))
+                elif system.startswith("this"):
                     row = run_this(w, rank, ctx=ctx, compile=system == "this-compile")
                 else:
                     row = run_hf(w, rank, ctx=ctx, compile=system == "hf-compile")
@@ -477,7 +516,7 @@ def target_checks(res) -> list[str]:
               f"slowest is rank {worst['rank']} at {100 * spread:+.1f}% of rank 4")
     eager, comp = (find(rows, s, "W1", focus) for s in ("hf-eager", "hf-compile"))
     # This project's best W1 run at the focus rank, with or without --compile (the label says which).
-    ours = max(filter(None, (find(rows, s, "W1", focus) for s in ("this", "this-compile"))),
+    ours = max((r for r in rows if r["system"].startswith("this") and r["workload"] == "W1" and r["rank"] == focus),
                key=lambda r: r["tokens_per_s"], default=None)
     if ours:
         out.append(f"- (this project's W1 rank {focus} below: the `{ours['system']}` run)")
@@ -500,7 +539,7 @@ def target_checks(res) -> list[str]:
             check("CPU: step time no higher than transformers + peft eager's", a <= b,
                   f"median step {a:.1f} vs {b:.1f} ms ({a / b:.2f}x)")
     w2_base = find(rows, "hf-eager", "W2-padded", focus)
-    w2_ours = [r for r in rows if r["system"] in ("this", "this-compile") and r["workload"].startswith("W2")]
+    w2_ours = [r for r in rows if r["system"].startswith("this") and r["workload"].startswith("W2")]
     if w2_base and w2_ours:
         best = max(w2_ours, key=lambda r: r["tokens_per_s"])
         x = best["tokens_per_s"] / w2_base["tokens_per_s"]

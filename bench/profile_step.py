@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +66,20 @@ class StepWindow:
     def __call__(self, optimizer, args, kwargs):
         self.k += 1
         if self.k == self.skip:
+            self.sync()
             self.prof.start()
+            self.t0 = time.perf_counter()
             self.started = True
         elif self.k == self.skip + self.n and self.started:
+            self.sync()
+            self.wall_s = time.perf_counter() - self.t0
             self.prof.stop()
             self.stopped = True
+
+    @staticmethod
+    def sync():  # the window's wall time covers the profiled steps' device work, not just their launches
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     def __enter__(self):
         from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -93,6 +103,14 @@ def summarize(prof, cuda: bool, steps: int) -> dict:
     return dict(sorted(cats.items(), key=lambda kv: -kv[1]))
 
 
+def kernel_ms(prof, steps: int) -> float | None:
+    """Device time per step summed over every kernel, compiled (Triton) ones included: the GPU's busy time."""
+    from torch.autograd import DeviceType
+
+    rows = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in rows) / 1000 / steps if rows else None
+
+
 def profile_system(system: str, ctx: dict) -> dict:
     device, skip, n = ctx["device"], ctx["skip"], ctx["n"]
     steps = skip + n + 1
@@ -106,7 +124,7 @@ def profile_system(system: str, ctx: dict) -> dict:
                 model=str(ctx["model_dir"]), random_init=True, data=f"random:{steps * w.batch_size}",
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
-                out=str(ctx["tmp"] / "this"), device=str(device), compile=ctx["compile"]))
+                out=str(ctx["tmp"] / "this"), device=str(device), compile=ctx["compile"], **ctx["overrides"]))
         else:
             from bench import hf_baseline
             from data import BatchStream
@@ -119,7 +137,8 @@ def profile_system(system: str, ctx: dict) -> dict:
         raise RuntimeError(f"{system}: the profiler window (steps {skip + 1}-{skip + n}) was not reached")
     cuda = device.type == "cuda"
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    return {"system": system, "ms_per_step": summarize(prof, cuda, n),
+    return {"system": system, "ms_per_step": summarize(prof, cuda, n), "wall_ms": 1000 * window.wall_s / n,
+            "kernel_ms": kernel_ms(prof, n) if cuda else None,
             "table": prof.key_averages().table(sort_by=sort, row_limit=35, max_name_column_width=70)}
 
 
@@ -132,8 +151,13 @@ def main(argv=None):
     p.add_argument("--skip", type=int, default=5, help="optimizer steps before the profiled ones")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="this project with --compile")
+    p.add_argument("--set", default="", metavar="KEY=VALUE;KEY=VALUE",
+                   help="train.py settings for this project's run, as bench.py --variant takes them "
+                        "(e.g. 'compile_scope=model;sdpa_backends=default')")
     p.add_argument("--out", default="runs/profile")
     args = p.parse_args(argv)
+    from bench.bench import parse_variant
+    overrides = parse_variant("set:" + args.set)[1]
     device = torch.device(args.device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
     config = LlamaConfig(**wl.SHAPES[shape])
@@ -145,7 +169,7 @@ def main(argv=None):
         (tmp / "model").mkdir()
         (tmp / "model" / "config.json").write_text(json.dumps(config.to_hf_dict()))
         ctx = dict(device=device, shape=shape, config=config, rank=args.rank, skip=args.skip, n=args.profile_steps,
-                   tmp=tmp, model_dir=tmp / "model", compile=args.compile,
+                   tmp=tmp, model_dir=tmp / "model", compile=args.compile, overrides=overrides,
                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         for system in args.systems.split(","):
             results.append(profile_system(system, ctx))
@@ -168,6 +192,10 @@ def write(results, out: Path, device, shape, args) -> None:
     for c in cats:
         lines.append(f"| {c} | " + " | ".join(f"{r['ms_per_step'].get(c, 0):.2f}" for r in results) + " |")
     lines.append("| **total** | " + " | ".join(f"**{sum(r['ms_per_step'].values()):.2f}**" for r in results) + " |")
+    lines.append("| all kernels, compiled ones too (device busy) | "
+                 + " | ".join(f"{r['kernel_ms']:.2f}" if r.get("kernel_ms") else "n/a" for r in results) + " |")
+    lines.append("| wall time per step (host clock, synchronised) | "
+                 + " | ".join(f"{r['wall_ms']:.2f}" for r in results) + " |")
     for r in results:
         lines += ["", f"## {r['system']}: top operators and kernels", "", "```", r["table"], "```"]
     (out / "profile.md").write_text("\n".join(lines) + "\n")

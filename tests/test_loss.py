@@ -8,7 +8,7 @@ import torch
 from conftest import TINY
 import lora
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, reference_loss
-from tinyllama.loss import lm_head_loss, shift_labels
+from tinyllama.loss import label_positions, lm_head_loss, shift_labels
 
 
 def test_shift_labels_predicts_the_next_token():
@@ -63,3 +63,17 @@ def test_fused_path_is_chosen_only_for_a_frozen_head_with_grad():
     model.lm_head.weight.requires_grad_(True)
     loss, _ = lm_head_loss(model.hidden_states(ids), model.lm_head.weight, labels)
     assert "FrozenHead" not in type(loss.grad_fn).__name__
+
+
+def test_label_positions_computed_ahead_give_the_same_loss_and_count():
+    model, ids, labels = _model_and_batch()
+    index = label_positions(labels)
+    assert index.numel() == int((shift_labels(labels) != -100).sum())
+    hidden = model.hidden_states(ids)
+    a, n = lm_head_loss(hidden, model.lm_head.weight, labels)
+    b, m = lm_head_loss(hidden, model.lm_head.weight, labels, label_index=index)
+    assert n == m == index.numel()
+    assert torch.equal(a, b)
+    ref, count = reference_loss(model(ids), labels)
+    assert m == count
+    torch.testing.assert_close(b, ref)

@@ -37,6 +37,33 @@ def test_logits_match_transformers(tmp_path, name):
     assert diff <= 1e-4, f"{name}: max |logits diff| = {diff}"
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_kv_read_in_place_equals_repeated(kv_heads):
+    # Attention.native_gqa (SDPA's enable_gqa) against the reference path that repeats k/v: outputs and grads.
+    from lora import LoRAConfig
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads}),
+                  lora=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 19))
+    results = []
+    for native in (True, False):
+        for layer in model.model.layers:
+            layer.self_attn.native_gqa = native
+        model.zero_grad()
+        out = model(ids)
+        out.square().mean().backward()
+        results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) == 2 * 3 * TINY["num_hidden_layers"]
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-7)
+
+
 def test_padding_mask_and_position_ids_match_transformers(hf_tiny):
     ours, ref = load_model(hf_tiny), _hf(hf_tiny)
     ids = torch.randint(0, TINY["vocab_size"], (3, 17))

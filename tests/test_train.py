@@ -124,6 +124,10 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     (["--eval-data", "validation"], "neither a split name"),
     (["--model", "/nonexistent/folder"], "neither a checkpoint folder nor a Hub repo id"),
     (["--data", "random:0"], "random:N with N >= 1"),
+    (["--sdpa-backends", "flash,fast"], "--sdpa-backends must be 'default' or distinct names"),
+    (["--sdpa-backends", "flash,flash"], "--sdpa-backends must be 'default' or distinct names"),
+    (["--compile", "--compile-scope", "graph"], "--compile-scope must be layers or model"),
+    (["--compile", "--compile-mode", "fast"], "--compile-mode must be one of"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad args"))
@@ -148,6 +152,30 @@ def test_nan_loss_stops_and_names_the_step_keeping_the_last_checkpoint(tmp_path,
     model = load_model(tiny_ckpt, lora=lora.read_adapter_config(good))
     lora.load_adapter(model, good)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_read_a_step_late_still_leaves_the_weights_of_the_last_good_step(tmp_path, tiny_ckpt, monkeypatch):
+    # With no checkpoint due, the host reads a step's loss only after the next step is queued; the device-side
+    # flag must have skipped the bad step's update and every later one.
+    models = []
+    real_load = train.load_model
+
+    def keep(*a, **k):
+        models.append(real_load(*a, **k))
+        return models[-1]
+
+    monkeypatch.setattr(train, "load_model", keep)
+    with pytest.raises(train.TrainingError, match=r"at step (\d+)") as e:
+        run(tmp_path, tiny_ckpt, "nan_late", lr=1e30, steps=6, save_every=0, grad_clip=0.0)
+    step = int(e.value.args[0].split("at step ")[1].split(":")[0])
+    assert step >= 2
+    run(tmp_path, tiny_ckpt, "good", lr=1e30, steps=step - 1, save_every=0, grad_clip=0.0)
+    good = adapter_weights(tmp_path / "good")  # the same run, stopped after the last good step
+    state = {k.removeprefix("base_model.model."): v for k, v in good.items()}
+    got = {k: v for k, v in models[0].state_dict().items() if ".lora_" in k}
+    assert got.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
 
 
 def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_ckpt, monkeypatch):
@@ -235,10 +263,20 @@ def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_compiled_layers_train_like_eager(tmp_path, tiny_ckpt):
-    # torch.compile per decoder layer (inductor, CPU here): the same losses and adapter as the eager loop.
+def test_attention_kernel_preference_changes_no_numbers(tmp_path, tiny_ckpt):
+    # The preferred SDPA kernel (flash on CPU too) against the plain math kernel: same losses and adapter.
+    _, fast = run(tmp_path, tiny_ckpt, "flash", steps=2, sdpa_backends="flash,math")
+    _, plain = run(tmp_path, tiny_ckpt, "math", steps=2, sdpa_backends="math")
+    assert train_losses(fast) == pytest.approx(train_losses(plain), rel=1e-5)
+    wa, wb = adapter_weights(tmp_path / "flash"), adapter_weights(tmp_path / "math")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize("scope", ["layers", "model"])
+def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, scope):
+    # torch.compile per decoder layer or whole (inductor, CPU here): the same losses and adapter as eager.
     _, eager = run(tmp_path, tiny_ckpt, "eager", steps=2, max_len=64)
-    _, compiled = run(tmp_path, tiny_ckpt, "compiled", steps=2, max_len=64, compile=True)
+    _, compiled = run(tmp_path, tiny_ckpt, "compiled", steps=2, max_len=64, compile=True, compile_scope=scope)
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
     wa, wb = adapter_weights(tmp_path / "eager"), adapter_weights(tmp_path / "compiled")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)

@@ -31,26 +31,38 @@ def reference_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, targets.ne(IGNORE_INDEX).sum()
 
 
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into [batch * seq]) of the positions that predict a label.
+
+    Call it on the CPU copy of the labels, before the batch moves to the GPU, and pass the result as
+    `label_index`: selecting positions with a boolean mask on the GPU makes the host wait for the device
+    (the result's size is data-dependent), which stalls the step in the middle.
+    """
+    return shift_labels(labels).flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096,
-                 fused: bool | None = None):
+                 fused: bool | None = None, label_index: torch.Tensor | None = None):
     """Cross-entropy summed over labelled positions, computing logits for those positions only.
 
     fused=None uses `FrozenHeadCrossEntropy` when the head is frozen and a gradient is needed; False forces the
-    plain chunked path (the reference it is tested against).
+    plain chunked path (the reference it is tested against). `label_index`: `label_positions(labels)`, computed
+    ahead on the CPU (no host sync); None computes it here.
     """
     targets = shift_labels(labels).flatten()
-    keep = targets.ne(IGNORE_INDEX)
-    h = hidden.flatten(0, 1)[keep]
-    targets = targets[keep]
+    if label_index is None:
+        label_index = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    h = hidden.flatten(0, 1).index_select(0, label_index)
+    targets = targets.index_select(0, label_index)
     if fused is None:
         fused = h.requires_grad and not weight.requires_grad
     if fused:
-        return FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size), keep.sum()
+        return FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size), label_index.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         logits = F.linear(h[start:start + chunk_size], weight).float()
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
-    return total, keep.sum()
+    return total, label_index.numel()
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -82,7 +94,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad_h * grad_output.to(grad_h.dtype), None, None, None
 
 
-def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, **forward_kwargs):
+def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, label_index=None, **forward_kwargs):
     """(loss sum, labelled-token count) of `model` on a batch; kwargs go to `model.hidden_states`."""
     hidden = model.hidden_states(input_ids, **forward_kwargs)
-    return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size)
+    return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size, label_index=label_index)

@@ -149,6 +149,11 @@ def _linear(in_features: int, out_features: int, name: str, lora: LoRAConfig | N
 
 
 class Attention(nn.Module):
+    # Unmasked attention passes the n_kv_heads k/v heads to SDPA as they are (`enable_gqa`) instead of repeating
+    # them: right where the kernel SDPA picks supports that (flash does). False: always repeat (the reference
+    # path, also used under any mask). train.py turns it off where the preferred kernel would not take it.
+    native_gqa = True
+
     def __init__(self, config: LlamaConfig, layer_idx: int, lora: LoRAConfig | None = None):
         super().__init__()
         self.layer_idx = layer_idx
@@ -175,6 +180,11 @@ class Attention(nn.Module):
             g = self.n_heads // self.n_kv_heads
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, g, self.head_dim), k, v, attn_mask=mask)
             return self.o_proj(y.reshape(B, T, -1))
+        if mask is None and self.native_gqa:
+            # Plain causal attention: the kernel reads each shared k/v head in place (flash attention does), so
+            # no n_heads/n_kv_heads copies of k and v are made, or kept for the backward pass.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:  # grouped-query: each k/v head serves n_heads/n_kv_heads queries
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
