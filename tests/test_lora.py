@@ -225,3 +225,29 @@ def test_disabled_context_gives_the_base_model_back(hf_tiny):
             assert torch.equal(model(ids), base(ids))
         assert torch.equal(model(ids), adapted)
         assert (adapted - base(ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_b_product_equals_the_plain_expression(dtype):
+    # LoRALinear.forward (B accumulated into the base output with addmm_) against `reference`; bf16 under
+    # autocast, as training runs it. Same dropout mask for both (same seed), so outputs and gradients match.
+    from lora.layer import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 40, LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    layer.weight.data = layer.weight.data.to(dtype)
+    x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
+    results = []
+    for fn in (layer.forward, layer.reference):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = fn(x)
+        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        results.append((y.detach().float(), x.grad.float(), layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    assert results[0][0].dtype == results[1][0].dtype
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)

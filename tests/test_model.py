@@ -64,6 +64,24 @@ def test_grouped_kv_read_in_place_equals_repeated(kv_heads):
         torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_equals_the_spelled_out_reference(dtype):
+    from tinyllama.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-5)
+    norm.weight.data = (torch.rand(64) + 0.5).to(dtype)
+    x = (3 * torch.randn(4, 7, 64)).to(dtype).requires_grad_()
+    out = norm(x)
+    grad = torch.autograd.grad(out.float().square().sum(), x)[0]
+    ref = norm.reference(x)
+    ref_grad = torch.autograd.grad(ref.float().square().sum(), x)[0]
+    assert out.dtype == ref.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+
+
 def test_padding_mask_and_position_ids_match_transformers(hf_tiny):
     ours, ref = load_model(hf_tiny), _hf(hf_tiny)
     ids = torch.randint(0, TINY["vocab_size"], (3, 17))

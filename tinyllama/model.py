@@ -118,7 +118,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 and cast back before the weight, exactly as the HF weights were trained.
+        # Normalise in float32 and round to x's dtype before the weight, exactly as the HF weights were trained.
+        # F.rms_norm does the float32 part itself (one fused kernel on CUDA); outside autocast, so it returns
+        # x's dtype rather than float32. `reference` is the same thing spelled out.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
