@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU session, prepared: CUDA-only tests, then the training benchmark (this project and transformers +
+# The GPU session, prepared: CUDA-only tests, then the training benchmark (this project and transformers +
 # peft) and the decode benchmark, every table and a log written to OUT_DIR.
 #
 #   PYTHONPATH=. bash bench/gpu_check.sh OUT_DIR                   # on the GPU machine (python3 preinstalled)
@@ -15,21 +15,29 @@
 # (everything printed), and parts.tar.gz: each stage's own .md/.json and the profile, re-packed after every
 # stage so a run cut short still brings back what it measured.
 #
-# Stages and their expected time on one H200 (from the reference numbers: transformers + peft eager 39.5k
-# tokens/s, so 128 steps x 4096 tokens take ~13 s; a torch.compile warm-up ~60-90 s):
-#   1. env           nvidia-smi, versions                                                        ~5 s
-#   2. tests         pytest -m cuda (bf16 fast paths against the reference path)                 ~30-60 s
-#   3. train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64,
-#                    and with --compile on W1 at rank 64; transformers + peft eager on W1 and W2
-#                    (pad-to-longest) at rank 64, and under torch.compile on W1; 128 steps each   ~260-320 s
-#   4. profile       bench/profile_step.py: where a W1 rank-64 step's time goes, this project
-#                    and transformers + peft eager (profile/profile.md in parts.tar.gz)          ~30-45 s
-#   5. decode        bench/decode_bench.py --full (random TinyLlama checkpoint, batch 1 and 16)   ~60-90 s
-#   6. compile       W2 under torch.compile, this project and transformers + peft (pad-to-longest
-#                    recompiles for new lengths): whatever time is left                            rest
-#   7. combine       one table of everything                                                      ~5 s
-# Expected total ~420-470 s; stage 6 gets what remains of the budget, minus 20 s kept for stage 7, and is
-# skipped when that is under GPU_CHECK_MIN_STAGE_S (raise GPU_CHECK_BUDGET_S to make room for it).
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,attention,train,profile,decode,compile) and
+# their expected time on one H200 (transformers + peft eager does 128 steps x 4096 tokens in ~13 s; a
+# torch.compile warm-up takes 15 s per decoder layer graph, 60-90 s for a whole model):
+#   env           nvidia-smi, versions                                                            ~5-15 s
+#   tests         pytest -m cuda (bf16 fast paths against the reference path)                     ~45 s
+#   attention     bench/attention_check.py: each SDPA kernel at new and repeated sequence lengths  ~10 s
+#   train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64, and with
+#                 --compile on W1 at rank 64; transformers + peft eager on W1 and W2 (pad-to-longest)
+#                 at rank 64, and under torch.compile on W1; 128 steps each                        ~320 s
+#   this          the same for this project alone, plus PyTorch's own attention-kernel order on W1  ~150 s
+#   cudagraphs    W1 rank 64 with the whole model compiled in reduce-overhead mode (CUDA graphs)   ~90 s
+#   profile       bench/profile_step.py: where a W1 rank-64 step's time goes (systems:
+#                 GPU_CHECK_PROFILE_SYSTEMS, default '--systems this,hf-eager')                   ~30-50 s
+#   decode        bench/decode_bench.py --full (random TinyLlama checkpoint, batch 1 and 16)       ~60-90 s
+#   whole         W1 rank 64 with the whole model compiled (default mode)                          ~80 s
+#   compile       W2 under torch.compile, this project and transformers + peft (pad-to-longest
+#                 recompiles for new lengths): whatever time is left                               rest
+#   combine       one table of every benchmark stage that ran                                      ~5 s
+# A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
+# GPU_CHECK_MIN_STAGE_S. The run of 2026-11-28 (first session) used the default stages; the follow-up, whose
+# baselines come from the first, used
+#   GPU_CHECK_STAGES=env,tests,attention,this,cudagraphs,profile,whole \
+#   GPU_CHECK_PROFILE_SYSTEMS="--systems this,this-compile" GPU_CHECK_BUDGET_S=380
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
@@ -37,6 +45,8 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
+STAGES=${GPU_CHECK_STAGES:-env,tests,attention,train,profile,decode,compile}
+PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this,hf-eager}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -75,6 +85,7 @@ RESERVE=20
 stage() {
   local name=$1 limit=$2 ok=$3
   shift 3
+  case ",$STAGES," in *",$name,"*) ;; *) [ "$name" != combine ] && return 0 ;; esac
   local avail=$(( $(left) - RESERVE ))
   [ "$limit" -gt "$avail" ] && limit=$avail
   if [ "$limit" -lt "$MIN_STAGE" ] && [ "$name" != combine ] && [ "$name" != env ]; then
@@ -110,21 +121,31 @@ for m in (\"transformers\", \"peft\", \"safetensors\", \"sentencepiece\", \"nump
 '"
 # Exit 5: no test selected (no CUDA-only tests yet) is not a failure.
 stage tests 150 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+stage attention 60 "0" "$PY" bench/attention_check.py --out "$WORK/attention"
 # The headline comparison (W1 rank 64: this project eager and compiled vs transformers + peft eager and
 # compiled) is all in this stage, so it cannot be starved by a later one.
 stage train 380 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
   --workloads W1,W2-padded,W2-packed --systems this,this-compile,hf-eager,hf-compile --hf-workloads W1,W2-padded \
   --this-compile-workloads W1 --hf-compile-workloads W1 --no-decode --out-dir "$WORK" --name train
-stage profile 90 "0" "$PY" bench/profile_step.py "${PROFILE[@]}" --rank 64 --systems this,hf-eager \
-  --out "$WORK/profile"
+# This project alone (a follow-up run whose baselines come from an earlier `train` stage): the rank table, W2,
+# --compile, and PyTorch's own attention-kernel order instead of this project's (flash first).
+stage this 240 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
+  --workloads W1,W2-padded,W2-packed --systems this,this-compile --this-compile-workloads W1 \
+  --variant "cudnn:sdpa_backends=default" --variant-workloads W1 --no-decode --out-dir "$WORK" --name this
+stage cudagraphs 180 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks "" --focus-rank 64 --workloads W1 --systems this \
+  --variant "whole-cudagraphs:compile=true;compile_scope=model;compile_mode=reduce-overhead" \
+  --no-decode --out-dir "$WORK" --name cudagraphs
+stage profile 90 "0" "$PY" bench/profile_step.py "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
 stage decode 100 "0" "$PY" bench/bench.py "${DEV[@]}" --workloads "" --decode --decode-args "$DECODE_ARGS" \
   --out-dir "$WORK" --name decode
+stage whole 180 "0" "$PY" bench/bench.py "${DEV[@]}" --ranks "" --focus-rank 64 --workloads W1 --systems this \
+  --variant "whole:compile=true;compile_scope=model" --no-decode --out-dir "$WORK" --name whole
 stage compile 400 "0" "$PY" bench/bench.py "${DEV[@]}" --focus-rank 64 --workloads W2-padded \
   --systems this-compile,hf-compile --this-compile-workloads W2-padded --hf-compile-workloads W2-padded \
   --no-decode --out-dir "$WORK" --name compile
 RESERVE=0
 parts=()
-for s in train compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
+for s in train this cudagraphs whole compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
 if [ ${#parts[@]} -gt 0 ]; then
   stage combine 60 "0" "$PY" bench/bench.py --combine "${parts[@]}" --out-dir "$OUT" \
     --name "$("$PY" -c 'import json,re,sys; d=json.load(open(sys.argv[1])); print(re.sub(r"[^a-z0-9]+","-",d["device"].lower()).strip("-")+"-"+d["date"])' "${parts[0]}")"

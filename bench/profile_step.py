@@ -119,12 +119,13 @@ def profile_system(system: str, ctx: dict) -> dict:
     w = wl.workloads(ctx["shape"])["W1"]
     rank = ctx["rank"]
     with StepWindow(prof, skip, n) as window:
-        if system == "this":
+        if system in ("this", "this-compile"):
             train.main(train.TrainConfig(
                 model=str(ctx["model_dir"]), random_init=True, data=f"random:{steps * w.batch_size}",
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
-                out=str(ctx["tmp"] / "this"), device=str(device), compile=ctx["compile"], **ctx["overrides"]))
+                out=str(ctx["tmp"] / "this"), device=str(device),
+                compile=ctx["compile"] or system == "this-compile", **ctx["overrides"]))
         else:
             from bench import hf_baseline
             from data import BatchStream
@@ -147,7 +148,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="auto", choices=["auto", *wl.SHAPES])
     p.add_argument("--rank", type=int, default=64)
-    p.add_argument("--systems", default="this,hf-eager")
+    p.add_argument("--systems", default="this,hf-eager", help="comma-separated: this, this-compile, hf-eager, "
+                                                               "hf-compile")
     p.add_argument("--skip", type=int, default=5, help="optimizer steps before the profiled ones")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="this project with --compile")

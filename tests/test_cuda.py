@@ -149,3 +149,25 @@ def test_training_loop_runs_on_cuda_with_fused_adamw(tmp_path):
     if CUDA.type == "cuda":
         assert summary["peak_gib"] is not None and summary["peak_gib"] > 0
         assert summary["device"] == torch.cuda.get_device_name(0)
+
+
+def test_preferred_attention_kernel_and_grouped_kv_match_the_math_kernel(tmp_path):
+    # train.py's default kernel preference (flash first, grouped k/v read in place where that kernel takes
+    # them) against the plain math kernel with k/v repeated: the same bf16 loss and LoRA gradients.
+    path = hf_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1024)
+    _, fast = _models(path, lora.LoRAConfig(8, 16, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj")))
+    ids, labels = _batch(1024, T=200)
+    spec = train.TrainConfig.sdpa_backends
+    repeated, in_place = train.attention_kernels(CUDA, torch.bfloat16, spec, fast.config)
+    if CUDA.type == "cuda":
+        assert repeated == "flash", f"the preferred kernel did not run: {repeated}"
+    results = []
+    for backends, native in ((spec, in_place == repeated), ("math", False)):
+        for layer in fast.model.layers:
+            layer.self_attn.native_gqa = native
+        with train.sdpa_context(backends):
+            results.append(_loss_and_grads(fast, ids, labels, autocast=True))
+    (l_fast, g_fast), (l_math, g_math) = results
+    assert l_fast == pytest.approx(l_math, rel=1e-2)
+    assert min(_cos(g_fast[k], g_math[k]) for k in g_math) > 0.99
