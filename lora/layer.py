@@ -34,16 +34,17 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
         if self.merged or not self.active:
-            return y
+            return F.linear(x, self.weight)
         # Scale the rank-sized tensor, not the [tokens, out] one, and let the B matmul accumulate into y
         # (addmm_, beta=1) instead of writing its own [tokens, out] result and adding it: the same sum, one
-        # kernel and two passes over the largest tensor fewer. `reference` is the plain expression.
-        a = F.linear(self.lora_dropout(x), self.lora_A.weight) * self.scaling
+        # kernel and two passes over the largest tensor fewer. y is 2-D from the start, so the in-place add is
+        # on a tensor of its own, not a view (which would cost autograd a copy). `reference` is the plain sum.
+        x2 = x.reshape(-1, x.shape[-1])
+        y = F.linear(x2, self.weight)
+        a = F.linear(self.lora_dropout(x2), self.lora_A.weight) * self.scaling
         b = self.lora_B.weight.to(a.dtype)  # what autocast would do; in-place ops are not autocast
-        y.view(-1, y.shape[-1]).addmm_(a.view(-1, a.shape[-1]), b.t())
-        return y
+        return y.addmm_(a, b.t()).view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
