@@ -106,6 +106,8 @@ def parse_args(argv=None):
                         f"{' '.join(CPU_DECODE_ARGS)} on CPU)")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     p.add_argument("--name", default="", help="results file stem (default <device>-<date>)")
+    p.add_argument("--note", default="", help="a line for the results' Setup section (with --combine: where "
+                                              "each part's rows come from)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="render one table from these results files instead of running anything")
     return p.parse_args(argv)
@@ -513,7 +515,8 @@ def target_checks(res) -> list[str]:
         worst = max(w1.values(), key=lambda r: r["seconds"])
         spread = worst["seconds"] / w1[4]["seconds"] - 1
         check(f"every rank within {100 * t['rank_spread']:.0f}% of rank 4's time", spread <= t["rank_spread"],
-              f"slowest is rank {worst['rank']} at {100 * spread:+.1f}% of rank 4")
+              f"slowest is rank {worst['rank']} at {100 * spread:+.1f}% of rank 4 (each rank: "
+              + ", ".join(f"{r} {100 * (w1[r]['seconds'] / w1[4]['seconds'] - 1):+.0f}%" for r in sorted(w1)) + ")")
     eager, comp = (find(rows, s, "W1", focus) for s in ("hf-eager", "hf-compile"))
     # This project's best W1 run at the focus rank, with or without --compile (the label says which).
     ours = max((r for r in rows if r["system"].startswith("this") and r["workload"] == "W1" and r["rank"] == focus),
@@ -546,7 +549,8 @@ def target_checks(res) -> list[str]:
         check(f"W2 useful tokens/s >= {t['w2_vs_hf_eager']}x transformers + peft eager (pad-to-longest)",
               x >= t["w2_vs_hf_eager"], f"{x:.2f}x ({best['system']} {best['workload']} "
               f"{best['tokens_per_s']:,.0f} vs {w2_base['tokens_per_s']:,.0f} tokens/s"
-              + (f"; {res['shape']} shape, not the real one" if res["shape"] != "full" else "") + ")")
+              + (f"; {res['shape']} shape, not the real one" if res["shape"] != "full" else "") + ")",
+              gpu_target=True)
     return out
 
 
@@ -567,6 +571,8 @@ def render(res) -> str:
         "steps": f"{res['steps']} per run, the first {res['warmup_steps']} left out of tokens/s",
         "matmul peak": f"{res['peak_flops'] / 1e12:.2f} TFLOP/s ({res['peak_flops_note']})",
     }
+    if res.get("note"):
+        setup["note"] = res["note"]
     for n, w in res["workloads"].items():
         setup[f"workload {n}"] = w["description"]
     if res.get("w2_source"):
@@ -617,6 +623,8 @@ def combine(args) -> dict:
                 res[k] = p[k]
         res["workloads"] = {**res["workloads"], **p["workloads"]}
     res["command"] = "; ".join(p["command"] for p in parts)
+    if args.note:
+        res["note"] = args.note
     name = args.name or Path(args.combine[0]).stem
     path = write_results(res, Path(args.out_dir), name)
     print(render(res))

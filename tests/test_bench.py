@@ -162,3 +162,17 @@ def test_the_default_plan_runs_the_rank_table_then_w2_then_the_baselines():
     assert runs == [("this", "W1", 4), ("this", "W1", 16), ("this", "W1", 64), ("this", "W1", 256),
                     ("this", "W2-padded", 64), ("this", "W2-packed", 64), ("hf-eager", "W1", 64),
                     ("hf-eager", "W2-padded", 64), ("hf-compile", "W1", 64), ("hf-compile", "W2-padded", 64)]
+
+
+def test_variants_are_typed_train_settings_run_last_and_cannot_change_the_batches():
+    name, overrides = bench.parse_variant("whole:compile=true;compile_scope=model;lr=1e-3;warmup=3")
+    assert name == "whole"
+    assert overrides == {"compile": True, "compile_scope": "model", "lr": 1e-3, "warmup": 3}
+    assert bench.parse_variant("plain:")[1] == {}
+    for bad in ("whole:compile_scpoe=model", ":compile=true", "big:batch_size=16", "long:max_len=2048"):
+        with pytest.raises(SystemExit, match="--variant"):
+            bench.parse_variant(bad)
+    args = bench.parse_args(["--variant", "cg:compile=true", "--variant-workloads", "W1,W2-padded"])
+    runs = bench.plan(args, [64], ["W1", "W2-padded"], ["this"])
+    assert runs == [("this", "W1", 64), ("this", "W2-padded", 64), ("this[cg]", "W1", 64),
+                    ("this[cg]", "W2-padded", 64)]
