@@ -155,10 +155,13 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         problems.append(f"--device {cfg.device!r}: {e}")
     need(not (cfg.compile and cfg.grad_checkpointing),
          "--compile with --grad-checkpointing is not supported; pick one")
-    need(cfg.compile_scope in ("layers", "model"), f"--compile-scope must be layers or model, got {cfg.compile_scope!r}")
-    need(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+    need(cfg.compile_scope in ("layers", "model"),
+         f"--compile-scope must be layers or model, got {cfg.compile_scope!r}")
+    need(cfg.compile_mode in COMPILE_MODES,
+         f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
     backends = cfg.sdpa_backends.split(",")
-    need(cfg.sdpa_backends == "default" or (set(backends) <= set(SDPA_BACKENDS) and len(set(backends)) == len(backends)),
+    need(cfg.sdpa_backends == "default"
+         or (set(backends) <= set(SDPA_BACKENDS) and len(set(backends)) == len(backends)),
          f"--sdpa-backends must be 'default' or distinct names from {list(SDPA_BACKENDS)}, comma-separated; "
          f"got {cfg.sdpa_backends!r}")
     if cfg.resume:
