@@ -34,8 +34,8 @@
 #                 recompiles for new lengths): whatever time is left                               rest
 #   combine       one table of every benchmark stage that ran                                      ~5 s
 # A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
-# GPU_CHECK_MIN_STAGE_S. The run of 2026-11-28 (first session) used the default stages; the follow-up, whose
-# baselines come from the first, used
+# GPU_CHECK_MIN_STAGE_S. The first run of 2026-11-28 used env,tests,train,profile,decode,compile (decode and
+# compile found no time left); the follow-up, whose baselines come from the first, used
 #   GPU_CHECK_STAGES=env,tests,attention,this,cudagraphs,profile,whole \
 #   GPU_CHECK_PROFILE_SYSTEMS="--systems this,this-compile" GPU_CHECK_BUDGET_S=380
 set -u
