@@ -37,7 +37,7 @@ from lora import LoRAConfig
 from tinyllama import Tokenizer, load_model
 from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
-from tinyllama.loss import causal_lm_loss, label_positions, shift_labels
+from tinyllama.loss import causal_lm_loss, label_positions
 
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -223,7 +223,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 
 def labelled_count(batch) -> int:
-    return int(shift_labels(batch["labels"]).ne(-100).sum())
+    return label_positions(batch["labels"]).numel()
 
 
 def real_token_count(batch) -> int:
@@ -595,8 +595,9 @@ def main(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(stream) for _ in range(cfg.grad_accum)]
-        counts = torch.tensor([sum(labelled_count(b) for b in micro), sum(real_token_count(b) for b in micro)],
-                              dtype=torch.float64)
+        n_real = sum(real_token_count(b) for b in micro)  # before prepare() drops a right-padded batch's mask
+        micro = [prepare(b, device) for b in micro]  # copies queued now; labelled positions found on the CPU
+        counts = torch.tensor([sum(b["label_index"].numel() for b in micro), n_real], dtype=torch.float64)
         if dist.is_initialized():  # NCCL reduces device tensors; a single process needs no round trip
             counts = all_reduce_sum(counts.to(device)).cpu()
         n_labelled, n_tokens = counts.tolist()
@@ -608,7 +609,7 @@ def main(cfg: TrainConfig) -> dict:
         loss_total = torch.zeros((), device=device)
         for batch in micro:
             with autocast():
-                loss_sum, _ = batch_loss(model, prepare(batch, device))
+                loss_sum, _ = batch_loss(model, batch)
             (loss_sum / n_labelled).backward()
             loss_total += loss_sum.detach()
         all_reduce_grads(params)

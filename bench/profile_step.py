@@ -125,7 +125,7 @@ def profile_system(system: str, ctx: dict) -> dict:
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
                 out=str(ctx["tmp"] / "this"), device=str(device),
-                compile=ctx["compile"] or system == "this-compile", **ctx["overrides"]))
+                compile=system == "this-compile", **ctx["overrides"]))
         else:
             from bench import hf_baseline
             from data import BatchStream
@@ -152,7 +152,6 @@ def main(argv=None):
                                                                "hf-compile")
     p.add_argument("--skip", type=int, default=5, help="optimizer steps before the profiled ones")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--compile", action="store_true", help="this project with --compile")
     p.add_argument("--set", default="", metavar="KEY=VALUE;KEY=VALUE",
                    help="train.py settings for this project's run, as bench.py --variant takes them "
                         "(e.g. 'compile_scope=model;sdpa_backends=default')")
@@ -171,7 +170,7 @@ def main(argv=None):
         (tmp / "model").mkdir()
         (tmp / "model" / "config.json").write_text(json.dumps(config.to_hf_dict()))
         ctx = dict(device=device, shape=shape, config=config, rank=args.rank, skip=args.skip, n=args.profile_steps,
-                   tmp=tmp, model_dir=tmp / "model", compile=args.compile, overrides=overrides,
+                   tmp=tmp, model_dir=tmp / "model", overrides=overrides,
                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         for system in args.systems.split(","):
             results.append(profile_system(system, ctx))

@@ -38,9 +38,14 @@ def test_logits_match_transformers(tmp_path, name):
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_grouped_kv_read_in_place_equals_repeated(kv_heads):
+def test_grouped_kv_read_in_place_equals_repeated(kv_heads, monkeypatch):
     # Attention.native_gqa (SDPA's enable_gqa) against the reference path that repeats k/v: outputs and grads.
     from lora import LoRAConfig
+
+    seen = []  # k/v heads each SDPA call received: the in-place path must really hand over the grouped ones
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[1]) or sdpa(q, k, v, **kw))
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads}),
@@ -54,7 +59,9 @@ def test_grouped_kv_read_in_place_equals_repeated(kv_heads):
         for layer in model.model.layers:
             layer.self_attn.native_gqa = native
         model.zero_grad()
+        seen.clear()
         out = model(ids)
+        assert seen == [kv_heads if native else TINY["num_attention_heads"]] * TINY["num_hidden_layers"]
         out.square().mean().backward()
         results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
     (a, ga), (b, gb) = results

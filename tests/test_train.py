@@ -263,6 +263,20 @@ def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def test_attention_kernel_preference_sets_sdpa_order_and_only_inside():
+    from torch.nn.attention import SDPBackend
+
+    before = torch._C._get_sdp_priority_order()
+    with train.sdpa_context("math"):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+    with train.sdpa_context(train.TrainConfig.sdpa_backends):
+        assert [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()][:4] == [
+            "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
+    with train.sdpa_context("default"):
+        assert torch._C._get_sdp_priority_order() == before
+    assert torch._C._get_sdp_priority_order() == before and torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_attention_kernel_preference_changes_no_numbers(tmp_path, tiny_ckpt):
     # The preferred SDPA kernel (flash on CPU too) against the plain math kernel: same losses and adapter.
     _, fast = run(tmp_path, tiny_ckpt, "flash", steps=2, sdpa_backends="flash,math")

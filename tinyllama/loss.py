@@ -49,11 +49,10 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     plain chunked path (the reference it is tested against). `label_index`: `label_positions(labels)`, computed
     ahead on the CPU (no host sync); None computes it here.
     """
-    targets = shift_labels(labels).flatten()
     if label_index is None:
-        label_index = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+        label_index = label_positions(labels)
     h = hidden.flatten(0, 1).index_select(0, label_index)
-    targets = targets.index_select(0, label_index)
+    targets = shift_labels(labels).flatten().index_select(0, label_index)
     if fused is None:
         fused = h.requires_grad and not weight.requires_grad
     if fused:
