@@ -7,6 +7,8 @@ Every setting is a field of `TrainConfig`; the command line is generated from it
 validate settings (before any download or GPU work), load data and model, then for each optimizer step run
 `grad_accum` micro-batches whose summed token losses are divided by the labelled-token count of the whole
 step (across micro-batches and ranks), clip, step AdamW over the LoRA weights only, log, evaluate, checkpoint.
+The output folder is handled by `training.run_folder`: locked while the run writes it, never written over by
+another run without --overwrite, checkpoints always whole.
 
 Deliberately left out: full fine-tuning, mixed LoRA ranks per layer, fp16 loss scaling (bf16 needs none),
 FSDP/tensor parallelism (a 1.1B frozen base fits on one GPU; data parallel is enough).
@@ -21,10 +23,10 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ from tinyllama import Tokenizer, load_model
 from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
 from tinyllama.loss import causal_lm_loss, label_positions
+from training import TrainingError, run_folder
 
 SCHEDULES = ("cosine", "linear", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -64,7 +67,7 @@ class TrainConfig:
         "help": "build --model's shape (or TinyLlama's) with random weights instead of loading them"})
     # LoRA
     rank: int = 64
-    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (default: equal to --rank)"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
     dropout: float = 0.05
     targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(rank)"})
@@ -86,7 +89,11 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: none"})
     keep_checkpoints: int = 2
     log_every: int = 10
-    out: str = field(default="", metadata={"help": "output folder (default: runs/rank{rank})"})
+    out: str = field(default="", metadata={
+        "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier run in --out (its files are removed first); without it such a folder is "
+                "refused"})
     resume: str = field(default="", metadata={"help": "checkpoint folder, or an output folder (latest)"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
@@ -101,26 +108,32 @@ class TrainConfig:
         "help": "attention kernels in order of preference (flash, efficient, cudnn, math), or 'default' for "
                 "PyTorch's own order; see sdpa_context"})
     grad_checkpointing: bool = False
+    dist_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
+    debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
     samples: bool = field(default=True, metadata={"help": "print base vs fine-tuned answers at the end"})
     dry_run: bool = field(default=False, metadata={"help": "print the parameter table and exit"})
 
 
-class TrainingError(RuntimeError):
-    pass
-
-
 # ---- settings --------------------------------------------------------------------------------------------
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those help texts say what the default is computed from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", " ")
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        else:  # "float | None": None stands for a default computed from other settings (see the help)
+            name = f.type if isinstance(f.type, str) else f.type.__name__
+            kind = {"int": int, "float": float, "str": str}[name.removesuffix(" | None")]
             parser.add_argument(flag, type=kind, default=f.default, help=help_)
     return TrainConfig(**vars(parser.parse_args(argv)))
 
@@ -133,7 +146,12 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         if not ok:
             problems.append(msg)
 
-    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a finite number > 0, got {cfg.lr}")
+    for name in ("epochs", "weight_decay", "grad_clip", "dropout", "dist_timeout"):
+        need(math.isfinite(getattr(cfg, name)), f"--{name.replace('_', '-')} must be finite, got {getattr(cfg, name)}")
+    need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be > 0 (leave it out for alpha = rank), got {cfg.alpha}")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in 0..2**32-1, got {cfg.seed}")
+    need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
@@ -146,6 +164,7 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     need(cfg.dtype in DTYPES, f"--dtype must be one of {list(DTYPES)}, got {cfg.dtype!r}")
+    device = None
     try:
         device = resolve_device(cfg.device)
         need(device.type in ("cpu", "cuda"), f"--device must be cpu or cuda[:N], got {cfg.device!r}")
@@ -164,14 +183,22 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
          or (set(backends) <= set(SDPA_BACKENDS) and len(set(backends)) == len(backends)),
          f"--sdpa-backends must be 'default' or distinct names from {list(SDPA_BACKENDS)}, comma-separated; "
          f"got {cfg.sdpa_backends!r}")
+    need(device is None or device.type != "cpu" or cfg.sdpa_backends == "default"
+         or {"flash", "math"} & set(backends),
+         f"--sdpa-backends {cfg.sdpa_backends}: a CPU has only the flash and math kernels; name one of them")
+    need(not cfg.out or not Path(cfg.out).is_file(), f"--out {cfg.out} is a file; expected a folder")
     if cfg.resume:
-        need(find_checkpoint(cfg.resume) is not None,
+        need(run_folder.find_checkpoint(cfg.resume) is not None,
              f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
              "holding one)")
     model_path = Path(cfg.model)
     need(model_path.is_dir() or (not model_path.exists() and cfg.model.count("/") == 1
                                  and not cfg.model.startswith((".", "/", "~"))),
          f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r}")
+    if model_path.is_dir() or cfg.random_init:
+        with contextlib.suppress(ValueError, OSError):  # a broken config.json is reported when the model loads
+            too_long = context_problem(cfg, model_shape(cfg.model))
+            need(too_long is None, too_long)
     from data.sources import HUB_FILES
 
     for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
@@ -184,13 +211,15 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
                                          "nor an existing file (guanaco or OASST trees .jsonl)")
     lora_config = None
     try:
-        lora_config = LoRAConfig(rank=cfg.rank, alpha=cfg.alpha or float(cfg.rank), dropout=cfg.dropout,
+        lora_config = LoRAConfig(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha,
+                                 dropout=cfg.dropout,
                                  targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
                                  use_rslora=cfg.rslora)
     except (ValueError, TypeError) as e:
         problems.append(str(e))
-    if problems:
-        raise SystemExit("train.py: invalid settings:\n  " + "\n  ".join(problems))
+    if problems:  # one line for one problem, a line each for several
+        raise SystemExit("train.py: invalid settings:" + ("\n  " if len(problems) > 1 else " ")
+                         + "\n  ".join(problems))
     return lora_config
 
 
@@ -208,6 +237,24 @@ def model_shape(model: str):
 
     config_json = Path(model) / "config.json"
     return LlamaConfig.from_json(config_json) if config_json.is_file() else LlamaConfig()
+
+
+def context_problem(cfg: TrainConfig, config) -> str | None:
+    """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None."""
+    if cfg.max_len <= config.max_position_embeddings:
+        return None
+    return (f"--max-len {cfg.max_len} is longer than the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); lower --max-len to at most that")
+
+
+def dropout_seed(seed: int, step: int, slot: int) -> int:
+    """The seed of the dropout masks of one micro-batch: slot = micro-batch index * world size + rank.
+
+    A function of where the micro-batch sits in the global batch, not of which process runs it: every rank
+    draws its own masks, K processes equal one process accumulating K micro-batches, and a resumed run draws
+    the masks the uninterrupted one would have, with no RNG state in the checkpoint.
+    """
+    return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -262,9 +309,19 @@ def batch_loss(model, batch):
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)  # label_index goes to the loss
 
 
+def collective(op, *args):
+    """Run a torch.distributed collective; a peer that does not answer within --dist-timeout ends the run."""
+    try:
+        return op(*args)
+    except RuntimeError as e:  # gloo raises after the timeout; NCCL's watchdog aborts the process instead
+        raise TrainingError(f"data parallel: {op.__name__} failed ({str(e).strip()[:300]}): another process "
+                            "stopped answering within --dist-timeout, or died. Restart the job with --resume "
+                            "to continue from the latest checkpoint.") from e
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t)
+        collective(dist.all_reduce, t)
     return t
 
 
@@ -274,7 +331,7 @@ def all_reduce_grads(params) -> None:
         return
     grads = [p.grad for p in params]
     flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
+    collective(dist.all_reduce, flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -399,54 +456,6 @@ def load_examples(source: str, tokenizer, cfg: TrainConfig, vocab_size: int, log
     return examples
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------------
-
-def find_checkpoint(path: str) -> Path | None:
-    p = Path(path)
-    if (p / "trainer_state.pt").is_file():
-        return p
-    latest = p / "latest"
-    if latest.is_file() and (p / latest.read_text().strip() / "trainer_state.pt").is_file():
-        return p / latest.read_text().strip()
-    return None
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, stream, cfg: TrainConfig, base_model: str):
-    """Write checkpoint-{step} to a temporary folder, then rename it into place (atomic on one filesystem)."""
-    final = out / f"checkpoint-{step}"
-    tmp = out / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lora.save_adapter(model, tmp, base_model=base_model)
-    state = {
-        "step": step, "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
-        "config": dataclasses.asdict(cfg), "rng": {
-            "torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (out / "latest.tmp").write_text(final.name)
-    os.replace(out / "latest.tmp", out / "latest")
-    if cfg.keep_checkpoints:
-        done = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        for old in done[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model, optimizer, stream):
-    lora.load_adapter(model, path)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    stream.load_state_dict(state["stream"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def evaluate(model, examples, cfg: TrainConfig, device, autocast) -> tuple[float, float]:
@@ -472,38 +481,87 @@ def main(cfg: TrainConfig) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(cfg.device)
     if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.dist_timeout))
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    main_process = rank == 0
-    log = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
-    dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    out = Path(cfg.out or f"runs/rank{cfg.rank}")
+    log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+    resume_from = run_folder.find_checkpoint(cfg.resume) if cfg.resume else None
+    out = Path(cfg.out) if cfg.out else resume_from.parent if resume_from else Path(f"runs/rank{cfg.rank}")
+    # The main process alone writes the output folder. It locks it (which also proves it writable) and checks
+    # that no other run's files would be overwritten, before anything is loaded.
+    with run_folder.lock(out, log) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and not continues_in(resume_from, out):
+            run_folder.refuse_other_run(out, cfg.overwrite)
+        summary = fit(cfg, lora_config, device, out, resume_from, rank, world, log)
+    if distributed:
+        collective(dist.barrier)
+        dist.destroy_process_group()
+    return summary
 
-    # Same seed on every rank: identical LoRA init and data order; ranks differ only in their data shard.
+
+def continues_in(checkpoint: Path | None, out: Path) -> bool:
+    """True when a resumed run goes on in the folder its checkpoint belongs to."""
+    return checkpoint is not None and checkpoint.parent.resolve() == out.resolve()
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    now = dataclasses.asdict(cfg)
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k in saved and saved[k] != v and k not in ("resume", "out", "overwrite")]
+
+
+def fit(cfg: TrainConfig, lora_config: LoRAConfig, device, out: Path, resume_from: Path | None, rank: int,
+        world: int, log) -> dict:
+    """Load data and model, train, save: everything after the output folder is secured."""
+    main_process = rank == 0
+    dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # Same seed on every rank: identical LoRA init and data order. Ranks differ in their data shard and in their
+    # dropout masks (`dropout_seed`).
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # Tokenizer and data first: they are cheap, and their errors should not wait for the model to load.
     folder = None if cfg.random_init else resolve_checkpoint(cfg.model)  # downloads from the Hub if needed
-    vocab_size = model_shape(cfg.model if folder is None else str(folder)).vocab_size
+    config = model_shape(cfg.model if folder is None else str(folder))
+    too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
+    if too_long:
+        raise TrainingError(too_long)
     tokenizer = None
     if not cfg.data.startswith("random") or cfg.samples:
         tokenizer = Tokenizer(cfg.tokenizer or (folder or resolve_checkpoint(cfg.model)) / "tokenizer.model")
+        if tokenizer.vocab_size > config.vocab_size:
+            raise TrainingError(
+                f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model only "
+                f"{config.vocab_size:,} embeddings, so ids past {config.vocab_size - 1} have none; pass the "
+                "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
     from data import BatchStream
 
-    train_examples = load_examples(cfg.data, tokenizer, cfg, vocab_size, log)
+    train_examples = load_examples(cfg.data, tokenizer, cfg, config.vocab_size, log)
     eval_examples = []
     if cfg.eval_data.lower() != "none":
         eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
-                         else load_examples(cfg.eval_data, tokenizer, cfg, vocab_size, log))
+                         else load_examples(cfg.eval_data, tokenizer, cfg, config.vocab_size, log))
         eval_examples = eval_examples[rank::world]
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=rank, world_size=world)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
+    if cfg.warmup > total_steps:
+        log(f"warning: --warmup {cfg.warmup} is longer than the run ({total_steps} steps): the learning rate "
+            f"peaks at {lr_at(total_steps - 1, cfg, total_steps):.3g} and never reaches --lr {cfg.lr:g}")
+    state = run_folder.read_state(resume_from) if resume_from else {}
+    start_step = state.get("step", 0)
+    if resume_from and start_step >= total_steps:
+        raise TrainingError(f"{resume_from} is at step {start_step} and this run has {total_steps} steps: it is "
+                            f"already complete, and nothing was changed. To train further, resume with --steps N "
+                            f"(N > {start_step}) or more --epochs.")
+    changes = changed_settings(state.get("config", {}), cfg)
+    if changes:
+        log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
 
     # The model, with LoRA built in (base frozen).
     if cfg.random_init:
@@ -512,16 +570,18 @@ def main(cfg: TrainConfig) -> dict:
         model = load_model(folder, dtype=dtype, device=device, lora=lora_config)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
 
     # Optimizer over the LoRA weights only (fp32 master weights and state, whatever the base dtype).
     params = [p for p in model.parameters() if p.requires_grad]
     # Fused (one kernel for all tensors, on CPU too): it alone can skip an update on the device (`found_inf`).
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start_step = 0
-    if cfg.resume:
-        resume_from = find_checkpoint(cfg.resume)
-        start_step = load_checkpoint(resume_from, model, optimizer, stream)
+    totals = dict(seconds=0.0, tokens=0, labelled=0, first_loss=None, last_loss=None, eval_loss=None,
+                  eval_ppl=None)
+    if resume_from:
+        lora.load_adapter(model, resume_from)
+        optimizer.load_state_dict(run_folder.load_optimizer_state(resume_from))
+        stream.load_state_dict(state["stream"])
+        totals.update(state.get("totals", {}))  # so the summary describes the whole run, not this leg
         log(f"resumed from {resume_from} at step {start_step}")
     repeated, in_place = attention_kernels(device, dtype, cfg.sdpa_backends, model.config)
     for layer in model.model.layers:
@@ -541,39 +601,42 @@ def main(cfg: TrainConfig) -> dict:
     trainable, total = lora.count_parameters(model)
     flops_per_token = training_flops_per_token(model.config, lora_config, cfg.max_len)
     peak_flops = measure_matmul_peak(device, dtype)
-    if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        metrics_file = open(out / "metrics.jsonl", "a" if cfg.resume else "w")
+    if main_process:  # the first write into the output folder
+        if cfg.overwrite and not continues_in(resume_from, out):
+            run_folder.clear(out, log)
+        if resume_from:
+            run_folder.start_resume(out, resume_from, log)
+        run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
         f"({dtype}), {world} process(es), {total_steps} steps of {cfg.batch_size}x{cfg.grad_accum}x{world} "
         f"sequences, max_len {cfg.max_len}, {'packed' if cfg.packing else 'padded'}")
 
     def record(row):
         if main_process:
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    totals = dict(seconds=0.0, tokens=0, labelled=0, first_loss=None, last_loss=None)
-    eval_loss = eval_ppl = None
     progress = Progress(total_steps, start_step, enabled=main_process)
     # The host never waits for the GPU inside a step. A step's numbers (loss, grad norm, time) are read only
     # after the next step has been queued, so the CPU prepares step n+1 while the GPU runs step n. A non-finite
-    # loss must still stop the run before its update: `bad` is set on the device, and the fused AdamW skips
-    # every update from then on (its `found_inf`, the flag torch.amp.GradScaler uses); the host raises when
-    # it reads that step's loss, one step later, with the weights as they were before the bad step.
+    # loss or gradient norm must still stop the run before its update: `bad` is set on the device, and the fused
+    # AdamW skips every update from then on (its `found_inf`, the flag torch.amp.GradScaler uses); the host
+    # raises when it reads that step's numbers, one step later, with the weights as they were before the bad step.
     bad = torch.zeros((), device=device)
     optimizer.found_inf = bad
 
     def finish(p):
         """The host side of a queued step: read its numbers (waits for that step only), check, log."""
-        loss = p["loss"].item() / p["n_labelled"]
-        if not math.isfinite(loss):
-            saved = find_checkpoint(str(out)) if main_process else None
-            raise TrainingError(f"loss is {loss} at step {p['step']}: stopping before the update. Last good "
-                                f"checkpoint: {saved or 'none (use --save-every)'}. Try a lower --lr.")
+        loss_sum, norm = p["numbers"].tolist()
+        loss = loss_sum / p["n_labelled"]
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            what = (f"loss is {loss}" if not math.isfinite(loss) else
+                    f"gradient norm is {norm} (the loss, {loss:.4f}, is finite; clipping would zero the update)")
+            saved = run_folder.find_checkpoint(out) if main_process else None
+            raise TrainingError(f"{what} at step {p['step']}: stopping before the update. Last good checkpoint: "
+                                f"{saved or 'none (use --save-every)'}. Try a lower --lr (or --alpha).")
         seconds = p["timer"].elapsed()
         totals["seconds"] += seconds
         totals["tokens"] += int(p["n_tokens"])
@@ -586,8 +649,7 @@ def main(cfg: TrainConfig) -> dict:
             record({"step": done, "split": "train", "loss": loss, "lr": p["lr"],
                     "tokens_per_s": p["n_tokens"] / seconds, "labelled_tokens_per_s": p["n_labelled"] / seconds,
                     "step_s": seconds, "mfu": p["n_tokens"] * flops_per_token / seconds / peak_flops / world,
-                    "grad_norm": float(p["grad_norm"]), "peak_gib": peak_memory_gib(device),
-                    "epoch": p["epoch"]})
+                    "grad_norm": norm, "peak_gib": peak_memory_gib(device), "epoch": p["epoch"]})
 
     pending = None
     for step in range(start_step, total_steps):
@@ -607,15 +669,18 @@ def main(cfg: TrainConfig) -> dict:
         timer = Timer(device)
         timer.start()
         loss_total = torch.zeros((), device=device)
-        for batch in micro:
+        for i, batch in enumerate(micro):
+            if lora_config.dropout:
+                torch.manual_seed(dropout_seed(cfg.seed, step, i * world + rank))
             with autocast():
                 loss_sum, _ = batch_loss(model, batch)
             (loss_sum / n_labelled).backward()
             loss_total += loss_sum.detach()
         all_reduce_grads(params)
         loss_total = all_reduce_sum(loss_total)
-        torch.maximum(bad, (~torch.isfinite(loss_total)).to(bad.dtype), out=bad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))  # the norm, clipped or not
+        numbers = torch.stack([loss_total, grad_norm.to(loss_total.dtype)])
+        torch.maximum(bad, (~torch.isfinite(numbers)).any().to(bad.dtype), out=bad)
         optimizer.step()  # skipped on the device if `bad`
         optimizer.zero_grad(set_to_none=True)
         timer.stop()
@@ -623,45 +688,43 @@ def main(cfg: TrainConfig) -> dict:
         if pending is not None:
             finish(pending)
         done = step + 1
-        pending = dict(step=done, loss=loss_total, grad_norm=grad_norm, timer=timer, lr=lr, n_tokens=n_tokens,
-                       n_labelled=n_labelled, epoch=stream.epoch)
+        pending = dict(step=done, numbers=numbers, timer=timer, lr=lr, n_tokens=n_tokens, n_labelled=n_labelled,
+                       epoch=stream.epoch)
         evaluate_now = (cfg.eval_every and done % cfg.eval_every == 0 or done == total_steps) and eval_examples
         save_now = cfg.save_every and (done % cfg.save_every == 0 or done == total_steps) and main_process
         if evaluate_now or save_now or done == total_steps:
             finish(pending)  # checked before anything is evaluated or saved
             pending = None
         if evaluate_now:
-            eval_loss, eval_ppl = evaluate(model, eval_examples, cfg, device, autocast)
-            record({"step": done, "split": "eval", "loss": eval_loss, "ppl": eval_ppl, "lr": lr,
+            totals["eval_loss"], totals["eval_ppl"] = evaluate(model, eval_examples, cfg, device, autocast)
+            record({"step": done, "split": "eval", "loss": totals["eval_loss"], "ppl": totals["eval_ppl"], "lr": lr,
                     "tokens_per_s": None})
-            progress.note(f"step {done}: eval loss {eval_loss:.4f}, ppl {eval_ppl:.2f}")
+            progress.note(f"step {done}: eval loss {totals['eval_loss']:.4f}, ppl {totals['eval_ppl']:.2f}")
         if save_now:
-            save_checkpoint(out, done, model, optimizer, stream, cfg, cfg.model)
+            run_folder.save_checkpoint(out, done, lambda d: lora.save_adapter(model, d, base_model=cfg.model),
+                                       optimizer, {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
+                                                   "totals": totals}, cfg.keep_checkpoints)
     progress.close()
 
     seconds, tokens, labelled = totals["seconds"], totals["tokens"], totals["labelled"]
     summary = {
         "training_time_s": seconds, "trainable_params": trainable, "total_params": total,
-        "trainable_percent": 100 * trainable / total, "steps": total_steps - start_step,
+        "trainable_percent": 100 * trainable / total, "steps": total_steps,
         "tokens_per_s": tokens / seconds if seconds else None,
         "labelled_tokens_per_s": labelled / seconds if seconds else None,
         "mfu": (tokens * flops_per_token / seconds / peak_flops / world) if seconds else None,
         "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": totals["first_loss"],
-        "last_loss": totals["last_loss"], "eval_loss": eval_loss, "eval_ppl": eval_ppl,
+        "last_loss": totals["last_loss"], "eval_loss": totals["eval_loss"], "eval_ppl": totals["eval_ppl"],
         "device": device_name(device), "world_size": world, "out": str(out),
     }
     if main_process:
-        metrics_file.close()
-        lora.save_adapter(model, out / "adapter", base_model=cfg.model)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        run_folder.write_dir(out / "adapter", lambda d: lora.save_adapter(model, d, base_model=cfg.model))
+        run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_summary(summary, log)
         plot_losses(out)
         if cfg.samples and tokenizer is not None:
             uncompile_model(model)  # generation's growing shapes would recompile a whole-model graph
             show_samples(model, tokenizer, out, log)
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
 
 
@@ -783,8 +846,17 @@ class Progress:
             print(file=sys.stderr)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> dict:
+    """`python train.py`: an error a person can act on ends the run with its message, not a traceback."""
+    settings = parse_args(argv)
     try:
-        main(parse_args())
-    except (TrainingError, HubUnavailable) as e:  # errors for people: the message, not a traceback
-        raise SystemExit(f"train.py: {e}")
+        return main(settings)
+    except (TrainingError, HubUnavailable, OSError, ValueError) as e:
+        if settings.debug or os.environ.get("TRAIN_DEBUG"):
+            raise
+        hint = "" if isinstance(e, (TrainingError, HubUnavailable)) else " (--debug shows where it was raised)"
+        raise SystemExit(f"train.py: error: {e}{hint}") from None
+
+
+if __name__ == "__main__":
+    cli()

@@ -219,7 +219,7 @@ def run_this(w: wl.Workload, rank: int, *, ctx, compile: bool = False, variant: 
         model=str(ctx["model_dir"]), random_init=True, data=data, eval_data="none", tokenizer=str(TOKENIZER),
         rank=rank, alpha=float(rank), dropout=ctx["dropout"], batch_size=w.batch_size, grad_accum=1,
         max_len=w.max_len, steps=steps, packing=w.packing, group_by_length=w.group_by_length, samples=False,
-        log_every=1, eval_every=0, save_every=0, out=str(out), device=str(ctx["device"]), dtype="auto",
+        log_every=1, eval_every=0, save_every=0, out=str(out), overwrite=True, device=str(ctx["device"]), dtype="auto",
         compile=compile, seed=0)
     cfg = train.TrainConfig(**{**settings, **overrides})
     leftover = allocated_gib(ctx["device"])

@@ -124,7 +124,7 @@ def profile_system(system: str, ctx: dict) -> dict:
                 model=str(ctx["model_dir"]), random_init=True, data=f"random:{steps * w.batch_size}",
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
-                out=str(ctx["tmp"] / "this"), device=str(device),
+                out=str(ctx["tmp"] / "this"), overwrite=True, device=str(device),
                 compile=system == "this-compile", **ctx["overrides"]))
         else:
             from bench import hf_baseline

@@ -109,6 +109,7 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
                 f"{split_or_path!r} is neither a split name ({', '.join(HUB_FILES)}) nor an existing file; "
                 "pass a split name or the path of a guanaco / OASST trees .jsonl file")
         source = str(path)
+        _refuse_json_array(path)
     report = LoadReport(source=source)
     conversations = []
     for lineno, raw in _read_lines(path):
@@ -134,10 +135,21 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
         report.notes.update(notes)
     report.conversations = len(conversations)
     if report.rows == 0:
-        raise ValueError(f"{source}: no rows (the file is empty)")
+        raise ValueError(f"{source}: no rows (the file is empty or holds only blank lines); expected one JSON "
+                         "object per line")
     if verbose:
         print(report, file=sys.stderr)
     return Conversations(conversations, report)
+
+
+def _refuse_json_array(path: Path) -> None:
+    """A `.json` array (what `json.dump(rows)` writes) is not JSON Lines: say so, rather than skip every row."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):
+        raise ValueError(f"{path} holds a JSON array; expected JSON Lines, one object per line. Convert it, "
+                         f"e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl")
 
 
 def _parse_line(line: str, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:

@@ -75,7 +75,12 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}: is this a PEFT LoRA adapter folder?")
-    c = json.loads(path.read_text())
+    try:
+        c = json.loads(path.read_text())
+        if not isinstance(c, dict):
+            raise ValueError(f"expected a JSON object, found {type(c).__name__}")
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable adapter config ({e}); save the adapter again") from None
     refuse = {
         "peft_type": (c.get("peft_type"), "LORA"), "bias": (c.get("bias", "none"), "none"),
         "use_dora": (c.get("use_dora", False), False),
@@ -86,6 +91,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     for key, (found, needed) in refuse.items():
         if found != needed:
             raise ValueError(f"{path}: {key}={found!r} is not supported (needs {needed!r})")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in c]
+    if missing:
+        raise ValueError(f"{path}: missing {missing}; is this a PEFT LoRA adapter config?")
     targets = c.get("target_modules")
     if isinstance(targets, str):
         raise ValueError(f"{path}: target_modules is a pattern ({targets!r}); list the module names instead")
@@ -113,7 +121,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
     # PEFT may keep the adapter name in keys (`.lora_A.default.weight`); the saved format drops it.
-    tensors = {k.replace(".default.", "."): v for k, v in load_file(str(weights)).items()}
+    try:
+        tensors = {k.replace(".default.", "."): v for k, v in load_file(str(weights)).items()}
+    except Exception as e:  # SafetensorError: truncated or not safetensors at all
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); save the adapter again") from None
     own = {PEFT_PREFIX + k: p for k, p in model.state_dict(keep_vars=True).items() if ".lora_" in k}
     missing = sorted(own.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - own.keys())

@@ -49,6 +49,17 @@ def hf_tiny(tmp_path):
     return hf_checkpoint(tmp_path / "hf_tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny random Llama with the real 32,000-token vocabulary and tokenizer, so guanaco text fits."""
+    import shutil
+
+    path = hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, vocab_size=32000, hidden_size=32,
+                         intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.cuda` tests need a GPU: skip them, saying so, when there is none (CI has none)."""
     if torch.cuda.is_available() or os.environ.get("GPU_TESTS_ON_CPU"):

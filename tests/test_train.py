@@ -4,47 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+from conftest import GUANACO_SAMPLE, ROOT, hf_checkpoint
+from helpers import adapter_weights, run, train_losses
 import lora
 import train
 from tinyllama import load_model
 
 pytest.importorskip("transformers")
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A tiny random Llama with the real 32,000-token vocabulary and tokenizer, so guanaco text fits."""
-    path = hf_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0, vocab_size=32000, hidden_size=32,
-                         intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-    shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
-    return path
-
-
-def run(tmp_path, ckpt, name="run", **overrides) -> tuple[dict, list[dict]]:
-    settings = dict(model=str(ckpt), data=str(GUANACO_SAMPLE), eval_data="none", rank=4, alpha=8.0,
-                    dropout=0.0, lr=1e-2, warmup=0, batch_size=4, grad_accum=1, max_len=128, steps=3,
-                    group_by_length=False, log_every=1, out=str(tmp_path / name), samples=False, seed=0)
-    settings.update(overrides)
-    summary = train.main(train.TrainConfig(**settings))
-    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return summary, rows
-
-
-def adapter_weights(out_dir):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
-
-
-def train_losses(rows):
-    return [r["loss"] for r in rows if r["split"] == "train"]
 
 
 def test_overfits_a_few_sequences_when_lora_has_the_capacity(tmp_path):
@@ -87,18 +59,27 @@ def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tin
     common = dict(schedule="cosine", warmup=2, dropout=0.1, steps=6, save_every=3, keep_checkpoints=0)
     _, full = run(tmp_path, tiny_ckpt, "full", **common)
     _, resumed = run(tmp_path, tiny_ckpt, "resumed", **common, resume=str(tmp_path / "full" / "checkpoint-3"))
-    assert len(train_losses(resumed)) == 3
-    assert train_losses(resumed) == train_losses(full)[3:]
+    # The new folder's metrics.jsonl holds the whole run: steps 1-3 from the checkpoint's run, 4-6 run here.
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert train_losses(resumed) == train_losses(full)
     wa, wb = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
-    args = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+    # Dropout on: each rank draws its own masks, those one process accumulating the same two micro-batches
+    # draws (`train.dropout_seed`), so the runs agree; with one shared stream they could not. 16 rows: both
+    # settings cut the epoch into the same global batches.
+    rows = GUANACO_SAMPLE.read_text().splitlines()
+    data = tmp_path / "sixteen.jsonl"
+    data.write_text("\n".join((rows * 2)[:16]) + "\n")
+    args = ["--model", str(tiny_ckpt), "--data", str(data), "--eval-data", "none", "--rank", "4",
             "--alpha", "8", "--grad-accum", "1",
-            "--dropout", "0", "--lr", "1e-2", "--warmup", "0", "--max-len", "128", "--steps", "3",
+            "--dropout", "0.3", "--lr", "1e-2", "--warmup", "0", "--max-len", "128", "--steps", "3",
             "--no-group-by-length", "--log-every", "1", "--no-samples"]
-    _, single = run(tmp_path, tiny_ckpt, "single", batch_size=4)
+    _, single = run(tmp_path, tiny_ckpt, "single", data=str(data), batch_size=2, grad_accum=2, dropout=0.3)
+    _, shared = run(tmp_path, tiny_ckpt, "shared", data=str(data), batch_size=4, dropout=0.3)  # one mask stream
+    assert shared[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-3)  # the masks matter
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29517", "train.py", *args, "--batch-size", "2",
@@ -107,13 +88,23 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-5)
+    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
     wa, wb = adapter_weights(tmp_path / "single"), adapter_weights(tmp_path / "ddp")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--rank", "0"], "rank must be an integer >= 1"),
-    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--epochs", "inf"], "--epochs must be finite"),
+    (["--grad-clip", "inf"], "--grad-clip must be finite"),
+    (["--seed", "-1"], r"--seed must be in 0..2\*\*32-1"),
+    (["--alpha", "0"], "--alpha must be > 0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be > 0"),
+    (["--sdpa-backends", "efficient", "--device", "cpu"], "a CPU has only the flash and math kernels"),
+    (["--sdpa-backends", "cudnn,efficient", "--device", "cpu"], "a CPU has only the flash and math kernels"),
     (["--schedule", "step"], "--schedule must be one of"),
     (["--targets", "gate_proj,lm_head"], "unknown LoRA target"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -176,26 +167,6 @@ def test_nan_read_a_step_late_still_leaves_the_weights_of_the_last_good_step(tmp
     assert got.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(got[k], v), k
-
-
-def test_a_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_ckpt, monkeypatch):
-    run(tmp_path, tiny_ckpt, "crash", steps=2, save_every=1, keep_checkpoints=0)
-    real_save = torch.save
-
-    def dying_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        raise KeyboardInterrupt("killed mid-save")
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, tiny_ckpt, "crash", steps=4, save_every=3, resume=str(tmp_path / "crash"))
-    monkeypatch.setattr(torch, "save", real_save)
-    assert (tmp_path / "crash" / "latest").read_text() == "checkpoint-2"
-    assert not (tmp_path / "crash" / "checkpoint-3").exists()
-    found = train.find_checkpoint(str(tmp_path / "crash"))
-    assert found.name == "checkpoint-2"
-    state = torch.load(found / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2
 
 
 def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
@@ -294,3 +265,60 @@ def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, scope):
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
     wa, wb = adapter_weights(tmp_path / "eager"), adapter_weights(tmp_path / "compiled")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp_path, tiny_ckpt):
+    import signal
+    import time
+
+    out = tmp_path / "ddp"
+    args = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+            "--max-len", "128", "--steps", "100000", "--batch-size", "2", "--grad-accum", "1", "--log-every", "1",
+            "--no-samples", "--dist-timeout", "5", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29518", "train.py", *args], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+            assert job.poll() is None and time.time() < deadline, "the job did not start training"
+            time.sleep(0.2)
+        ranks = {}
+        for pid in _children(job.pid):
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            ranks.update({int(v.split(b"=")[1]): pid for v in environ if v.startswith(b"LOCAL_RANK=")})
+        os.kill(ranks[1], signal.SIGSTOP)  # stopped, not dead: its sockets stay open
+        stopped = time.time()
+        while _running(ranks[0]) and time.time() < stopped + 60:
+            time.sleep(0.2)
+        waited = time.time() - stopped
+        os.kill(ranks[1], signal.SIGCONT)  # so torchrun's SIGTERM reaches it
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert waited < 5 + 20, f"rank 0 was still waiting {waited:.0f} s after its peer stopped"
+    assert job.returncode != 0
+    assert "another process stopped answering within --dist-timeout" in stderr, stderr[-3000:]

@@ -193,10 +193,14 @@ def main(argv=None) -> int:
     else:
         device = torch.device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device} asked for CUDA, but this machine has no usable GPU "
+              "(torch.cuda.is_available() is False); use --device cpu", file=sys.stderr)
+        return 2
     try:
         model, folder = load(args.model, args.adapter, args.merge, device, dtype)
         tokenizer = Tokenizer(args.tokenizer or folder)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -86,7 +86,12 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
 
     state, unexpected, mismatched = {}, [], []
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # SafetensorError: truncated or not safetensors at all
+            raise ValueError(f"{file} is not a readable safetensors file ({e}); download or convert it "
+                             "again") from None
+        with f:
             for key in f.keys():
                 if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
                     continue
@@ -107,7 +112,7 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
-        raise ValueError(f"checkpoint {folder} does not fit its config.json:\n  " + "\n  ".join(problems))
+        raise ValueError(f"checkpoint {folder} does not fit its config.json: " + "; ".join(problems))
 
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:

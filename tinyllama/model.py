@@ -96,11 +96,10 @@ class LlamaConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
         try:
-            return cls.from_dict(d)
-        except ValueError as e:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except ValueError as e:  # not JSON, or a field this implementation refuses
             raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict:

@@ -20,7 +20,11 @@ class Tokenizer:
                 f"no SentencePiece model at {path}: pass a tokenizer.model file or a folder holding one "
                 "(a Hugging Face checkpoint folder of TinyLlama has it)")
         self.path = path
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except RuntimeError as e:  # sentencepiece says "could not parse ModelProto"
+            raise ValueError(f"{path} is not a SentencePiece model ({e}); pass the tokenizer.model that came "
+                             "with the model") from None
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.get_piece_size()

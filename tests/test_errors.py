@@ -1,0 +1,179 @@
+"""Bad input ends `train.py` and the chat with one line saying what was expected, what was found and what to do,
+and a non-zero exit, never a Python traceback (unless asked for with --debug / TRAIN_DEBUG=1)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+import train
+from tinyllama import chat
+
+pytest.importorskip("transformers")
+
+
+def fails(argv) -> str:
+    """The message `python train.py ARGV` exits with (asserted one line, not a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv)
+    message = str(e.value.code)
+    assert e.value.code not in (0, None)
+    assert "\n" not in message.strip(), message
+    return message
+
+
+def args(model, tmp_path, data=GUANACO_SAMPLE, *extra) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--eval-data", "none", "--rank", "4", "--steps", "1",
+            "--batch-size", "2", "--max-len", "128", "--no-samples", "--out", str(tmp_path / "run"), *extra]
+
+
+def model_copy(tiny_ckpt, tmp_path, *skip) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, folder, ignore=shutil.ignore_patterns(*skip))
+    return folder
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,expected", [
+    ("", "no rows (the file is empty or holds only blank lines)"),
+    ("\n\n   \n", "no rows (the file is empty or holds only blank lines)"),
+    (json.dumps([{"text": "### Human: hi### Assistant: hello"}]), "holds a JSON array; expected JSON Lines"),
+    (json.dumps([{"text": "### Human: hi### Assistant: hello"}], indent=2), "holds a JSON array"),
+    ("\n".join(GUANACO_SAMPLE.read_text().splitlines()[:1]) + "\n", "do not fill one global batch"),
+])
+def test_bad_data_files(tmp_path, tiny_ckpt, content, expected):
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    assert expected in fails(args(tiny_ckpt, tmp_path, data))
+
+
+# ---- the model folder -----------------------------------------------------------------------------------------
+
+def test_a_model_folder_without_weights(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path, "*.safetensors")
+    assert "no *.safetensors weights in" in fails(args(folder, tmp_path))
+    torch.save({}, folder / "pytorch_model.bin")
+    assert "PyTorch pickles ['pytorch_model.bin']; convert them to safetensors" in fails(args(folder, tmp_path))
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert f"{weights} is not a readable safetensors file" in fails(args(folder, tmp_path))
+
+
+def test_a_tensor_of_the_wrong_shape(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    message = fails(args(folder, tmp_path))
+    assert "does not fit its config.json" in message and "mlp.gate_proj.weight: checkpoint (64, 32)" in message
+
+
+def test_a_refused_config_field(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    message = fails(args(folder, tmp_path))
+    assert str(folder / "config.json") in message and "rope_scaling" in message and "not supported" in message
+
+
+def test_no_tokenizer_and_a_tokenizer_that_is_not_sentencepiece(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path, "tokenizer.model")
+    assert "no SentencePiece model at" in fails(args(folder, tmp_path))
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text('{"model": {"type": "BPE"}}')
+    message = fails(args(folder, tmp_path, GUANACO_SAMPLE, "--tokenizer", str(bogus)))
+    assert f"{bogus} is not a SentencePiece model" in message
+
+
+def test_a_model_whose_vocabulary_is_smaller_than_the_tokenizer_is_refused_at_load_time(tmp_path, monkeypatch):
+    folder = hf_checkpoint(tmp_path / "small_vocab", vocab_size=128)
+    shutil.copy(TOKENIZER_PATH, folder / "tokenizer.model")
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    assert "has 32,000 tokens but the model only 128 embeddings" in fails(args(folder, tmp_path))
+
+
+def test_max_len_past_the_model_positions_is_refused(tmp_path, tiny_ckpt):
+    message = fails(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--max-len", "512"))
+    assert "--max-len 512 is longer than the model's max_position_embeddings (256)" in message
+
+
+def test_out_is_a_file(tmp_path, tiny_ckpt):
+    (tmp_path / "run").write_text("not a folder")
+    assert "--out" in fails(args(tiny_ckpt, tmp_path)) and (tmp_path / "run").read_text() == "not a folder"
+
+
+# ---- warnings that do not stop the run ------------------------------------------------------------------------
+
+def test_alpha_defaults_to_the_rank(tmp_path, tiny_ckpt):
+    train.cli(args(tiny_ckpt, tmp_path))
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 4.0
+
+
+def test_a_warmup_longer_than_the_run_is_reported(tmp_path, tiny_ckpt, capsys):
+    train.cli(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--warmup", "50", "--lr", "1e-3"))
+    assert "--warmup 50 is longer than the run (1 steps): the learning rate peaks at 2e-05" in capsys.readouterr().out
+
+
+def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tiny_ckpt):
+    # alpha 1e30: the loss stays finite (B starts at 0) but the gradient overflows; clipping would make every
+    # update zero and the run would end "successfully" having learned nothing.
+    with pytest.raises(train.TrainingError, match=r"gradient norm is inf .* at step 1: stopping before the update"):
+        train.main(train.parse_args(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--alpha", "1e30", "--steps", "3")))
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+# ---- the command line: one line, exit 1, no traceback ----------------------------------------------------------
+
+def test_the_command_line_prints_one_line_and_debug_shows_the_traceback(tmp_path, tiny_ckpt):
+    folder = model_copy(tiny_ckpt, tmp_path, "*.safetensors")
+    argv = [sys.executable, "train.py", *args(folder, tmp_path)]
+    plain = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1
+    assert plain.stderr.strip().splitlines()[-1].startswith("train.py: error: no *.safetensors weights in")
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run(argv + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+# ---- the chat -----------------------------------------------------------------------------------------------
+
+def chat_fails(argv, capsys) -> str:
+    assert chat.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_chat_on_cuda_without_a_gpu(tiny_ckpt, capsys):
+    message = chat_fails(["--model", str(tiny_ckpt), "--device", "cuda", "--prompt", "hi"], capsys)
+    assert "asked for CUDA, but this machine has no usable GPU" in message
+
+
+def test_chat_with_broken_files_names_them(tmp_path, tiny_ckpt, capsys):
+    train.cli(args(tiny_ckpt, tmp_path))
+    capsys.readouterr()
+    adapter = tmp_path / "run" / "adapter"
+    weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"
+    base = ["--model", str(tiny_ckpt), "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"]
+    good = config.read_text()
+    config.write_text(good[:20])
+    assert f"{config} is not a readable adapter config" in chat_fails(base, capsys)
+    config.write_text(good)
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert f"{weights} is not a readable safetensors file" in chat_fails(base, capsys)
+    folder = model_copy(tiny_ckpt, tmp_path)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    message = chat_fails(["--model", str(folder), "--prompt", "hi"], capsys)
+    assert f"{folder / 'model.safetensors'} is not a readable safetensors file" in message
