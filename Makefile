@@ -38,4 +38,4 @@ bench: setup
 
 ADAPTER ?=
 chat: setup
-	$(PY) -m tinyllama.chat $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+	$(PY) chat.py $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)

@@ -60,7 +60,10 @@ import train  # noqa: E402
 from bench import workloads as wl  # noqa: E402
 from lora import LoRAConfig  # noqa: E402
 from tinyllama import LlamaConfig  # noqa: E402
+from data.synthetic import random_examples  # noqa: E402
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token  # noqa: E402
+from tinyllama.runtime import device_name as describe_device, resolve_device  # noqa: E402
+from training.step import labelled_count, real_token_count  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer.model"  # the real TinyLlama tokenizer, shipped for the tests
 SYSTEMS = ("this", "this-compile", "hf-eager", "hf-compile")
@@ -131,8 +134,8 @@ def replay(examples, w: wl.Workload, steps: int, seed: int = 0) -> dict[str, lis
     out = {"tokens": [], "labelled": [], "positions": []}
     for _ in range(steps):
         b = next(stream)
-        out["tokens"].append(train.real_token_count(b))
-        out["labelled"].append(train.labelled_count(b))
+        out["tokens"].append(real_token_count(b))
+        out["labelled"].append(labelled_count(b))
         out["positions"].append(b["input_ids"].numel())
     return out
 
@@ -189,21 +192,18 @@ BATCH_FIELDS = ("data", "batch_size", "grad_accum", "max_len", "steps", "packing
 def parse_variant(spec: str) -> tuple[str, dict]:
     """'NAME:key=value;key=value' -> (NAME, TrainConfig overrides typed as the fields are)."""
     name, _, body = spec.partition(":")
-    types = {f.name: f.type for f in dataclasses.fields(train.TrainConfig)}
+    fields = [f.name for f in dataclasses.fields(train.TrainConfig)]
     overrides = {}
     for item in filter(None, body.split(";")):
-        key, _, value = item.partition("=")
-        kind = types.get(key.strip())
-        if not name or kind is None:
+        key, _, value = (part.strip() for part in item.partition("="))
+        if not name or key not in fields:
             raise SystemExit(f"bench.py: --variant {spec!r}: expected NAME:key=value;... with TrainConfig fields "
-                             f"({', '.join(types)}); {key!r} is not one")
-        if key.strip() in BATCH_FIELDS:
+                             f"({', '.join(fields)}); {key!r} is not one")
+        if key in BATCH_FIELDS:
             raise SystemExit(f"bench.py: --variant {spec!r}: {key} changes the batches; a variant changes how a "
                              f"step runs, not what it holds (choose the batching with --workloads)")
-        kind = kind if isinstance(kind, str) else kind.__name__
-        value = value.strip()
-        overrides[key.strip()] = (value.lower() in ("1", "true", "yes") if kind == "bool" else
-                                  {"int": int, "float": float, "str": str}[kind](value))
+        kind = train.setting_type(key)
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return name, overrides
 
 
@@ -267,7 +267,7 @@ def examples_for(w: wl.Workload, ctx) -> list:
     key = ("W1" if w.name == "W1" else "W2", w.max_len)
     if key not in ctx["examples"]:
         if w.name == "W1":
-            ctx["examples"][key] = train.random_examples(ctx["steps"] * w.batch_size, w.max_len,
+            ctx["examples"][key] = random_examples(ctx["steps"] * w.batch_size, w.max_len,
                                                          ctx["config"].vocab_size, seed=0)
         else:
             from data import encode_all, load_conversations
@@ -320,8 +320,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.combine:
         return combine(args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
     steps = args.steps or (128 if device.type == "cuda" else CPU_STEPS)
     warmup = args.warmup_steps if args.warmup_steps >= 0 else min(5, steps // 4)
@@ -346,7 +345,7 @@ def main(argv=None) -> dict:
     config = LlamaConfig(**wl.SHAPES[shape])
     works = wl.workloads(shape)
     w2_scale = wl.BATCHING[shape][3]
-    device_name = train.device_name(device)
+    device_name = describe_device(device)
     date = datetime.date.today().isoformat()
     out_dir = Path(args.out_dir)
     name = args.name or f"{device_slug(device_name)}-{date}"

@@ -53,7 +53,7 @@ def run_decode_bench(model_ours, hf_model, prompts: list[list[int]], max_new_tok
                      repeats: int = 3) -> list[dict]:
     """Two rows (system "this" and "hf") for one batch of prompts: prefill and decode tokens/s, and whether
     the greedy outputs agreed."""
-    from tinyllama.generate import generate_batch
+    from tinyllama.generation import generate_batch
 
     device = torch.device(device)
     timed = _timer(device)

@@ -6,7 +6,7 @@ autocast on CUDA (peft keeps the adapter weights in fp32, as this project does),
 CUDA, gradient clipping at 1.0, the same learning-rate schedule. The loss is HF's own (`labels=`: full logits,
 mean over labelled tokens; with one micro-batch per step that is the same objective as this project's). The
 batches come from `data.BatchStream`, so both systems see the same examples; the timed region is the same as
-`train.py`'s (host-to-device copy, forward, backward, clip, optimizer step), timed the same way (`train.Timer`).
+`train.py`'s (host-to-device copy, forward, backward, clip, optimizer step), timed the same way (`training.step.Timer`).
 `use_cache=False`: a training forward has no use for a KV cache.
 
 `compile=True` wraps the peft model in `torch.compile` (default mode, automatic dynamic shapes), as one would.
@@ -22,6 +22,7 @@ import math
 import torch
 
 import train
+from training.step import Timer, labelled_count, real_token_count
 
 
 def build_model(config, lora_config, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -59,7 +60,7 @@ def run(config, lora_config, stream, steps: int, device, dtype, *, compile: bool
     forward = torch.compile(model) if compile else model
     schedule = train.TrainConfig(lr=lr, warmup=warmup, schedule="cosine")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    timer = train.Timer(device)
+    timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = {"step_s": [], "tokens": [], "labelled": [], "positions": [], "losses": []}
@@ -67,8 +68,8 @@ def run(config, lora_config, stream, steps: int, device, dtype, *, compile: bool
         for group in optimizer.param_groups:
             group["lr"] = train.lr_at(step, schedule, steps)
         batch = next(stream)
-        out["tokens"].append(train.real_token_count(batch))
-        out["labelled"].append(train.labelled_count(batch))
+        out["tokens"].append(real_token_count(batch))
+        out["labelled"].append(labelled_count(batch))
         out["positions"].append(batch["input_ids"].numel())
         timer.start()
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # the mask too: HF's usual input

@@ -34,7 +34,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 import train  # noqa: E402
 from bench import workloads as wl  # noqa: E402
 from lora import LoRAConfig  # noqa: E402
+from data.synthetic import random_examples  # noqa: E402
 from tinyllama import LlamaConfig  # noqa: E402
+from tinyllama.runtime import device_name  # noqa: E402
 
 # aten operator name fragments -> category, first match wins.
 CATEGORIES = [
@@ -130,7 +132,7 @@ def profile_system(system: str, ctx: dict) -> dict:
             from bench import hf_baseline
             from data import BatchStream
 
-            stream = BatchStream(train.random_examples(steps * w.batch_size, w.max_len, ctx["config"].vocab_size, 0),
+            stream = BatchStream(random_examples(steps * w.batch_size, w.max_len, ctx["config"].vocab_size, 0),
                                  w.batch_size, w.max_len, seed=0)
             hf_baseline.run(ctx["config"], LoRAConfig(rank=rank, alpha=float(rank)), stream, steps, device,
                             ctx["dtype"], compile=system == "hf-compile")
@@ -183,7 +185,7 @@ def write(results, out: Path, device, shape, args) -> None:
     w = wl.workloads(shape)["W1"]
     what = "device (CUDA kernel) time" if device.type == "cuda" else "CPU time"
     lines = [f"# One training step, profiled: W1 ({w.describe()}), rank {args.rank}, shape {shape}, "
-             f"{train.device_name(device)}, torch {torch.__version__}", "",
+             f"{device_name(device)}, torch {torch.__version__}", "",
              f"Steps {args.skip + 1}-{args.skip + args.profile_steps} of the real loop; milliseconds per step of "
              f"{what}, summed over aten operators' self time, by category.", ""]
     names = [r["system"] for r in results]

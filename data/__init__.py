@@ -12,7 +12,7 @@ transformers or datasets.
 """
 
 from .batching import BatchStream, collate_packed, collate_padded, eval_batches, pack, pack_row, plan_packing
-from .encode import IGNORE_INDEX, EncodeReport, Example, NoLabelledTokens, encode, encode_all, encode_prompt
+from .encoding import IGNORE_INDEX, EncodeReport, Example, NoLabelledTokens, encode, encode_all, encode_prompt
 from .guanaco import BadRow, Turn, parse_guanaco, render
 from .sources import Conversations, LoadReport, load_conversations
 

@@ -27,7 +27,7 @@ import bisect
 
 import torch
 
-from .encode import IGNORE_INDEX
+from .encoding import IGNORE_INDEX
 
 PAD_DOCUMENT = -1
 _MEGABATCH = 50  # length grouping sorts windows of 50 global batches: enough to pair similar lengths, still random

@@ -7,7 +7,7 @@ the next `### Human:`. Only those two exact markers split turns: markdown headin
 Parsing and validation are one step: `parse_guanaco` either returns a conversation that can be trained on
 (alternating turns, human first, ending with an assistant reply, no empty turn) or raises `BadRow` with a short
 `reason` the loader counts. Deliberately left out: reading files and reporting (see `data.sources`), tokenization
-(see `data.encode`), and any repair beyond the one documented in `parse_row`.
+(see `data.encoding`), and any repair beyond the one documented in `parse_row`.
 """
 
 from __future__ import annotations

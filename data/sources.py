@@ -25,7 +25,7 @@ from . import oasst
 from .guanaco import BadRow, Turn, parse_row
 
 HUB_REPO = "timdettmers/openassistant-guanaco"
-HUB_FILES = {
+SPLIT_FILES = {
     "train": "openassistant_best_replies_train.jsonl",  # 9,846 rows
     "test": "openassistant_best_replies_eval.jsonl",  # 518 rows; the Hub calls this split `test`
     "eval": "openassistant_best_replies_eval.jsonl",
@@ -67,7 +67,7 @@ class Conversations(list):
 
 def hub_file(split: str, *, cache_dir=None, local_files_only: bool = False) -> Path:
     """Download (or find in the Hugging Face cache) the guanaco file of a split; returns its local path."""
-    filename = HUB_FILES[split]
+    filename = SPLIT_FILES[split]
     try:
         from huggingface_hub import hf_hub_download
         return Path(hf_hub_download(HUB_REPO, filename, repo_type="dataset", cache_dir=cache_dir,
@@ -99,14 +99,14 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
     normalised whitespace) keep the row and are counted in `report.notes` in either mode.
     `all_threads` (OASST trees only): every root-to-leaf thread instead of the best-ranked one.
     """
-    if isinstance(split_or_path, str) and split_or_path in HUB_FILES:
+    if isinstance(split_or_path, str) and split_or_path in SPLIT_FILES:
         path = hub_file(split_or_path, cache_dir=cache_dir, local_files_only=local_files_only)
         source = f"{HUB_REPO}:{split_or_path}"
     else:
         path = Path(split_or_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"{split_or_path!r} is neither a split name ({', '.join(HUB_FILES)}) nor an existing file; "
+                f"{split_or_path!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an existing file; "
                 "pass a split name or the path of a guanaco / OASST trees .jsonl file")
         source = str(path)
         _refuse_json_array(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import BatchStream, padding_fraction, plan_packing
-from .encode import _encode_full, encode_all
+from .encoding import _encode_full, encode_all
 from .guanaco import render
 from .sources import load_conversations
 
@@ -32,7 +32,7 @@ def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed:
     for conv in conversations:
         ids, _ = _encode_full(conv, tokenizer)
         full_lengths.append(len(ids))
-        # Where segment-wise tokenization differs from tokenizing the whole row (see data.encode).
+        # Where segment-wise tokenization differs from tokenizing the whole row (see data.encoding).
         merged += [i for i in ids if i != tokenizer.eos_id] != tokenizer.encode(render(conv))
     examples, report = encode_all(conversations, tokenizer, max_len)
     lengths = np.array(full_lengths) if full_lengths else np.zeros(1)

@@ -105,14 +105,14 @@ def test_tokens_counted_are_the_non_pad_tokens_of_the_batches(tiny_results, tmp_
     """Recount, from the batches themselves, the real tokens each run saw (bench.py already checks train.py's
     own count against its replay; this checks the replay and the baseline's counting)."""
     from data import BatchStream, encode_all, load_conversations
-    import train
+    from data.synthetic import random_examples
 
     results, _ = tiny_results
     batch, seq, w2_len, scale = wl.BATCHING["tiny"]
     n_conv = max(256, 3 * 3 * batch)
     path = wl.write_synthetic_guanaco(tmp_path / "w2.jsonl", n_conv, seed=0, scale=scale)
     w2, _ = encode_all(load_conversations(str(path)), tokenizer, w2_len)
-    w1 = train.random_examples(3 * batch, seq, 32000, seed=0)
+    w1 = random_examples(3 * batch, seq, 32000, seed=0)
 
     def real_tokens(examples, max_len, **kw):
         stream = BatchStream(examples, batch, max_len, seed=0, **kw)

@@ -16,9 +16,10 @@ from test_generate import rig_cycle
 import lora
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model, save_model
-from tinyllama import chat
-from tinyllama.chat import answer, encode_prompt, fit_history, format_prompt
-from tinyllama.generate import StopStrings, generate
+import chat
+from chat import answer, conversation, fit_history, format_prompt
+from data import encode_prompt
+from tinyllama.generation import StopStrings, generate
 
 # A Llama small enough to be instant but with the real vocabulary, so the real tokenizer fits.
 SMALL_32K = dict(vocab_size=32000, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
@@ -43,14 +44,14 @@ def test_prompt_is_the_guanaco_text_encoded_as_training_did(tokenizer):
     turns = ["What is 2+2?", "4.", "And 3+3?"]
     assert format_prompt(turns) == "### Human: What is 2+2?### Assistant: 4.### Human: And 3+3?### Assistant:"
     assert format_prompt("  hi ") == "### Human: hi### Assistant:"
-    ids = encode_prompt(tokenizer, turns)
+    ids = encode_prompt(conversation(turns), tokenizer)
     assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.eos_id) == 1  # EOS after the earlier reply
     assert tokenizer.decode(ids) == format_prompt(turns)
     # Exactly what precedes the reply in a training sequence of the same conversation.
     train_ids, _ = encode([Turn("human", turns[0]), Turn("assistant", turns[1]), Turn("human", turns[2]),
                            Turn("assistant", "6.")], tokenizer, max_len=None)
     assert train_ids[:len(ids)] == ids and tokenizer.decode(train_ids[len(ids):]) == "6."
-    assert encode_prompt(tokenizer, "hi") == tokenizer.encode("### Human: hi### Assistant:")
+    assert encode_prompt(conversation("hi"), tokenizer) == tokenizer.encode("### Human: hi### Assistant:")
     with pytest.raises(ValueError, match="odd number"):
         format_prompt(["q", "a"])
     with pytest.raises(ValueError, match="marker"):
@@ -59,19 +60,19 @@ def test_prompt_is_the_guanaco_text_encoded_as_training_did(tokenizer):
 
 def test_history_is_trimmed_from_the_oldest_exchange(tokenizer):
     turns = ["first question " * 5, "first answer " * 5, "second question", "second answer", "third?"]
-    full = len(encode_prompt(tokenizer, turns))
+    full = len(encode_prompt(conversation(turns), tokenizer))
     kept, ids = fit_history(tokenizer, turns, 10, context_len=full + 10)
     assert kept == [t.strip() for t in turns] and len(ids) == full
     kept, ids = fit_history(tokenizer, turns, 10, context_len=full + 9)
     assert kept == ["second question", "second answer", "third?"] and len(ids) + 10 <= full + 9
-    assert ids == encode_prompt(tokenizer, kept)
+    assert ids == encode_prompt(conversation(kept), tokenizer)
     with pytest.raises(ValueError, match="context length"):
         fit_history(tokenizer, turns, 10, context_len=12)
 
 
 def test_answer_stops_at_the_human_marker(tokenizer):
     model = _hello_model(tokenizer)
-    prompt_ids = encode_prompt(tokenizer, "hi")
+    prompt_ids = encode_prompt(conversation("hi"), tokenizer)
     free = generate(model, prompt_ids, 30, eos_id=())  # no stop: the rig really does run on past the marker
     assert tokenizer.decode(free).startswith("Hello!### Human: Hello!### Human:")
 
@@ -88,7 +89,7 @@ def test_a_marker_starting_inside_a_token_is_cut_exactly(tokenizer):
     cycle = _pieces(tokenizer, ":", "▁Hi", ":#", "##", "▁Human")
     model = rig_cycle(Llama(LlamaConfig(**SMALL_32K)), cycle)
     assert answer(model, tokenizer, "hi", max_new_tokens=30) == "Hi:"
-    ids = generate(model, encode_prompt(tokenizer, "hi"), 30, stop=StopStrings(tokenizer, ["### Human:"]))
+    ids = generate(model, encode_prompt(conversation("hi"), tokenizer), 30, stop=StopStrings(tokenizer, ["### Human:"]))
     assert ids == cycle[1:2]
 
 
@@ -99,7 +100,7 @@ def _rigged_checkpoint(tmp_path, tokenizer):
 
 
 def _run_chat(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "tinyllama.chat", *map(str, args)], cwd=ROOT, input=stdin,
+    return subprocess.run([sys.executable, "chat.py", *map(str, args)], cwd=ROOT, input=stdin,
                           capture_output=True, text=True, timeout=120)
 
 

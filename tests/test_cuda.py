@@ -14,6 +14,8 @@ import torch
 from conftest import hf_checkpoint
 import lora
 import train
+from training.step import batch_loss, prepare
+from tinyllama.runtime import attention_kernels, sdpa_context
 from tinyllama import causal_lm_loss, load_model, reference_loss
 
 pytestmark = pytest.mark.cuda
@@ -99,8 +101,8 @@ def test_mask_free_right_padding_matches_masked_on_cuda(tmp_path, tokenizer):
     examples, _ = encode_all(load_conversations(str(GUANACO_SAMPLE)), tokenizer, 128)
     batch = next(BatchStream(examples, 4, 128, seed=0))
     with torch.no_grad(), torch.autocast(CUDA.type, dtype=torch.bfloat16):
-        masked = train.batch_loss(fast, {k: v.to(CUDA) for k, v in batch.items()})
-        free = train.batch_loss(fast, train.prepare(batch, CUDA))
+        masked = batch_loss(fast, {k: v.to(CUDA) for k, v in batch.items()})
+        free = batch_loss(fast, prepare(batch, CUDA))
     assert masked[1] == free[1]
     assert free[0].item() == pytest.approx(masked[0].item(), rel=1e-2)
 
@@ -159,14 +161,14 @@ def test_preferred_attention_kernel_and_grouped_kv_match_the_math_kernel(tmp_pat
     _, fast = _models(path, lora.LoRAConfig(8, 16, dropout=0.0, targets=("q_proj", "v_proj", "gate_proj")))
     ids, labels = _batch(1024, T=200)
     spec = train.TrainConfig.sdpa_backends
-    repeated, in_place = train.attention_kernels(CUDA, torch.bfloat16, spec, fast.config)
+    repeated, in_place = attention_kernels(CUDA, torch.bfloat16, spec, fast.config)
     if CUDA.type == "cuda":
         assert repeated == "flash", f"the preferred kernel did not run: {repeated}"
     results = []
     for backends, native in ((spec, in_place == repeated), ("math", False)):
         for layer in fast.model.layers:
             layer.self_attn.native_gqa = native
-        with train.sdpa_context(backends):
+        with sdpa_context(backends):
             results.append(_loss_and_grads(fast, ids, labels, autocast=True))
     (l_fast, g_fast), (l_math, g_math) = results
     assert l_fast == pytest.approx(l_math, rel=1e-2)

@@ -1,4 +1,4 @@
-"""data.encode: token ids, the EOS after each reply, and the loss mask, proved with the real Llama 2 tokenizer."""
+"""data.encoding: token ids, the EOS after each reply, and the loss mask, proved with the real Llama 2 tokenizer."""
 
 from __future__ import annotations
 

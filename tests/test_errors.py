@@ -14,7 +14,7 @@ import torch
 
 from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
 import train
-from tinyllama import chat
+import chat
 
 pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ from conftest import TINY, hf_checkpoint
 import lora
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model
-from tinyllama.generate import Decoder, StopStrings, generate, generate_batch, sample
+from tinyllama.generation import Decoder, StopStrings, generate, generate_batch, sample
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -14,6 +14,8 @@ from conftest import GUANACO_SAMPLE, ROOT, hf_checkpoint
 from helpers import adapter_weights, run, train_losses
 import lora
 import train
+from training.step import batch_loss, is_right_padded, prepare
+from tinyllama.runtime import sdpa_context
 from tinyllama import load_model
 
 pytest.importorskip("transformers")
@@ -117,7 +119,7 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     (["--data", "random:0"], "random:N with N >= 1"),
     (["--sdpa-backends", "flash,fast"], "--sdpa-backends must be 'default' or distinct names"),
     (["--sdpa-backends", "flash,flash"], "--sdpa-backends must be 'default' or distinct names"),
-    (["--compile", "--compile-scope", "graph"], "--compile-scope must be layers or model"),
+    (["--compile", "--compile-scope", "graph"], "--compile-scope must be one of"),
     (["--compile", "--compile-mode", "fast"], "--compile-mode must be one of"),
 ])
 def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
@@ -201,8 +203,8 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
     from data import BatchStream, encode_all, load_conversations
     examples, _ = encode_all(load_conversations(str(GUANACO_SAMPLE)), tokenizer, 128)
     batch = next(BatchStream(examples, 4, 128, seed=0))
-    assert train.is_right_padded(batch["attention_mask"]) and not batch["attention_mask"].all()
-    fast = train.prepare(batch, torch.device("cpu"))
+    assert is_right_padded(batch["attention_mask"]) and not batch["attention_mask"].all()
+    fast = prepare(batch, torch.device("cpu"))
     assert "attention_mask" not in fast
     results = []
     for b in (batch, fast):
@@ -210,14 +212,14 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
         model = load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8, dropout=0.0))
         for layer in lora.lora_layers(model).values():
             torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-        loss, n = train.batch_loss(model, b)
+        loss, n = batch_loss(model, b)
         (loss / n).backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (l1, g1), (l2, g2) = results
     assert torch.allclose(l1, l2, rtol=1e-6)
     assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-7) for k in g1)
     left = batch["attention_mask"].flip(-1)
-    assert not train.is_right_padded(left)
+    assert not is_right_padded(left)
 
 
 def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny_ckpt, monkeypatch):
@@ -238,12 +240,12 @@ def test_attention_kernel_preference_sets_sdpa_order_and_only_inside():
     from torch.nn.attention import SDPBackend
 
     before = torch._C._get_sdp_priority_order()
-    with train.sdpa_context("math"):
+    with sdpa_context("math"):
         assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
-    with train.sdpa_context(train.TrainConfig.sdpa_backends):
+    with sdpa_context(train.TrainConfig.sdpa_backends):
         assert [SDPBackend(i).name for i in torch._C._get_sdp_priority_order()][:4] == [
             "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"]
-    with train.sdpa_context("default"):
+    with sdpa_context("default"):
         assert torch._C._get_sdp_priority_order() == before
     assert torch._C._get_sdp_priority_order() == before and torch.backends.cuda.flash_sdp_enabled()
 

@@ -4,7 +4,7 @@ The chat (`tinyllama.chat`: guanaco prompts, `answer`, the command line) is impo
 """
 
 from .checkpoint import load_model, save_model
-from .generate import StopStrings, generate, generate_batch
+from .generation import StopStrings, generate, generate_batch
 from .loss import causal_lm_loss, reference_loss
 from .model import KVCache, Llama, LlamaConfig
 from .tokenizer import Tokenizer

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from .model import Llama, LlamaConfig
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama_v1.1"
-# What we fetch from the Hub: config, weights (single or sharded) and the tokenizer. Nothing else.
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
+# What a model download fetches from the Hub (file patterns): config, weights (single or sharded), tokenizer.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
 # Old checkpoints stored RoPE's inverse frequencies as buffers; we recompute them, so these are skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -43,7 +43,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated repo, ...: all end here with one clear message
         raise HubUnavailable(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If you are "

@@ -217,6 +217,12 @@ def start_resume(out: Path, checkpoint: Path, log) -> None:
         log(f"metrics.jsonl: dropped {dropped} rows written after step {step} (they are run again)")
 
 
+def append_metrics(out: Path, row: dict) -> None:
+    """One row of metrics.jsonl (opened per row: a killed run leaves at most its last line cut short)."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _json_or_empty(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

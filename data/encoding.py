@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinyllama.loss import IGNORE_INDEX  # the loss defines what "no label" is
+
 from .guanaco import ASSISTANT, HUMAN, MARKERS, BadRow, Turn, check_conversation
 
-IGNORE_INDEX = -100
 _CONTEXT = "\n"  # see the module docstring: a separator that never merges with what follows
 
 
@@ -88,7 +89,7 @@ def _encode_inside(tokenizer, text: str, prefix: list[int]) -> list[int]:
     ids = tokenizer.encode(_CONTEXT + text, bos=False)
     if ids[:len(prefix)] != prefix:
         raise ValueError(f"tokenizer merged {_CONTEXT!r} with the text that follows it ({text[:20]!r}); the "
-                         "segment-wise tokenization in data.encode assumes it never does")
+                         "segment-wise tokenization in data.encoding assumes it never does")
     return ids[len(prefix):]
 
 

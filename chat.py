@@ -1,10 +1,10 @@
 """Chat with TinyLlama (and a LoRA adapter) in the guanaco format: a terminal chat, a one-shot answer, `answer()`.
 
-    python -m tinyllama.chat --adapter runs/r64/adapter                     # interactive; /reset, /exit
-    python -m tinyllama.chat --adapter runs/r64/adapter --prompt "Hi!"      # one answer on stdout, scriptable
+    python chat.py --adapter runs/r64/adapter                     # interactive; /reset, /exit
+    python chat.py --adapter runs/r64/adapter --prompt "Hi!"      # one answer on stdout, scriptable
 
 Each user message becomes `### Human: {message}### Assistant:` after the earlier turns, tokenized exactly as
-training tokenized conversations (`data.encode.encode_prompt`: BOS first, EOS after every earlier reply). The
+training tokenized conversations (`data.encode_prompt`: BOS first, EOS after every earlier reply). The
 answer streams as it is generated and ends at EOS, at the next `### Human:` (not shown), or after
 `--max-new-tokens`. The oldest exchanges are dropped when the conversation and the answer would not fit the
 model's context length. Status messages go to stderr, so stdout holds only the answers.
@@ -21,10 +21,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from data.encode import encode_prompt as _encode_conversation
-from data.guanaco import ASSISTANT, HUMAN, MARKERS, Turn
-
-from .generate import StopStrings, generate
+import lora
+from data import encode_prompt
+from data.guanaco import ASSISTANT, HUMAN, MARKERS, Turn, render
+from tinyllama.checkpoint import DEFAULT_MODEL, load_model, resolve_checkpoint
+from tinyllama.generation import StopStrings, generate
+from tinyllama.runtime import DTYPES, configure_runtime, resolve_device, resolve_dtype
+from tinyllama.tokenizer import Tokenizer
 
 HUMAN_MARKER, ASSISTANT_MARKER = MARKERS[HUMAN], MARKERS[ASSISTANT]
 # A reply ends where the model starts the next human turn. It never holds "### Assistant:" either (training
@@ -48,22 +51,18 @@ def _as_turns(history_or_prompt: str | Sequence[str]) -> list[str]:
     return turns
 
 
+def conversation(turns: str | Sequence[str]) -> list[Turn]:
+    """`turns` (alternating human, assistant, ..., human; one string is one human turn) as a guanaco conversation:
+    `data.encode_prompt(conversation(turns), tokenizer)` are the ids the model continues."""
+    return [Turn(HUMAN if i % 2 == 0 else ASSISTANT, t) for i, t in enumerate(_as_turns(turns))]
+
+
 def format_prompt(turns: str | Sequence[str]) -> str:
     """The guanaco text the model continues: `### Human: q1### Assistant: a1### Human: q2### Assistant:`.
 
-    `turns` alternate human, assistant, ..., human (a single string is one human turn). The model sees
-    `encode_prompt(tokenizer, turns)`: this text with BOS in front and EOS after each earlier reply.
+    The model sees this text with BOS in front and EOS after each earlier reply (`data.encode_prompt`).
     """
-    turns = _as_turns(turns)
-    roles = [HUMAN if i % 2 == 0 else ASSISTANT for i in range(len(turns))]
-    return "".join(f"{MARKERS[r]} {t}" for r, t in zip(roles, turns)) + ASSISTANT_MARKER
-
-
-def encode_prompt(tokenizer, turns: str | Sequence[str]) -> list[int]:
-    """Token ids of the prompt for the next reply, exactly as training encoded what precedes a reply."""
-    turns = _as_turns(turns)
-    return _encode_conversation([Turn(HUMAN if i % 2 == 0 else ASSISTANT, t) for i, t in enumerate(turns)],
-                                tokenizer)
+    return render(conversation(turns)) + ASSISTANT_MARKER
 
 
 def fit_history(tokenizer, turns: str | Sequence[str], max_new_tokens: int,
@@ -71,7 +70,7 @@ def fit_history(tokenizer, turns: str | Sequence[str], max_new_tokens: int,
     """Drop the oldest exchanges until the prompt plus `max_new_tokens` fits `context_len`; (turns, ids)."""
     turns = _as_turns(turns)
     while True:
-        ids = encode_prompt(tokenizer, turns)
+        ids = encode_prompt(conversation(turns), tokenizer)
         if len(ids) + max_new_tokens <= context_len:
             return turns, ids
         if len(turns) == 1:
@@ -138,15 +137,10 @@ def answer(model, tokenizer, history_or_prompt: str | Sequence[str], max_new_tok
 
 # ---- command line ---------------------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def load(model: str, adapter: str | None = None, merge: bool = False, device: str = "cpu",
          dtype: torch.dtype = torch.float32):
     """The model with its adapter (if any) loaded, merged if asked, in eval mode; and the checkpoint folder."""
-    import lora
-    from .checkpoint import load_model, resolve_checkpoint
-
     folder = resolve_checkpoint(model)
     if merge and adapter is None:
         raise ValueError("--merge needs an --adapter to merge")
@@ -160,9 +154,7 @@ def load(model: str, adapter: str | None = None, merge: bool = False, device: st
 
 
 def _parse(argv):
-    from .checkpoint import DEFAULT_MODEL
-
-    p = argparse.ArgumentParser(prog="python -m tinyllama.chat", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python chat.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or Hub id (default %(default)s)")
     p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the weights (faster)")
@@ -186,13 +178,12 @@ def _write(text: str) -> None:
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from .tokenizer import Tokenizer
-
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as e:
+        print(f"error: --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device} asked for CUDA, but this machine has no usable GPU "
               "(torch.cuda.is_available() is False); use --device cpu", file=sys.stderr)
@@ -207,13 +198,15 @@ def main(argv=None) -> int:
         print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}; "
               "pass the model's own tokenizer with --tokenizer", file=sys.stderr)
         return 2
+    runtime = configure_runtime(model, device, dtype)  # this machine's attention kernels, as in training
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     context = model.config.max_position_embeddings
 
     if args.prompt is not None:
         try:
-            answer(model, tokenizer, args.prompt, on_text=_write, **sampling)
+            with runtime.forward():
+                answer(model, tokenizer, args.prompt, on_text=_write, **sampling)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -246,7 +239,8 @@ def main(argv=None) -> int:
             dropped = (len(history) + 1 - len(turns)) // 2
             if dropped:
                 print(f"(dropped the {dropped} oldest exchange(s) to fit the context)", file=sys.stderr)
-            reply = answer(model, tokenizer, turns, on_text=_write, **sampling)
+            with runtime.forward():
+                reply = answer(model, tokenizer, turns, on_text=_write, **sampling)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             continue

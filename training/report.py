@@ -1,0 +1,95 @@
+"""What a run tells its user: the progress line, the summary table, loss.png and base vs fine-tuned samples."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lora
+
+SAMPLE_PROMPTS = [
+    "What is the difference between a list and a tuple in Python?",
+    "Give me three tips for sleeping better.",
+    "Write a haiku about the sea.",
+]
+
+
+def print_summary(s: dict, log) -> None:
+    log("\n| Training Time (s) | Trainable Params | Total Params | Trainable % | tokens/s | MFU | peak GiB |")
+    log("|---|---|---|---|---|---|---|")
+    peak = f"{s['peak_gib']:.2f}" if s["peak_gib"] is not None else "n/a (cpu)"
+    log(f"| {s['training_time_s']:.2f} | {s['trainable_params']:,} | {s['total_params']:,} | "
+        f"{s['trainable_percent']:.2f} | {s['tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {peak} |")
+    log(f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+        + (f"; eval loss {s['eval_loss']:.4f} (ppl {s['eval_ppl']:.2f})" if s["eval_loss"] is not None else "")
+        + f"; adapter saved to {s['out']}/adapter")
+
+
+def plot_losses(out: Path) -> None:
+    """loss.png of train and eval loss, when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split in ("train", "eval"):
+        pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if split == "eval" else None, label=split)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def show_samples(model, tokenizer, out: Path, log, max_new_tokens: int = 96) -> None:
+    """Answers of the base and the fine-tuned model to fixed prompts, side by side (also samples.md)."""
+    from chat import answer  # the application layer, imported only when samples are asked for
+
+    lines = ["# Base vs fine-tuned (greedy)", ""]
+    for prompt in SAMPLE_PROMPTS:
+        with lora.disabled(model):
+            base = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        tuned = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+        lines += [f"## {prompt}", "", "**base:** " + base.strip(), "", "**fine-tuned:** " + tuned.strip(), ""]
+    text = "\n".join(lines)
+    (out / "samples.md").write_text(text)
+    log("\n" + text)
+
+
+class Progress:
+    """A one-line progress bar (loss, lr, tokens/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // 20)
+
+    def update(self, step, loss, lr, tokens_per_s):
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / (step - self.start) * (self.total - step)
+        width = 30
+        bar = "#" * int(width * step / self.total)
+        line = (f"[{bar:<{width}}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total or step == self.start + 1:
+            print(line, file=sys.stderr, flush=True)
+
+    def note(self, text):
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)

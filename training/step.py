@@ -1,0 +1,148 @@
+"""The pieces of one optimizer step that `train.py`'s loop puts together.
+
+The host never waits for the GPU inside a step. Batches are copied from pinned memory with their labelled
+positions found on the CPU (`prepare`); a step's numbers (loss, grad norm, time) stay on the device in a
+`QueuedStep` and are read (`read_step`) only after the next step has been queued, so the CPU prepares step n+1
+while the GPU runs step n. A non-finite loss or gradient norm must still stop the run before its update: a flag
+set on the device makes the optimizer skip that update and every later one (`skip_updates_when`), and the host
+raises when it reads that step, one step later, with the weights as they were before the bad step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tinyllama.loss import causal_lm_loss, label_positions
+
+from . import TrainingError
+
+
+def real_token_count(batch) -> int:
+    """Tokens that are not padding (counted on the CPU copy, before `prepare` may drop the mask)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["document_ids"].ge(0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
+
+
+def labelled_count(batch) -> int:
+    return label_positions(batch["labels"]).numel()
+
+
+def prepare(batch, device):
+    """Move a micro-batch to `device`, dropping the attention mask where it cannot change the loss.
+
+    Padded batches are right-padded, so under the causal mask no real token ever sees a pad: the mask only
+    changes the outputs at pad positions, which carry no label and predict nothing. Without it SDPA runs its
+    mask-free causal kernel (flash attention on GPU). tests/test_train.py checks loss and gradients agree.
+    The labelled positions are found here, on the CPU copy (`label_index`), so the loss never makes the host
+    wait for the GPU; on CUDA the batch is copied from pinned memory, without blocking the host either.
+    """
+    batch = dict(batch)
+    if "attention_mask" in batch and is_right_padded(batch["attention_mask"]):
+        del batch["attention_mask"]
+    batch["label_index"] = label_positions(batch["labels"])
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones then zeros (checked on the CPU copy, before the batch moves)."""
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
+def batch_loss(model, batch):
+    """(loss sum, labelled-token count) of a micro-batch; every key but the labels is a model argument."""
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)  # label_index goes to the loss
+
+
+def skip_updates_when(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Make `optimizer.step()` a no-op on the device once `flag` (a 0-d tensor there) is non-zero.
+
+    It uses `found_inf`, the hook torch.amp.GradScaler sets and that only the fused AdamW kernel reads: any
+    other optimizer would ignore it silently and apply the bad update, so anything else is refused.
+    """
+    if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+        raise TypeError(f"skip_updates_when needs torch.optim.AdamW(..., fused=True), got {optimizer!r}")
+    optimizer.found_inf = flag
+
+
+class Timer:
+    """One step's time: CUDA events on GPU (`stop` records without waiting; `elapsed` waits for the step to
+    finish), wall clock on CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.start()
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._end = torch.cuda.Event(enable_timing=True)
+            self._end.record()
+        else:
+            self._seconds = time.perf_counter() - self._t0
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000
+        return self._seconds
+
+
+@dataclass
+class QueuedStep:
+    """An optimizer step whose work is queued on the device; `read_step` turns it into numbers."""
+    step: int  # 1-based: the number of optimizer steps done once it finishes
+    numbers: torch.Tensor  # [loss sum, grad norm], on the device
+    timer: Timer
+    lr: float
+    n_tokens: float  # real (non-pad) tokens, all processes
+    n_labelled: float  # labelled tokens, all processes
+    epoch: int
+
+
+def read_step(q: QueuedStep, last_checkpoint) -> dict:
+    """Wait for a queued step (that step only) and return its metrics row; a non-finite one raises."""
+    loss_sum, norm = q.numbers.tolist()
+    loss = loss_sum / q.n_labelled
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        what = (f"loss is {loss}" if not math.isfinite(loss) else
+                f"gradient norm is {norm} (the loss, {loss:.4f}, is finite; clipping would zero the update)")
+        raise TrainingError(f"{what} at step {q.step}: stopping before the update. Last good checkpoint: "
+                            f"{last_checkpoint or 'none (use --save-every)'}. Try a lower --lr (or --alpha).")
+    seconds = q.timer.elapsed()
+    return {"step": q.step, "split": "train", "loss": loss, "lr": q.lr, "tokens_per_s": q.n_tokens / seconds,
+            "labelled_tokens_per_s": q.n_labelled / seconds, "step_s": seconds, "grad_norm": norm,
+            "epoch": q.epoch, "tokens": q.n_tokens, "labelled": q.n_labelled}
+
+
+@dataclass
+class Totals:
+    """What the summary reports about the whole run; saved in checkpoints, so a resumed run continues them."""
+    seconds: float = 0.0
+    tokens: int = 0
+    labelled: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    eval_ppl: float | None = None
+
+    def add(self, row: dict) -> None:
+        self.seconds += row["step_s"]
+        self.tokens += int(row["tokens"])
+        self.labelled += int(row["labelled"])
+        self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = row["loss"]
