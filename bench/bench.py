@@ -65,7 +65,7 @@ from tinyllama.flops import measure_matmul_peak, training_flops_per_token  # noq
 from tinyllama.runtime import device_name as describe_device, resolve_device  # noqa: E402
 from training.step import labelled_count, real_token_count  # noqa: E402
 
-TOKENIZER = ROOT / "tests" / "assets" / "tokenizer.model"  # the real TinyLlama tokenizer, shipped for the tests
+TOKENIZER = ROOT / "assets" / "tokenizer.model"  # the real TinyLlama tokenizer, shipped in the checkout
 SYSTEMS = ("this", "this-compile", "hf-eager", "hf-compile")
 CPU_STEPS = 32  # CPU default: 6 runs x 32 steps of the scaled-down shape take about 2 minutes on 2 cores
 CPU_DECODE_ARGS = ["--new-tokens", "16", "--repeats", "2"]  # decode_bench's defaults take ~4 minutes on 2 cores

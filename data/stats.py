@@ -6,7 +6,7 @@ conversations max_len truncates or drops, and the padding fraction of each batch
 same numbers as a dict for benchmarks.
 
 Works offline for a local file: the tokenizer defaults to the repository's copy of the Llama 2 / TinyLlama
-`tokenizer.model` (tests/assets, byte-identical to TinyLlama's). Deliberately left out: plots, per-language
+`tokenizer.model` (assets/, byte-identical to TinyLlama's). Deliberately left out: plots, per-language
 breakdowns, and anything that needs the model.
 """
 
@@ -23,7 +23,7 @@ from .encoding import _encode_full, encode_all
 from .guanaco import render
 from .sources import load_conversations
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizer.model"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
 
 def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed: int = 0) -> dict:

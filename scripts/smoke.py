@@ -22,7 +22,7 @@ import train  # noqa: E402
 from tinyllama import Llama, LlamaConfig, Tokenizer, load_model, save_model  # noqa: E402
 from tinyllama.runtime import configure_runtime  # noqa: E402
 
-ASSETS = ROOT / "tests" / "assets"
+ASSETS = ROOT / "assets"
 
 
 def main(out: Path = ROOT / "runs" / "smoke") -> None:

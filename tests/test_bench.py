@@ -13,7 +13,7 @@ import statistics
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 from bench import bench, workloads as wl
 from lora import LoRAConfig
 from tinyllama import LlamaConfig

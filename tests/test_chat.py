@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TOKENIZER_PATH, hf_checkpoint
+from helpers import ROOT, TOKENIZER_PATH, hf_checkpoint
 from test_generate import rig_cycle
 import lora
 from lora import LoRAConfig

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import hf_checkpoint
+from helpers import GUANACO_SAMPLE, hf_checkpoint
 import lora
 import train
 from training.step import batch_loss, prepare
@@ -94,7 +94,6 @@ def test_flash_attention_runs_the_unmasked_causal_path(tmp_path):
 
 
 def test_mask_free_right_padding_matches_masked_on_cuda(tmp_path, tokenizer):
-    from conftest import GUANACO_SAMPLE
     from data import BatchStream, encode_all, load_conversations
     path = hf_checkpoint(tmp_path / "m", vocab_size=32000, hidden_size=64)
     _, fast = _models(path, lora.LoRAConfig(4, 8, dropout=0.0))
@@ -108,7 +107,6 @@ def test_mask_free_right_padding_matches_masked_on_cuda(tmp_path, tokenizer):
 
 
 def test_packed_rows_match_documents_alone_in_bf16(tmp_path, tokenizer):
-    from conftest import GUANACO_SAMPLE
     from data import encode_all, load_conversations, pack
     path = hf_checkpoint(tmp_path / "m", vocab_size=32000, hidden_size=64)
     model = load_model(path, device=CUDA, dtype=torch.bfloat16)

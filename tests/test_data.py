@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GUANACO_SAMPLE, OASST_SAMPLE
+from helpers import GUANACO_SAMPLE, OASST_SAMPLE
 from data import BadRow, Turn, load_conversations, parse_guanaco, render
 from data import oasst
 from data.guanaco import TRAILING_HUMAN, WHITESPACE, parse_row

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE, TINY
+from helpers import GUANACO_SAMPLE, TINY
 from data import (IGNORE_INDEX, BatchStream, Example, collate_packed, collate_padded, encode_all, eval_batches,
                   load_conversations, pack, pack_row, plan_packing)
 from data.batching import padding_fraction

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE, TOKENIZER_PATH
+from helpers import GUANACO_SAMPLE, TOKENIZER_PATH
 from data import (IGNORE_INDEX, BadRow, NoLabelledTokens, Turn, encode, encode_all, encode_prompt, parse_guanaco,
                   render)
 from test_data import ADVERSARIAL

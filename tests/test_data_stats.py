@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from conftest import GUANACO_SAMPLE, OASST_SAMPLE, TOKENIZER_PATH
+from helpers import GUANACO_SAMPLE, OASST_SAMPLE, TOKENIZER_PATH
 from data import BatchStream, encode, encode_all, load_conversations
 from data.stats import dataset_stats, main
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
 import train
 import chat
 

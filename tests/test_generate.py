@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, hf_checkpoint
+from helpers import TINY, hf_checkpoint
 import lora
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, hf_checkpoint
+from helpers import TINY, hf_checkpoint
 import lora
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model

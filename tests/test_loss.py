@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 import lora
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, reference_loss
 from tinyllama.loss import label_positions, lm_head_loss, shift_labels

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, hf_checkpoint
+from helpers import TINY, hf_checkpoint
 from tinyllama import Llama, LlamaConfig, load_model
 from tinyllama.model import num_parameters
 

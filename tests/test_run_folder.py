@@ -14,8 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE
-from helpers import adapter_weights, metrics, run, snapshot, train_losses
+from helpers import GUANACO_SAMPLE, adapter_weights, metrics, run, snapshot, train_losses
 import lora
 import train
 from training import TrainingError, run_folder

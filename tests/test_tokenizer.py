@@ -45,7 +45,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from conftest import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH
+from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH
 from tinyllama import Tokenizer
 
 FIXTURE_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"

@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import GUANACO_SAMPLE, ROOT, hf_checkpoint
-from helpers import adapter_weights, run, train_losses
+from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, run, train_losses
 import lora
 import train
 from training.step import batch_loss, is_right_padded, prepare
