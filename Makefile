@@ -5,7 +5,7 @@ RANK ?= 64
 ALPHA ?= $(RANK)
 ARGS ?=
 
-.PHONY: setup test train smoke params bench chat clean
+.PHONY: setup lint test test-fast train smoke params bench chat clean
 
 setup: .venv/.installed
 
@@ -16,8 +16,14 @@ setup: .venv/.installed
 	.venv/bin/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
+lint: setup
+	$(PY) -m ruff check .
+
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf .venv .pytest_cache runs/smoke
@@ -26,7 +32,7 @@ train: setup
 	$(PY) train.py --rank $(RANK) --alpha $(ALPHA) $(ARGS)
 
 smoke: setup
-	$(PY) scripts/smoke.py
+	$(PY) -m scripts.smoke
 
 params: setup
 	$(PY) train.py --rank $(RANK) --dry-run $(ARGS)

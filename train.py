@@ -30,16 +30,36 @@ import numpy as np
 import torch
 
 import lora
+from data import BatchStream, eval_batches, load_examples
+from data.sources import SPLIT_FILES
 from lora import LoRAConfig
 from tinyllama import Tokenizer, load_model
-from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, resolve_checkpoint
+from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, model_config, random_model, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
-from tinyllama.runtime import (COMPILE_MODES, COMPILE_SCOPES, DEFAULT_SDPA_BACKENDS, SDPA_BACKENDS, Runtime,
-                               configure_runtime, device_name, peak_memory_gib, resolve_device, resolve_dtype,
-                               uncompile_model)
+from tinyllama.runtime import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    DEFAULT_SDPA_BACKENDS,
+    SDPA_BACKENDS,
+    Runtime,
+    configure_runtime,
+    peak_memory_gib,
+    resolve_device,
+    resolve_dtype,
+    uncompile_model,
+)
 from training import TrainingError, parallel, report, run_folder
-from training.step import (QueuedStep, Timer, Totals, batch_loss, prepare, read_step, real_token_count,
-                           skip_updates_when)
+from training.step import (
+    QueuedStep,
+    Timer,
+    Totals,
+    batch_loss,
+    evaluate,
+    prepare,
+    read_step,
+    real_token_count,
+    skip_updates_when,
+)
 
 SCHEDULES = ("cosine", "linear", "constant")
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling
@@ -193,10 +213,8 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
          f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r}")
     if model_path.is_dir() or cfg.random_init:
         with contextlib.suppress(ValueError, OSError):  # a broken config.json is reported when the model loads
-            too_long = context_problem(cfg, model_shape(cfg.model))
+            too_long = context_problem(cfg, model_config(cfg.model))
             need(too_long is None, too_long)
-    from data.sources import SPLIT_FILES
-
     for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         if source.startswith("random"):
             n = source.partition(":")[2]
@@ -220,14 +238,6 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
 
 
 # ---- small pieces the loop uses ---------------------------------------------------------------------------
-
-def model_shape(model: str):
-    """The `LlamaConfig` of a local checkpoint folder, else TinyLlama-1.1B's (nothing is downloaded)."""
-    from tinyllama import LlamaConfig
-
-    config_json = Path(model) / "config.json"
-    return LlamaConfig.from_json(config_json) if config_json.is_file() else LlamaConfig()
-
 
 def context_problem(cfg: TrainConfig, config) -> str | None:
     """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None."""
@@ -259,49 +269,6 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr
 
 
-def load_examples(source: str, tokenizer, cfg: TrainConfig, vocab_size: int, log):
-    from data import encode_all, load_conversations
-    from data.synthetic import random_examples
-
-    if source == "random" or source.startswith("random:"):
-        n = int(source.split(":")[1]) if ":" in source else max(64, cfg.batch_size * cfg.grad_accum * 16)
-        return random_examples(n, cfg.max_len, vocab_size, cfg.seed)
-    conversations = load_conversations(source)
-    examples, encoded = encode_all(conversations, tokenizer, cfg.max_len)
-    log(f"data {source}: {len(conversations)} conversations -> {len(examples)} examples ({encoded})")
-    if not examples:
-        raise TrainingError(f"no usable training examples in {source!r} (see the report above)")
-    return examples
-
-
-def evaluate(model, examples, cfg: TrainConfig, runtime: Runtime) -> tuple[float, float]:
-    """Loss and perplexity over every example once (each process its share, summed over processes)."""
-    from data import eval_batches
-
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    with torch.no_grad(), runtime.forward():
-        for batch in eval_batches(examples, cfg.batch_size, cfg.max_len, packing=cfg.packing):
-            loss_sum, n = batch_loss(model, prepare(batch, runtime.device))
-            total[0] += loss_sum.double()
-            total[1] += n
-    model.train()
-    loss_sum, n = parallel.all_reduce_sum(total).tolist()
-    loss = loss_sum / max(n, 1)
-    return loss, math.exp(min(loss, 50))
-
-
-def continues_in(checkpoint: Path | None, out: Path) -> bool:
-    """True when a resumed run goes on in the folder its checkpoint belongs to."""
-    return checkpoint is not None and checkpoint.parent.resolve() == out.resolve()
-
-
-def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
-    now = dataclasses.asdict(cfg)
-    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
-            if k in saved and saved[k] != v and k not in ("resume", "out", "overwrite")]
-
-
 @dataclass
 class Run:
     """What `main` loads before its first step."""
@@ -322,13 +289,11 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
              resume_from: Path | None) -> Run:
     """Tokenizer and data first (cheap, and their errors should not wait for the model), then the model, its
     optimizer and, when resuming, the checkpoint's state. Nothing is written."""
-    from data import BatchStream
-
     log, device = proc.log, proc.device
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical LoRA initialisation
     folder = None if cfg.random_init else resolve_checkpoint(cfg.model)  # downloads from the Hub if needed
-    config = model_shape(cfg.model if folder is None else str(folder))
+    config = model_config(cfg.model if folder is None else str(folder))
     too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
     if too_long:
         raise TrainingError(too_long)
@@ -340,11 +305,13 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
                 f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model only "
                 f"{config.vocab_size:,} embeddings, so ids past {config.vocab_size - 1} have none; pass the "
                 "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
-    train_examples = load_examples(cfg.data, tokenizer, cfg, config.vocab_size, log)
+    n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
+    train_examples = load_examples(cfg.data, tokenizer, cfg.max_len, vocab_size=config.vocab_size, seed=cfg.seed,
+                                   n_random=n_random, log=log)
     eval_examples = []
     if cfg.eval_data.lower() != "none":
         eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
-                         else load_examples(cfg.eval_data, tokenizer, cfg, config.vocab_size, log))
+                         else load_examples(cfg.eval_data, tokenizer, cfg.max_len, log=log))
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world)
@@ -358,14 +325,14 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
         raise TrainingError(f"{resume_from} is at step {start_step} and this run has {total_steps} steps: it is "
                             f"already complete, and nothing was changed. To train further, resume with --steps N "
                             f"(N > {start_step}) or more --epochs.")
-    changes = changed_settings(state.get("config", {}), cfg)
+    changes = run_folder.changed_settings(state.get("config", {}), dataclasses.asdict(cfg))
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
 
     # The model, with LoRA built in (base frozen); AdamW over the LoRA weights only (fp32 weights and state,
     # whatever the base dtype). Fused: it alone can skip an update on the device (`skip_updates_when`).
     if cfg.random_init:
-        model = random_model(cfg, lora_config, device, dtype)
+        model = random_model(config, dtype=dtype, device=device, lora=lora_config)
     else:
         model = load_model(folder, dtype=dtype, device=device, lora=lora_config)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -407,7 +374,9 @@ def finish_step(q: QueuedStep, run: Run, cfg: TrainConfig, proc: parallel.Proces
 def main(cfg: TrainConfig) -> dict:
     lora_config = validate(cfg)
     if cfg.dry_run:
-        return dry_run(cfg, lora_config, print)
+        shape = cfg.model if (Path(cfg.model) / "config.json").is_file() else "TinyLlama-1.1B shape"
+        return report.parameter_table(model_config(cfg.model), lora_config, sorted({4, 16, 64, 256, cfg.rank}),
+                                      shape, print)
     proc = parallel.start(cfg.device, cfg.dist_timeout)
     log, device = proc.log, proc.device
     resume_from = run_folder.find_checkpoint(cfg.resume) if cfg.resume else None
@@ -415,13 +384,13 @@ def main(cfg: TrainConfig) -> dict:
     # The main process alone writes the output folder. It locks it (which also proves it writable) and checks
     # that no other run's files would be overwritten, before anything is loaded.
     with run_folder.lock(out, log) if proc.main else contextlib.nullcontext():
-        if proc.main and not continues_in(resume_from, out):
+        if proc.main and not run_folder.continues_in(resume_from, out):
             run_folder.refuse_other_run(out, cfg.overwrite)
         run = load_run(cfg, lora_config, proc, resume_from)
         model, optimizer, stream = run.model, run.optimizer, run.stream
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if proc.main:  # the first write into the output folder
-            if cfg.overwrite and not continues_in(resume_from, out):
+            if cfg.overwrite and not run_folder.continues_in(resume_from, out):
                 run_folder.clear(out, log)
             if resume_from:
                 run_folder.start_resume(out, resume_from, log)
@@ -480,7 +449,8 @@ def main(cfg: TrainConfig) -> dict:
                 finish_step(pending, run, cfg, proc, out, progress)  # checked before anything is evaluated or saved
                 pending = None
             if evaluate_now:
-                run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, run.eval_examples, cfg, run.runtime)
+                batches = eval_batches(run.eval_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing)
+                run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, batches, run.runtime)
                 if proc.main:
                     run_folder.append_metrics(out, {"step": done, "split": "eval", "loss": run.totals.eval_loss,
                                                     "ppl": run.totals.eval_ppl, "lr": lr, "tokens_per_s": None})
@@ -492,17 +462,9 @@ def main(cfg: TrainConfig) -> dict:
                      "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
         progress.close()
 
-        t = run.totals
-        summary = {
-            "training_time_s": t.seconds, "trainable_params": trainable, "total_params": total,
-            "trainable_percent": 100 * trainable / total, "steps": run.total_steps,
-            "tokens_per_s": t.tokens / t.seconds if t.seconds else None,
-            "labelled_tokens_per_s": t.labelled / t.seconds if t.seconds else None,
-            "mfu": t.tokens * run.flops_per_token / t.seconds / run.peak_flops / proc.world if t.seconds else None,
-            "peak_flops": run.peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": t.first_loss,
-            "last_loss": t.last_loss, "eval_loss": t.eval_loss, "eval_ppl": t.eval_ppl,
-            "device": device_name(device), "world_size": proc.world, "out": str(out),
-        }
+        summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
+                                 flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=device,
+                                 world=proc.world, out=out)
         if proc.main:
             run_folder.write_dir(out / "adapter", lambda folder: lora.save_adapter(model, folder, base_model=cfg.model))
             run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -513,37 +475,6 @@ def main(cfg: TrainConfig) -> dict:
                 report.show_samples(model, run.tokenizer, out, log)
     parallel.stop()
     return summary
-
-
-def random_model(cfg, lora_config, device, dtype):
-    """The model's shape with random weights (benchmarks with no Hub access; the step cost is the same)."""
-    from tinyllama import Llama
-
-    config = model_shape(cfg.model)
-    with torch.device(device):
-        model = Llama(config, lora=lora_config)
-    for name, p in model.named_parameters():
-        if ".lora_" not in name:
-            p.data = p.data.to(dtype)
-    return model
-
-
-def dry_run(cfg, lora_config, log) -> dict:
-    """The parameter table for --model's shape, built on the meta device: nothing is downloaded."""
-    from tinyllama import Llama
-
-    config = model_shape(cfg.model)
-    shape = cfg.model if (Path(cfg.model) / "config.json").is_file() else "TinyLlama-1.1B shape"
-    log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({shape}, targets "
-        f"{','.join(lora_config.targets)})")
-    rows = []
-    for r in sorted({4, 16, 64, 256, cfg.rank}):
-        with torch.device("meta"):
-            m = Llama(config, lora=dataclasses.replace(lora_config, rank=r, alpha=float(r)))
-        trainable, total = lora.count_parameters(m)
-        log(f"{r:>6} {trainable:>14,} {total:>16,} {100 * trainable / total:>11.2f}%")
-        rows.append({"rank": r, "trainable_params": trainable, "total_params": total})
-    return {"rows": rows}
 
 
 def cli(argv=None) -> dict:

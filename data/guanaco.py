@@ -84,7 +84,7 @@ def parse_row(text) -> tuple[list[Turn], list[str]]:
         raise BadRow("no markers", "neither '### Human:' nor '### Assistant:' occurs")
     if parts[0].strip():
         raise BadRow("text before first marker", f"{parts[0][:40]!r}")
-    turns = [Turn(_ROLE_OF_MARKER[m], body.strip()) for m, body in zip(parts[1::2], parts[2::2])]
+    turns = [Turn(_ROLE_OF_MARKER[m], body.strip()) for m, body in zip(parts[1::2], parts[2::2], strict=True)]
     notes = []
     if turns[0].role != HUMAN:
         raise BadRow("turns out of order", "the first turn is an assistant turn")

@@ -142,6 +142,23 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
     return Conversations(conversations, report)
 
 
+def load_examples(source: str, tokenizer, max_len: int, *, vocab_size: int | None = None, seed: int = 0,
+                  n_random: int = 64, log=print) -> list:
+    """Training examples of `source`: a split or file (conversations, encoded with loss masks), or the benchmark
+    workload `random[:N]` (N sequences of max_len random ids, every position labelled; needs `vocab_size`)."""
+    from .encoding import encode_all
+    from .synthetic import random_examples
+
+    if source == "random" or source.startswith("random:"):
+        return random_examples(int(source.split(":")[1]) if ":" in source else n_random, max_len, vocab_size, seed)
+    conversations = load_conversations(source)
+    examples, encoded = encode_all(conversations, tokenizer, max_len)
+    log(f"data {source}: {len(conversations)} conversations -> {len(examples)} examples ({encoded})")
+    if not examples:
+        raise ValueError(f"no usable training examples in {source!r} (see the report above)")
+    return examples
+
+
 def _refuse_json_array(path: Path) -> None:
     """A `.json` array (what `json.dump(rows)` writes) is not JSON Lines: say so, rather than skip every row."""
     opener = gzip.open if path.suffix == ".gz" else open

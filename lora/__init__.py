@@ -1,7 +1,6 @@
 """LoRA for the Llama model: config, the `LoRALinear` layer, PEFT-format adapters, merging, accounting."""
 
-from .adapter import (count_parameters, disabled, load_adapter, lora_layers, merge, read_adapter_config,
-                      save_adapter)
+from .adapter import count_parameters, disabled, load_adapter, lora_layers, merge, read_adapter_config, save_adapter
 from .config import ALL_TARGETS, ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig
 from .layer import LoRALinear
 

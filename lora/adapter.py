@@ -31,7 +31,7 @@ def lora_layers(model) -> dict[str, LoRALinear]:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counted as the seed did: over `model.parameters()`, trainable = requires_grad."""
+    """(trainable, total), counted as the reference table does: over `model.parameters()`, trainable = requires_grad."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 

@@ -12,7 +12,7 @@ ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA hyper-parameters. The default targets are the seed's: the three MLP projections."""
+    """LoRA hyper-parameters. The default targets are the reference script's: the three MLP projections."""
 
     rank: int
     alpha: float

@@ -9,19 +9,18 @@ run of the same setting goes from 10.39 to about 9.5): expect a drop of that ord
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
+import lora
+import train
+from data import eval_batches, load_examples
+from tinyllama import Llama, LlamaConfig, Tokenizer, load_model, save_model
+from tinyllama.runtime import configure_runtime
+from training.step import evaluate
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lora  # noqa: E402
-import train  # noqa: E402
-from tinyllama import Llama, LlamaConfig, Tokenizer, load_model, save_model  # noqa: E402
-from tinyllama.runtime import configure_runtime  # noqa: E402
-
 ASSETS = ROOT / "assets"
 
 
@@ -49,9 +48,9 @@ def main(out: Path = ROOT / "runs" / "smoke") -> None:
     adapter = out / "run" / "adapter"
     reloaded = load_model(ckpt, lora=lora.read_adapter_config(adapter))
     lora.load_adapter(reloaded, adapter)
-    examples = train.load_examples(cfg.eval_data, Tokenizer(ckpt), cfg, config.vocab_size, print)
-    eval_loss, _ = train.evaluate(reloaded, examples, cfg, configure_runtime(reloaded, torch.device("cpu"),
-                                                                             torch.float32))
+    examples = load_examples(cfg.eval_data, Tokenizer(ckpt), cfg.max_len)
+    batches = eval_batches(examples, cfg.batch_size, cfg.max_len)
+    eval_loss, _ = evaluate(reloaded, batches, configure_runtime(reloaded, torch.device("cpu"), torch.float32))
     print(f"\nsmoke: first loss {summary['first_loss']:.4f}, last loss {summary['last_loss']:.4f}, eval loss "
           f"{summary['eval_loss']:.4f}; reloaded adapter from {adapter}: eval loss {eval_loss:.4f}")
     if not (summary["last_loss"] < summary["first_loss"] and abs(eval_loss - summary["eval_loss"]) < 1e-4):

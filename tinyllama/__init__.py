@@ -1,6 +1,7 @@
 """TinyLlama (Llama 2 architecture) in plain PyTorch: model, checkpoint loading, tokenizer, generation.
 
-The chat (`tinyllama.chat`: guanaco prompts, `answer`, the command line) is imported on its own.
+The bottom layer of the project: it imports nothing from `data`, `training` or the commands. How the model
+runs on a machine (attention kernels, compile) is `tinyllama.runtime`; the guanaco chat is `chat.py`.
 """
 
 from .checkpoint import load_model, save_model

@@ -51,6 +51,24 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
             "folder instead, or check HF_HOME / HF_HUB_OFFLINE.") from e
 
 
+def model_config(path_or_repo_id: str | os.PathLike) -> LlamaConfig:
+    """The config of a local checkpoint folder, else TinyLlama-1.1B's; never downloads (for shapes and sizes)."""
+    config_json = Path(path_or_repo_id) / "config.json"
+    return LlamaConfig.from_json(config_json) if config_json.is_file() else LlamaConfig()
+
+
+def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 lora=None) -> Llama:
+    """A model of `config`'s shape with random weights (benchmarks without the Hub: a step costs the same).
+    LoRA weights stay float32, as `load_model` makes them."""
+    with torch.device(device):
+        model = Llama(config, lora=lora)
+    for name, p in model.named_parameters():
+        if ".lora_" not in name:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():

@@ -91,7 +91,7 @@ class LlamaConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(k for k in d if k not in names and k not in _HARMLESS_KEYS)
         if unknown:
-            warnings.warn(f"config.json: ignoring fields this implementation does not read: {unknown}")
+            warnings.warn(f"config.json: ignoring fields this implementation does not read: {unknown}", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod

@@ -102,8 +102,12 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
     if device.type != "cuda":
         return "cpu", "cpu"
     try:
-        from torch.backends.cuda import (SDPAParams, can_use_cudnn_attention, can_use_efficient_attention,
-                                         can_use_flash_attention)
+        from torch.backends.cuda import (
+            SDPAParams,
+            can_use_cudnn_attention,
+            can_use_efficient_attention,
+            can_use_flash_attention,
+        )
     except ImportError:  # an older torch: do not guess, repeat k/v (the reference path)
         return "unknown", "unchecked"
     checks = {"flash": can_use_flash_attention, "efficient": can_use_efficient_attention,

@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 import lora
+from tinyllama.runtime import device_name, peak_memory_gib
 
 SAMPLE_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
     "Give me three tips for sleeping better.",
     "Write a haiku about the sea.",
 ]
+
+
+def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
+    """Trainable and total parameters per LoRA rank, for a model of `config`'s shape built on the meta device
+    (nothing is allocated or downloaded)."""
+    from tinyllama import Llama
+
+    log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({shape}, targets "
+        f"{','.join(lora_config.targets)})")
+    rows = []
+    for r in ranks:
+        with torch.device("meta"):
+            m = Llama(config, lora=dataclasses.replace(lora_config, rank=r, alpha=float(r)))
+        trainable, total = lora.count_parameters(m)
+        log(f"{r:>6} {trainable:>14,} {total:>16,} {100 * trainable / total:>11.2f}%")
+        rows.append({"rank": r, "trainable_params": trainable, "total_params": total})
+    return {"rows": rows}
+
+
+def summary(t, *, trainable: int, total: int, steps: int, flops_per_token: float, peak_flops: float,
+            device: torch.device, world: int, out: Path) -> dict:
+    """summary.json: the reference table's columns and what else describes the whole run (`t`: its Totals)."""
+    per_s = (lambda n: n / t.seconds) if t.seconds else (lambda n: None)
+    return {
+        "training_time_s": t.seconds, "trainable_params": trainable, "total_params": total,
+        "trainable_percent": 100 * trainable / total, "steps": steps, "tokens_per_s": per_s(t.tokens),
+        "labelled_tokens_per_s": per_s(t.labelled),
+        "mfu": per_s(t.tokens * flops_per_token / peak_flops / world) if t.seconds else None,
+        "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": t.first_loss,
+        "last_loss": t.last_loss, "eval_loss": t.eval_loss, "eval_ppl": t.eval_ppl,
+        "device": device_name(device), "world_size": world, "out": str(out),
+    }
 
 
 def print_summary(s: dict, log) -> None:
@@ -40,7 +76,7 @@ def plot_losses(out: Path) -> None:
     for split in ("train", "eval"):
         pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split]
         if pts:
-            ax.plot(*zip(*pts), marker="o" if split == "eval" else None, label=split)
+            ax.plot(*zip(*pts, strict=True), marker="o" if split == "eval" else None, label=split)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()

@@ -176,6 +176,17 @@ def clear(out: Path, log) -> None:
         log(f"--overwrite: removed the earlier run in {out} ({len(found)} files and folders)")
 
 
+def continues_in(checkpoint: Path | None, out: Path) -> bool:
+    """True when a resumed run goes on in the folder its checkpoint belongs to."""
+    return checkpoint is not None and checkpoint.parent.resolve() == out.resolve()
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The settings of a resumed run that differ from its checkpoint's, as "name old -> new"."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+            if k in saved and saved[k] != v and k not in ("resume", "out", "overwrite")]
+
+
 def start_resume(out: Path, checkpoint: Path, log) -> None:
     """Make `out` hold the history of `checkpoint` only, before the resumed run writes anything.
 

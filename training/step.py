@@ -146,3 +146,20 @@ class Totals:
         self.labelled += int(row["labelled"])
         self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = row["loss"]
+
+
+def evaluate(model, batches, runtime) -> tuple[float, float]:
+    """Loss and perplexity over `batches` (each process its share of the eval set, summed over processes)."""
+    from . import parallel
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+    with torch.no_grad(), runtime.forward():
+        for batch in batches:
+            loss_sum, n = batch_loss(model, prepare(batch, runtime.device))
+            total[0] += loss_sum.double()
+            total[1] += n
+    model.train()
+    loss_sum, n = parallel.all_reduce_sum(total).tolist()
+    loss = loss_sum / max(n, 1)
+    return loss, math.exp(min(loss, 50))
