@@ -119,6 +119,8 @@ class TrainConfig:
         "help": "attention kernels in order of preference (flash, efficient, cudnn, math), or 'default' for "
                 "PyTorch's own order; see tinyllama.runtime.sdpa_context"})
     grad_checkpointing: bool = False
+    fused_mlp: bool | None = field(default=None, metadata={
+        "help": "the LoRA MLP as one autograd function (less activation memory, fewer matmuls); default: on CUDA"})
     dist_timeout: float = field(default=300.0, metadata={
         "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
@@ -346,7 +348,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
         stream.load_state_dict(state["stream"])
         totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
         log(f"resumed from {resume_from} at step {start_step}")
-    runtime = configure_runtime(model, device, dtype, sdpa_backends=cfg.sdpa_backends,
+    runtime = configure_runtime(model, device, dtype, sdpa_backends=cfg.sdpa_backends, fused_mlp=cfg.fused_mlp,
                                 compile_scope=cfg.compile_scope if cfg.compile else None,
                                 compile_mode=cfg.compile_mode)
     if device.type == "cuda":

@@ -169,7 +169,10 @@ def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | No
     for key, t in model.state_dict().items():
         if ".lora_" in key or (key == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
-        state[key] = (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+        t = (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # a view (fused gate/up): its own copy
+            t = t.clone()
+        state[key] = t
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")

@@ -27,6 +27,8 @@ from torch.utils.checkpoint import checkpoint
 from lora.config import LoRAConfig
 from lora.layer import LoRALinear
 
+from .lora_mlp import lora_mlp
+
 # config.json keys that carry no information about the computation.
 _HARMLESS_KEYS = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
@@ -198,7 +200,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). LoRA lives here from construction when configured."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). LoRA lives here from construction when configured.
+
+    With LoRA on all three projections and `tinyllama.lora_mlp.fuse_gate_up` applied (`configure_runtime` does it
+    on CUDA), the forward pass is one autograd function, `LoRAMLP`; `reference` is the plain modules.
+    """
 
     def __init__(self, config: LlamaConfig, lora: LoRAConfig | None = None):
         super().__init__()
@@ -206,8 +212,15 @@ class MLP(nn.Module):
         self.gate_proj = _linear(h, i, "gate_proj", lora)
         self.up_proj = _linear(h, i, "up_proj", lora)
         self.down_proj = _linear(i, h, "down_proj", lora)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_gate_up
 
     def forward(self, x):
+        if self.gate_up_weight is not None and all(m.active and not m.merged for m in (
+                self.gate_proj, self.up_proj, self.down_proj)):
+            return lora_mlp(self, x)
+        return self.reference(x)
+
+    def reference(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
