@@ -121,6 +121,8 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fused_mlp: bool | None = field(default=None, metadata={
         "help": "the LoRA MLP as one autograd function (less activation memory, fewer matmuls); default: on CUDA"})
+    varlen: bool | None = field(default=None, metadata={
+        "help": "packed rows through varlen flash attention (no dense mask); default: on CUDA where torch has it"})
     dist_timeout: float = field(default=300.0, metadata={
         "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
@@ -349,7 +351,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
         totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
         log(f"resumed from {resume_from} at step {start_step}")
     runtime = configure_runtime(model, device, dtype, sdpa_backends=cfg.sdpa_backends, fused_mlp=cfg.fused_mlp,
-                                compile_scope=cfg.compile_scope if cfg.compile else None,
+                                varlen=cfg.varlen, compile_scope=cfg.compile_scope if cfg.compile else None,
                                 compile_mode=cfg.compile_mode)
     if device.type == "cuda":
         log(f"attention: {runtime.attention}")

@@ -1,7 +1,7 @@
 """Fidelity in bf16: this project and transformers + peft, trained from the same start, follow the same loss curve.
 
     python -m bench.trajectory --out runs/trajectory                  # GPU: TinyLlama shape, W2 padded, 100 steps
-    python -m bench.trajectory --shape tiny --steps 6 --out DIR       # a CPU dry run (float32: the curves agree to 1e-5)
+    python -m bench.trajectory --shape tiny --steps 6 --out DIR       # CPU dry run (float32: curves agree to 1e-5)
 
 Both systems start from the same random base (saved by transformers), the same initial adapter (this project's
 LoRA initialisation, loaded into PEFT) and see the same micro-batches (`data.BatchStream` over the W2

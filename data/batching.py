@@ -3,10 +3,13 @@
 A batch is a dict of tensors whose keys other than `labels` are keyword arguments of the model:
 - padding mode: {"input_ids", "labels", "attention_mask"}, right-padded to the longest example of the
   micro-batch. There is no pad token: padding uses `pad_id` (any id), attention_mask 0 and label -100.
-- packing mode: {"input_ids", "labels", "position_ids", "document_ids"}, rows of exactly `max_len` tokens holding
-  whole examples back to back. position_ids restart at 0 for every example and the model lets a token attend only
-  to earlier tokens with the same document id, so each example computes exactly what it would alone. The unused
-  tail of a row is padding: document id -1, label -100.
+- packing mode: {"input_ids", "labels", "position_ids", "document_ids", "cu_seqlens"}, rows of exactly `max_len`
+  tokens holding whole examples back to back. position_ids restart at 0 for every example and the model lets a
+  token attend only to earlier tokens with the same document id, so each example computes exactly what it would
+  alone. The unused tail of a row is padding: document id -1, label -100. `cu_seqlens` says the same as the
+  document ids for attention kernels that take concatenated sequences (varlen): where each segment (a document,
+  or a row's padding tail) starts in the flattened [batch * max_len] tokens, then the total, int32. It is padded
+  to a length fixed for the whole stream by repeating the total (empty segments), so every batch has one shape.
   No label is ever predicted across a document boundary: position t predicts labels[t + 1], and the first token
   of every example is BOS, labelled -100 (`pack_row` checks it).
 
@@ -109,8 +112,23 @@ def pack_row(examples, max_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "document_ids": document_ids}
 
 
-def collate_packed(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+def collate_packed(rows: list[dict[str, torch.Tensor]], row_segments: int | None = None) -> dict[str, torch.Tensor]:
+    """Stack packed rows, with their `cu_seqlens` padded to len(rows) * row_segments + 1 (default: unpadded)."""
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    starts = (batch["position_ids"].flatten() == 0).nonzero().flatten()
+    total = batch["position_ids"].numel()
+    size = len(starts) + 1 if row_segments is None else len(rows) * row_segments + 1
+    if size < len(starts) + 1:
+        raise ValueError(f"{len(starts)} segments do not fit cu_seqlens of {size - 1} (row_segments too small)")
+    cu = torch.full((size,), total, dtype=torch.int32)
+    cu[:len(starts)] = starts
+    batch["cu_seqlens"] = cu
+    return batch
+
+
+def segments_per_row(plan: list[list[int]]) -> int:
+    """The most segments a row of this packing plan holds: its documents and a padding tail."""
+    return max(len(row) for row in plan) + 1
 
 
 def pack(examples, max_len: int, *, pad_id: int = 0, sort: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -158,6 +176,7 @@ class BatchStream:
             raise ValueError(f"{len(too_long)} examples are longer than max_len={max_len} (longest "
                              f"{max(too_long)}); encode them with the same max_len")
         self.rows = plan_packing(self.lengths, max_len) if packing else None
+        self.row_segments = segments_per_row(self.rows) if packing else None  # fixes cu_seqlens' length
         self.n_items = len(self.rows) if packing else len(examples)
         self.global_batch_size = batch_size * world_size
         self.batches_per_epoch = self.n_items // self.global_batch_size
@@ -197,7 +216,7 @@ class BatchStream:
     def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
         if self.packing:
             return collate_packed([pack_row([self.examples[i] for i in self.rows[it]], self.max_len, self.pad_id)
-                                   for it in items])
+                                   for it in items], self.row_segments)
         return collate_padded([self.examples[i] for i in items], self.pad_id)
 
     # -- iteration and resumption -----------------------------------------------------------------------------
@@ -269,6 +288,7 @@ def _eval_iter(examples, groups, batch_size, max_len, packing, rank, world_size,
             continue
         chunk = groups[s:s + batch_size]
         if packing:
-            yield collate_packed([pack_row([examples[i] for i in g], max_len, pad_id) for g in chunk])
+            yield collate_packed([pack_row([examples[i] for i in g], max_len, pad_id) for g in chunk],
+                                 segments_per_row(groups))
         else:
             yield collate_padded([examples[g[0]] for g in chunk], pad_id)

@@ -14,10 +14,12 @@ model. A config that asks for any of them is refused, not approximated.
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +182,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        if isinstance(mask, Segments):  # packed rows, as concatenated documents: no mask at all
+            return self.o_proj(varlen_attention(q, k, v, mask))
         if self.n_kv_heads != self.n_heads and T == 1:
             # Decoding one token: the queries sharing a k/v head become rows of one query block, so the cache
             # is read in place instead of copied n_heads/n_kv_heads times. A single query may see every key
@@ -197,6 +201,58 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Segments(NamedTuple):
+    """Packed rows as concatenated sequences: `cu_seqlens` [segments + 1] (int32, see data.batching) over the
+    flattened [batch * row_len] tokens. Passed to the layers in place of the dense block-diagonal mask."""
+    cu_seqlens: torch.Tensor
+    row_len: int
+
+
+def varlen_attention(q, k, v, segments: Segments) -> torch.Tensor:
+    """Causal attention within each segment: q [B, H, T, D], k/v [B, KV, T, D] -> [B, T, H * D].
+
+    On CUDA, flash attention over the concatenated segments (`torch.nn.attention.varlen`, grouped k/v read in
+    place); elsewhere `varlen_reference`, the same thing one segment at a time through SDPA.
+    """
+    B, H, T, D = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))
+    kernel = _VARLEN_KERNEL if q.is_cuda else None
+    y = kernel(q, k, v, segments) if kernel is not None else varlen_reference(q, k, v, segments.cu_seqlens)
+    return y.reshape(B, T, H * D)
+
+
+def varlen_reference(q, k, v, cu_seqlens) -> torch.Tensor:
+    """q [N, H, D], k/v [N, KV, D]: SDPA with a causal mask, segment by segment (reads cu_seqlens on the host)."""
+    bounds = cu_seqlens.tolist()
+    out = [F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                          enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
+           for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+    return torch.cat(out)
+
+
+def _varlen_kernel():
+    """torch's varlen flash attention, called as the installed version spells it; None where there is none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def kernel(q, k, v, segments: Segments):
+        if not gqa and k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        cu = segments.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, segments.row_len, segments.row_len, **causal,
+                           **({"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}))
+
+    return kernel
+
+
+_VARLEN_KERNEL = _varlen_kernel()
 
 
 class MLP(nn.Module):
@@ -264,17 +320,20 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.varlen_attention = False  # packed rows: segments (True) or the dense mask (the reference path)
         if lora is not None:
             for name, p in self.named_parameters():
                 p.requires_grad_(".lora_" in name)
 
     def hidden_states(self, input_ids, *, position_ids=None, attention_mask=None, document_ids=None,
-                      cache: "KVCache | None" = None) -> torch.Tensor:
+                      cu_seqlens=None, cache: "KVCache | None" = None) -> torch.Tensor:
         """The final-norm hidden states [B, T, hidden]: everything but the LM head.
 
         - `position_ids` [B, T]: defaults to 0..T-1 (continuing from the cache when one is given).
         - `attention_mask` [B, T_keys]: 1 for real tokens, 0 for padding (T_keys includes cached tokens).
         - `document_ids` [B, T]: packed rows; a token attends only to earlier tokens of its own document.
+        - `cu_seqlens`: the same packed rows as segments (data.batching); used instead of `document_ids` when
+          `varlen_attention` is on (`configure_runtime` turns it on where torch has the CUDA kernel).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -282,8 +341,11 @@ class Llama(nn.Module):
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, position_ids, x.dtype)
-        mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device,
-                                    force=cache is not None)
+        if cu_seqlens is not None and self.varlen_attention and cache is None and attention_mask is None:
+            mask = Segments(cu_seqlens, T)
+        else:
+            mask = build_attention_mask(T, past, attention_mask, document_ids, input_ids.device,
+                                        force=cache is not None)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)

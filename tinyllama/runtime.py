@@ -65,15 +65,19 @@ class Runtime:
 
 def configure_runtime(model, device: torch.device, dtype: torch.dtype, *,
                       sdpa_backends: str = DEFAULT_SDPA_BACKENDS, fused_mlp: bool | None = None,
-                      compile_scope: str | None = None, compile_mode: str = "default") -> Runtime:
+                      varlen: bool | None = None, compile_scope: str | None = None,
+                      compile_mode: str = "default") -> Runtime:
     """Set the model's runtime switches for this machine: grouped k/v read in place where the preferred kernel
     takes them (`Attention.native_gqa`); the LoRA MLP as one autograd function (`tinyllama.lora_mlp`; None: on
-    CUDA); torch.compile (`compile_scope` "layers" or "model"; None: eager). Call it once the model is loaded
-    on `device`."""
+    CUDA); packed rows as concatenated segments for varlen flash attention instead of a dense mask
+    (`Llama.varlen_attention`; None: on CUDA where torch has the kernel); torch.compile (`compile_scope`
+    "layers" or "model"; None: eager). Call it once the model is loaded on `device`."""
     from .lora_mlp import fuse_gate_up
+    from .model import _VARLEN_KERNEL
 
     repeated, in_place = attention_kernels(device, dtype, sdpa_backends, model.config)
     fused_mlp = device.type == "cuda" if fused_mlp is None else fused_mlp
+    model.varlen_attention = device.type == "cuda" and _VARLEN_KERNEL is not None if varlen is None else varlen
     for layer in model.model.layers:
         layer.self_attn.native_gqa = in_place == repeated
         if fused_mlp:
