@@ -93,7 +93,9 @@ class TrainConfig:
     max_len: int = 1024
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
     epochs: float = 1.0
-    packing: bool = field(default=False, metadata={"help": "pack conversations into full rows"})
+    packing: bool | None = field(default=None, metadata={
+        "help": "pack conversations into rows of --max-len tokens (each cut at the model's context); default: on "
+                "CUDA, where it is the fastest (a step then holds more conversations), off on a CPU"})
     group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (padding mode)"})
     # Bookkeeping
     eval_every: int = field(default=100, metadata={"help": "steps between evals; 0: only at the end"})
@@ -243,9 +245,21 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
 
 # ---- small pieces the loop uses ---------------------------------------------------------------------------
 
+def with_machine_defaults(cfg: TrainConfig) -> TrainConfig:
+    """The settings whose default depends on the machine, decided: --packing on CUDA, not on a CPU."""
+    if cfg.packing is None:
+        try:
+            cuda = resolve_device(cfg.device).type == "cuda"
+        except RuntimeError:
+            cuda = False  # validate says what is wrong with --device
+        cfg = dataclasses.replace(cfg, packing=cuda)
+    return cfg
+
+
 def context_problem(cfg: TrainConfig, config) -> str | None:
-    """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None."""
-    if cfg.max_len <= config.max_position_embeddings:
+    """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None. Packed rows
+    may be longer: each conversation in them is cut at the model's context instead."""
+    if cfg.max_len <= config.max_position_embeddings or cfg.packing:
         return None
     return (f"--max-len {cfg.max_len} is longer than the model's max_position_embeddings "
             f"({config.max_position_embeddings}); lower --max-len to at most that")
@@ -310,12 +324,13 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
                 f"{config.vocab_size:,} embeddings, so ids past {config.vocab_size - 1} have none; pass the "
                 "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
     n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
-    train_examples = load_examples(cfg.data, tokenizer, cfg.max_len, vocab_size=config.vocab_size, seed=cfg.seed,
+    example_len = min(cfg.max_len, config.max_position_embeddings)  # the row length, or less in packed rows
+    train_examples = load_examples(cfg.data, tokenizer, example_len, vocab_size=config.vocab_size, seed=cfg.seed,
                                    n_random=n_random, log=log)
     eval_examples = []
     if cfg.eval_data.lower() != "none":
         eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
-                         else load_examples(cfg.eval_data, tokenizer, cfg.max_len, log=log))
+                         else load_examples(cfg.eval_data, tokenizer, example_len, log=log))
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world)
@@ -376,6 +391,7 @@ def finish_step(q: QueuedStep, run: Run, cfg: TrainConfig, proc: parallel.Proces
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def main(cfg: TrainConfig) -> dict:
+    cfg = with_machine_defaults(cfg)
     lora_config = validate(cfg)
     if cfg.dry_run:
         shape = cfg.model if (Path(cfg.model) / "config.json").is_file() else "TinyLlama-1.1B shape"

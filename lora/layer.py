@@ -44,6 +44,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x2, self.weight)
         a = F.linear(self.lora_dropout(x2), self.lora_A.weight) * self.scaling
         b = self.lora_B.weight.to(a.dtype)  # what autocast would do; in-place ops are not autocast
+        if torch.compiler.is_compiling():  # traced, the in-place add becomes a copy plus an add; inductor fuses this
+            return (y + a @ b.t()).view(*x.shape[:-1], y.shape[-1])
         return y.addmm_(a, b.t()).view(*x.shape[:-1], y.shape[-1])
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

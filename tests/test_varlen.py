@@ -13,7 +13,7 @@ import lora
 from data import collate_packed, pack, plan_packing
 from data.batching import segments_per_row
 from data.encoding import Example
-from helpers import hf_checkpoint, run, train_losses
+from helpers import GUANACO_SAMPLE, TOKENIZER_PATH, hf_checkpoint, run, train_losses
 from lora import LoRAConfig
 from tinyllama import load_model
 from tinyllama.loss import causal_lm_loss
@@ -91,7 +91,6 @@ def test_without_segments_the_documents_would_see_each_other(hf_tiny):
 
 def test_train_py_packed_with_varlen_trains_like_the_dense_mask(tmp_path):
     ckpt = hf_checkpoint(tmp_path / "model", vocab_size=32000, hidden_size=32, intermediate_size=64)
-    from helpers import TOKENIZER_PATH
     (ckpt / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
     common = dict(packing=True, batch_size=2, max_len=256, steps=3)
     _, mask = run(tmp_path, ckpt, "mask", varlen=False, **common)
@@ -121,3 +120,22 @@ def test_cuda_varlen_flash_attention_matches_the_dense_mask(hf_tiny):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3)
+
+
+def test_packed_rows_may_be_longer_than_the_context_with_each_conversation_cut_at_it(tmp_path):
+    import train
+    from training import parallel
+
+    ckpt = hf_checkpoint(tmp_path / "model", vocab_size=32000, hidden_size=32, intermediate_size=64,
+                         max_position_embeddings=64)
+    (ckpt / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
+    config = load_model(ckpt).config
+    cfg = train.TrainConfig(model=str(ckpt), data=str(GUANACO_SAMPLE), eval_data="none", rank=4, packing=True,
+                            max_len=128, batch_size=1, steps=1, samples=False)
+    assert train.context_problem(cfg, config) is None  # rows of 128 > 64 positions: allowed when packing
+    run_ = train.load_run(cfg, train.validate(cfg), parallel.Process(torch.device("cpu")), None)
+    lengths = [len(e) for e in run_.stream.examples]
+    assert run_.stream.max_len == 128 and max(lengths) == 64  # the longer conversations were cut at 64
+    assert max(sum(lengths[i] for i in row) for row in run_.stream.rows) > 64  # rows pack past the context
+    unpacked = train.TrainConfig(model=str(ckpt), packing=False, max_len=128)
+    assert "longer than the model's max_position_embeddings (64)" in train.context_problem(unpacked, config)
