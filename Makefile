@@ -40,7 +40,7 @@ params: setup
 BASELINE ?=
 BENCH_ARGS ?=
 bench: setup
-	$(PY) bench/bench.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
+	$(PY) -m bench.bench $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 ADAPTER ?=
 chat: setup

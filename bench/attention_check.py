@@ -1,6 +1,6 @@
 """Which SDPA kernel to prefer for training: each kernel's cost at a new sequence length and at a repeated one.
 
-    python bench/attention_check.py --out runs/attention     # CUDA: TinyLlama's heads, bf16, forward + backward
+    python -m bench.attention_check --out runs/attention     # CUDA: TinyLlama's heads, bf16, forward + backward
 
 Length-grouped padded batches bring a new sequence length almost every step. A kernel that prepares something
 per shape (cuDNN builds an execution plan) pays that again and again; this measures it. For each kernel and
@@ -55,7 +55,7 @@ def measure(kernel: str, gqa: bool, lengths, args, device, dtype) -> dict:
         v = torch.randn(b, n_kv, T, d, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(b, heads, T, d, device=device, dtype=dtype)
 
-        def step():
+        def step(q=q, k=k, v=v, grad=grad):  # called at once, in this iteration
             with sdpa_kernel([KERNELS[kernel]]):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             y.backward(grad)
@@ -72,7 +72,7 @@ def measure(kernel: str, gqa: bool, lengths, args, device, dtype) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.attention_check", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--lengths", default="", help="comma-separated new sequence lengths (default 5 between "
                                                   "300 and 1000 on CUDA, tiny on a CPU)")

@@ -76,7 +76,7 @@ def run_decode_bench(model_ours, hf_model, prompts: list[list[int]], max_new_tok
     for _ in range(repeats):
         for n in (1, max_new_tokens):
             for s, fn in systems.items():
-                seconds, out = timed(lambda: fn(n))
+                seconds, out = timed(lambda fn=fn, n=n: fn(n))  # called at once, in this iteration
                 assert all(len(row) == n for row in out), f"{s} stopped early: {[len(r) for r in out]}"
                 times[s, n].append(seconds)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -126,7 +126,7 @@ def build_models(shape: dict, device, dtype, folder):
 def main(argv=None):
     import tempfile
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.decode_bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--full", action="store_true", help="the real TinyLlama-1.1B shape instead of a small one")

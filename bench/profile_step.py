@@ -1,9 +1,9 @@
 """Where a training step's time goes: torch.profiler over a few steps of the real loop, this project and HF.
 
-    python bench/profile_step.py --device cuda --shape full --out runs/profile      # W1, rank 64
-    python bench/profile_step.py --device cpu --shape cpu --systems this,hf-eager
+    python -m bench.profile_step --device cuda --shape full --out runs/profile      # W1, rank 64
+    python -m bench.profile_step --device cpu --shape cpu --systems this,hf-eager
 
-The steps profiled are those of `train.main` itself (and of `bench/hf_baseline.py`): a global optimizer
+The steps profiled are those of `train.main` itself (and of `bench.hf_baseline`): a global optimizer
 step hook starts the profiler after optimizer step `--skip` and stops it `--profile-steps` steps later, so
 the loop is not copied here and warm-up steps are left out. Written to `--out`: `profile.md` with, per
 system, the time per step by category (matmul, attention, loss, optimizer, dropout, copies, the rest),
@@ -17,26 +17,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
-    sys.path[0] = str(ROOT)
-elif str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-import train  # noqa: E402
-from bench import workloads as wl  # noqa: E402
-from lora import LoRAConfig  # noqa: E402
-from data.synthetic import random_examples  # noqa: E402
-from tinyllama import LlamaConfig  # noqa: E402
-from tinyllama.runtime import device_name  # noqa: E402
+import train
+from bench import hf_baseline
+from bench import workloads as wl
+from bench.bench import parse_variant
+from data import BatchStream
+from data.synthetic import random_examples
+from lora import LoRAConfig
+from tinyllama import LlamaConfig
+from tinyllama.runtime import device_name
 
 # aten operator name fragments -> category, first match wins.
 CATEGORIES = [
@@ -113,29 +110,41 @@ def kernel_ms(prof, steps: int) -> float | None:
     return sum(e.self_device_time_total for e in rows) / 1000 / steps if rows else None
 
 
-def profile_system(system: str, ctx: dict) -> dict:
-    device, skip, n = ctx["device"], ctx["skip"], ctx["n"]
+@dataclass
+class ProfileContext:
+    """What every profiled system shares: the device and precision, the model shape, the rank, the window."""
+    device: torch.device
+    dtype: torch.dtype
+    shape: str  # a key of bench.workloads.SHAPES
+    config: LlamaConfig
+    rank: int
+    skip: int  # optimizer steps before the profiled ones
+    profile_steps: int
+    tmp: Path  # this project's run writes its output folder here
+    model_dir: Path  # config.json only: train.py builds random weights of this shape (--random-init)
+    overrides: dict  # train.py settings for this project's run (TrainConfig fields)
+
+
+def profile_system(system: str, ctx: ProfileContext) -> dict:
+    device, skip, n = ctx.device, ctx.skip, ctx.profile_steps
     steps = skip + n + 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities, record_shapes=False)
-    w = wl.workloads(ctx["shape"])["W1"]
-    rank = ctx["rank"]
+    w = wl.workloads(ctx.shape)["W1"]
+    rank = ctx.rank
     with StepWindow(prof, skip, n) as window:
         if system in ("this", "this-compile"):
             train.main(train.TrainConfig(
-                model=str(ctx["model_dir"]), random_init=True, data=f"random:{steps * w.batch_size}",
+                model=str(ctx.model_dir), random_init=True, data=f"random:{steps * w.batch_size}",
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
-                out=str(ctx["tmp"] / "this"), overwrite=True, device=str(device),
-                compile=system == "this-compile", **ctx["overrides"]))
+                out=str(ctx.tmp / "this"), overwrite=True, device=str(device),
+                compile=system == "this-compile", **ctx.overrides))
         else:
-            from bench import hf_baseline
-            from data import BatchStream
-
-            stream = BatchStream(random_examples(steps * w.batch_size, w.max_len, ctx["config"].vocab_size, 0),
+            stream = BatchStream(random_examples(steps * w.batch_size, w.max_len, ctx.config.vocab_size, 0),
                                  w.batch_size, w.max_len, seed=0)
-            hf_baseline.run(ctx["config"], LoRAConfig(rank=rank, alpha=float(rank)), stream, steps, device,
-                            ctx["dtype"], compile=system == "hf-compile")
+            hf_baseline.run(ctx.config, LoRAConfig(rank=rank, alpha=float(rank)), stream, steps, device,
+                            ctx.dtype, compile=system == "hf-compile")
     if not window.stopped:
         raise RuntimeError(f"{system}: the profiler window (steps {skip + 1}-{skip + n}) was not reached")
     cuda = device.type == "cuda"
@@ -146,7 +155,7 @@ def profile_system(system: str, ctx: dict) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="auto", choices=["auto", *wl.SHAPES])
     p.add_argument("--rank", type=int, default=64)
@@ -155,11 +164,10 @@ def main(argv=None):
     p.add_argument("--skip", type=int, default=5, help="optimizer steps before the profiled ones")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--set", default="", metavar="KEY=VALUE;KEY=VALUE",
-                   help="train.py settings for this project's run, as bench.py --variant takes them "
+                   help="train.py settings for this project's run, as bench.bench --variant takes them "
                         "(e.g. 'compile_scope=model;sdpa_backends=default')")
     p.add_argument("--out", default="runs/profile")
     args = p.parse_args(argv)
-    from bench.bench import parse_variant
     overrides = parse_variant("set:" + args.set)[1]
     device = torch.device(args.device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
@@ -171,9 +179,9 @@ def main(argv=None):
         tmp = Path(tmp)
         (tmp / "model").mkdir()
         (tmp / "model" / "config.json").write_text(json.dumps(config.to_hf_dict()))
-        ctx = dict(device=device, shape=shape, config=config, rank=args.rank, skip=args.skip, n=args.profile_steps,
-                   tmp=tmp, model_dir=tmp / "model", overrides=overrides,
-                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ctx = ProfileContext(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                             shape=shape, config=config, rank=args.rank, skip=args.skip,
+                             profile_steps=args.profile_steps, tmp=tmp, model_dir=tmp / "model", overrides=overrides)
         for system in args.systems.split(","):
             results.append(profile_system(system, ctx))
             write(results, out, device, shape, args)
