@@ -3,8 +3,8 @@
     y = down(silu(gate(x)) * up(x)),   each projection  W x + s * B(A(dropout(x)))
 
 What the plain autograd graph keeps for backward, per layer: x twice (each dropout output), both x·A products,
-silu(gate), the product h, h again after down's dropout, h·A, plus every intermediate's grad. `LoRAMLP` keeps x,
-the gate and up pre-activations and the dropout masks (one bit a value, none without dropout), and recomputes
+the gate and up outputs, silu(gate), the product h, h again after down's dropout, and h·A. `LoRAMLP` keeps x,
+the gate and up pre-activations and the dropout masks (a byte a value, none without dropout), and recomputes
 the rest in backward, in the manner of unsloth's `LoRA_MLP`. Gate and up read the same x: with the two base
 weights stored as one [2 * intermediate, hidden] tensor (`fuse_gate_up`; the modules' `weight`s become views of
 it, so checkpoints and adapters keep Hugging Face's and PEFT's names) their base products are one matmul in the
