@@ -4,7 +4,7 @@ The reference table gives training time and trainable/total parameters per LoRA 
 and memory, and the same for transformers + peft. Run from the repository root:
 
     python -m bench.bench                      # this project: W1 at ranks 4/16/64/256, W2 padded/packed at 64
-    python -m bench.bench --baseline hf        # plus transformers + peft, eager and torch.compile, at rank 64
+    python -m bench.bench --baseline hf        # plus transformers + peft: eager, torch.compile, Liger-Kernel
     python -m bench.bench --combine a.json b.json --name gpu   # one table from several results files
 
 Every run of this project is `train.main` (128 optimizer steps by default, one micro-batch each, on random
@@ -12,7 +12,13 @@ weights of the model's shape: `--random-init`); the baseline is `bench.hf_baseli
 tokens train.py counted are checked against a replay of the same batches, so both systems are measured on what
 they really saw. On CUDA the shape is TinyLlama-1.1B; on a CPU it is a scaled-down configuration (see
 `bench.workloads`) with fewer steps, and the table's title says so. Workloads W1 (random ids) and W2
-(guanaco-shaped, prompt-masked; padded and packed) are described in `bench.workloads`.
+(guanaco-shaped, prompt-masked; padded, packed, and packed in longer rows) are described in `bench.workloads`.
+
+The transformers + peft configurations (`--baseline hf`, all at the focus rank, in this process, on the same
+workloads): `hf-eager` (SDPA attention), `hf-compile` (the same under `torch.compile`) and `hf-liger` (the same
+with Liger-Kernel's Llama kernels, CUDA only; on a CPU it is skipped with a note). On W2-packed they train
+padding-free on this project's packed rows (see `bench.hf_baseline`); on W2-padded they pad to the longest of a
+shuffled micro-batch. Every ratio in the report is against the best of them on the same workload family.
 
 What the columns mean:
 - Training Time (s) / `seconds`: the sum of the step times of all steps, the first (warm-up, compilation) ones
@@ -26,6 +32,9 @@ What the columns mean:
   training_flops_per_token` (frozen-base LoRA: 4 x matmul weights for forward and input-gradient backward,
   attention at the row length, 6 x r x (in + out) per adapter); both numbers are printed.
 - peak memory: `torch.cuda.max_memory_allocated` from just before the first step (weights included); n/a on CPU.
+- first step (s): from the start of `train.main` (or of the baseline's run) to the end of its first optimizer
+  step, the device synchronised: building the model, compiling it, and the first step. For a compiled run this is
+  the compile warm-up.
 
 Results go to `--out-dir` (default bench/results) as `<device>-<date>.md` and `.json`, rewritten after every
 run, so an interrupted benchmark keeps what it measured; `bench.report` renders them and checks the targets.
@@ -39,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import fnmatch
 import json
 import os
 import platform
@@ -68,8 +78,10 @@ from tinyllama.runtime import resolve_device
 from training.step import labelled_count, real_token_count
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("this", "this-compile", "hf-eager", "hf-compile")
-CPU_STEPS = 32  # CPU default: 6 runs x 32 steps of the scaled-down shape take about 2 minutes on 2 cores
+SYSTEMS = ("this", "this-compile", "hf-eager", "hf-compile", "hf-liger")
+HF_SYSTEMS = ("hf-eager", "hf-compile", "hf-liger")  # what --baseline hf runs
+HF_WORKLOADS = "W1,W2-padded,W2-packed"
+CPU_STEPS = 32  # CPU default: 8 runs x 32 steps of the scaled-down shape take about 3 minutes on 2 cores
 CPU_DECODE_ARGS = ["--new-tokens", "16", "--repeats", "2"]  # decode_bench's defaults take ~4 minutes on 2 cores
 
 
@@ -84,15 +96,21 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=0, help=f"optimizer steps per run (0: 128 on CUDA, {CPU_STEPS} on CPU)")
     p.add_argument("--warmup-steps", type=int, default=-1,
                    help="first steps left out of steady-state tokens/s (-1: min(5, steps // 4))")
-    p.add_argument("--workloads", default=",".join(wl.WORKLOADS), help="comma-separated: W1,W2-padded,W2-packed")
+    p.add_argument("--workloads", default=",".join(wl.WORKLOADS), help=f"comma-separated: {','.join(wl.WORKLOADS)}")
     p.add_argument("--baseline", default="none", choices=["none", "hf"],
-                   help="hf: also run transformers + peft, eager and under torch.compile")
+                   help=f"hf: also run transformers + peft ({', '.join(HF_SYSTEMS)})")
     p.add_argument("--systems", default="",
                    help=f"comma-separated subset of {','.join(SYSTEMS)} (overrides --baseline; this-compile is "
                         "this project with --compile, at the focus rank)")
-    p.add_argument("--hf-workloads", default="W1,W2-padded", help="workloads transformers + peft eager runs")
+    p.add_argument("--hf-workloads", default=HF_WORKLOADS, help="workloads transformers + peft eager runs")
     p.add_argument("--hf-compile-workloads", default="",
                    help="workloads transformers + peft under torch.compile runs (default: --hf-workloads)")
+    p.add_argument("--hf-liger-workloads", default="",
+                   help="workloads transformers + peft with Liger-Kernel runs (default: --hf-workloads)")
+    p.add_argument("--run-steps", default="", metavar="PATTERN=N,...",
+                   help="other step counts for some runs: PATTERN is SYSTEM:WORKLOAD, or a system or a workload "
+                        "alone, with * wildcards (e.g. 'W2-packed-4096=64,hf-*:W2-padded=64'); the last "
+                        "pattern that matches a run sets its steps")
     p.add_argument("--this-compile-workloads", default="W1", help="workloads this-compile runs")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;KEY=VALUE",
                    help="also run this project with these train.py settings (TrainConfig fields, e.g. "
@@ -125,14 +143,66 @@ class BenchContext:
     dtype: torch.dtype
     device_name: str
     config: LlamaConfig
-    steps: int
+    steps: int  # per run, unless run_steps says otherwise
     warmup: int  # steps left out of steady-state tokens/s
     dropout: float
     peak_flops: float
     tmp: Path  # each run's output folder goes here
     model_dir: Path  # config.json only: train.py builds random weights of this shape (--random-init)
     w2_path: Path | None  # the guanaco .jsonl W2 reads; None when no W2 workload runs
-    examples: dict[tuple[str, int], list] = field(default_factory=dict)  # examples_for's cache
+    run_steps: list[tuple[str, int]] = field(default_factory=list)  # (pattern, steps) from --run-steps
+    examples: dict[tuple, list] = field(default_factory=dict)  # examples_for's cache
+
+
+def parse_run_steps(spec: str) -> list[tuple[str, int]]:
+    """'PATTERN=N,PATTERN=N' -> [(PATTERN, N)] (see --run-steps)."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        pattern, _, n = item.rpartition("=")
+        if not pattern or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"bench.py: --run-steps {spec!r}: expected PATTERN=N (N >= 1), got {item!r}")
+        out.append((pattern, int(n)))
+    return out
+
+
+def steps_for(system: str, workload: str, ctx: BenchContext) -> int:
+    """This run's optimizer steps: --steps, or the last --run-steps pattern that matches it."""
+    def match(name, pattern):  # exact first: a system such as this[plain] is not a character class
+        return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+    steps = ctx.steps
+    for pattern, n in ctx.run_steps:
+        if ":" in pattern:
+            sys_pattern, _, work_pattern = pattern.partition(":")
+            hit = match(system, sys_pattern) and match(workload, work_pattern)
+        else:
+            hit = match(system, pattern) or match(workload, pattern)
+        steps = n if hit else steps
+    return steps
+
+
+class FirstStep:
+    """Seconds from entering the block to the end of the first optimizer step taken in it, the device
+    synchronised then: a global optimizer step hook, so `train.main` is timed as it runs, unchanged."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, None
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.t0 = time.perf_counter()
+        self.handle = register_optimizer_step_post_hook(self.hook)
+        return self
+
+    def hook(self, optimizer, args, kwargs) -> None:
+        if self.seconds is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds = time.perf_counter() - self.t0
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 # ---- measuring ----------------------------------------------------------------------------------------------
@@ -159,7 +229,7 @@ def replay(examples, w: wl.Workload, steps: int, seed: int = 0) -> dict[str, lis
 
 def make_row(system: str, work: wl.Workload, rank: int, step_s: list[float], counts: dict[str, list[int]], *,
              ctx: BenchContext, trainable: int, total: int, peak_gib: float | None, compile: bool,
-             losses: list[float], wall_s: float, leftover_gib: float | None) -> dict:
+             losses: list[float], wall_s: float, leftover_gib: float | None, first_step_s: float | None) -> dict:
     """One results row: times, real-token throughput, MFU and memory of a run, with what it ran."""
     steps = len(step_s)
     sec, tok = steady(step_s, counts["tokens"], ctx.warmup)
@@ -183,7 +253,8 @@ def make_row(system: str, work: wl.Workload, rank: int, step_s: list[float], cou
         "device": ctx.device_name, "dtype": str(ctx.dtype).replace("torch.", ""), "compile": compile,
         "batch_size": work.batch_size, "max_len": work.max_len, "packing": work.packing,
         "group_by_length": work.group_by_length, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "wall_s": wall_s, "load_avg": load_avg(),
+        "last_loss": losses[-1] if losses else None, "wall_s": wall_s, "first_step_s": first_step_s,
+        "load_avg": load_avg(),
     }
 
 
@@ -220,9 +291,10 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 def run_this(w: wl.Workload, rank: int, *, ctx: BenchContext, compile: bool = False,
              variant: tuple[str, dict] | None = None) -> dict:
     """One run of the real training loop (`train.main`) and its row; `variant`: (name, TrainConfig overrides)."""
-    steps = ctx.steps
     overrides = dict(variant[1]) if variant else {}
     compile = overrides.pop("compile", compile)
+    system = f"this[{variant[0]}]" if variant else "this-compile" if compile else "this"
+    steps = steps_for(system, w.name, ctx)
     name = f"this-{w.name}-r{rank}{'-compile' if compile else ''}{'-' + variant[0] if variant else ''}"
     out = ctx.tmp / name
     data = f"random:{steps * w.batch_size}" if w.name == "W1" else str(ctx.w2_path)
@@ -235,49 +307,64 @@ def run_this(w: wl.Workload, rank: int, *, ctx: BenchContext, compile: bool = Fa
     cfg = train.TrainConfig(**{**settings, **overrides})
     leftover = allocated_gib(ctx.device)
     t0 = time.perf_counter()
-    summary = train.main(cfg)
+    with FirstStep(ctx.device) as first:
+        summary = train.main(cfg)
     wall = time.perf_counter() - t0
     hf_baseline.release(compile)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     metrics = [m for m in metrics if m["split"] == "train"]
     if [m["step"] for m in metrics] != list(range(1, steps + 1)):
         raise RuntimeError(f"{out}/metrics.jsonl does not hold one train row per step (log_every=1)")
-    counts = replay(examples_for(w, ctx), w, steps)
+    counts = replay(examples_for(w, ctx, steps), w, steps)
     counted = summary["tokens_per_s"] * summary["training_time_s"]
     if abs(counted - sum(counts["tokens"])) > 0.5 + 1e-6 * counted:
         raise RuntimeError(f"{name}: train.py counted {counted:.0f} real tokens, the replayed batches hold "
                            f"{sum(counts['tokens'])}: the benchmark no longer builds the batches train.py does")
-    system = f"this[{variant[0]}]" if variant else "this-compile" if compile else "this"
     return make_row(system, w, rank, [m["step_s"] for m in metrics], counts,
                     ctx=ctx, trainable=summary["trainable_params"], total=summary["total_params"],
-                    peak_gib=summary["peak_gib"], compile=compile,
-                    losses=[m["loss"] for m in metrics], wall_s=wall, leftover_gib=leftover)
+                    peak_gib=summary["peak_gib"], compile=compile, losses=[m["loss"] for m in metrics],
+                    wall_s=wall, leftover_gib=leftover, first_step_s=first.seconds)
 
 
-def run_hf(w: wl.Workload, rank: int, *, ctx: BenchContext, compile: bool) -> dict:
-    """One run of the transformers + peft baseline on the same examples, batched its usual way, and its row."""
+def run_hf(system: str, w: wl.Workload, rank: int, *, ctx: BenchContext) -> dict:
+    """One run of a transformers + peft configuration on the same examples, batched its usual way (packed rows
+    padding-free), and its row."""
     hw = wl.baseline_workload(w)
-    stream = BatchStream(examples_for(w, ctx), hw.batch_size, hw.max_len, packing=False, group_by_length=False,
-                         seed=0)
+    steps = steps_for(system, w.name, ctx)
+    stream = BatchStream(examples_for(w, ctx, steps), hw.batch_size, hw.max_len, packing=hw.packing,
+                         group_by_length=hw.group_by_length, seed=0)
     lora_config = LoRAConfig(rank=rank, alpha=float(rank), dropout=ctx.dropout)
+    compile = system == "hf-compile"
     leftover = allocated_gib(ctx.device)
     t0 = time.perf_counter()
-    r = hf_baseline.run(ctx.config, lora_config, stream, ctx.steps, ctx.device, ctx.dtype, compile=compile)
+    try:
+        r = hf_baseline.run(ctx.config, lora_config, stream, steps, ctx.device, ctx.dtype, compile=compile,
+                            liger=system == "hf-liger")
+    except ImportError as e:
+        if system != "hf-liger":
+            raise
+        raise RuntimeError(f"Liger-Kernel cannot be imported ({e}); bench/gpu_check.sh installs "
+                           "bench/wheels/liger_kernel-*.whl onto PYTHONPATH") from e
     wall = time.perf_counter() - t0
-    row = make_row("hf-compile" if compile else "hf-eager", hw, rank, r["step_s"], r, ctx=ctx,
-                   trainable=r["trainable_params"], total=r["total_params"], peak_gib=r["peak_gib"],
-                   compile=compile, losses=r["losses"], wall_s=wall, leftover_gib=leftover)
-    return row
+    return make_row(system, hw, rank, r["step_s"], r, ctx=ctx, trainable=r["trainable_params"],
+                    total=r["total_params"], peak_gib=r["peak_gib"], compile=compile, losses=r["losses"],
+                    wall_s=wall, leftover_gib=leftover, first_step_s=r["first_step_s"])
 
 
-def examples_for(w: wl.Workload, ctx: BenchContext) -> list:
-    """The examples train.py builds for this workload (cached per (workload data, max_len))."""
-    key = ("W1" if w.name == "W1" else "W2", w.max_len)
+def examples_for(w: wl.Workload, ctx: BenchContext, steps: int | None = None) -> list:
+    """The examples train.py builds for this workload and step count (cached): W1's random rows, one per
+    sequence of the run; W2's conversations, each cut at the row length or the model's context, whichever is
+    shorter, as train.py cuts them."""
+    if w.name == "W1":
+        n = (steps or ctx.steps) * w.batch_size
+        key = ("W1", w.max_len, n)
+        if key not in ctx.examples:
+            ctx.examples[key] = random_examples(n, w.max_len, ctx.config.vocab_size, seed=0)
+        return ctx.examples[key]
+    cut = min(w.max_len, ctx.config.max_position_embeddings)
+    key = ("W2", cut)
     if key not in ctx.examples:
-        if w.name == "W1":
-            ctx.examples[key] = random_examples(ctx.steps * w.batch_size, w.max_len, ctx.config.vocab_size, seed=0)
-        else:
-            ctx.examples[key], _ = encode_all(load_conversations(str(ctx.w2_path)), Tokenizer(TOKENIZER), w.max_len)
+        ctx.examples[key], _ = encode_all(load_conversations(str(ctx.w2_path)), Tokenizer(TOKENIZER), cut)
     return ctx.examples[key]
 
 
@@ -292,10 +379,13 @@ def padding_report(w: wl.Workload, ctx: BenchContext) -> dict:
 # ---- the plan and the run -----------------------------------------------------------------------------------
 
 def plan(args, ranks: list[int], names: list[str], systems: list[str]) -> list[tuple[str, str, int]]:
-    """(system, workload, rank) in run order: eager runs first, compiled ones last (compilation leaves worker
-    processes and caches behind that should not overlap an eager measurement)."""
-    def pick(spec):  # the baseline has no packed mode (packing is this project's): W2-packed is never its
-        return [n for n in spec.split(",") if n in names and n != "W2-packed"]
+    """(system, workload, rank) in run order: eager runs first, compiled ones after them (compilation leaves
+    worker processes and caches behind that should not overlap an eager measurement), then hf-liger:
+    Liger-Kernel patches transformers' Llama classes for the whole process (`hf_baseline.liger_kernels` puts
+    them back afterwards), so it runs after every other transformers + peft run, where even a patch left behind
+    could not change another's measurement. The --variant runs come last."""
+    def pick(spec):
+        return [n for n in spec.split(",") if n in names]
 
     runs = []
     if "this" in systems:
@@ -307,6 +397,8 @@ def plan(args, ranks: list[int], names: list[str], systems: list[str]) -> list[t
         runs += [("this-compile", n, args.focus_rank) for n in names if n in args.this_compile_workloads.split(",")]
     if "hf-compile" in systems:
         runs += [("hf-compile", n, args.focus_rank) for n in pick(args.hf_compile_workloads or args.hf_workloads)]
+    if "hf-liger" in systems:
+        runs += [("hf-liger", n, args.focus_rank) for n in pick(args.hf_liger_workloads or args.hf_workloads)]
     for spec in args.variant:
         name = spec.partition(":")[0]
         runs += [(f"this[{name}]", n, args.focus_rank) for n in args.variant_workloads.split(",") if n in names]
@@ -341,9 +433,10 @@ def main(argv=None) -> dict:
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     unknown = [n for n in names if n not in wl.WORKLOADS]
     systems = ([s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else
-               ["this", "hf-eager", "hf-compile"] if args.baseline == "hf" else ["this"])
+               ["this", *HF_SYSTEMS] if args.baseline == "hf" else ["this"])
     bad_systems = [s for s in systems if s not in SYSTEMS]
     variants = dict(parse_variant(v) for v in args.variant)
+    run_steps = parse_run_steps(args.run_steps)
     if unknown or bad_systems:
         raise SystemExit(f"bench.py: unknown workload(s) {unknown} or system(s) {bad_systems}; "
                          f"choose from {wl.WORKLOADS} and {SYSTEMS}")
@@ -370,13 +463,14 @@ def main(argv=None) -> dict:
         w2_path, w2_source = w2_data(args, shape, steps, works, tmp) if any(n != "W1" for n in names) else (None, None)
         ctx = BenchContext(device=device, dtype=dtype, device_name=device_name, config=config, steps=steps,
                            warmup=warmup, dropout=args.dropout, peak_flops=measure_matmul_peak(device, dtype), tmp=tmp,
-                           model_dir=model_dir, w2_path=w2_path)
+                           model_dir=model_dir, w2_path=w2_path, run_steps=run_steps)
         meta = {
             "date": date, "device": device_name, "device_type": device.type, "torch": torch.__version__,
             "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
             "command": "python -m bench.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                      else sys.argv[1:])),
             "shape": shape, "model_config": dataclasses.asdict(config), "steps": steps, "warmup_steps": warmup,
+            "run_steps": args.run_steps,
             "dtype": str(dtype).replace("torch.", ""), "peak_flops": ctx.peak_flops,
             "peak_flops_note": f"measured: {'8192' if device.type == 'cuda' else '1024'}^2 "
                                f"{str(dtype).replace('torch.', '')} matmul on this device, this run",
@@ -392,14 +486,21 @@ def main(argv=None) -> dict:
               f"({warmup} warm-up), matmul peak {ctx.peak_flops / 1e12:.2f} TFLOP/s ({meta['dtype']})", flush=True)
         for system, wname, rank in plan(args, ranks, names, systems):
             w = works[wname]
-            print(f"\n=== {system} {wname} rank {rank} ===", flush=True)
+            print(f"\n=== {system} {wname} rank {rank}, {steps_for(system, wname, ctx)} steps ===", flush=True)
+            if system == "hf-liger" and device.type != "cuda":
+                note = f"{system} {wname} rank {rank}: skipped, not attempted: {hf_baseline.LIGER_NOTE} " \
+                       f"(this run is on {device.type})"
+                print(note, flush=True)
+                results["errors"].append(note)
+                report.write_results(results, out_dir, name)
+                continue
             try:
                 if system.startswith("this["):
                     row = run_this(w, rank, ctx=ctx, variant=(system[5:-1], variants[system[5:-1]]))
                 elif system.startswith("this"):
                     row = run_this(w, rank, ctx=ctx, compile=system == "this-compile")
                 else:
-                    row = run_hf(w, rank, ctx=ctx, compile=system == "hf-compile")
+                    row = run_hf(system, w, rank, ctx=ctx)
             except Exception as e:  # one failed run (say, a compiler missing) must not lose the others
                 traceback.print_exc()
                 results["errors"].append(f"{system} {wname} rank {rank}: {type(e).__name__}: {e}"[:2000])
@@ -447,7 +548,7 @@ def combine(args) -> dict:
         res["rows"] = [r for r in res["rows"] if (r["system"], r["workload"], r["rank"]) not in keys] + p["rows"]
         res["decode_rows"] += p.get("decode_rows", [])
         res["errors"] += p.get("errors", [])
-        for k in ("transformers", "peft", "decode_note", "w2_padding_fraction", "w2_source"):
+        for k in ("transformers", "peft", "liger_kernel", "decode_note", "w2_padding_fraction", "w2_source"):
             if p.get(k) is not None:
                 res[k] = p[k]
         res["workloads"] = {**res["workloads"], **p["workloads"]}

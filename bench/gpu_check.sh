@@ -1,53 +1,65 @@
 #!/usr/bin/env bash
-# The GPU session, prepared: CUDA-only tests, then the training benchmark (this project and transformers +
-# peft) and the decode benchmark, every table and a log written to OUT_DIR.
+# The GPU session, prepared: CUDA-only tests, the training benchmark (this project, and transformers + peft in
+# the configurations a transformers user would pick, in the same process on the same workloads), the bf16
+# loss-trajectory check and a profile, every table and a log written to OUT_DIR.
 #
 #   bash bench/gpu_check.sh OUT_DIR                                     # on the GPU machine (python3 preinstalled)
 #   PY=.venv/bin/python bash bench/gpu_check.sh OUT_DIR --cpu-dry-run   # the same stages, tiny sizes, on a CPU
 #                                                                       # (--quick is the same)
 #
 # The benchmarks run as modules (`$PY -m bench.bench`) from the repository root, which the script changes to, so
-# the project's packages import with no PYTHONPATH. Needs no network and no pip: torch, transformers and peft are
-# already there. Each stage runs under its own time limit inside one overall budget (GPU_CHECK_BUDGET_S, default
-# 470 s: under 8 minutes), so a hang costs one stage, not the session; a stage that cannot get
-# GPU_CHECK_MIN_STAGE_S (default 45 s) is skipped and says so. The benchmark rewrites its results after every
-# run, so a stage cut short keeps what it measured. Results in OUT_DIR, five files at most (the device tool
-# brings back no more than 8): <device>-<date>.md/.json (all stages combined), stages.tsv (stage, exit status,
-# seconds), gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json and the profile,
-# re-packed after every stage so a run cut short still brings back what it measured.
+# the project's packages import with no PYTHONPATH. Needs no network: torch, transformers, peft and triton are
+# already there, and Liger-Kernel (pure Python) is installed from the wheel in bench/wheels into a folder of
+# this run's own, put on PYTHONPATH for every stage; if that fails it is logged, and hf-liger's runs are recorded
+# as failed with the reason. Each stage runs under its own time limit inside one overall budget
+# (GPU_CHECK_BUDGET_S, default 540 s: 9 minutes, which with the machine's 2-3 minute start leaves room in a
+# 15-minute session), so a hang costs one stage, not the session; a stage that cannot get GPU_CHECK_MIN_STAGE_S
+# (default 45 s) is skipped and says so. The benchmark rewrites its results after every run, so a stage cut
+# short keeps what it measured. Results in OUT_DIR, five files at most (the device tool brings back no more
+# than 8): <device>-<date>.md/.json (all benchmark stages combined), stages.tsv (stage, exit status, seconds),
+# gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
+# profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,attention,train,profile,decode,compile) and
-# their expected time on one H200 (transformers + peft eager does 128 steps x 4096 tokens in ~13 s; a
-# torch.compile warm-up takes 15 s per decoder layer graph, 60-90 s for a whole model):
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,train,trajectory,profile) and their expected
+# time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
+# ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
+# warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
 #   env           nvidia-smi, versions                                                            ~5-15 s
-#   tests         pytest -m cuda (bf16 fast paths against the reference path)                     ~45 s
-#   attention     bench.attention_check: each SDPA kernel at new and repeated sequence lengths     ~10 s
-#   train         this project: W1 at ranks 4/16/64/256, W2 padded and packed at rank 64, and with
-#                 --compile on W1 at rank 64; transformers + peft eager on W1 and W2 (pad-to-longest)
-#                 at rank 64, and under torch.compile on W1; 128 steps each                        ~320 s
-#   this          the same for this project alone, plus PyTorch's own attention-kernel order on W1  ~150 s
-#   cudagraphs    W1 rank 64 with the whole model compiled in reduce-overhead mode (CUDA graphs)   ~90 s
+#   tests         pytest -m cuda (bf16 fast paths against the reference path; Liger-Kernel on
+#                 packed rows against plain transformers)                                         ~45 s
+#   train         one process, rank 64 unless said, steps in brackets (GPU_CHECK_RUN_STEPS):
+#                 this project: W1 at ranks 4/16/64/256 [128]                                     ~47 s
+#                   W2-padded, W2-packed [128]; W2-packed-2048, W2-packed-4096 [32]                ~50 s
+#                   --compile on W1 [32] (its warm-up is a target)                                ~18 s
+#                   plain (no fused LoRA MLP, no varlen attention) on W1 and W2-packed [32]        ~14 s
+#                 transformers + peft: hf-eager on W1 [64], W2-padded [32], W2-packed [64]         ~40 s
+#                   hf-compile on W1 [64] and W2-packed [32] (a compile each)                    ~140 s
+#                   hf-liger on W1 [64], W2-padded [32], W2-packed [64]                           ~47 s
+#                 process start, data, matmul peak                                                ~15 s
+#                 (hf-compile on pad-to-longest W2 would recompile for new lengths: left out)     ~370 s
+#   trajectory    bench.trajectory: 100 steps of W2, this project vs transformers + peft (twice)  ~70 s
 #   profile       bench.profile_step: where a W1 rank-64 step's time goes (systems:
-#                 GPU_CHECK_PROFILE_SYSTEMS, default '--systems this,hf-eager')                   ~30-50 s
+#                 GPU_CHECK_PROFILE_SYSTEMS, default '--systems this')                            ~30 s
+#   combine       one table of every benchmark stage that ran                                      ~5 s
+# Not in the default list (each adds its time; choose with GPU_CHECK_STAGES):
+#   attention     bench.attention_check: each SDPA kernel at new and repeated sequence lengths     ~10 s
+#   this          this project alone: the rank table, W2, --compile, PyTorch's own attention order ~150 s
+#   cudagraphs    W1 rank 64 with the whole model compiled in reduce-overhead mode (CUDA graphs)   ~90 s
 #   decode        bench.decode_bench --full (random TinyLlama checkpoint, batch 1 and 16)          ~60-90 s
 #   whole         W1 rank 64 with the whole model compiled (default mode)                          ~80 s
-#   compile       W2 under torch.compile, this project and transformers + peft (pad-to-longest
-#                 recompiles for new lengths): whatever time is left                               rest
-#   combine       one table of every benchmark stage that ran                                      ~5 s
+#   compile       W2-padded under torch.compile, this project and transformers + peft             rest
 # A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
-# GPU_CHECK_MIN_STAGE_S. A run that takes its baselines from an earlier `train` stage spends its budget on this
-# project alone, for example
-#   GPU_CHECK_STAGES=env,tests,attention,this,cudagraphs,profile,whole \
-#   GPU_CHECK_PROFILE_SYSTEMS="--systems this,this-compile" GPU_CHECK_BUDGET_S=380
+# GPU_CHECK_MIN_STAGE_S. For example, this project's own compiled configurations after a default session:
+#   GPU_CHECK_STAGES=env,this,cudagraphs,whole GPU_CHECK_BUDGET_S=380
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
 MODE=${2:-gpu}
 PY=${PY:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-470}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,tests,attention,train,profile,decode,compile}
-PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this,hf-eager}
+STAGES=${GPU_CHECK_STAGES:-env,tests,train,trajectory,profile}
+PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # per-stage results; packed into OUT/parts.tar.gz after each stage
@@ -57,15 +69,22 @@ printf 'stage\texit\tseconds\n' > "$OUT/stages.tsv"
 T0=$(date +%s)
 
 if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
-  # Every stage's code path, with tiny sizes, on the CPU; the CUDA tests run on the CPU in bf16.
+  # Every stage's code path, with tiny sizes, on the CPU; the CUDA tests run on the CPU in bf16. hf-liger is
+  # skipped by the benchmark with a note (Triton needs CUDA); one shorter run keeps --run-steps exercised.
   export GPU_TESTS_ON_CPU=1
   DEV=(--device cpu --shape tiny --steps 3 --warmup-steps 1)
+  RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-4096=2}
   PROFILE=(--device cpu --shape tiny --skip 2 --profile-steps 1)
+  TRAJECTORY=(--steps 6)
   DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
   DEV=(--device cuda --shape full --steps 128)
+  # Fewer steps where a run's cost is mostly its warm-up (compiles), or where 32-64 steps already give a steady
+  # rate: the budget fits every configuration once rather than a few at full length.
+  RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-2048=32,W2-packed-4096=32,this[plain]=32,this-compile=32,hf-*=64,hf-*:W2-padded=32,hf-compile:W2-packed=32}
   PROFILE=(--device cuda --shape full --skip 5 --profile-steps 3)
+  TRAJECTORY=()
   DECODE_ARGS="--full"
   if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
@@ -107,28 +126,44 @@ stage() {
   [ "$rc" = 124 ] && status="TIMED OUT"
   log "== $name: exit $rc ($status) after ${took}s"
   printf '%s\t%s\t%s\n' "$name" "$rc" "$took" >> "$OUT/stages.tsv"
-  tar czf "$OUT/parts.tar.gz" -C "$WORK" .
+  tar czf "$OUT/parts.tar.gz" -C "$WORK" --exclude=./pylib .
 }
+
+# Liger-Kernel for hf-liger and its CUDA test: the wheel in the tree (no index, no dependencies: triton and
+# torch are there), into this run's own folder, first on PYTHONPATH for every stage below.
+LIB="$WORK/pylib"
+if "$PY" -m pip install --quiet --no-deps --no-index --target "$LIB" bench/wheels/*.whl >> "$LOG" 2>&1; then
+  log "== Liger-Kernel installed into $LIB: $(cd "$LIB" && ls -d liger_kernel-*.dist-info)"
+else
+  log "== Liger-Kernel could not be installed (pip exit $?, see above); hf-liger's runs will record the error"
+fi
+export PYTHONPATH="$LIB${PYTHONPATH:+:$PYTHONPATH}"
 
 stage env 30 "0" bash -c "nvidia-smi || true; nproc; free -g || true; $PY -c '
 import importlib, torch
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda,
       torch.cuda.is_available() and torch.cuda.get_device_name())
-for m in (\"transformers\", \"peft\", \"safetensors\", \"sentencepiece\", \"numpy\", \"huggingface_hub\", \"pytest\"):
+for m in (\"transformers\", \"peft\", \"triton\", \"liger_kernel\", \"flash_attn\", \"safetensors\", \"sentencepiece\",
+          \"numpy\", \"huggingface_hub\", \"pytest\"):
     try:
         print(m, getattr(importlib.import_module(m), \"__version__\", \"?\"))
-    except ImportError as e:
-        print(m, \"MISSING:\", e)
+    except Exception as e:
+        print(m, \"MISSING:\", type(e).__name__, e)
 '"
 # Exit 5 (no test selected: a tree without CUDA-only tests) is not a failure.
-stage tests 150 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+stage tests 120 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 stage attention 60 "0" "$PY" -m bench.attention_check --out "$WORK/attention"
-# The headline comparison (W1 rank 64: this project eager and compiled vs transformers + peft eager and
-# compiled) is all in this stage, so it cannot be starved by a later one.
-stage train 380 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
-  --workloads W1,W2-padded,W2-packed --systems this,this-compile,hf-eager,hf-compile --hf-workloads W1,W2-padded \
-  --this-compile-workloads W1 --hf-compile-workloads W1 --no-decode --out-dir "$WORK" --name train
-# This project alone, for a run whose baselines come from an earlier `train` stage: the rank table, W2,
+# Every configuration compared is in this one process, on the same workloads (see the header for what and how
+# long); hf-liger runs after every other transformers run, as bench.bench plans it.
+stage train 420 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
+  --workloads W1,W2-padded,W2-packed,W2-packed-2048,W2-packed-4096 \
+  --systems this,this-compile,hf-eager,hf-compile,hf-liger --this-compile-workloads W1 \
+  --hf-workloads W1,W2-padded,W2-packed --hf-compile-workloads W1,W2-packed \
+  --variant "plain:fused_mlp=false;varlen=false" --variant-workloads W1,W2-packed \
+  --run-steps "$RUN_STEPS" --no-decode --out-dir "$WORK" --name train
+stage trajectory 120 "0" "$PY" -m bench.trajectory ${TRAJECTORY[@]+"${TRAJECTORY[@]}"} --out "$WORK/trajectory"
+stage profile 90 "0" "$PY" -m bench.profile_step "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
+# This project alone, for a session whose baselines come from an earlier `train` stage: the rank table, W2,
 # --compile, and PyTorch's own attention-kernel order instead of this project's (flash first).
 stage this 240 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus-rank 64 \
   --workloads W1,W2-padded,W2-packed --systems this,this-compile --this-compile-workloads W1 \
@@ -136,7 +171,6 @@ stage this 240 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus-
 stage cudagraphs 180 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks "" --focus-rank 64 --workloads W1 --systems this \
   --variant "whole-cudagraphs:compile=true;compile_scope=model;compile_mode=reduce-overhead" \
   --no-decode --out-dir "$WORK" --name cudagraphs
-stage profile 90 "0" "$PY" -m bench.profile_step "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
 stage decode 100 "0" "$PY" -m bench.bench "${DEV[@]}" --workloads "" --decode --decode-args "$DECODE_ARGS" \
   --out-dir "$WORK" --name decode
 stage whole 180 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks "" --focus-rank 64 --workloads W1 --systems this \

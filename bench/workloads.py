@@ -15,7 +15,14 @@ Workloads (`workloads()`), all with micro-batch B, no gradient accumulation:
 - `W2-padded`: guanaco-shaped conversations, loss on the assistant replies only, padded to the longest in a
   micro-batch. This project groups by length (its default); the transformers baseline pads to the longest of a
   plain shuffled micro-batch (its usual `DataCollatorForSeq2Seq`-style batching).
-- `W2-packed`: the same conversations packed into rows of exactly L tokens (this project only).
+- `W2-packed`: the same conversations packed into rows of exactly L tokens (`data.BatchStream(packing=True)`:
+  position_ids restart at every conversation, whose first token is never labelled). The transformers baseline
+  trains on the same rows padding-free: position_ids and no attention mask, from which transformers builds the
+  block-diagonal causal mask itself.
+- `W2-packed-2048`, `W2-packed-4096`: the same conversations in rows 2x and 4x as long (2048 and 4096 tokens on
+  the full shape, whose names these are; the scaled-down shapes scale them as they scale W2-packed), with the
+  micro-batch divided by 2 and 4, so a batch holds about as many tokens as a W2-packed one. As in `train.py`,
+  a conversation is cut at the model's context (`max_position_embeddings`), not at the row length.
 W2 speed is *useful* tokens/s: real, non-pad tokens only.
 
 W2 data: the real guanaco eval split when it is in the local Hugging Face cache, otherwise synthetic
@@ -50,7 +57,8 @@ SHAPES = {
 }
 # Micro-batch and row length per shape: (batch, W1 sequence length, W2 max_len, W2 length scale).
 BATCHING = {"full": (8, 512, 1024, 1.0), "cpu": (4, 256, 256, 0.25), "tiny": (2, 32, 64, 0.1)}
-WORKLOADS = ("W1", "W2-padded", "W2-packed")
+WORKLOADS = ("W1", "W2-padded", "W2-packed", "W2-packed-2048", "W2-packed-4096")
+LONG_ROWS = {"W2-packed-2048": 2, "W2-packed-4096": 4}  # row length (and 1 / micro-batch) over W2-packed's
 
 # The synthetic guanaco length distribution, in Llama tokens of the turn text (markers not included).
 # Exchanges per conversation: 1 + Geometric(p_another); human and assistant turns: lognormal(median, sigma).
@@ -69,7 +77,7 @@ need home children things water better less second however fact case place hand 
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # "W1", "W2-padded", "W2-packed"
+    name: str  # one of WORKLOADS
     batch_size: int
     max_len: int
     packing: bool
@@ -88,12 +96,15 @@ def workloads(shape: str) -> dict[str, Workload]:
     batch, seq, w2_len, _ = BATCHING[shape]
     return {"W1": Workload("W1", batch, seq, packing=False, group_by_length=False),
             "W2-padded": Workload("W2-padded", batch, w2_len, packing=False, group_by_length=True),
-            "W2-packed": Workload("W2-packed", batch, w2_len, packing=True, group_by_length=False)}
+            "W2-packed": Workload("W2-packed", batch, w2_len, packing=True, group_by_length=False),
+            **{name: Workload(name, max(1, batch // k), k * w2_len, packing=True, group_by_length=False)
+               for name, k in LONG_ROWS.items()}}
 
 
 def baseline_workload(w: Workload) -> Workload:
-    """What the transformers baseline runs for a workload: the same, but plain pad-to-longest for W2."""
-    return Workload(w.name, w.batch_size, w.max_len, packing=False, group_by_length=False)
+    """What the transformers baseline runs for a workload: packed rows as they are (padding-free), padded W2 as
+    plain pad-to-longest of a shuffled micro-batch (its usual collator), not length-grouped."""
+    return w if w.packing else Workload(w.name, w.batch_size, w.max_len, packing=False, group_by_length=False)
 
 
 # ---- the synthetic guanaco conversations -------------------------------------------------------------------
