@@ -1,5 +1,6 @@
-"""What the tests share: paths to the shipped assets, the house tiny config, reference checkpoints saved by
-`transformers`, and short runs of the real `train.main` with what they wrote."""
+"""What the tests share: paths to the shipped assets, adversarial guanaco rows, the house tiny config, reference
+checkpoints saved by `transformers` and the reference model loaded from them, random LoRA B weights, a model
+rigged to replay a token cycle, and short runs of the real `train.main` with what they wrote."""
 
 from __future__ import annotations
 
@@ -9,11 +10,49 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+import lora
+
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"  # copies of ../shared/fixtures, so a plain clone can test
 TOKENIZER_PATH = ASSETS / "tokenizer.model"
 GUANACO_SAMPLE = ASSETS / "guanaco_sample.jsonl"
 OASST_SAMPLE = ASSETS / "oasst_trees_sample.jsonl"
+
+H, A = "human", "assistant"  # the roles of a data.Turn
+# Guanaco rows built to trip a parser (name: (row, [(role, text), ...] as parsed)); rendered back, they must
+# also encode and decode exactly.
+ADVERSARIAL = {
+    "markdown headings in a reply": (
+        "### Human: How do I bake bread?### Assistant: ### Step 1\nMix flour and water.\n\n### Step 2\nBake it.",
+        [(H, "How do I bake bread?"), (A, "### Step 1\nMix flour and water.\n\n### Step 2\nBake it.")]),
+    "'Assistant:' and 'Human:' in the human text": (
+        "### Human: Reply as 'Assistant: yes' and never as Human: no.### Assistant: Assistant: yes",
+        [(H, "Reply as 'Assistant: yes' and never as Human: no."), (A, "Assistant: yes")]),
+    "markers without colon or with other heading levels are content": (
+        "### Human: What is `### Human` in guanaco?## Assistant: not this### Assistant: A marker; "
+        "`## Assistant:` and `### Assistant` are not.",
+        [(H, "What is `### Human` in guanaco?## Assistant: not this"),
+         (A, "A marker; `## Assistant:` and `### Assistant` are not.")]),
+    "code with # comments": (
+        "### Human: Comment this### Assistant: ```python\n### setup\nx = 1  # one\nprint('### Human')\n```",
+        [(H, "Comment this"), (A, "```python\n### setup\nx = 1  # one\nprint('### Human')\n```")]),
+    "a reply ending in '#' glued to the next marker": (
+        "### Human: Best language for Unity?### Assistant: Use C#"
+        "### Human: And for Godot?### Assistant: GDScript or C#",
+        [(H, "Best language for Unity?"), (A, "Use C#"), (H, "And for Godot?"), (A, "GDScript or C#")]),
+    "leading and trailing whitespace": (
+        "  \n### Human:   hi there \n### Assistant:\n\n  hello!  \n\n",
+        [(H, "hi there"), (A, "hello!")]),
+    "a trailing ### Human: with no answer": (
+        "### Human: Name a prime.### Assistant: 7.### Human:",
+        [(H, "Name a prime."), (A, "7.")]),
+    "a trailing human question with no answer": (
+        "### Human: Name a prime.### Assistant: 7.### Human: And another?",
+        [(H, "Name a prime."), (A, "7.")]),
+    "unicode: emoji, RTL, CJK, combining marks, zero-width joiner": (
+        "### Human: مرحبا 👋🏽 — ça va? e\u0301### Assistant: 你好！👨\u200d👩\u200d👧 Ελληνικά ✓",
+        [(H, "مرحبا 👋🏽 — ça va? e\u0301"), (A, "你好！👨\u200d👩\u200d👧 Ελληνικά ✓")]),
+}
 
 # The house tiny config: 2 layers, width 64, 4 heads, 2 KV heads (grouped-query).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -34,6 +73,45 @@ def hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def hf_model(path, **kwargs):
+    """The reference: `transformers.LlamaForCausalLM` from `path` in eval mode (eager attention unless `kwargs`
+    say otherwise; they go to `from_pretrained`)."""
+    import transformers
+
+    kwargs = {"attn_implementation": "eager", **kwargs}
+    return transformers.LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def randomize_lora_b(model, std: float = 0.1, seed: int | None = None):
+    """Draw every LoRA B of `model` (a model, a module or one LoRALinear) from N(0, std): B = 0, the fresh
+    adapter, would hide every mistake on the adapter's side. `seed` reseeds the global RNG first."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            layer.lora_B.weight.normal_(0, std)
+    return model
+
+
+def rig_cycle(model, cycle):
+    """Make `model` a bigram table: cycle[i] -> cycle[i + 1] (and the last back to the first), any other
+    token -> cycle[0]. Greedy decoding then replays the cycle exactly."""
+    assert len(set(cycle)) == len(cycle) < model.config.hidden_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()  # every layer adds nothing: the last hidden state is the current token's embedding
+        e = torch.eye(model.config.hidden_size)
+        model.model.embed_tokens.weight.copy_(e[0].expand_as(model.model.embed_tokens.weight))
+        model.lm_head.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight[cycle[0], 0] = 1.0
+        for i, token in enumerate(cycle):
+            model.model.embed_tokens.weight[token] = e[i + 1]
+            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i + 1] = 1.0
+    return model.eval()
 
 
 def run(tmp_path, ckpt, name="run", **overrides) -> tuple[dict, list[dict]]:

@@ -11,14 +11,13 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, TOKENIZER_PATH, hf_checkpoint
-from test_generate import rig_cycle
-import lora
-from lora import LoRAConfig
-from tinyllama import Llama, LlamaConfig, load_model, save_model
 import chat
+import lora
 from chat import answer, conversation, fit_history, format_prompt
 from data import encode_prompt
+from helpers import ROOT, TOKENIZER_PATH, hf_checkpoint, randomize_lora_b, rig_cycle
+from lora import LoRAConfig
+from tinyllama import Llama, LlamaConfig, load_model, save_model
 from tinyllama.generation import StopStrings, generate
 
 # A Llama small enough to be instant but with the real vocabulary, so the real tokenizer fits.
@@ -115,10 +114,7 @@ def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer):
     path = hf_checkpoint(tmp_path / "random", seed=11, **SMALL_32K)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
     model = load_model(path, lora=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
-    torch.manual_seed(12)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 1.0)
+    randomize_lora_b(model, std=1.0, seed=12)
     lora.save_adapter(model, tmp_path / "adapter")
     expected = answer(model, tokenizer, "Tell me a story.", max_new_tokens=12)
     assert expected and expected != answer(load_model(path), tokenizer, "Tell me a story.", max_new_tokens=12)

@@ -1,4 +1,5 @@
-"""GPU-only checks: the bf16 fast paths against the plain float32 reference path.
+"""GPU-only checks: the bf16 fast paths against the plain float32 reference path, and the fused AdamW that
+training uses on the device against torch's plain AdamW.
 
 Skipped (with a reason) where there is no CUDA device; `bench/gpu_check.sh` runs them on a GPU machine.
 bf16 keeps about 3 significant digits, so tolerances here are bf16's, not float32's.
@@ -10,13 +11,14 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from helpers import GUANACO_SAMPLE, hf_checkpoint
 import lora
 import train
-from training.step import batch_loss, prepare
-from tinyllama.runtime import attention_kernels, sdpa_context
+from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, train_losses
 from tinyllama import causal_lm_loss, load_model, reference_loss
+from tinyllama.runtime import attention_kernels, sdpa_context
+from training.step import batch_loss, prepare, skip_updates_when
 
 pytestmark = pytest.mark.cuda
 # GPU_TESTS_ON_CPU=1 runs these same tests on the CPU (bf16 there too): a dry run of their logic before the
@@ -37,9 +39,9 @@ def _models(path, config):
     ref = load_model(path, lora=config, device=CUDA)  # float32 reference
     torch.manual_seed(0)
     fast = load_model(path, lora=config, device=CUDA, dtype=torch.bfloat16)
+    randomize_lora_b(ref, std=0.05)
     with torch.no_grad():
-        for (_, a), (_, b) in zip(lora.lora_layers(ref).items(), lora.lora_layers(fast).items()):
-            a.lora_B.weight.normal_(0, 0.05)
+        for a, b in zip(lora.lora_layers(ref).values(), lora.lora_layers(fast).values(), strict=True):
             b.lora_B.weight.copy_(a.lora_B.weight)
             b.lora_A.weight.copy_(a.lora_A.weight)
     return ref, fast
@@ -80,17 +82,23 @@ def test_chunked_labelled_loss_matches_full_logits_in_bf16(tmp_path):
     assert chunked.item() == pytest.approx(full.item(), rel=1e-2)
 
 
-def test_flash_attention_runs_the_unmasked_causal_path(tmp_path):
+def test_flash_attention_runs_the_unmasked_causal_path(tmp_path, monkeypatch):
+    # The bf16 model under flash attention alone (SDPA raises if flash cannot run these inputs), every call
+    # without a mask and causal, against the float32 model (checked against transformers to 1e-4 on CPU).
     from torch.nn.attention import SDPBackend, sdpa_kernel
     path = hf_checkpoint(tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1024)
     model = load_model(path, device=CUDA, dtype=torch.bfloat16)
     ids, _ = _batch(1024)
     with torch.no_grad():
-        default = model(ids)
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if flash cannot run these inputs
-            flash = model(ids)
-    assert (default.float() - flash.float()).abs().max().item() < 5e-2
+        expected = load_model(path, device=CUDA)(ids)
+    calls, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append(kw) or sdpa(q, k, v, **kw))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash = model(ids)
+    assert len(calls) == 2 and all(kw.get("attn_mask") is None and kw.get("is_causal") for kw in calls), calls
+    torch.testing.assert_close(flash.float(), expected, rtol=0, atol=5e-2)  # logits up to ~1.5: bf16's rounding
 
 
 def test_mask_free_right_padding_matches_masked_on_cuda(tmp_path, tokenizer):
@@ -123,12 +131,13 @@ def test_packed_rows_match_documents_alone_in_bf16(tmp_path, tokenizer):
             assert (packed[where.to(CUDA)].float() - alone.float()).abs().max().item() < 5e-2
 
 
+@pytest.mark.slow
 def test_compiled_layers_match_eager(tmp_path):
     path = hf_checkpoint(tmp_path / "m", vocab_size=1024, hidden_size=128, intermediate_size=256)
     _, eager = _models(path, lora.LoRAConfig(4, 8, dropout=0.0))
     _, compiled = _models(path, lora.LoRAConfig(4, 8, dropout=0.0))
     with torch.no_grad():
-        for a, b in zip(eager.parameters(), compiled.parameters()):
+        for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
             b.copy_(a)
     for layer in compiled.model.layers:
         layer.compile()
@@ -139,16 +148,77 @@ def test_compiled_layers_match_eager(tmp_path):
     assert min(_cos(gc[k], ge[k]) for k in ge) > 0.99
 
 
-def test_training_loop_runs_on_cuda_with_fused_adamw(tmp_path):
+def test_training_in_bf16_on_the_device_follows_the_float32_run_on_the_cpu(tmp_path):
+    # The whole loop: bf16 base weights and autocast on the device (and there the fused LoRA MLP), fp32 LoRA
+    # weights and fused AdamW state, against the plain float32 run on the CPU, on the same padded batches. A high
+    # lr, so the adapter moves far from its start (B = 0).
     path = hf_checkpoint(tmp_path / "m", vocab_size=1024)
-    summary = train.main(train.TrainConfig(
-        model=str(path), random_init=True, data="random:16", eval_data="none", rank=4, alpha=8, max_len=64,
-        batch_size=4, grad_accum=2, steps=4, samples=False, out=str(tmp_path / "run"), device=CUDA.type,
-        dtype="bfloat16"))
-    assert summary["last_loss"] == summary["last_loss"]  # not NaN
+    settings = dict(model=str(path), random_init=True, data="random:16", eval_data="none", rank=4, alpha=8,
+                    max_len=64, batch_size=4, grad_accum=2, steps=6, lr=1e-2, warmup=0, schedule="constant",
+                    packing=False, log_every=1, samples=False)
+    ref = train.main(train.TrainConfig(**settings, out=str(tmp_path / "fp32"), device="cpu", dtype="float32"))
+    fast = train.main(train.TrainConfig(**settings, out=str(tmp_path / "bf16"), device=CUDA.type, dtype="bfloat16"))
+    losses = train_losses(metrics(tmp_path / "bf16"))
+    assert len(losses) == 6 and losses == pytest.approx(train_losses(metrics(tmp_path / "fp32")), rel=4e-3)
+    a, b = adapter_weights(tmp_path / "fp32"), adapter_weights(tmp_path / "bf16")
+    assert a.keys() == b.keys() and all(w.dtype == torch.float32 for w in b.values())
+    moved = torch.cat([w.flatten() for k, w in a.items() if "lora_B" in k])
+    diff = torch.cat([(b[k] - w).flatten() for k, w in a.items() if "lora_B" in k])
+    assert moved.norm() > 1.0 and diff.norm() < 0.2 * moved.norm(), (diff.norm(), moved.norm())
+    assert (fast["trainable_params"], fast["total_params"]) == (ref["trainable_params"], ref["total_params"])
     if CUDA.type == "cuda":
-        assert summary["peak_gib"] is not None and summary["peak_gib"] > 0
-        assert summary["device"] == torch.cuda.get_device_name(0)
+        assert fast["peak_gib"] is not None and fast["peak_gib"] > 0
+        assert fast["device"] == torch.cuda.get_device_name(0)
+
+
+def test_the_fused_adamw_of_training_equals_plain_adamw_and_skips_flagged_steps(tmp_path, monkeypatch):
+    # The optimizer train.main builds (caught where it hands it to skip_updates_when), rebuilt with its own
+    # settings on tensors like its parameters, against torch's plain single-tensor AdamW with the run's lr and
+    # weight decay: the same updates. With the flag set on the device, a step changes no weight and no state.
+    built = []
+    monkeypatch.setattr(train, "skip_updates_when",
+                        lambda optimizer, flag: built.append((optimizer, flag)) or skip_updates_when(optimizer, flag))
+    train.main(train.TrainConfig(
+        model=str(hf_checkpoint(tmp_path / "m", vocab_size=1024)), random_init=True, data="random:16",
+        eval_data="none", rank=4, alpha=8, max_len=64, batch_size=4, steps=1, lr=1e-2, weight_decay=0.1,
+        samples=False, out=str(tmp_path / "run"), device=CUDA.type, dtype="bfloat16"))
+    ((used, flag),) = built
+    assert used.defaults["fused"] and used.found_inf is flag and flag.device.type == CUDA.type and flag.item() == 0
+    start = [p.detach().clone() for group in used.param_groups for p in group["params"]]
+    assert len(start) == 2 * 3 * 2 and all(p.dtype == torch.float32 and p.device.type == CUDA.type for p in start)
+    settings = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "fused")
+    fused_params, plain_params = ([p.clone().requires_grad_() for p in start] for _ in range(2))
+    fused = type(used)(fused_params, **{k: used.defaults[k] for k in settings})
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, weight_decay=0.1, foreach=False, fused=False)
+    skip = torch.zeros((), device=CUDA)
+    skip_updates_when(fused, skip)
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=g, device=CUDA) * 10.0 ** -k for p in start] for k in range(4)]
+
+    def step(optimizer, params, grads):
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad.clone()
+        optimizer.step()
+
+    for gs in grads[:3]:
+        step(fused, fused_params, gs)
+        step(plain, plain_params, gs)
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b)  # float32's tolerance; each step moves a weight by about lr
+    assert max((a - s).abs().max() for a, s in zip(fused_params, start, strict=True)) > 1e-2
+    weights = [p.detach().clone() for p in fused_params]
+    state = {i: {k: v.clone() for k, v in fused.state[p].items()} for i, p in enumerate(fused_params)}
+    skip.fill_(1)
+    step(fused, fused_params, grads[3])  # flagged: nothing moves, not even the step count
+    for i, p in enumerate(fused_params):
+        torch.testing.assert_close(p.detach(), weights[i], rtol=0, atol=0)
+        for k, v in state[i].items():
+            torch.testing.assert_close(fused.state[p][k], v, rtol=0, atol=0, msg=f"{k} of parameter {i}")
+    skip.fill_(0)
+    step(fused, fused_params, grads[3])  # as if the flagged step had never been taken
+    step(plain, plain_params, grads[3])
+    for a, b in zip(fused_params, plain_params, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_preferred_attention_kernel_and_grouped_kv_match_the_math_kernel(tmp_path):

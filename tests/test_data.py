@@ -13,12 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import GUANACO_SAMPLE, OASST_SAMPLE
-from data import BadRow, Turn, load_conversations, parse_guanaco, render
-from data import oasst
+from data import BadRow, Turn, load_conversations, oasst, parse_guanaco, render
 from data.guanaco import TRAILING_HUMAN, WHITESPACE, parse_row
-
-H, A = "human", "assistant"
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, OASST_SAMPLE, A, H
 
 
 def fixture_rows() -> list[str]:
@@ -55,40 +52,7 @@ def test_fixture_multi_turn_row_turn_texts():
 
 
 # ------------------------------------------------------------------------------------------- adversarial rows
-
-ADVERSARIAL = {
-    "markdown headings in a reply": (
-        "### Human: How do I bake bread?### Assistant: ### Step 1\nMix flour and water.\n\n### Step 2\nBake it.",
-        [(H, "How do I bake bread?"), (A, "### Step 1\nMix flour and water.\n\n### Step 2\nBake it.")]),
-    "'Assistant:' and 'Human:' in the human text": (
-        "### Human: Reply as 'Assistant: yes' and never as Human: no.### Assistant: Assistant: yes",
-        [(H, "Reply as 'Assistant: yes' and never as Human: no."), (A, "Assistant: yes")]),
-    "markers without colon or with other heading levels are content": (
-        "### Human: What is `### Human` in guanaco?## Assistant: not this### Assistant: A marker; "
-        "`## Assistant:` and `### Assistant` are not.",
-        [(H, "What is `### Human` in guanaco?## Assistant: not this"),
-         (A, "A marker; `## Assistant:` and `### Assistant` are not.")]),
-    "code with # comments": (
-        "### Human: Comment this### Assistant: ```python\n### setup\nx = 1  # one\nprint('### Human')\n```",
-        [(H, "Comment this"), (A, "```python\n### setup\nx = 1  # one\nprint('### Human')\n```")]),
-    "a reply ending in '#' glued to the next marker": (
-        "### Human: Best language for Unity?### Assistant: Use C#"
-        "### Human: And for Godot?### Assistant: GDScript or C#",
-        [(H, "Best language for Unity?"), (A, "Use C#"), (H, "And for Godot?"), (A, "GDScript or C#")]),
-    "leading and trailing whitespace": (
-        "  \n### Human:   hi there \n### Assistant:\n\n  hello!  \n\n",
-        [(H, "hi there"), (A, "hello!")]),
-    "a trailing ### Human: with no answer": (
-        "### Human: Name a prime.### Assistant: 7.### Human:",
-        [(H, "Name a prime."), (A, "7.")]),
-    "a trailing human question with no answer": (
-        "### Human: Name a prime.### Assistant: 7.### Human: And another?",
-        [(H, "Name a prime."), (A, "7.")]),
-    "unicode: emoji, RTL, CJK, combining marks, zero-width joiner": (
-        "### Human: مرحبا 👋🏽 — ça va? e\u0301### Assistant: 你好！👨\u200d👩\u200d👧 Ελληνικά ✓",
-        [(H, "مرحبا 👋🏽 — ça va? e\u0301"), (A, "你好！👨\u200d👩\u200d👧 Ελληνικά ✓")]),
-}
-
+# (ADVERSARIAL, in helpers.py: test_data_encode.py encodes the same rows)
 
 @pytest.mark.parametrize("name", list(ADVERSARIAL))
 def test_adversarial_rows_parse(name):

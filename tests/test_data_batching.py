@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
 
-from helpers import GUANACO_SAMPLE, TINY
-from data import (IGNORE_INDEX, BatchStream, Example, collate_packed, collate_padded, encode_all, eval_batches,
-                  load_conversations, pack, pack_row, plan_packing)
+from data import (
+    IGNORE_INDEX,
+    BatchStream,
+    Example,
+    collate_packed,
+    collate_padded,
+    encode_all,
+    eval_batches,
+    load_conversations,
+    pack,
+    pack_row,
+    plan_packing,
+)
 from data.batching import padding_fraction
+from helpers import GUANACO_SAMPLE, TINY
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, reference_loss
 
 PADDED_KEYS = {"input_ids", "labels", "attention_mask"}
@@ -50,13 +62,13 @@ def synthetic(lengths) -> list[Example]:
 
 
 def unpadded(batch) -> list[list[int]]:
-    return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
 
 
 def documents(batch) -> list[list[int]]:
     """The documents of packed rows, in order, as id lists."""
     docs = []
-    for row, doc in zip(batch["input_ids"], batch["document_ids"]):
+    for row, doc in zip(batch["input_ids"], batch["document_ids"], strict=True):
         for d in range(int(doc.max()) + 1):
             docs.append(row[doc == d].tolist())
     return docs
@@ -186,7 +198,7 @@ def take(stream, n):
 
 def same_batches(a, b):
     return len(a) == len(b) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-                                    for x, y in zip(a, b))
+                                    for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -269,6 +281,28 @@ def test_length_grouping_reduces_padding_and_keeps_epochs_shuffled():
     assert sum(g) < 0.5 * sum(p)
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_an_epoch_of_length_grouped_batches_holds_every_kept_example_exactly_once(world_size):
+    # 437 examples: several sorting windows of 50 global batches, and a remainder (437 mod 4 = 1, mod 8 = 5) that
+    # no whole global batch holds, dropped. Every other example comes exactly once per epoch, over all ranks.
+    random.seed(8)
+    examples = synthetic([random.randint(2, 60) for _ in range(437)])  # example i: BOS, then 3 + i repeated
+    ranks = [BatchStream(examples, 4, 64, group_by_length=True, seed=2, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    kept = ranks[0].batches_per_epoch * 4 * world_size
+    assert kept == 437 - 437 % (4 * world_size)
+    for epoch in range(2):
+        seen = []
+        for _ in range(ranks[0].batches_per_epoch):
+            for rows in (unpadded(next(s)) for s in ranks):
+                assert len(rows) == 4
+                seen += [row[1] - 3 for row in rows]
+                assert all(row == examples[row[1] - 3].input_ids.tolist() for row in rows)
+        counts = Counter(seen)
+        assert len(seen) == kept and len(counts) == kept and set(counts.values()) == {1}, f"epoch {epoch}"
+        assert set(counts) == set(ranks[0].epoch_order(epoch)) and ranks[0].epoch == epoch + 1
+
+
 def test_stream_refuses_bad_setups():
     examples = synthetic([10] * 5)
     with pytest.raises(ValueError, match="do not fill one global batch"):
@@ -292,7 +326,7 @@ def test_eval_batches_cover_every_example_once_in_order(packing):
     if not packing:
         assert [len(b["input_ids"]) for b in batches] == [4] * 5 + [3]
     per_rank = [list(eval_batches(examples, 4, 32, packing=packing, rank=r, world_size=2)) for r in range(2)]
-    interleaved = [b for pair in zip(per_rank[0], per_rank[1] + [None]) for b in pair if b is not None]
+    interleaved = [b for pair in zip(per_rank[0], per_rank[1] + [None], strict=False) for b in pair if b is not None]
     assert [x for b in interleaved for x in got_of(b)] == want
     s = BatchStream(examples, 4, 32, packing=packing)
     assert [x for b in s.iter_once() for x in got_of(b)] == want and s.index == 0

@@ -8,10 +8,8 @@ import json
 import pytest
 import torch
 
-from helpers import GUANACO_SAMPLE, TOKENIZER_PATH
-from data import (IGNORE_INDEX, BadRow, NoLabelledTokens, Turn, encode, encode_all, encode_prompt, parse_guanaco,
-                  render)
-from test_data import ADVERSARIAL
+from data import IGNORE_INDEX, BadRow, NoLabelledTokens, Turn, encode, encode_all, encode_prompt, parse_guanaco, render
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH
 
 ROWS = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]
 # Adversarial rows in canonical form (render of the parse), so decode must give them back exactly.

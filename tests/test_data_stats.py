@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from helpers import GUANACO_SAMPLE, OASST_SAMPLE, TOKENIZER_PATH
 from data import BatchStream, encode, encode_all, load_conversations
 from data.stats import dataset_stats, main
+from helpers import GUANACO_SAMPLE, OASST_SAMPLE, TOKENIZER_PATH
 
 
 def test_dataset_stats_numbers(tokenizer):

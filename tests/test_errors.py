@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
-import train
 import chat
+import train
+from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -135,6 +135,7 @@ def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tin
 
 # ---- the command line: one line, exit 1, no traceback ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_line_and_debug_shows_the_traceback(tmp_path, tiny_ckpt):
     folder = model_copy(tiny_ckpt, tmp_path, "*.safetensors")
     argv = [sys.executable, "train.py", *args(folder, tmp_path)]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY, hf_checkpoint
 import lora
+from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b, rig_cycle
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model
 from tinyllama.generation import Decoder, StopStrings, generate, generate_batch, sample
@@ -17,14 +17,10 @@ peft = pytest.importorskip("peft")
 
 CONFIGS = {
     "gqa": {},
-    "mha": dict(num_key_value_heads=4),
+    "mha": dict(num_key_value_heads=4, rope_theta=1000.0),
     "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
 }
 PROMPTS = [[1, 17, 33, 5, 90, 41, 7], [1, 99], [1, 3, 64, 12, 8, 77, 21, 54, 60, 2, 19, 45, 11]]
-
-
-def _hf(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
 def _hf_greedy(model, prompt, n, eos=2):
@@ -45,18 +41,10 @@ def _reference_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
-def _random_lora(model, seed=4):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.2)
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_equals_transformers_generate(tmp_path, name):
     path = hf_checkpoint(tmp_path / name, seed=2, **CONFIGS[name])
-    ours, ref = load_model(path).eval(), _hf(path)
+    ours, ref = load_model(path).eval(), hf_model(path)
     expected = [_hf_greedy(ref, p, 24) for p in PROMPTS]
     assert [generate(ours, p, 24) for p in PROMPTS] == expected
     assert len({tuple(e) for e in expected}) == len(PROMPTS), "degenerate reference: every prompt gave the same"
@@ -65,9 +53,8 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
 def test_greedy_with_adapter_equals_peft_generate(tmp_path):
     path = hf_checkpoint(tmp_path / "base", seed=3)
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)
-    base = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
-    ref = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                                    target_modules=list(config.targets)))
+    ref = peft.get_peft_model(hf_model(path), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=list(config.targets)))
     torch.manual_seed(5)
     with torch.no_grad():
         for name, p in ref.named_parameters():
@@ -103,7 +90,7 @@ def test_cached_logits_equal_full_recomputation_at_every_step(name):
         if step == steps:
             break
         tokens = logits.argmax(-1)
-        seqs = [s + [t] for s, t in zip(seqs, tokens.tolist())]
+        seqs = [s + [t] for s, t in zip(seqs, tokens.tolist(), strict=True)]
         logits = decoder.step(tokens)
     assert decoder.cache.length == max(map(len, PROMPTS)) + steps
     with pytest.raises(RuntimeError, match="full"):
@@ -172,7 +159,7 @@ def test_top_k_and_top_p_sample_only_from_their_sets():
 
 def test_generation_runs_in_eval_mode_and_restores_train_mode(hf_tiny):
     model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, dropout=0.5))
-    _random_lora(model)
+    randomize_lora_b(model, std=0.2, seed=4)
     model.eval()
     expected = _reference_greedy(model, PROMPTS[0], 16)
     model.train()
@@ -199,40 +186,28 @@ def test_stop_strings_cut_where_the_marker_begins(tokenizer):
     assert len(free) == 40 and tokenizer.decode(free).startswith("!### Human: Sure!### Human:")
 
 
-def rig_cycle(model, cycle):
-    """Make `model` a bigram table: cycle[i] -> cycle[i + 1] (and the last back to the first), any other
-    token -> cycle[0]. Greedy decoding then replays the cycle exactly."""
-    assert len(set(cycle)) == len(cycle) < model.config.hidden_size
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.zero_()  # every layer adds nothing: the last hidden state is the current token's embedding
-        e = torch.eye(model.config.hidden_size)
-        model.model.embed_tokens.weight.copy_(e[0].expand_as(model.model.embed_tokens.weight))
-        model.lm_head.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight[cycle[0], 0] = 1.0
-        for i, token in enumerate(cycle):
-            model.model.embed_tokens.weight[token] = e[i + 1]
-            model.lm_head.weight[cycle[(i + 1) % len(cycle)], i + 1] = 1.0
-    return model.eval()
-
-
 def test_bfloat16_with_unmerged_and_merged_adapter(hf_tiny):
     cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0)
-    m32 = _random_lora(load_model(hf_tiny, lora=cfg)).eval()
+    m32 = randomize_lora_b(load_model(hf_tiny, lora=cfg), std=0.2, seed=4).eval()
     m16 = load_model(hf_tiny, lora=cfg, dtype=torch.bfloat16)
     m16.load_state_dict(m32.state_dict())
     assert m16.model.layers[0].mlp.up_proj.lora_A.weight.dtype == torch.float32  # LoRA stays float32
     decoder = Decoder(m16.eval(), PROMPTS, 8)
     assert decoder.cache.k.dtype == torch.bfloat16
     ref = Decoder(m32, PROMPTS, 8).prefill()
-    assert (decoder.prefill() - ref).abs().max().item() < 0.1
-    unmerged = generate_batch(m16, PROMPTS, 8, eos_id=())
-    assert [len(r) for r in unmerged] == [8, 8, 8]
-    lora.merge(m16)
-    assert (Decoder(m16, PROMPTS, 8).prefill() - ref).abs().max().item() < 0.1
-    assert [len(r) for r in generate_batch(m16, PROMPTS, 8, eos_id=())] == [8, 8, 8]
+    for merged in (False, True):
+        if merged:
+            lora.merge(m16)
+            decoder = Decoder(m16, PROMPTS, 8)
+        torch.testing.assert_close(decoder.prefill(), ref, rtol=0, atol=0.1, msg=f"merged={merged}")
+        # An end token placed by construction: the second row's fourth token. Every row must stop right before
+        # its first occurrence of it (the second after three tokens), and the rows unaffected must not change.
+        rows = generate_batch(m16, PROMPTS, 8, eos_id=())
+        eos = rows[1][3]
+        cut = [row[:row.index(eos)] if eos in row else row for row in rows]
+        assert len(cut[1]) <= 3 and generate_batch(m16, PROMPTS, 8, eos_id=eos) == cut, f"merged={merged}"
+        alone = generate(m16, PROMPTS[1], 8, eos_id=())
+        assert eos in alone and generate(m16, PROMPTS[1], 8, eos_id=eos) == alone[:alone.index(eos)]
 
 
 @pytest.mark.cuda
@@ -243,8 +218,9 @@ def test_cuda_greedy_equals_cpu(hf_tiny):
     assert generate_batch(gpu, PROMPTS, 16, eos_id=()) == generate_batch(cpu, PROMPTS, 16, eos_id=())
     assert generate(gpu, PROMPTS[0], 8, temperature=1.0, seed=0) == generate(gpu, PROMPTS[0], 8, temperature=1.0,
                                                                              seed=0)
-    bf16 = load_model(hf_tiny, device="cuda", dtype=torch.bfloat16, lora=LoRAConfig(rank=4, alpha=8))
-    assert len(generate(bf16, PROMPTS[0], 8, eos_id=())) == 8
+    bf16 = load_model(hf_tiny, device="cuda", dtype=torch.bfloat16, lora=LoRAConfig(rank=4, alpha=8)).eval()
+    torch.testing.assert_close(Decoder(bf16, PROMPTS, 8).prefill().cpu(), Decoder(cpu, PROMPTS, 8).prefill(),
+                               rtol=0, atol=0.1)  # a fresh adapter (B = 0) on bf16 weights: the float32 logits
 
 
 def test_errors_say_what_to_do():

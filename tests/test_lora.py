@@ -7,30 +7,31 @@ import json
 import pytest
 import torch
 
-from helpers import TINY, hf_checkpoint
 import lora
+from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
 from lora import LoRAConfig
+from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-SEED_TABLE = {  # rank: (trainable, total) from the seed's table, MLP targets
+REFERENCE_TABLE = {  # rank: (trainable, total) from the reference table, MLP targets
     4: (2_027_520, 1_102_075_904),
     16: (8_110_080, 1_108_158_464),
     64: (32_440_320, 1_132_488_704),
     256: (129_761_280, 1_229_809_664),
 }
-SEED_PERCENT = {4: 0.18, 16: 0.73, 64: 2.86, 256: 10.55}
+REFERENCE_PERCENT = {4: 0.18, 16: 0.73, 64: 2.86, 256: 10.55}
 
 
-@pytest.mark.parametrize("rank", sorted(SEED_TABLE))
-def test_counts_on_the_real_tinyllama_shape_match_the_seed(rank):
+@pytest.mark.parametrize("rank", sorted(REFERENCE_TABLE))
+def test_counts_on_the_real_tinyllama_shape_match_the_reference_table(rank):
     with torch.device("meta"):
         model = Llama(LlamaConfig(), lora=LoRAConfig(rank=rank, alpha=rank))
     trainable, total = lora.count_parameters(model)
-    assert (trainable, total) == SEED_TABLE[rank]
-    assert round(100 * trainable / total, 2) == SEED_PERCENT[rank]
+    assert (trainable, total) == REFERENCE_TABLE[rank]
+    assert round(100 * trainable / total, 2) == REFERENCE_PERCENT[rank]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -44,7 +45,7 @@ def test_invalid_lora_config_is_refused(kwargs, match):
 
 
 def _peft_model(path, config: LoRAConfig, seed=3):
-    base = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
+    base = hf_model(path)
     pcfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                            target_modules=list(config.targets), use_rslora=config.use_rslora,
                            task_type="CAUSAL_LM")
@@ -76,12 +77,15 @@ CASES = {
     "all_rslora": LoRAConfig(rank=8, alpha=16, dropout=0.0, use_rslora=True,
                              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
 }
+# Each case's base model: rope_theta other than Llama 2's 10000 where LoRA meets RoPE on q and k (Llama 3 uses
+# 500000), so a model that ignored the config's theta could not match PEFT.
+BASES = {"attention_gqa": dict(rope_theta=500000.0), "all_rslora": dict(rope_theta=1000.0)}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
     config = CASES[case]
-    path = hf_checkpoint(tmp_path / "base")
+    path = hf_checkpoint(tmp_path / "base", **BASES.get(case, {}))
     ref = _peft_model(path, config)
     ref.save_pretrained(tmp_path / "adapter")
 
@@ -119,18 +123,13 @@ def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
 @pytest.mark.parametrize("case", ["mlp", "all_rslora"])
 def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, case):
     config = CASES[case]
-    path = hf_checkpoint(tmp_path / "base")
-    ours = load_model(path, lora=config).eval()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for layer in lora.lora_layers(ours).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    path = hf_checkpoint(tmp_path / "base", **BASES.get(case, {}))
+    ours = randomize_lora_b(load_model(path, lora=config).eval(), std=0.1, seed=5)
     lora.save_adapter(ours, tmp_path / "adapter", base_model=str(path))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["r"] == config.rank
 
-    base = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager")
-    ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
     ids, _ = _batch(TINY["vocab_size"])
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
@@ -152,7 +151,7 @@ def test_adapter_keys_and_shapes_are_pefts(tmp_path):
 def test_fresh_adapter_leaves_logits_bit_identical(hf_tiny):
     base = load_model(hf_tiny).eval()
     with_lora = load_model(hf_tiny, lora=LoRAConfig(rank=8, alpha=16)).eval()
-    assert all(l.lora_A.weight.abs().sum() > 0 for l in lora.lora_layers(with_lora).values())
+    assert all(m.lora_A.weight.abs().sum() > 0 for m in lora.lora_layers(with_lora).values())
     ids, _ = _batch(TINY["vocab_size"])
     with torch.no_grad():
         assert torch.equal(base(ids), with_lora(ids))
@@ -160,9 +159,7 @@ def test_fresh_adapter_leaves_logits_bit_identical(hf_tiny):
 
 def test_merge_then_export_reloads_in_transformers(tmp_path, hf_tiny):
     model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj"))).eval()
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    randomize_lora_b(model, std=0.1)
     ids, _ = _batch(TINY["vocab_size"])
     with torch.no_grad():
         before = model(ids)
@@ -173,7 +170,7 @@ def test_merge_then_export_reloads_in_transformers(tmp_path, hf_tiny):
         after = model(ids)
     assert (before - after).abs().max().item() <= 1e-4
     save_model(model, tmp_path / "merged")
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    hf = hf_model(tmp_path / "merged")
     with torch.no_grad():
         assert (hf(ids).logits - before).abs().max().item() <= 1e-4
         assert torch.equal(load_model(tmp_path / "merged")(ids), after)
@@ -215,10 +212,8 @@ def test_load_adapter_refuses_mismatches(tmp_path):
 
 def test_disabled_context_gives_the_base_model_back(hf_tiny):
     base = load_model(hf_tiny).eval()
-    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8)).eval()
+    model = randomize_lora_b(load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8)).eval(), std=0.1)
     with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.1)
         ids, _ = _batch(TINY["vocab_size"])
         adapted = model(ids)
         with lora.disabled(model):
@@ -231,11 +226,8 @@ def test_disabled_context_gives_the_base_model_back(hf_tiny):
 def test_in_place_b_product_equals_the_plain_expression(dtype):
     # LoRALinear.forward (B accumulated into the base output with addmm_) against `reference`; bf16 under
     # autocast, as training runs it. Same dropout mask for both (same seed), so outputs and gradients match.
-    from lora.layer import LoRALinear
-
     torch.manual_seed(0)
-    layer = LoRALinear(24, 40, LoRAConfig(rank=4, alpha=8, dropout=0.1))
-    torch.nn.init.normal_(layer.lora_B.weight, std=0.2)
+    layer = randomize_lora_b(LoRALinear(24, 40, LoRAConfig(rank=4, alpha=8, dropout=0.1)), std=0.2)
     layer.weight.data = layer.weight.data.to(dtype)
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
     results = []
@@ -249,5 +241,28 @@ def test_in_place_b_product_equals_the_plain_expression(dtype):
         results.append((y.detach().float(), x.grad.float(), layer.lora_A.weight.grad, layer.lora_B.weight.grad))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     assert results[0][0].dtype == results[1][0].dtype
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_dropout_drops_only_the_adapters_input_in_train_mode():
+    # W x + s * B(A(dropout(x))), written out, with the mask LoRALinear drew drawn again (same seed, same
+    # number of draws): dropout belongs on the adapter's input alone, not on A's output, B's output, or the base
+    # path. In eval mode there is no dropout at all.
+    p = 0.3
+    torch.manual_seed(0)
+    layer = randomize_lora_b(LoRALinear(24, 40, LoRAConfig(rank=4, alpha=8, dropout=p)), std=0.2).train()
+    x = torch.randn(3, 5, 24)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    keep = torch.nn.functional.dropout(torch.ones_like(x), p)  # 0 or 1 / (1 - p): dropout(x) == x * keep
+    assert keep.unique().tolist() == pytest.approx([0.0, 1 / (1 - p)]) and 0.5 < keep.bool().float().mean() < 0.9
+
+    def by_hand(dropped):
+        return x @ layer.weight.t() + layer.scaling * (dropped @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+
+    with torch.no_grad():
+        torch.testing.assert_close(y, by_hand(x * keep), rtol=1e-5, atol=1e-6)
+        assert (y - by_hand(x)).abs().max() > 1e-2, "the mask changed nothing: the test would not see its place"
+        torch.testing.assert_close(layer.eval()(x), by_hand(x), rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, run, train_losses
+from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, randomize_lora_b, run, train_losses
 from lora import LoRAConfig
 from tinyllama import load_model, save_model
 from tinyllama.lora_mlp import dropout_masks, fuse_gate_up, lora_mlp
@@ -20,10 +20,7 @@ CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hi
 
 def lora_mlp_module(p: float, seed: int = 0) -> MLP:
     torch.manual_seed(seed)
-    mlp = MLP(CONFIG, LoRAConfig(rank=4, alpha=8.0, dropout=p))
-    for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.2)  # B = 0 would hide every B-side mistake
-    return mlp.train()
+    return randomize_lora_b(MLP(CONFIG, LoRAConfig(rank=4, alpha=8.0, dropout=p)), std=0.2).train()
 
 
 def by_hand(mlp: MLP, x, masks, p):
@@ -104,8 +101,7 @@ def test_gradient_checkpointing_replays_the_fused_dropout_masks(hf_tiny):
         model = load_model(hf_tiny, lora=LoRAConfig(4, 8, dropout=0.3)).train()
         for layer in model.model.layers:
             fuse_gate_up(layer.mlp)
-        for layer in lora.lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        randomize_lora_b(model, std=0.1)
         model.gradient_checkpointing = ckpt
         torch.manual_seed(5)
         loss = model(torch.randint(0, 128, (2, 9))).square().mean()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import TINY
 import lora
+from helpers import TINY, randomize_lora_b
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, reference_loss
 from tinyllama.loss import label_positions, lm_head_loss, shift_labels
 
@@ -18,10 +18,7 @@ def test_shift_labels_predicts_the_next_token():
 
 def _model_and_batch(seed=0):
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(**TINY), lora=lora.LoRAConfig(4, 8, dropout=0.0))
-    with torch.no_grad():
-        for layer in lora.lora_layers(model).values():
-            layer.lora_B.weight.normal_(0, 0.1)
+    model = randomize_lora_b(Llama(LlamaConfig(**TINY), lora=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
     ids = torch.randint(0, TINY["vocab_size"], (3, 21))
     labels = ids.clone()
     labels[:, :6] = -100
@@ -52,7 +49,7 @@ def test_frozen_head_fused_path_equals_plain_path(chunk_size):
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
     assert len(g_plain) == 3 * 2 * TINY["num_hidden_layers"]
     for k in g_plain:
-        assert torch.allclose(g_fused[k], g_plain[k], rtol=1e-5, atol=1e-7), k
+        torch.testing.assert_close(g_fused[k], g_plain[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_fused_path_is_chosen_only_for_a_frozen_head_with_grad():

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from helpers import TINY, hf_checkpoint
+from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
 from tinyllama import Llama, LlamaConfig, load_model
-from tinyllama.model import num_parameters
+from tinyllama.model import RMSNorm, num_parameters
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,23 +19,48 @@ CONFIGS = {
     "mha": dict(num_key_value_heads=4),
     "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
     "odd_sizes": dict(vocab_size=97, hidden_size=48, intermediate_size=77, num_attention_heads=6,
-                      num_key_value_heads=3, num_hidden_layers=3),
+                      num_key_value_heads=3, num_hidden_layers=3, rope_theta=1e6),
     "rope_eps": dict(rope_theta=500.0, rms_norm_eps=1e-3),
 }
-
-
-def _hf(path):
-    return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(tmp_path, name):
     path = hf_checkpoint(tmp_path / name, seed=1, **CONFIGS[name])
-    ours, ref = load_model(path), _hf(path)
+    ours, ref = load_model(path), hf_model(path)
     ids = torch.randint(0, ours.config.vocab_size, (2, 23))
     with torch.no_grad():
         diff = (ours(ids) - ref(ids).logits).abs().max().item()
     assert diff <= 1e-4, f"{name}: max |logits diff| = {diff}"
+
+
+def test_bfloat16_logits_match_transformers_to_a_fraction_of_a_rounding(tmp_path, monkeypatch):
+    # Both models in bfloat16 on the CPU, transformers through SDPA as ours: the same operations in the same
+    # dtypes give the same bits, so the logits must agree elementwise within bf16's tolerance and, on average,
+    # to a small fraction of one bf16 rounding (2**-8 relative). The average is what catches a step done in
+    # another dtype, such as RMSNorm's weight applied before the cast back to bf16 instead of after it (as HF
+    # does): that moves most logits by one rounding, well within any elementwise bf16 tolerance.
+    path = hf_checkpoint(tmp_path / "m", seed=1, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                         vocab_size=1024)
+    ours = load_model(path, dtype=torch.bfloat16).eval()
+    ref = hf_model(path, attn_implementation="sdpa", dtype=torch.bfloat16)
+    assert ref.dtype == ours.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 1024, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(ids).logits.float()
+        got = ours(ids).float()
+
+    def mean_error(logits):
+        return ((logits - expected).abs().mean() / expected.abs().mean()).item()
+
+    bound = 1e-3  # mean |difference| / mean |logit|; one bf16 rounding of every logit is about 2e-3 to 4e-3
+    torch.testing.assert_close(got, expected, rtol=1.6e-2, atol=1e-2)  # torch's own bf16 tolerance
+    assert mean_error(got) <= bound
+    # The negative control: RMSNorm with its weight applied in float32, before the cast, misses the bound.
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: F.rms_norm(
+        x.float(), (x.shape[-1],), weight=self.weight.float(), eps=self.eps).to(x.dtype))
+    with torch.no_grad():
+        assert mean_error(ours(ids).float()) > 3 * bound
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
@@ -50,9 +76,7 @@ def test_grouped_kv_read_in_place_equals_repeated(kv_heads, monkeypatch):
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads}),
                   lora=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    randomize_lora_b(model, std=0.1)
     ids = torch.randint(0, TINY["vocab_size"], (2, 19))
     results = []
     for native in (True, False):
@@ -73,8 +97,6 @@ def test_grouped_kv_read_in_place_equals_repeated(kv_heads, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_equals_the_spelled_out_reference(dtype):
-    from tinyllama.model import RMSNorm
-
     torch.manual_seed(0)
     norm = RMSNorm(64, 1e-5)
     norm.weight.data = (torch.rand(64) + 0.5).to(dtype)
@@ -90,7 +112,7 @@ def test_rms_norm_equals_the_spelled_out_reference(dtype):
 
 
 def test_padding_mask_and_position_ids_match_transformers(hf_tiny):
-    ours, ref = load_model(hf_tiny), _hf(hf_tiny)
+    ours, ref = load_model(hf_tiny), hf_model(hf_tiny)
     ids = torch.randint(0, TINY["vocab_size"], (3, 17))
     mask = torch.ones(3, 17, dtype=torch.long)
     mask[1, :5] = 0   # left padding
@@ -109,7 +131,7 @@ def test_padding_mask_and_position_ids_match_transformers(hf_tiny):
 
 
 def test_explicit_position_ids_match_transformers(hf_tiny):
-    ours, ref = load_model(hf_tiny), _hf(hf_tiny)
+    ours, ref = load_model(hf_tiny), hf_model(hf_tiny)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
     pos = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10, 11], [0, 2, 4, 6, 8, 10, 12, 14, 16]])
     with torch.no_grad():
@@ -121,7 +143,7 @@ def test_explicit_position_ids_match_transformers(hf_tiny):
 
 def test_sharded_checkpoint_gives_same_logits(tmp_path):
     path = hf_checkpoint(tmp_path / "one")
-    ref = _hf(path)
+    ref = hf_model(path)
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     shards = list((tmp_path / "sharded").glob("*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()

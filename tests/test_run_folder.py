@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from helpers import GUANACO_SAMPLE, adapter_weights, metrics, run, snapshot, train_losses
 import lora
 import train
+from helpers import GUANACO_SAMPLE, adapter_weights, metrics, run, snapshot, train_losses
 from training import TrainingError, run_folder
 
 pytest.importorskip("transformers")

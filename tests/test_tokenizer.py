@@ -1,35 +1,6 @@
 """`tinyllama.Tokenizer` against `sentencepiece` itself and against Hugging Face's TinyLlama tokenizer.
 
-The fixture model is Llama 2's SentencePiece BPE model (add_dummy_prefix, identity normalizer, no extra-whitespace
-removal, byte fallback, split_by_whitespace with allow_whitespace_only_pieces; the whitespace-only pieces "▁▁",
-"▁▁▁", ... carry the score -1e9, so sentencepiece merges them after every other merge).
-
-What we found, and what the tests below pin down:
-
-Round trip. decode(encode(s)) == s for every string we tried, including leading, trailing and repeated spaces,
-tabs, "\\r\\n", control characters, emoji (ZWJ sequences, flags), CJK and other scripts (byte fallback means no
-`<unk>` is ever produced). The one exception is text that contains U+2581 "▁" itself: it is sentencepiece's
-stand-in for a space, so it decodes as " ".
-
-Hugging Face. Compared with `transformers` 5.24 `AutoTokenizer` on a folder holding the fixture model plus the
-tokenizer_config.json / special_tokens_map.json TinyLlama_v1.1 ships (LlamaTokenizer, add_bos_token=True,
-add_eos_token=False, pad_token=None, legacy=False). We have no tokenizer.json offline, so transformers converts
-tokenizer.model itself, which needs the `protobuf` package (without it transformers falls back to a tiktoken
-reader and fails). The ids are identical, BOS included, on all guanaco sample rows and on every test string
-outside three cases, where they differ:
-  1. Text that starts with a space. HF's Metaspace pre-tokenizer adds the dummy-prefix "▁" only when the text
-     does not already start with one, so HF encodes " t" exactly as sentencepiece encodes "t":
-     " A list is mutable." -> sentencepiece [29871, 319, 1051, 338, 26691, 29889], HF [319, 1051, 338, 26691,
-     29889], and HF decodes it back without the leading space. This is what happens to every guanaco reply
-     (" A list...") and question encoded as a separate segment after its "### Assistant:" / "### Human:" marker.
-  2. A run of two or more spaces before more text. HF's converted BPE ranks the merge ("▁", "▁") first, where
-     sentencepiece (score -1e9) merges it last: "\\n    return" -> sentencepiece "▁▁▁" "▁return" [1678, 736],
-     HF "▁▁▁▁" "return" [268, 2457]; "a  b" -> [263, 29871, 289] vs [263, 259, 29890]. Same text either way,
-     different ids. Guanaco replies with indented code hit this.
-  3. Literal "<s>", "</s>", "<unk>" in the text. HF matches them as special tokens (ids 1, 2, 0); sentencepiece,
-     and so `Tokenizer`, tokenizes them as the plain characters, which is what we want for training text.
-The legacy flag changes nothing except the text right after such a literal special token (legacy=True puts a "▁"
-there); we use legacy=False, as TinyLlama_v1.1 ships.
+How the two tokenizers differ, and why it does not matter for guanaco rows: see README: Tokenizer.
 """
 
 from __future__ import annotations
@@ -103,7 +74,7 @@ LITERAL_SPECIALS = ("<s>", "</s>", "<unk>")
 
 
 def _hf_may_differ(s: str) -> bool:
-    """The three cases (see the module docstring) in which HF's ids differ from sentencepiece's; a superset."""
+    """The three cases (see README: Tokenizer) in which HF's ids differ from sentencepiece's; a superset."""
     return (s.startswith((" ", SPACE)) or re.search(f"[ {SPACE}]{{2,}}", s) is not None
             or any(t in s for t in LITERAL_SPECIALS))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,16 +11,18 @@ import sys
 import pytest
 import torch
 
-from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, run, train_losses
 import lora
 import train
-from training.step import batch_loss, is_right_padded, prepare
-from tinyllama.runtime import sdpa_context
-from tinyllama import load_model
+from data import BatchStream, eval_batches, load_examples
+from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, run, train_losses
+from tinyllama import load_model, reference_loss
+from tinyllama.runtime import Runtime, sdpa_context
+from training.step import batch_loss, evaluate, is_right_padded, prepare
 
 pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 def test_overfits_a_few_sequences_when_lora_has_the_capacity(tmp_path):
     # Small vocabulary, rank near the width, adapters everywhere: LoRA alone can memorise 4 sequences. (With
     # HF's default init std 0.02 the frozen LM head caps every logit near 1.3, so the loss cannot fall far.)
@@ -38,11 +41,39 @@ def test_grad_accumulation_weights_tokens_not_micro_batches(tmp_path, tiny_ckpt)
     data.write_text("\n".join((rows * 2)[:16]) + "\n")
     _, one = run(tmp_path, tiny_ckpt, "bs8", data=str(data), batch_size=8, grad_accum=1, grad_clip=0.0)
     _, four = run(tmp_path, tiny_ckpt, "bs2x4", data=str(data), batch_size=2, grad_accum=4, grad_clip=0.0)
-    for a, b in zip(one, four):
+    for a, b in zip(one, four, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    wa, wb = adapter_weights(tmp_path / "bs8"), adapter_weights(tmp_path / "bs2x4")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_adapters(tmp_path / "bs8", tmp_path / "bs2x4", atol=1e-5)
+
+
+def assert_same_adapters(a, b, rtol=1e-5, atol=1e-8):
+    """The adapters of two run folders hold the same keys, and values within rtol/atol (torch.allclose's
+    defaults; rtol=atol=0: equal)."""
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_lr_schedules_by_hand():
+    # lr 1e-3, 4 warmup steps, 10 steps (0-based): warmup lr * (step + 1) / 4 reaches 1e-3 at its last step, then
+    # progress = (step - 4) / 6 runs from 0 at step 4 to 5/6 at the last step, 9 (the schedule's 0 lies one past).
+    # Cosine: lr * (1 + cos(pi * progress)) / 2, which is lr * (2 - sqrt(3)) / 4 at progress 5/6.
+    expected = {  # step: lr
+        "cosine": {0: 2.5e-4, 1: 5e-4, 3: 1e-3, 4: 1e-3, 7: 5e-4, 9: 1e-3 * (2 - 3 ** 0.5) / 4},
+        "linear": {0: 2.5e-4, 1: 5e-4, 3: 1e-3, 4: 1e-3, 7: 5e-4, 9: 1e-3 / 6},
+        "constant": {0: 2.5e-4, 1: 5e-4, 3: 1e-3, 4: 1e-3, 7: 1e-3, 9: 1e-3},
+    }
+    for schedule, want in expected.items():
+        cfg = train.TrainConfig(lr=1e-3, warmup=4, schedule=schedule)
+        got = {step: train.lr_at(step, cfg, 10) for step in want}
+        assert got == pytest.approx(want, rel=1e-9, abs=0), schedule
+    # No warmup: the first step runs at the full lr; of 4 steps the last is at progress 3/4.
+    no_warmup = {"cosine": (1e-3, 1e-3 * (2 - 2 ** 0.5) / 4), "linear": (1e-3, 2.5e-4), "constant": (1e-3, 1e-3)}
+    for schedule, want in no_warmup.items():
+        cfg = train.TrainConfig(lr=1e-3, warmup=0, schedule=schedule)
+        assert (train.lr_at(0, cfg, 4), train.lr_at(3, cfg, 4)) == pytest.approx(want, rel=1e-9, abs=0), schedule
 
 
 def test_resume_continues_exactly(tmp_path, tiny_ckpt):
@@ -52,8 +83,7 @@ def test_resume_continues_exactly(tmp_path, tiny_ckpt):
     _, both = run(tmp_path, tiny_ckpt, "half", **common, resume=str(tmp_path / "half"))
     assert train_losses(first) == train_losses(full)[:3]
     assert train_losses(both) == train_losses(full)  # a resumed run appends to metrics.jsonl
-    wa, wb = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "half")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_adapters(tmp_path / "full", tmp_path / "half", rtol=0, atol=0)
 
 
 def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tiny_ckpt):
@@ -63,23 +93,27 @@ def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tin
     # The new folder's metrics.jsonl holds the whole run: steps 1-3 from the checkpoint's run, 4-6 run here.
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     assert train_losses(resumed) == train_losses(full)
-    wa, wb = adapter_weights(tmp_path / "full"), adapter_weights(tmp_path / "resumed")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_adapters(tmp_path / "full", tmp_path / "resumed", rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     # Dropout on: each rank draws its own masks, those one process accumulating the same two micro-batches
     # draws (`train.dropout_seed`), so the runs agree; with one shared stream they could not. 16 rows: both
-    # settings cut the epoch into the same global batches.
+    # settings cut the epoch into the same global batches. Clipping fires at every step (the norms are several
+    # times the clip): it must act on the summed gradient, after the all-reduce, as in the single process. A high
+    # lr, so that a different update shows in the losses (clipping each rank's part moves them by ~1e-4).
     rows = GUANACO_SAMPLE.read_text().splitlines()
     data = tmp_path / "sixteen.jsonl"
     data.write_text("\n".join((rows * 2)[:16]) + "\n")
+    clip, lr = 0.005, 5e-2
     args = ["--model", str(tiny_ckpt), "--data", str(data), "--eval-data", "none", "--rank", "4",
-            "--alpha", "8", "--grad-accum", "1",
-            "--dropout", "0.3", "--lr", "1e-2", "--warmup", "0", "--max-len", "128", "--steps", "3",
+            "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(clip),
+            "--dropout", "0.3", "--lr", str(lr), "--warmup", "0", "--max-len", "128", "--steps", "3",
             "--no-group-by-length", "--log-every", "1", "--no-samples"]
-    _, single = run(tmp_path, tiny_ckpt, "single", data=str(data), batch_size=2, grad_accum=2, dropout=0.3)
-    _, shared = run(tmp_path, tiny_ckpt, "shared", data=str(data), batch_size=4, dropout=0.3)  # one mask stream
+    common = dict(data=str(data), dropout=0.3, grad_clip=clip, lr=lr)
+    _, single = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, **common)
+    _, shared = run(tmp_path, tiny_ckpt, "shared", batch_size=4, **common)  # one mask stream
     assert shared[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-3)  # the masks matter
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -87,11 +121,11 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
                            "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ddp = metrics(tmp_path / "ddp")
     assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-5)
     assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
-    wa, wb = adapter_weights(tmp_path / "single"), adapter_weights(tmp_path / "ddp")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_adapters(tmp_path / "single", tmp_path / "ddp", atol=1e-5)
+    assert min(r["grad_norm"] for r in single) > 3 * clip  # the logged norm is the one before clipping
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -127,7 +161,7 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
         train.main(train.parse_args(argv))
 
 
-def test_dry_run_prints_the_seed_table_without_downloading(capsys):
+def test_dry_run_prints_the_reference_table_without_downloading(capsys):
     summary = train.main(train.parse_args(["--rank", "64", "--dry-run"]))
     out = capsys.readouterr().out
     assert "32,440,320" in out and "1,132,488,704" in out and "2.86%" in out
@@ -185,17 +219,39 @@ def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
-def test_summary_has_the_seed_columns(tmp_path, tiny_ckpt):
+def test_summary_reports_the_reference_table_columns_of_the_run(tmp_path, tiny_ckpt, tokenizer):
+    out = tmp_path / "summary"
     summary, rows = run(tmp_path, tiny_ckpt, "summary", steps=2, eval_data=str(GUANACO_SAMPLE), eval_every=1)
-    for key in ("training_time_s", "trainable_params", "total_params", "trainable_percent", "tokens_per_s",
-                "peak_gib", "eval_loss", "eval_ppl"):
-        assert key in summary
-    assert summary["trainable_params"] == lora.count_parameters(
-        load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8)))[0]
+    assert json.loads((out / "summary.json").read_text()) == summary
     assert [r["split"] for r in rows] == ["train", "eval", "train", "eval"]
-    for r in rows:
-        assert {"step", "split", "loss", "lr", "tokens_per_s"} <= r.keys()
-    assert (tmp_path / "summary" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: test extra
+    steps = [r for r in rows if r["split"] == "train"]
+    # The parameter columns: the model as trained, counted by lora.count_parameters.
+    trainable, total = lora.count_parameters(load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8)))
+    assert (summary["trainable_params"], summary["total_params"]) == (trainable, total) and 0 < trainable < total
+    assert summary["trainable_percent"] == pytest.approx(100 * trainable / total, rel=1e-12)
+    # Time and throughput: the sums over the steps in metrics.jsonl, whose tokens are the batches' real tokens.
+    assert summary["steps"] == len(steps) == 2
+    assert summary["training_time_s"] == pytest.approx(sum(r["step_s"] for r in steps), rel=1e-9)
+    examples = load_examples(str(GUANACO_SAMPLE), tokenizer, 128, log=lambda *a: None)
+    stream = BatchStream(examples, 4, 128, seed=0)
+    real = [int(next(stream)["attention_mask"].sum()) for _ in range(2)]
+    assert [r["tokens"] for r in steps] == real
+    assert summary["tokens_per_s"] * summary["training_time_s"] == pytest.approx(sum(real), rel=1e-9)
+    assert (summary["first_loss"], summary["last_loss"]) == (steps[0]["loss"], steps[-1]["loss"])
+    # Eval loss: the saved adapter evaluated on the eval data, here and now, by `evaluate` and one example at a
+    # time through the full-logits reference loss.
+    model = load_model(tiny_ckpt, lora=lora.read_adapter_config(out / "adapter"))
+    lora.load_adapter(model, out / "adapter")
+    runtime = Runtime(torch.device("cpu"), torch.float32, train.TrainConfig.sdpa_backends, "")
+    loss, _ = evaluate(model, eval_batches(examples, 4, 128), runtime)
+    with torch.no_grad():
+        sums, counts = zip(*(reference_loss(model.eval()(e.input_ids[None]), e.labels[None]) for e in examples),
+                           strict=True)
+    assert summary["eval_loss"] == pytest.approx(loss, abs=1e-5) and rows[-1]["loss"] == summary["eval_loss"]
+    assert summary["eval_loss"] == pytest.approx(float(sum(sums)) / int(sum(counts)), abs=1e-5)
+    assert summary["eval_ppl"] == pytest.approx(math.exp(summary["eval_loss"]), rel=1e-9)
+    assert summary["peak_gib"] is None  # a CPU run has no peak memory to report
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib: test extra
 
 
 def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, tokenizer):
@@ -208,15 +264,15 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
     results = []
     for b in (batch, fast):
         torch.manual_seed(0)
-        model = load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8, dropout=0.0))
-        for layer in lora.lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+        model = randomize_lora_b(load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
         loss, n = batch_loss(model, b)
         (loss / n).backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (l1, g1), (l2, g2) = results
-    assert torch.allclose(l1, l2, rtol=1e-6)
-    assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-7) for k in g1)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-8)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-5, atol=1e-7, msg=k)
     left = batch["attention_mask"].flip(-1)
     assert not is_right_padded(left)
 
@@ -231,8 +287,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny
     _, ckpt = run(tmp_path, tiny_ckpt, "ckpt", dropout=0.1, steps=3, grad_checkpointing=True)
     assert len(calls) == 3 * 2  # every layer of every step went through checkpointing
     assert train_losses(ckpt) == pytest.approx(train_losses(plain), rel=1e-6)
-    wa, wb = adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "ckpt")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert_same_adapters(tmp_path / "plain", tmp_path / "ckpt", atol=1e-6)
 
 
 def test_attention_kernel_preference_sets_sdpa_order_and_only_inside():
@@ -254,18 +309,17 @@ def test_attention_kernel_preference_changes_no_numbers(tmp_path, tiny_ckpt):
     _, fast = run(tmp_path, tiny_ckpt, "flash", steps=2, sdpa_backends="flash,math")
     _, plain = run(tmp_path, tiny_ckpt, "math", steps=2, sdpa_backends="math")
     assert train_losses(fast) == pytest.approx(train_losses(plain), rel=1e-5)
-    wa, wb = adapter_weights(tmp_path / "flash"), adapter_weights(tmp_path / "math")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert_same_adapters(tmp_path / "flash", tmp_path / "math", atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scope", ["layers", "model"])
 def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, scope):
     # torch.compile per decoder layer or whole (inductor, CPU here): the same losses and adapter as eager.
     _, eager = run(tmp_path, tiny_ckpt, "eager", steps=2, max_len=64)
     _, compiled = run(tmp_path, tiny_ckpt, "compiled", steps=2, max_len=64, compile=True, compile_scope=scope)
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
-    wa, wb = adapter_weights(tmp_path / "eager"), adapter_weights(tmp_path / "compiled")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert_same_adapters(tmp_path / "eager", tmp_path / "compiled", atol=1e-5)
 
 
 def _children(pid: int) -> list[int]:
@@ -288,6 +342,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp_path, tiny_ckpt):
     import signal

@@ -13,7 +13,7 @@ import lora
 from data import collate_packed, pack, plan_packing
 from data.batching import segments_per_row
 from data.encoding import Example
-from helpers import GUANACO_SAMPLE, TOKENIZER_PATH, hf_checkpoint, run, train_losses
+from helpers import GUANACO_SAMPLE, TOKENIZER_PATH, hf_checkpoint, randomize_lora_b, run, train_losses
 from lora import LoRAConfig
 from tinyllama import load_model
 from tinyllama.loss import causal_lm_loss
@@ -56,8 +56,7 @@ def test_cu_seqlens_marks_every_document_and_padding_tail():
 def lora_model(path, varlen: bool):
     torch.manual_seed(0)
     model = load_model(path, lora=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
-    for layer in lora.lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=torch.Generator().manual_seed(1))
+    randomize_lora_b(model, seed=1)
     model.varlen_attention = varlen
     return model
 
@@ -86,7 +85,7 @@ def test_without_segments_the_documents_would_see_each_other(hf_tiny):
     with torch.no_grad():
         right = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
         wrong = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=whole_rows)
-    assert not torch.allclose(right, wrong, atol=1e-3)
+    assert (right - wrong).abs().max() > 1e-2
 
 
 def test_train_py_packed_with_varlen_trains_like_the_dense_mask(tmp_path):
