@@ -74,3 +74,21 @@ def test_label_positions_computed_ahead_give_the_same_loss_and_count():
     ref, count = reference_loss(model(ids), labels)
     assert m == count
     torch.testing.assert_close(b, ref)
+
+
+@pytest.mark.slow
+def test_the_compiled_loss_chunk_equals_the_eager_one():
+    # What --compile uses for the loss (tinyllama.runtime.compile_model): inductor's fused passes, the same
+    # numbers, at two chunk lengths (dynamic: one compilation).
+    from tinyllama.loss import cross_entropy_chunk
+
+    compiled = torch.compile(cross_entropy_chunk, dynamic=True)
+    for n in (37, 64):
+        logits, targets = torch.randn(n, 128), torch.randint(0, 128, (n,))
+        loss, grad = cross_entropy_chunk(logits.clone(), targets)
+        loss_c, grad_c = compiled(logits.clone(), targets)
+        torch.testing.assert_close(loss_c, loss)
+        torch.testing.assert_close(grad_c, grad)
+        expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(grad, torch.softmax(logits, -1) - torch.nn.functional.one_hot(targets, 128))

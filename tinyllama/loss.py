@@ -41,13 +41,29 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     return shift_labels(labels).flatten().ne(IGNORE_INDEX).nonzero().squeeze(1)
 
 
+def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over the chunk, d/dlogits = softmax - onehot in the logits' dtype), computed in float32.
+
+    Eager, this is five passes over a float32 [chunk, vocab] buffer; `torch.compile(cross_entropy_chunk)`
+    (`tinyllama.runtime.compile_model` sets it as the model's `loss_chunk`) fuses them into a read of the
+    logits and a write of the gradient.
+    """
+    logits32 = logits.float()
+    lse = logits32.logsumexp(-1)
+    loss = (lse - logits32.gather(1, targets[:, None]).squeeze(1)).sum()
+    probs = logits32.sub_(lse[:, None]).exp_()  # softmax, in place: one [chunk, vocab] buffer
+    probs[torch.arange(targets.numel(), device=targets.device), targets] -= 1
+    return loss, probs.to(logits.dtype)
+
+
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096,
-                 fused: bool | None = None, label_index: torch.Tensor | None = None):
+                 fused: bool | None = None, label_index: torch.Tensor | None = None, loss_chunk=None):
     """Cross-entropy summed over labelled positions, computing logits for those positions only.
 
     fused=None uses `FrozenHeadCrossEntropy` when the head is frozen and a gradient is needed; False forces the
     plain chunked path (the reference it is tested against). `label_index`: `label_positions(labels)`, computed
-    ahead on the CPU (no host sync); None computes it here.
+    ahead on the CPU (no host sync); None computes it here. `loss_chunk`: what computes a chunk's loss and logit
+    gradient in the fused path (default `cross_entropy_chunk`; a compiled one under `--compile`).
     """
     if label_index is None:
         label_index = label_positions(labels)
@@ -56,7 +72,8 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     if fused is None:
         fused = h.requires_grad and not weight.requires_grad
     if fused:
-        return FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size), label_index.numel()
+        return (FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size, loss_chunk or cross_entropy_chunk),
+                label_index.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         logits = F.linear(h[start:start + chunk_size], weight).float()
@@ -73,27 +90,25 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
+    def forward(ctx, h, weight, targets, chunk_size, loss_chunk):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         for start in range(0, targets.numel(), chunk_size):
-            t = targets[start:start + chunk_size]
-            logits = F.linear(h[start:start + chunk_size], weight).float()
-            lse = logits.logsumexp(-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one [chunk, vocab] buffer
-            probs[torch.arange(t.numel(), device=t.device), t] -= 1
-            grad_h[start:start + chunk_size] = probs.to(weight.dtype) @ weight
+            loss, grad_logits = loss_chunk(F.linear(h[start:start + chunk_size], weight),
+                                           targets[start:start + chunk_size])
+            total += loss
+            grad_h[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
 
 
 def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, label_index=None, **forward_kwargs):
     """(loss sum, labelled-token count) of `model` on a batch; kwargs go to `model.hidden_states`."""
     hidden = model.hidden_states(input_ids, **forward_kwargs)
-    return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size, label_index=label_index)
+    return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size, label_index=label_index,
+                        loss_chunk=getattr(model, "loss_chunk", None))

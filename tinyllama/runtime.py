@@ -139,13 +139,19 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
 def compile_model(model, scope: str, mode: str = "default") -> None:
     """torch.compile in place. `layers`: each decoder layer (all 22 share one graph, so it compiles in
     seconds); `model`: embeddings to final norm as one graph (`hidden_states`), no Python between layers.
-    The loss stays eager either way (`FrozenHeadCrossEntropy`). `uncompile_model` undoes `model` scope."""
+    Either way the loss's per-chunk cross-entropy (`tinyllama.loss.cross_entropy_chunk`) is compiled too; its
+    matmuls and the chunking stay eager (`FrozenHeadCrossEntropy`). `uncompile_model` undoes both."""
+    from .loss import cross_entropy_chunk
+
     if scope == "layers":
         for layer in model.model.layers:
             layer.compile(mode=mode)
     else:
         model.hidden_states = torch.compile(model.hidden_states, mode=mode)
+    # The loss's chunk: fused float32 passes; chunk lengths vary (labelled tokens per batch), hence dynamic.
+    model.loss_chunk = torch.compile(cross_entropy_chunk, dynamic=True)
 
 
 def uncompile_model(model) -> None:
     model.__dict__.pop("hidden_states", None)
+    model.__dict__.pop("loss_chunk", None)
