@@ -17,7 +17,6 @@ FSDP/tensor parallelism (a 1.1B frozen base fits on one GPU; data parallel is en
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -43,20 +42,20 @@ from tinyllama.runtime import (
     SDPA_BACKENDS,
     Runtime,
     configure_runtime,
-    peak_memory_gib,
     resolve_device,
     resolve_dtype,
     uncompile_model,
 )
 from training import TrainingError, parallel, report, run_folder
+from training.settings import parse_settings
 from training.step import (
     QueuedStep,
     Timer,
     Totals,
     batch_loss,
     evaluate,
+    finish_step,
     prepare,
-    read_step,
     real_token_count,
     skip_updates_when,
 )
@@ -134,30 +133,8 @@ class TrainConfig:
 
 # ---- settings --------------------------------------------------------------------------------------------
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None: those help texts say what the default is computed from."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def setting_type(name: str):
-    """The type of a `TrainConfig` field: bool, int, float or str ("float | None" is a float whose None default
-    the help explains). The command line and `bench.py --variant` both read settings through it."""
-    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    return {"bool": bool, "int": int, "float": float, "str": str}[kind.removesuffix(" | None")]
-
-
 def parse_args(argv=None) -> TrainConfig:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_HelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag, help_, kind = "--" + f.name.replace("_", "-"), f.metadata.get("help", " "), setting_type(f.name)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            parser.add_argument(flag, type=kind, default=f.default, help=help_)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return parse_settings(TrainConfig, argv, description=__doc__.split("\n")[0])
 
 
 def validate(cfg: TrainConfig) -> LoRAConfig:
@@ -375,19 +352,6 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
                measure_matmul_peak(device, dtype))
 
 
-def finish_step(q: QueuedStep, run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path,
-                progress: report.Progress) -> None:
-    """The host side of a queued step: read its numbers (waits for that step only), check, count, log."""
-    row = read_step(q, run_folder.find_checkpoint(out) if proc.main else None)
-    run.totals.add(row)
-    progress.update(q.step, row["loss"], q.lr, row["tokens_per_s"])
-    if q.step % max(cfg.log_every, 1) == 0 or q.step == run.total_steps or q.step == run.start_step + 1:
-        row["mfu"] = q.n_tokens * run.flops_per_token / row["step_s"] / run.peak_flops / proc.world
-        row["peak_gib"] = peak_memory_gib(proc.device)
-        if proc.main:
-            run_folder.append_metrics(out, row)
-
-
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def main(cfg: TrainConfig) -> dict:
@@ -459,14 +423,14 @@ def main(cfg: TrainConfig) -> dict:
             timer.stop()
 
             if pending is not None:  # the previous step's numbers, read now that this step is queued
-                finish_step(pending, run, cfg, proc, out, progress)
+                finish_step(pending, run, cfg.log_every, proc, out, progress)
             done = step + 1
             pending = QueuedStep(done, numbers, timer, lr, n_tokens, n_labelled, stream.epoch)
             evaluate_now = (cfg.eval_every and done % cfg.eval_every == 0 or done == run.total_steps) \
                 and run.eval_examples
             save_now = cfg.save_every and (done % cfg.save_every == 0 or done == run.total_steps) and proc.main
-            if evaluate_now or save_now or done == run.total_steps:
-                finish_step(pending, run, cfg, proc, out, progress)  # checked before anything is evaluated or saved
+            if evaluate_now or save_now or done == run.total_steps:  # checked before anything is evaluated or saved
+                finish_step(pending, run, cfg.log_every, proc, out, progress)
                 pending = None
             if evaluate_now:
                 batches = eval_batches(run.eval_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing)

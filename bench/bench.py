@@ -75,6 +75,7 @@ from tinyllama import LlamaConfig, Tokenizer
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
 from tinyllama.runtime import device_name as describe_device
 from tinyllama.runtime import resolve_device
+from training.settings import setting_type
 from training.step import labelled_count, real_token_count
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -283,7 +284,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         if key in BATCH_FIELDS:
             raise SystemExit(f"bench.py: --variant {spec!r}: {key} changes the batches; a variant changes how a "
                              f"step runs, not what it holds (choose the batching with --workloads)")
-        kind = train.setting_type(key)
+        kind = setting_type(train.TrainConfig, key)
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return name, overrides
 

@@ -122,3 +122,25 @@ def test_train_py_with_the_fused_mlp_trains_like_the_plain_one(tmp_path):
     a, b = adapter_weights(tmp_path / "plain"), adapter_weights(tmp_path / "fused")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_fused_mlp_stays_close_to_the_plain_one():
+    import os
+
+    device = torch.device("cpu" if os.environ.get("GPU_TESTS_ON_CPU") else "cuda")
+    plain, fused = (lora_mlp_module(0.0).to(device) for _ in range(2))
+    for m in (plain, fused):
+        for proj in (m.gate_proj, m.up_proj, m.down_proj):
+            proj.weight.data = proj.weight.data.bfloat16()  # a bf16 base with fp32 adapters, as in training
+    fuse_gate_up(fused)
+    x = torch.randn(4, 64, 32, device=device, dtype=torch.bfloat16)
+    outs = []
+    for m in (plain, fused):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = m(x)
+        outs.append((y.float(), torch.autograd.grad(y.float().square().sum(), lora_params(m))))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=2e-2, atol=2e-2)
+    for a, b in zip(outs[0][1], outs[1][1], strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2 * a.abs().max().item())

@@ -163,3 +163,20 @@ def evaluate(model, batches, runtime) -> tuple[float, float]:
     loss_sum, n = parallel.all_reduce_sum(total).tolist()
     loss = loss_sum / max(n, 1)
     return loss, math.exp(min(loss, 50))
+
+
+def finish_step(q: QueuedStep, run, log_every: int, proc, out, progress) -> None:
+    """The host side of a queued step of `run` (train.Run): read its numbers (waits for that step only), check,
+    count, and log them to the progress line and, every `log_every` steps, to metrics.jsonl."""
+    from tinyllama.runtime import peak_memory_gib
+
+    from . import run_folder
+
+    row = read_step(q, run_folder.find_checkpoint(out) if proc.main else None)
+    run.totals.add(row)
+    progress.update(q.step, row["loss"], q.lr, row["tokens_per_s"])
+    if q.step % max(log_every, 1) == 0 or q.step == run.total_steps or q.step == run.start_step + 1:
+        row["mfu"] = q.n_tokens * run.flops_per_token / row["step_s"] / run.peak_flops / proc.world
+        row["peak_gib"] = peak_memory_gib(proc.device)
+        if proc.main:
+            run_folder.append_metrics(out, row)

@@ -1,0 +1,35 @@
+"""A settings dataclass as a command line: one flag per field, typed as the field is, its help from the field's
+metadata. `train.py` builds its command line from `TrainConfig` this way, and `bench.bench --variant` parses
+settings with the same types."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those help texts say what the default is computed from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def setting_type(cls, name: str):
+    """The type of field `name` of dataclass `cls`: bool, int, float or str ("float | None" is a float whose
+    None default the help explains)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"bool": bool, "int": int, "float": float, "str": str}[kind.removesuffix(" | None")]
+
+
+def parse_settings(cls, argv=None, description: str = ""):
+    """An instance of `cls` from the command line: `--field-name VALUE`, or `--flag/--no-flag` for a bool."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, help_, kind = "--" + f.name.replace("_", "-"), f.metadata.get("help", " "), setting_type(cls, f.name)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=help_)
+    return cls(**vars(parser.parse_args(argv)))
