@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tinyllama.runtime import resolve_device
+
 KERNELS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 
@@ -73,7 +75,7 @@ def measure(kernel: str, gqa: bool, lengths, args, device, dtype) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.attention_check", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--lengths", default="", help="comma-separated new sequence lengths (default 5 between "
                                                   "300 and 1000 on CUDA, tiny on a CPU)")
     p.add_argument("--batch", type=int, default=8)
@@ -83,7 +85,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="runs/attention")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     if not cuda:

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from tinyllama.runtime import resolve_device
+
 
 def _timer(device: torch.device):
     if device.type == "cuda":
@@ -127,7 +129,7 @@ def main(argv=None):
     import tempfile
 
     p = argparse.ArgumentParser(prog="python -m bench.decode_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--full", action="store_true", help="the real TinyLlama-1.1B shape instead of a small one")
     p.add_argument("--batches", default="1,16")
@@ -135,7 +137,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     shape = FULL if args.full else SMALL
     L = args.prompt_len or (512 if args.full else 128)

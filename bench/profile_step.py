@@ -33,7 +33,7 @@ from data import BatchStream
 from data.synthetic import random_examples
 from lora import LoRAConfig
 from tinyllama import LlamaConfig
-from tinyllama.runtime import device_name
+from tinyllama.runtime import device_name, resolve_device
 
 # aten operator name fragments -> category, first match wins.
 CATEGORIES = [
@@ -156,7 +156,7 @@ def profile_system(system: str, ctx: ProfileContext) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--shape", default="auto", choices=["auto", *wl.SHAPES])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--systems", default="this,hf-eager", help="comma-separated: this, this-compile, hf-eager, "
@@ -169,7 +169,7 @@ def main(argv=None):
     p.add_argument("--out", default="runs/profile")
     args = p.parse_args(argv)
     overrides = parse_variant("set:" + args.set)[1]
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
     config = LlamaConfig(**wl.SHAPES[shape])
     out = Path(args.out)
