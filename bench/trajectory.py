@@ -26,11 +26,10 @@ import lora
 import train
 from bench import workloads as wl
 from data import BatchStream, load_examples
+from data.stats import DEFAULT_TOKENIZER as TOKENIZER
 from lora import LoRAConfig
 from tinyllama import LlamaConfig, Tokenizer, load_model
 from tinyllama.runtime import device_name, resolve_device, resolve_dtype
-
-TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
 
 def save_base(config: LlamaConfig, folder: Path, dtype: torch.dtype, seed: int) -> Path:

@@ -283,12 +283,12 @@ def eval_batches(examples, batch_size: int, max_len: int, *, packing: bool = Fal
 
 
 def _eval_iter(examples, groups, batch_size, max_len, packing, rank, world_size, pad_id):
+    row_segments = segments_per_row(groups) if packing else None
     for k, s in enumerate(range(0, len(groups), batch_size)):
         if k % world_size != rank:
             continue
         chunk = groups[s:s + batch_size]
         if packing:
-            yield collate_packed([pack_row([examples[i] for i in g], max_len, pad_id) for g in chunk],
-                                 segments_per_row(groups))
+            yield collate_packed([pack_row([examples[i] for i in g], max_len, pad_id) for g in chunk], row_segments)
         else:
             yield collate_padded([examples[g[0]] for g in chunk], pad_id)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from tinyllama.loss import causal_lm_loss, label_positions
+from tinyllama.runtime import peak_memory_gib
 
-from . import TrainingError
+from . import TrainingError, parallel, run_folder
 
 
 def real_token_count(batch) -> int:
@@ -114,15 +116,17 @@ class QueuedStep:
     epoch: int
 
 
-def read_step(q: QueuedStep, last_checkpoint) -> dict:
-    """Wait for a queued step (that step only) and return its metrics row; a non-finite one raises."""
+def read_step(q: QueuedStep, out: Path | None = None) -> dict:
+    """Wait for a queued step (that step only) and return its metrics row; a non-finite one raises, naming the
+    last good checkpoint in `out` (looked up only then: the output folder is not read every step)."""
     loss_sum, norm = q.numbers.tolist()
     loss = loss_sum / q.n_labelled
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what = (f"loss is {loss}" if not math.isfinite(loss) else
                 f"gradient norm is {norm} (the loss, {loss:.4f}, is finite; clipping would zero the update)")
+        saved = run_folder.find_checkpoint(out) if out is not None else None
         raise TrainingError(f"{what} at step {q.step}: stopping before the update. Last good checkpoint: "
-                            f"{last_checkpoint or 'none (use --save-every)'}. Try a lower --lr (or --alpha).")
+                            f"{saved or 'none (use --save-every)'}. Try a lower --lr (or --alpha).")
     seconds = q.timer.elapsed()
     return {"step": q.step, "split": "train", "loss": loss, "lr": q.lr, "tokens_per_s": q.n_tokens / seconds,
             "labelled_tokens_per_s": q.n_labelled / seconds, "step_s": seconds, "grad_norm": norm,
@@ -150,8 +154,6 @@ class Totals:
 
 def evaluate(model, batches, runtime) -> tuple[float, float]:
     """Loss and perplexity over `batches` (each process its share of the eval set, summed over processes)."""
-    from . import parallel
-
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
     with torch.no_grad(), runtime.forward():
@@ -168,11 +170,7 @@ def evaluate(model, batches, runtime) -> tuple[float, float]:
 def finish_step(q: QueuedStep, run, log_every: int, proc, out, progress) -> None:
     """The host side of a queued step of `run` (train.Run): read its numbers (waits for that step only), check,
     count, and log them to the progress line and, every `log_every` steps, to metrics.jsonl."""
-    from tinyllama.runtime import peak_memory_gib
-
-    from . import run_folder
-
-    row = read_step(q, run_folder.find_checkpoint(out) if proc.main else None)
+    row = read_step(q, out if proc.main else None)
     run.totals.add(row)
     progress.update(q.step, row["loss"], q.lr, row["tokens_per_s"])
     if q.step % max(log_every, 1) == 0 or q.step == run.total_steps or q.step == run.start_step + 1:
