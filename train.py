@@ -101,6 +101,8 @@ class TrainConfig:
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: none"})
     keep_checkpoints: int = 2
     log_every: int = 10
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install -e .[tensorboard])"})
     out: str = field(default="", metadata={
         "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
     overwrite: bool = field(default=False, metadata={
@@ -186,6 +188,11 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
          or {"flash", "math"} & set(backends),
          f"--sdpa-backends {cfg.sdpa_backends}: a CPU has only the flash and math kernels; name one of them")
     need(not cfg.out or not Path(cfg.out).is_file(), f"--out {cfg.out} is a file; expected a folder")
+    if cfg.tensorboard:
+        try:
+            report.require_tensorboard()
+        except ImportError as e:
+            problems.append(str(e))
     if cfg.resume:
         need(run_folder.find_checkpoint(cfg.resume) is not None,
              f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
@@ -278,6 +285,7 @@ class Run:
     totals: Totals
     flops_per_token: float
     peak_flops: float
+    metrics: report.Metrics | None = None  # set once the output folder is ready
 
 
 def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
@@ -379,6 +387,7 @@ def main(cfg: TrainConfig) -> dict:
             if resume_from:
                 run_folder.start_resume(out, resume_from, log)
             run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        run.metrics = report.Metrics(out, tensorboard=cfg.tensorboard, start_step=run.start_step, enabled=proc.main)
         trainable, total = lora.count_parameters(model)
         log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
             f"({run.runtime.dtype}), {proc.world} process(es), {run.total_steps} steps of "
@@ -435,9 +444,8 @@ def main(cfg: TrainConfig) -> dict:
             if evaluate_now:
                 batches = eval_batches(run.eval_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing)
                 run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, batches, run.runtime)
-                if proc.main:
-                    run_folder.append_metrics(out, {"step": done, "split": "eval", "loss": run.totals.eval_loss,
-                                                    "ppl": run.totals.eval_ppl, "lr": lr, "tokens_per_s": None})
+                run.metrics.write({"step": done, "split": "eval", "loss": run.totals.eval_loss,
+                                   "ppl": run.totals.eval_ppl, "lr": lr, "tokens_per_s": None})
                 progress.note(f"step {done}: eval loss {run.totals.eval_loss:.4f}, ppl {run.totals.eval_ppl:.2f}")
             if save_now:
                 run_folder.save_checkpoint(
@@ -445,6 +453,7 @@ def main(cfg: TrainConfig) -> dict:
                     {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
                      "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
         progress.close()
+        run.metrics.close()
 
         summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                                  flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=device,

@@ -1,4 +1,5 @@
-"""What a run tells its user: the progress line, the summary table, loss.png and base vs fine-tuned samples."""
+"""What a run tells its user: the progress line, metrics (metrics.jsonl, optionally TensorBoard), the summary
+table, loss.png and base vs fine-tuned samples."""
 
 from __future__ import annotations
 
@@ -13,11 +14,54 @@ import torch
 import lora
 from tinyllama.runtime import device_name, peak_memory_gib
 
+from . import run_folder
+
 SAMPLE_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
     "Give me three tips for sleeping better.",
     "Write a haiku about the sea.",
 ]
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def require_tensorboard() -> None:
+    """Fail before anything is loaded when --tensorboard cannot work (the package is an optional extra)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package itself)
+    except ImportError as e:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with "
+                          "pip install -e .[tensorboard], or leave --tensorboard out") from None
+
+
+class Metrics:
+    """Where each metrics row goes: `metrics.jsonl` (the record that resume, plots and tests read), and with
+    `tensorboard` the same numbers as TensorBoard scalars in `out/tensorboard/`, tagged `split/name`
+    (`train/loss`, `eval/ppl`, ...). Only the main process writes; the others get a disabled instance."""
+
+    def __init__(self, out: Path, *, tensorboard: bool = False, start_step: int = 0, enabled: bool = True):
+        self.out, self.enabled, self.writer = out, enabled, None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # A resumed run may start before steps an earlier leg logged (resume from an older checkpoint):
+            # purge_step hides those events, as start_resume sets metrics.jsonl's later rows aside.
+            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        run_folder.append_metrics(self.out, row)
+        if self.writer is not None:
+            for name, value in row.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{row['split']}/{name}", value, row["step"])
+            self.writer.flush()  # a crash loses at most the step being written, as with metrics.jsonl
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:

@@ -31,7 +31,8 @@ import torch
 from . import TrainingError
 
 # Everything a run writes into its folder; a fresh run refuses a folder holding any of it (see --overwrite).
-RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest")
+RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest",
+             "tensorboard")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only

@@ -169,12 +169,11 @@ def evaluate(model, batches, runtime) -> tuple[float, float]:
 
 def finish_step(q: QueuedStep, run, log_every: int, proc, out, progress) -> None:
     """The host side of a queued step of `run` (train.Run): read its numbers (waits for that step only), check,
-    count, and log them to the progress line and, every `log_every` steps, to metrics.jsonl."""
+    count, and log them to the progress line and, every `log_every` steps, to `run.metrics`."""
     row = read_step(q, out if proc.main else None)
     run.totals.add(row)
     progress.update(q.step, row["loss"], q.lr, row["tokens_per_s"])
     if q.step % max(log_every, 1) == 0 or q.step == run.total_steps or q.step == run.start_step + 1:
         row["mfu"] = q.n_tokens * run.flops_per_token / row["step_s"] / run.peak_flops / proc.world
         row["peak_gib"] = peak_memory_gib(proc.device)
-        if proc.main:
-            run_folder.append_metrics(out, row)
+        run.metrics.write(row)
