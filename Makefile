@@ -5,7 +5,7 @@ RANK ?= 64
 ALPHA ?= $(RANK)
 ARGS ?=
 
-.PHONY: setup lint test test-fast train smoke params bench chat clean
+.PHONY: setup lint test test-fast train smoke params bench chat export clean
 
 setup: .venv/.installed
 
@@ -45,3 +45,11 @@ bench: setup
 ADAPTER ?=
 chat: setup
 	$(PY) chat.py $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+# The adapter merged into its base (MODEL, default the one the adapter records), written to OUT for transformers,
+# pipelines and llama.cpp: make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged [ARGS="--dtype bfloat16"]
+OUT ?=
+MODEL ?=
+export: setup
+	$(if $(and $(ADAPTER),$(OUT)),,$(error make export needs ADAPTER=<adapter folder> and OUT=<folder to write>))
+	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)

@@ -27,7 +27,7 @@ from data.guanaco import ASSISTANT, HUMAN, MARKERS, Turn, render
 from tinyllama.checkpoint import DEFAULT_MODEL, load_model, resolve_checkpoint
 from tinyllama.generation import StopStrings, generate
 from tinyllama.runtime import DTYPES, configure_runtime, resolve_device, resolve_dtype
-from tinyllama.tokenizer import Tokenizer
+from tinyllama.tokenizer import load_tokenizer
 
 HUMAN_MARKER, ASSISTANT_MARKER = MARKERS[HUMAN], MARKERS[ASSISTANT]
 # A reply ends where the model starts the next human turn. It never holds "### Assistant:" either (training
@@ -128,7 +128,7 @@ def answer(model, tokenizer, history_or_prompt: str | Sequence[str], max_new_tok
     oldest exchanges are dropped if the conversation would not fit the context. `on_text` receives the reply
     piece by piece as it is generated. Returns the reply with surrounding whitespace stripped.
     """
-    _, ids = fit_history(tokenizer, history_or_prompt, max_new_tokens, model.config.max_position_embeddings)
+    _, ids = fit_history(tokenizer, history_or_prompt, max_new_tokens, model.config.context_length)
     stream = TextStream(tokenizer, STOP_STRINGS, on_text)
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
              stop=stream.stop, eos_id=tokenizer.eos_id, on_token=stream.push)
@@ -158,7 +158,8 @@ def _parse(argv):
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or Hub id (default %(default)s)")
     p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the weights (faster)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in the model folder)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json, or a folder holding one "
+                   "(default: the model folder's)")
     p.add_argument("--prompt", help="answer this one message and exit, instead of chatting")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -190,18 +191,18 @@ def main(argv=None) -> int:
         return 2
     try:
         model, folder = load(args.model, args.adapter, args.merge, device, dtype)
-        tokenizer = Tokenizer(args.tokenizer or folder)
+        tokenizer = load_tokenizer(args.tokenizer or folder)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if tokenizer.vocab_size != model.config.vocab_size:
-        print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model {model.config.vocab_size}; "
-              "pass the model's own tokenizer with --tokenizer", file=sys.stderr)
+    if tokenizer.vocab_size > model.config.vocab_size:  # a larger embedding table (padded) is fine
+        print(f"error: the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size} "
+              "embeddings; pass the model's own tokenizer with --tokenizer", file=sys.stderr)
         return 2
     runtime = configure_runtime(model, device, dtype)  # this machine's attention kernels, as in training
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
-    context = model.config.max_position_embeddings
+    context = model.config.context_length
 
     if args.prompt is not None:
         try:

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 import lora
-from data import BatchStream, eval_batches, load_examples
-from data.sources import SPLIT_FILES
+from data import BatchStream, eval_batches, load_train_eval
+from data.sources import AUTO, NONE, is_random, source_problems
 from lora import LoRAConfig
-from tinyllama import Tokenizer, load_model
+from tinyllama import load_model, load_tokenizer
 from tinyllama.checkpoint import DEFAULT_MODEL, HubUnavailable, model_config, random_model, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
+from tinyllama.quant import QUANTIZE_CHOICES
 from tinyllama.runtime import (
     COMPILE_MODES,
     COMPILE_SCOPES,
@@ -46,8 +47,9 @@ from tinyllama.runtime import (
     resolve_dtype,
     uncompile_model,
 )
+from tinyllama.shapes import SHAPES
 from training import TrainingError, parallel, report, run_folder
-from training.settings import parse_settings
+from training.settings import command_line, parse_settings
 from training.step import (
     QueuedStep,
     Timer,
@@ -69,18 +71,27 @@ class TrainConfig:
     # What to train
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub repo id or local HF checkpoint folder"})
     data: str = field(default="train", metadata={
-        "help": "guanaco split (train, test) or a local .jsonl (guanaco rows or OASST trees); "
-                "'random[:N]' = N random token sequences, every position labelled (benchmark workload)"})
-    eval_data: str = field(default="test", metadata={"help": "eval split or file; 'none' disables eval"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer.model path (default: the model's)"})
+        "help": "training data: a guanaco split (train, test) or a local .jsonl (guanaco rows or OASST trees) or "
+                ".parquet (a text column; pip install -e .[parquet]); commas separate several sources, and "
+                "SOURCE:W uses one W times (a.jsonl:2,train; 0.5: a seeded half); 'random[:N]' = N random token "
+                "sequences, every position labelled (benchmark workload)"})
+    eval_data: str = field(default="auto", metadata={
+        "help": "auto: hold out 2%% of each local --data file's conversations (at least 1, at most 500, drawn "
+                "with --seed; never trained on) and use the guanaco test split for split names; or splits/files "
+                "(comma-separated); 'none' disables eval"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.model or tokenizer.json, or a folder holding one (default: the model's)"})
     random_init: bool = field(default=False, metadata={
-        "help": "build --model's shape (or TinyLlama's) with random weights instead of loading them"})
+        "help": "random weights of --model's shape instead of its weights; --model may then also be a shape name "
+                "(tinyllama.shapes: llama-2-7b, llama-3.2-1b, ...) or a config.json"})
     # LoRA
     rank: int = 64
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
     dropout: float = 0.05
     targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
     rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(rank)"})
+    dora: bool = field(default=False, metadata={
+        "help": "DoRA (PEFT's use_dora): a trainable magnitude per output row; not with --fused-mlp"})
     # Optimisation
     lr: float = 2e-4
     warmup: int = field(default=20, metadata={"help": "linear warmup steps"})
@@ -122,6 +133,10 @@ class TrainConfig:
         "help": "attention kernels in order of preference (flash, efficient, cudnn, math), or 'default' for "
                 "PyTorch's own order; see tinyllama.runtime.sdpa_context"})
     grad_checkpointing: bool = False
+    quantize: str = field(default="none", metadata={
+        "help": "none, or nf4: the frozen base projections in 4 bits (QLoRA; tinyllama.quant)"})
+    double_quant: bool = field(default=False, metadata={
+        "help": "with --quantize nf4: quantise the block scales too (QLoRA's double quantisation)"})
     fused_mlp: bool | None = field(default=None, metadata={
         "help": "the LoRA MLP as one autograd function (less activation memory, fewer matmuls); default: on CUDA"})
     varlen: bool | None = field(default=None, metadata={
@@ -173,6 +188,13 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
              f"--device {cfg.device} asked for CUDA but torch.cuda.is_available() is False")
     except RuntimeError as e:
         problems.append(f"--device {cfg.device!r}: {e}")
+    need(cfg.quantize in ("none", *QUANTIZE_CHOICES),
+         f"--quantize must be none or one of {list(QUANTIZE_CHOICES)}, got {cfg.quantize!r}")
+    need(not cfg.double_quant or cfg.quantize != "none", "--double-quant applies to --quantize nf4; add that")
+    need(not (cfg.quantize != "none" and cfg.fused_mlp), "--quantize with --fused-mlp is not supported (the fused "
+         "LoRA MLP takes dense weights); leave --fused-mlp out")
+    need(not (cfg.dora and cfg.fused_mlp), "--dora with --fused-mlp is not supported (the fused LoRA MLP has no "
+         "magnitude vectors); leave --fused-mlp out and DoRA runs the plain MLP")
     need(not (cfg.compile and cfg.grad_checkpointing),
          "--compile with --grad-checkpointing is not supported; pick one")
     need(cfg.compile_scope in COMPILE_SCOPES,
@@ -198,27 +220,27 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
              f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
              "holding one)")
     model_path = Path(cfg.model)
-    need(model_path.is_dir() or (not model_path.exists() and cfg.model.count("/") == 1
-                                 and not cfg.model.startswith((".", "/", "~"))),
-         f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r}")
+    shape_only = cfg.random_init or cfg.dry_run  # no weights needed: a shape name or a config.json will do
+    is_shape = cfg.model in SHAPES or (model_path.suffix == ".json" and model_path.is_file())
+    need(model_path.is_dir() or (shape_only and is_shape) or (
+        not model_path.exists() and cfg.model.count("/") == 1 and not cfg.model.startswith((".", "/", "~"))),
+         f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r} (with "
+         f"--random-init or --dry-run, also a shape name: {', '.join(SHAPES)}; or a config.json)")
+    need(not (shape_only and is_shape and not cfg.tokenizer and needs_tokenizer(cfg) and not cfg.dry_run),
+         f"--model {cfg.model} is a shape without a tokenizer: pass --tokenizer, or train on --data random with "
+         "--no-samples")
     if model_path.is_dir() or cfg.random_init:
         with contextlib.suppress(ValueError, OSError):  # a broken config.json is reported when the model loads
             too_long = context_problem(cfg, model_config(cfg.model))
             need(too_long is None, too_long)
     for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
-        if source.startswith("random"):
-            n = source.partition(":")[2]
-            need(source == "random" or (source.startswith("random:") and n.isdigit() and int(n) > 0),
-                 f"{flag} {source!r}: write random or random:N with N >= 1")
-        elif source not in SPLIT_FILES and not (flag == "--eval-data" and source.lower() == "none"):
-            need(Path(source).is_file(), f"{flag} {source!r} is neither a split name ({', '.join(SPLIT_FILES)}) "
-                                         "nor an existing file (guanaco or OASST trees .jsonl)")
+        problems += source_problems(source, flag)
     lora_config = None
     try:
         lora_config = LoRAConfig(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha,
                                  dropout=cfg.dropout,
                                  targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
-                                 use_rslora=cfg.rslora)
+                                 use_rslora=cfg.rslora, use_dora=cfg.dora)
     except (ValueError, TypeError) as e:
         problems.append(str(e))
     if problems:  # one line for one problem, a line each for several
@@ -240,9 +262,19 @@ def with_machine_defaults(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def needs_tokenizer(cfg: TrainConfig) -> bool:
+    """Whether the run has conversations to encode or samples to print."""
+    return not is_random(cfg.data) or cfg.samples or (cfg.eval_data.lower() not in (AUTO, NONE)
+                                                      and not is_random(cfg.eval_data))
+
+
 def context_problem(cfg: TrainConfig, config) -> str | None:
     """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None. Packed rows
     may be longer: each conversation in them is cut at the model's context instead."""
+    if config.sliding_window is not None and cfg.max_len > config.sliding_window:  # packed rows too
+        return (f"--max-len {cfg.max_len} is longer than this Mistral checkpoint's sliding_window "
+                f"({config.sliding_window}), which this implementation does not compute; lower --max-len to at "
+                "most that")
     if cfg.max_len <= config.max_position_embeddings or cfg.packing:
         return None
     return (f"--max-len {cfg.max_len} is longer than the model's max_position_embeddings "
@@ -275,7 +307,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
 class Run:
     """What `main` loads before its first step."""
     model: torch.nn.Module
-    tokenizer: Tokenizer | None
+    tokenizer: object | None  # tinyllama.Tokenizer or BPETokenizer (see load_tokenizer)
     stream: object  # data.BatchStream
     eval_examples: list
     optimizer: torch.optim.Optimizer
@@ -301,8 +333,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
     if too_long:
         raise TrainingError(too_long)
     tokenizer = None
-    if not cfg.data.startswith("random") or cfg.samples:
-        tokenizer = Tokenizer(cfg.tokenizer or (folder or resolve_checkpoint(cfg.model)) / "tokenizer.model")
+    if needs_tokenizer(cfg):
+        tokenizer = load_tokenizer(cfg.tokenizer or folder or resolve_checkpoint(cfg.model))
         if tokenizer.vocab_size > config.vocab_size:
             raise TrainingError(
                 f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model only "
@@ -310,12 +342,9 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
                 "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
     n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
     example_len = min(cfg.max_len, config.max_position_embeddings)  # the row length, or less in packed rows
-    train_examples = load_examples(cfg.data, tokenizer, example_len, vocab_size=config.vocab_size, seed=cfg.seed,
-                                   n_random=n_random, log=log)
-    eval_examples = []
-    if cfg.eval_data.lower() != "none":
-        eval_examples = (train_examples[:64] if cfg.eval_data.startswith("random")
-                         else load_examples(cfg.eval_data, tokenizer, example_len, log=log))
+    train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
+                                                    vocab_size=config.vocab_size, seed=cfg.seed, n_random=n_random,
+                                                    log=log)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world)
@@ -333,12 +362,15 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
 
+    quantize = None if cfg.quantize == "none" else cfg.quantize
     # The model, with LoRA built in (base frozen); AdamW over the LoRA weights only (fp32 weights and state,
     # whatever the base dtype). Fused: it alone can skip an update on the device (`skip_updates_when`).
     if cfg.random_init:
-        model = random_model(config, dtype=dtype, device=device, lora=lora_config)
+        model = random_model(config, dtype=dtype, device=device, lora=lora_config, quantize=quantize,
+                             double_quant=cfg.double_quant)
     else:
-        model = load_model(folder, dtype=dtype, device=device, lora=lora_config)
+        model = load_model(folder, dtype=dtype, device=device, lora=lora_config, quantize=quantize,
+                           double_quant=cfg.double_quant)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -366,7 +398,7 @@ def main(cfg: TrainConfig) -> dict:
     cfg = with_machine_defaults(cfg)
     lora_config = validate(cfg)
     if cfg.dry_run:
-        shape = cfg.model if (Path(cfg.model) / "config.json").is_file() else "TinyLlama-1.1B shape"
+        shape = cfg.model if cfg.model in SHAPES or Path(cfg.model).exists() else "TinyLlama-1.1B shape"
         return report.parameter_table(model_config(cfg.model), lora_config, sorted({4, 16, 64, 256, cfg.rank}),
                                       shape, print)
     proc = parallel.start(cfg.device, cfg.dist_timeout)
@@ -459,7 +491,9 @@ def main(cfg: TrainConfig) -> dict:
                                  flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=device,
                                  world=proc.world, out=out)
         if proc.main:
-            run_folder.write_dir(out / "adapter", lambda folder: lora.save_adapter(model, folder, base_model=cfg.model))
+            card = report.model_card(cfg, run.totals, run.total_steps, command_line(cfg))
+            run_folder.write_dir(out / "adapter", lambda folder: lora.save_adapter(model, folder, base_model=cfg.model,
+                                                                                   card=card))
             run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
             report.print_summary(summary, log)
             report.plot_losses(out)

@@ -18,18 +18,23 @@ The first segment is tokenized as the start of a text (with SentencePiece's dumm
 `tokenizer.encode(text)` does). Every later segment is tokenized *as it appears inside a longer text*: we encode
 "\n" + segment and drop the tokens of "\n". That works because "\n" is a byte-fallback piece that merges with
 nothing, so what follows it is tokenized exactly as after any other character, without a dummy prefix.
+A byte-level BPE tokenizer.json (Llama 3, SmolLM2) has no dummy prefix, and its pre-tokenizer regex makes "\n"
+a word of its own before any segment (segments never start with whitespace), so the same code holds for it.
 
 Consequences, checked by the tests:
 - decode(input_ids) is exactly the guanaco text (decode drops BOS/EOS, and no segment gains or loses a space);
-- the labelled tokens of each reply decode to exactly that reply (its leading "▁" is the space after "Assistant:");
-- the ids, EOS aside, equal `tokenizer.encode(guanaco_text)` of the whole row, except where SentencePiece would
-  merge the end of a reply with the next marker (a reply ending in "C#" gives "####"); there a token boundary
-  has to exist anyway, since EOS goes there. The boundary after "### Assistant:" can never merge: no Llama piece
-  has "▁" after another character.
+- the labelled tokens of each reply decode to exactly that reply (its leading "▁" is the space after "Assistant:",
+  which SentencePiece's decode drops at the start of a text and byte-level BPE's keeps);
+- the ids, EOS aside, equal `tokenizer.encode(guanaco_text)` of the whole row, except where the tokenizer would
+  merge the end of a reply with the next marker (a reply ending in "C#" gives "####"; with Llama 3's regex any
+  punctuation does: "." and "###" make ".###"); there a token boundary has to exist anyway, since EOS goes
+  there. The boundary after "### Assistant:" can never merge: no Llama piece has "▁" after another character,
+  and the BPE regexes start a new word at a space.
 - the prompt tokens equal what `encode_prompt` gives at inference, so generation sees what training saw.
 
-Deliberately left out: chat templates other than guanaco's, a system prompt, and a pad token (batching masks
-padding instead; see data.batching).
+A tokenizer whose `bos_id` is None (SmolLM2's puts nothing before a text) gives sequences that start with the
+first marker. Deliberately left out: chat templates other than guanaco's, a system prompt, and a pad token
+(batching masks padding instead; see data.batching).
 """
 
 from __future__ import annotations
@@ -106,7 +111,8 @@ def segments(conversation: list[Turn]) -> list[tuple[str, bool]]:
 
 def _encode_full(conversation: list[Turn], tokenizer) -> tuple[list[int], list[int]]:
     prefix = _context_prefix(tokenizer)
-    ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]
+    ids = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    labels = [IGNORE_INDEX] * len(ids)
     for i, (text, labelled) in enumerate(segments(conversation)):
         seg = tokenizer.encode(text, bos=False) if i == 0 else _encode_inside(tokenizer, text, prefix)
         if labelled:

@@ -1,25 +1,36 @@
-"""Where conversations come from: the guanaco dataset on the Hugging Face Hub, or a local `.jsonl` file.
+"""Where conversations come from: the guanaco dataset on the Hugging Face Hub, local files, and lists of both.
 
-`load_conversations("train" | "test" | "eval" | PATH)` returns the conversations and never loses a row quietly:
-every row is either used or skipped with a counted reason, and the counts are printed as one line
+`load_conversations("train" | "test" | "eval" | PATH)` returns the conversations of one source and never loses a
+row quietly: every row is either used or skipped with a counted reason, and the counts are printed as one line
 (`N rows read, K skipped (reason: count, ...)`) and kept on the result as `.report`. With `strict=True` the
-first bad row raises instead, naming its file and line.
+first bad row raises instead, naming its file and row.
 
-Local files are detected by content: rows with a `text` field are guanaco rows; rows with a `prompt` message
-object are OASST1 message trees (see `data.oasst`). `.jsonl.gz` is read as well.
+Local files: `.jsonl` (or `.jsonl.gz`), detected by content: rows with a `text` field are guanaco rows; rows
+with a `prompt` message object are OASST1 message trees (see `data.oasst`). `.parquet`: rows with a `text`
+column (how the Hub serves datasets converted to Parquet), read in row batches through pyarrow, the optional
+extra `pip install -e .[parquet]`; each row goes through the same parsing and counting as a `.jsonl` row.
+
+`load_train_eval(data, eval_data, ...)` is `train.py`'s `--data` / `--eval-data`: comma-separated sources, each
+optionally weighted (`a.jsonl:2,train`), encoded into training examples; and the evaluation examples, by
+default (`auto`) a held-out share of each local file's conversations plus the guanaco test split when a split
+is trained on. The held-out conversations are a function of `--seed` and the data alone, so every
+data-parallel rank and every resumed leg of a run holds out the same ones.
 
 Deliberately left out: the `datasets` library (one `hf_hub_download` per file is all the Hub part needs),
-streaming, and formats other than these two.
+streaming, reading from URLs, OASST trees in Parquet, and formats other than these.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from . import oasst
 from .guanaco import BadRow, Turn, parse_row
@@ -30,13 +41,19 @@ SPLIT_FILES = {
     "test": "openassistant_best_replies_eval.jsonl",  # 518 rows; the Hub calls this split `test`
     "eval": "openassistant_best_replies_eval.jsonl",
 }
+AUTO, NONE = "auto", "none"  # the --eval-data values that are not sources
+HOLDOUT_PERCENT, HOLDOUT_MAX = 2, 500  # `--eval-data auto` holds out 2% of a file, at least 1, at most 500
+RANDOM_EVAL = 64  # `--eval-data random`: the first 64 training examples
+PARQUET_BATCH_ROWS = 1024
+SOURCE_HELP = "a split name (train, test) or a local .jsonl / .jsonl.gz (guanaco rows or OASST trees) or .parquet " \
+              "(a text column)"
 
 
 @dataclass
 class LoadReport:
     source: str = ""
     format: str = ""  # "guanaco" or "oasst"
-    rows: int = 0  # non-blank lines read
+    rows: int = 0  # non-blank lines (or Parquet rows) read
     conversations: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
     notes: Counter = field(default_factory=Counter)  # fix-up -> rows kept after that fix-up
@@ -83,11 +100,46 @@ def hub_file(split: str, *, cache_dir=None, local_files_only: bool = False) -> P
             "then uses the cache without network retries.") from e
 
 
-def _read_lines(path: Path):
-    """(line number, raw bytes): decoding happens per row, so a bad byte costs one counted row, not the file."""
+def require_pyarrow():
+    """`pyarrow.parquet`, or an ImportError that names the extra to install."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading .parquet files needs pyarrow: pip install -e .[parquet]") from None
+    return pq
+
+
+def is_parquet(path) -> bool:
+    return str(path).lower().endswith(".parquet")
+
+
+def _jsonl_rows(path: Path):
+    """(line number, raw bytes) of each non-blank line: decoding happens per row, so a bad byte costs one counted
+    row, not the file."""
+    _refuse_json_array(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        yield from enumerate(f, start=1)
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():  # blank lines hold no row
+                yield lineno, raw
+
+
+def _parquet_rows(path: Path):
+    """(row number, {"text": value}) of each row, read a batch of rows at a time."""
+    pq = require_pyarrow()
+    try:
+        file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors name no file
+        raise ValueError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
+    columns = file.schema_arrow.names
+    if "text" not in columns:
+        raise ValueError(f"{path} has no `text` column (its columns: {', '.join(columns) or 'none'}); expected "
+                         "guanaco rows, one conversation in a `text` column per row")
+    n = 0
+    for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            n += 1
+            yield n, {"text": text}
 
 
 def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool = False, verbose: bool = True,
@@ -107,27 +159,22 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
         if not path.is_file():
             raise FileNotFoundError(
                 f"{split_or_path!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an existing file; "
-                "pass a split name or the path of a guanaco / OASST trees .jsonl file")
+                "pass a split name or the path of a guanaco / OASST trees .jsonl file or a .parquet file")
         source = str(path)
-        _refuse_json_array(path)
     report = LoadReport(source=source)
+    parquet = is_parquet(path)
     conversations = []
-    for lineno, raw in _read_lines(path):
-        if not raw.strip():
-            continue  # blank lines hold no row
+    for number, raw in (_parquet_rows(path) if parquet else _jsonl_rows(path)):
         report.rows += 1
         try:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadRow("invalid UTF-8", str(e)) from None
-            convs, notes = _parse_line(line, report, all_threads)
+            convs, notes = _parse_row(raw, report, all_threads)
         except BadRow as e:
             if strict:
                 err = BadRow(e.reason, e.detail)
-                err.args = (f"{path}:{lineno}: {e} (fix or remove this row, or load without strict=True to "
-                            "skip and count bad rows)",)
-                err.lineno = lineno
+                where = f"{path}: row {number}" if parquet else f"{path}:{number}"
+                err.args = (f"{where}: {e} (fix or remove this row, or load without strict=True to skip and "
+                            "count bad rows)",)
+                err.lineno = number
                 raise err from None
             report.skipped[e.reason] += 1
             continue
@@ -135,28 +182,209 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
         report.notes.update(notes)
     report.conversations = len(conversations)
     if report.rows == 0:
-        raise ValueError(f"{source}: no rows (the file is empty or holds only blank lines); expected one JSON "
+        raise ValueError(f"{source}: no rows; expected one conversation per row in its text column" if parquet
+                         else f"{source}: no rows (the file is empty or holds only blank lines); expected one JSON "
                          "object per line")
     if verbose:
         print(report, file=sys.stderr)
     return Conversations(conversations, report)
 
 
-def load_examples(source: str, tokenizer, max_len: int, *, vocab_size: int | None = None, seed: int = 0,
-                  n_random: int = 64, log=print) -> list:
-    """Training examples of `source`: a split or file (conversations, encoded with loss masks), or the benchmark
-    workload `random[:N]` (N sequences of max_len random ids, every position labelled; needs `vocab_size`)."""
+# ---- lists of sources: --data and --eval-data ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Source:
+    """One comma-separated item of `--data`: a guanaco split name or a local file, and its weight: how many
+    times its examples are used per epoch (2: twice; 0.5: a seeded half of them; 1.5: all once, half twice)."""
+
+    name: str
+    weight: float = 1.0
+
+    @property
+    def is_split(self) -> bool:
+        return self.name in SPLIT_FILES
+
+    def __str__(self) -> str:
+        return self.name if self.weight == 1 else f"{self.name}:{self.weight:g}"
+
+
+def is_random(spec: str) -> bool:
+    """`random` or `random:N`: the benchmark workload, not a file."""
+    return spec == "random" or spec.startswith("random:")
+
+
+def parse_sources(spec: str, *, weights: bool = True) -> list[Source]:
+    """`a.jsonl,b.parquet:2,train:0.5` -> Sources. Commas separate sources; a last `:NUMBER` is a weight (so a
+    path that itself ends in `:NUMBER` cannot be named). Raises ValueError naming the item at fault; whether the
+    files exist is `source_problems`'s business."""
+    sources = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"an empty source in {spec!r} (two commas in a row, or a comma at either end); "
+                             "commas separate sources")
+        if is_random(item):
+            raise ValueError(f"{item!r}: random[:N] (the benchmark workload) stands alone, not in a list")
+        name, weight = item, 1.0
+        head, _, tail = item.rpartition(":")
+        if head and _is_number(tail):
+            name, weight = head, float(tail)
+            if not weights:
+                raise ValueError(f"{item!r}: weights apply to training sources (--data) only")
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"{item!r}: a weight must be a number > 0 (2: twice, 0.5: half), got {tail}")
+        if any(s.name == name for s in sources):
+            raise ValueError(f"{name!r} is named twice; name it once, with a weight (e.g. {name}:2) to use it more")
+        sources.append(Source(name, weight))
+    return sources
+
+
+def source_problems(spec: str, flag: str = "--data") -> list[str]:
+    """What is wrong with a `--data` (or, with flag="--eval-data", an `--eval-data`) value, one line per problem,
+    checked without reading the files: syntax, splits or existing files, pyarrow for Parquet."""
+    evaluating = flag == "--eval-data"
+    if evaluating and spec.lower() in (AUTO, NONE):
+        return []
+    if is_random(spec):
+        n = spec.partition(":")[2]
+        ok = spec == "random" or (n.isdigit() and int(n) > 0)
+        return [] if ok else [f"{flag} {spec!r}: write random or random:N with N >= 1"]
+    try:
+        sources = parse_sources(spec, weights=not evaluating)
+    except ValueError as e:
+        return [f"{flag}: {e}"]
+    problems = []
+    for source in sources:
+        if source.is_split:
+            continue
+        if not Path(source.name).expanduser().is_file():
+            problems.append(f"{flag} {source.name!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an "
+                            "existing file (guanaco or OASST trees .jsonl, or .parquet with a text column); "
+                            "commas separate sources")
+        elif is_parquet(source.name):
+            try:
+                require_pyarrow()
+            except ImportError as e:
+                problems.append(f"{flag} {source.name}: {e}")
+    return problems
+
+
+def holdout_size(n: int) -> int:
+    """How many of a file's `n` conversations `--eval-data auto` holds out: 2%, at least 1, at most 500."""
+    return min(HOLDOUT_MAX, max(1, n * HOLDOUT_PERCENT // 100))
+
+
+def hold_out(conversations: list, seed: int, name: str = "the data") -> tuple[list, list]:
+    """(training, held out): `holdout_size(n)` conversations drawn with `seed`, both parts in file order. A pure
+    function of the seed and the conversations, so every rank and every resumed leg draws the same ones."""
+    n = len(conversations)
+    if n < 2:
+        raise ValueError(f"{name} has {n} conversation{'s' * (n != 1)}: too few to hold one out for evaluation "
+                         "and train on the rest; pass --eval-data FILE (or a split name), or --eval-data none")
+    held = set(np.random.default_rng([seed, 0]).permutation(n)[:holdout_size(n)].tolist())
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+def weighted(examples: list, weight: float, rng: np.random.Generator) -> list:
+    """`examples` repeated int(weight) times, plus a sample (drawn with `rng`, without repeats) of the fractional
+    part's share of them: weight * n examples in all (rounded half up), each at most ceil(weight) times."""
+    whole = int(weight)
+    extra = int((weight - whole) * len(examples) + 0.5)
+    picked = sorted(rng.choice(len(examples), size=extra, replace=False).tolist()) if extra else []
+    return examples * whole + [examples[i] for i in picked]
+
+
+def load_train_eval(data: str, eval_data: str, tokenizer, max_len: int, *, vocab_size: int | None = None,
+                    seed: int = 0, n_random: int = 64, log=print) -> tuple[list, list]:
+    """(training examples, evaluation examples) for `--data` and `--eval-data`, every step reported to `log`.
+
+    `data`: comma-separated sources (`parse_sources`), or the benchmark workload `random[:N]` (N sequences of
+    max_len random ids, every position labelled; needs `vocab_size`). `eval_data`:
+      - "auto": `holdout_size` conversations of each local file, held out before weighting (so none of them is
+        trained on), plus the guanaco test split when a split is among the sources; for `random[:N]`, as
+        "random";
+      - "none": no evaluation;  "random": the first 64 training examples;
+      - comma-separated sources without weights: those, whole.
+    """
     from .encoding import encode_all
     from .synthetic import random_examples
 
-    if source == "random" or source.startswith("random:"):
-        return random_examples(int(source.split(":")[1]) if ":" in source else n_random, max_len, vocab_size, seed)
-    conversations = load_conversations(source)
+    auto = eval_data.lower() == AUTO
+    if is_random(data):
+        n = int(data.partition(":")[2]) if ":" in data else n_random
+        train, held_out = random_examples(n, max_len, vocab_size, seed), None
+    else:
+        train, held_out = _training_examples(parse_sources(data), tokenizer, max_len, seed, auto, log)
+    if eval_data.lower() == NONE:
+        return train, []
+    if is_random(eval_data) or (auto and held_out is None):
+        return train, train[:RANDOM_EVAL]
+    conversations = held_out if auto else [c for s in parse_sources(eval_data, weights=False) for c in _load(s, log)]
     examples, encoded = encode_all(conversations, tokenizer, max_len)
-    log(f"data {source}: {len(conversations)} conversations -> {len(examples)} examples ({encoded})")
+    log(f"eval: {len(conversations)} conversations -> {len(examples)} examples ({encoded})")
     if not examples:
-        raise ValueError(f"no usable training examples in {source!r} (see the report above)")
-    return examples
+        raise ValueError("no usable evaluation examples (see the report above); pass --eval-data FILE, or "
+                         "--eval-data none")
+    return train, examples
+
+
+def _training_examples(sources: list[Source], tokenizer, max_len: int, seed: int, hold: bool,
+                       log) -> tuple[list, list]:
+    """(training examples of all sources, weighted; the conversations held out for evaluation when `hold`:
+    a share of each local file, and the guanaco test split when a split is trained on)."""
+    from .encoding import encode_all
+
+    train, held_out = [], []
+    for i, source in enumerate(sources):
+        conversations = _load(source, log)
+        if hold and not source.is_split:
+            n = len(conversations)
+            conversations, held = hold_out(conversations, seed, source.name)
+            held_out += held
+            raw = n * HOLDOUT_PERCENT // 100
+            bound = ", at least 1" if raw < 1 else f", at most {HOLDOUT_MAX}" if raw > HOLDOUT_MAX else ""
+            log(f"eval: held out {len(held)} of {n} conversations of {source.name} ({HOLDOUT_PERCENT}%{bound}, "
+                f"seed {seed})")
+        examples, encoded = encode_all(conversations, tokenizer, max_len)
+        used = weighted(examples, source.weight, np.random.default_rng([seed, 1, i]))
+        times = "" if source.weight == 1 else f", weight {source.weight:g} -> {len(used)} examples"
+        log(f"data {source.name}: {len(conversations)} conversations -> {len(examples)} examples{times} "
+            f"({encoded})")
+        train += used
+    if not train:
+        raise ValueError(f"no usable training examples in {','.join(map(str, sources))!r} (see the report above)")
+    if len(sources) > 1:
+        log(f"data: {len(train)} training examples from {len(sources)} sources")
+    if hold and any(s.is_split for s in sources):
+        if any(s.is_split and SPLIT_FILES[s.name] == SPLIT_FILES["test"] for s in sources):
+            log("warning: --data trains on the guanaco test split, which --eval-data auto evaluates on; pass "
+                "--eval-data FILE or --eval-data none for an evaluation it has not trained on")
+        held_out += _load(Source("test"), log)
+    return train, held_out
+
+
+def load_examples(source: str, tokenizer, max_len: int, *, vocab_size: int | None = None, seed: int = 0,
+                  n_random: int = 64, log=print) -> list:
+    """Training examples of `source` (one or more sources as `--data` takes them, nothing held out), or the
+    benchmark workload `random[:N]`; see `load_train_eval`."""
+    return load_train_eval(source, NONE, tokenizer, max_len, vocab_size=vocab_size, seed=seed, n_random=n_random,
+                           log=log)[0]
+
+
+def _load(source: Source, log) -> Conversations:
+    """One source's conversations, its load report logged (by the main process alone, with train.py's `log`)."""
+    conversations = load_conversations(source.name if source.is_split else Path(source.name), verbose=False)
+    log(conversations.report)
+    return conversations
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
 
 
 def _refuse_json_array(path: Path) -> None:
@@ -169,11 +397,19 @@ def _refuse_json_array(path: Path) -> None:
                          f"e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl")
 
 
-def _parse_line(line: str, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BadRow("invalid JSON", str(e)) from None
+def _parse_row(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:
+    """The conversations of one row: raw bytes of a JSON line, or a Parquet row's dict."""
+    if isinstance(raw, bytes):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRow("invalid UTF-8", str(e)) from None
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadRow("invalid JSON", str(e)) from None
+    else:
+        obj = raw
     if not report.format:  # the first valid object decides the format of the file
         report.format = "oasst" if oasst.is_tree(obj) else "guanaco"
         if not oasst.is_tree(obj) and isinstance(obj, dict) and "parent_id" in obj and "text" in obj:

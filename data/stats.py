@@ -85,15 +85,16 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all-threads", action="store_true", help="OASST trees: every thread, not the best one")
-    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="tokenizer.model file or model folder")
+    p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
+                   help="tokenizer.model / tokenizer.json, or a model folder")
     args = p.parse_args(argv)
-    from tinyllama.tokenizer import Tokenizer
+    from tinyllama.tokenizer import load_tokenizer
 
     source = Path(args.source) if Path(args.source).is_file() else args.source
     try:
-        tokenizer = Tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         conversations = load_conversations(source, all_threads=args.all_threads, verbose=False)
-    except (OSError, RuntimeError, ValueError) as e:  # messages written for people; no traceback needed
+    except (ImportError, OSError, RuntimeError, ValueError) as e:  # messages for people (ImportError: an extra)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(conversations.report)

@@ -1,8 +1,17 @@
 """LoRA for the Llama model: config, the `LoRALinear` layer, PEFT-format adapters, merging, accounting."""
 
-from .adapter import count_parameters, disabled, load_adapter, lora_layers, merge, read_adapter_config, save_adapter
+from .adapter import (
+    ModelCard,
+    count_parameters,
+    disabled,
+    load_adapter,
+    lora_layers,
+    merge,
+    read_adapter_config,
+    save_adapter,
+)
 from .config import ALL_TARGETS, ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig
 from .layer import LoRALinear
 
 __all__ = ["LoRAConfig", "LoRALinear", "MLP_TARGETS", "ATTENTION_TARGETS", "ALL_TARGETS", "count_parameters",
-           "save_adapter", "load_adapter", "read_adapter_config", "merge", "lora_layers", "disabled"]
+           "save_adapter", "load_adapter", "read_adapter_config", "merge", "lora_layers", "disabled", "ModelCard"]

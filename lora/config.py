@@ -1,4 +1,4 @@
-"""What a LoRA adapter is: its rank, scale, dropout and which projections it adapts."""
+"""What a LoRA adapter is: its rank, scale, dropout, which projections it adapts, and whether it is DoRA."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class LoRAConfig:
     dropout: float = 0.05
     targets: tuple[str, ...] = field(default=MLP_TARGETS)
     use_rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+    use_dora: bool = False  # DoRA: a trainable magnitude per output row as well (PEFT's use_dora; lora.layer)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -28,6 +29,9 @@ class LoRAConfig:
             raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoRA {name} must be True or False, got {getattr(self, name)!r}")
         if not self.targets:
             raise ValueError(f"LoRA targets must name at least one of {ALL_TARGETS}, got none")
         unknown = [t for t in self.targets if t not in ALL_TARGETS]

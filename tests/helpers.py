@@ -60,13 +60,16 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
-    """Save a random `transformers.LlamaForCausalLM` (float32, safetensors) to `path` and return it."""
+def hf_checkpoint(path: Path, seed: int = 0, model_type: str = "llama", **overrides) -> Path:
+    """Save a random `transformers.LlamaForCausalLM` (or `MistralForCausalLM` for model_type "mistral"; float32,
+    safetensors) to `path` and return it."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    family = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+    config_class, model_class = family[model_type]
+    model = model_class(config_class(**{**TINY, **overrides})).eval()
     with torch.no_grad():  # HF initialises norms to 1; perturb them so a wrong norm cannot hide
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -76,12 +79,12 @@ def hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
 
 
 def hf_model(path, **kwargs):
-    """The reference: `transformers.LlamaForCausalLM` from `path` in eval mode (eager attention unless `kwargs`
-    say otherwise; they go to `from_pretrained`)."""
+    """The reference: `transformers.LlamaForCausalLM` (or the class config.json's model_type names) from `path`
+    in eval mode (eager attention unless `kwargs` say otherwise; they go to `from_pretrained`)."""
     import transformers
 
     kwargs = {"attn_implementation": "eager", **kwargs}
-    return transformers.LlamaForCausalLM.from_pretrained(path, **kwargs).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
 def randomize_lora_b(model, std: float = 0.1, seed: int | None = None):

@@ -4,6 +4,7 @@ and a non-zero exit, never a Python traceback (unless asked for with --debug / T
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -82,18 +83,23 @@ def test_a_tensor_of_the_wrong_shape(tmp_path, tiny_ckpt):
 def test_a_refused_config_field(tmp_path, tiny_ckpt):
     folder = model_copy(tiny_ckpt, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "yarn", "factor": 2.0}}))
     message = fails(args(folder, tmp_path))
     assert str(folder / "config.json") in message and "rope_scaling" in message and "not supported" in message
 
 
-def test_no_tokenizer_and_a_tokenizer_that_is_not_sentencepiece(tmp_path, tiny_ckpt):
+def test_no_tokenizer_and_tokenizer_files_that_are_not_what_they_say(tmp_path, tiny_ckpt):
     folder = model_copy(tiny_ckpt, tmp_path, "tokenizer.model")
-    assert "no SentencePiece model at" in fails(args(folder, tmp_path))
-    bogus = tmp_path / "tokenizer.json"
+    message = fails(args(folder, tmp_path))
+    assert re.search(r"no tokenizer in .*expected tokenizer\.model .* or tokenizer\.json", message)
+    bogus = tmp_path / "tokenizer.model"
     bogus.write_text('{"model": {"type": "BPE"}}')
     message = fails(args(folder, tmp_path, GUANACO_SAMPLE, "--tokenizer", str(bogus)))
     assert f"{bogus} is not a SentencePiece model" in message
+    bogus = tmp_path / "tokenizer.json"
+    bogus.write_text('{"model": {"type": "BPE"}}')
+    message = fails(args(folder, tmp_path, GUANACO_SAMPLE, "--tokenizer", str(bogus)))
+    assert str(bogus) in message and "Traceback" not in message
 
 
 def test_a_model_whose_vocabulary_is_smaller_than_the_tokenizer_is_refused_at_load_time(tmp_path, monkeypatch):

@@ -205,8 +205,8 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora.load_adapter(Llama(cfg), tmp_path / "r4")
     c = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
-    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**c, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora"):
+    (tmp_path / "r4" / "adapter_config.json").write_text(json.dumps({**c, "bias": "all"}))
+    with pytest.raises(ValueError, match="bias='all' is not supported"):
         lora.read_adapter_config(tmp_path / "r4")
 
 

@@ -191,7 +191,7 @@ def _edit_config(path, **changes):
 
 
 @pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_bias", True),
-                                         ("rope_scaling", {"type": "linear", "factor": 2.0}),
+                                         ("rope_scaling", {"type": "yarn", "factor": 2.0}),
                                          ("mlp_bias", True)])
 def test_unsupported_config_fields_are_refused_by_name(hf_tiny, field, value):
     _edit_config(hf_tiny, **{field: value})
@@ -200,7 +200,7 @@ def test_unsupported_config_fields_are_refused_by_name(hf_tiny, field, value):
 
 
 def test_unsupported_rope_type_is_refused(hf_tiny):
-    _edit_config(hf_tiny, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
+    _edit_config(hf_tiny, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0})
     with pytest.raises(ValueError, match="rope_type"):
         load_model(hf_tiny)
 

@@ -8,7 +8,7 @@ from .checkpoint import load_model, save_model
 from .generation import StopStrings, generate, generate_batch
 from .loss import causal_lm_loss, reference_loss
 from .model import KVCache, Llama, LlamaConfig
-from .tokenizer import Tokenizer
+from .tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
-__all__ = ["Llama", "LlamaConfig", "KVCache", "Tokenizer", "load_model", "save_model", "causal_lm_loss",
-           "reference_loss", "generate", "generate_batch", "StopStrings"]
+__all__ = ["Llama", "LlamaConfig", "KVCache", "Tokenizer", "BPETokenizer", "load_tokenizer", "load_model",
+           "save_model", "causal_lm_loss", "reference_loss", "generate", "generate_batch", "StopStrings"]

@@ -9,18 +9,40 @@ PyTorch `.bin` pickles are refused (they execute code on load and cannot be memo
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import Llama, LlamaConfig
+from .model import Llama, LlamaConfig, RMSNorm
+from .quant import (
+    NF4Storage,
+    check_quantize,
+    is_projection,
+    is_quantized,
+    nf4_quantize,
+    quantized_module,
+    replace_module,
+)
+from .shapes import SHAPES, named_shape
 
 DEFAULT_MODEL = "TinyLlama/TinyLlama_v1.1"
-# What a model download fetches from the Hub (file patterns): config, weights (single or sharded), tokenizer.
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]
+# A model folder's tokenizer files, as transformers and llama.cpp read them: SentencePiece's tokenizer.model,
+# a Hugging Face tokenizer.json, and the settings around them (BOS/EOS, adding BOS, the chat template).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+# The weights' file names as transformers writes them: model.safetensors, or shards listed in an index.
+WEIGHTS_PATTERN, WEIGHTS_INDEX = "model{suffix}.safetensors", "model.safetensors.index.json"
+# What a model download fetches from the Hub (file patterns; those a repo lacks are simply not there): config,
+# generation settings, weights (single or sharded), and the tokenizer files, so an export carries them unchanged.
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", WEIGHTS_INDEX, *TOKENIZER_FILES]
+# Largest shard `save_model` writes (bytes, or a string like "5GB"): the Hub's recommended file size and
+# transformers 4's default (5 writes up to 50GB). TinyLlama-1.1B stays one file even in float32 (4.4 GB).
+MAX_SHARD_SIZE = "5GB"
 # Old checkpoints stored RoPE's inverse frequencies as buffers; we recompute them, so these are skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -51,21 +73,56 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
             "folder instead, or check HF_HOME / HF_HUB_OFFLINE.") from e
 
 
-def model_config(path_or_repo_id: str | os.PathLike) -> LlamaConfig:
-    """The config of a local checkpoint folder, else TinyLlama-1.1B's; never downloads (for shapes and sizes)."""
-    config_json = Path(path_or_repo_id) / "config.json"
-    return LlamaConfig.from_json(config_json) if config_json.is_file() else LlamaConfig()
+def model_config(spec: str | os.PathLike) -> LlamaConfig:
+    """The config of a local checkpoint folder, a config.json file or a shape name (`tinyllama.shapes`), else
+    TinyLlama-1.1B's (a Hub id not downloaded yet); never downloads (for shapes and sizes)."""
+    path = Path(spec)
+    if str(spec) in SHAPES and not path.exists():
+        return named_shape(str(spec))
+    config_json = path / "config.json" if path.is_dir() else path
+    if config_json.suffix == ".json" and config_json.is_file():
+        return LlamaConfig.from_json(config_json)
+    return LlamaConfig()
 
 
 def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 lora=None) -> Llama:
+                 lora=None, quantize: str | None = None, double_quant: bool = False) -> Llama:
     """A model of `config`'s shape with random weights (benchmarks without the Hub: a step costs the same).
-    LoRA weights stay float32, as `load_model` makes them."""
-    with torch.device(device):
+    LoRA weights stay float32, as `load_model` makes them.
+
+    With `quantize="nf4"` the projections are drawn (nn.Linear's init, float32) and quantised one at a time, as
+    `load_model` quantises them, so a 7B-shaped NF4 model never exists densely on the device.
+    """
+    if check_quantize(quantize) is None:
+        with torch.device(device):
+            model = Llama(config, lora=lora)
+        for name, p in model.named_parameters():
+            if ".lora_" not in name:
+                p.data = p.data.to(dtype)
+        return model
+    with torch.device("meta"):
         model = Llama(config, lora=lora)
-    for name, p in model.named_parameters():
-        if ".lora_" not in name:
+    for name, module in list(model.named_modules()):
+        if is_projection(name, module):
+            weight = torch.empty(module.out_features, module.in_features, device=device)
+            torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # what nn.Linear draws
+            replace_module(model, name, quantized_module(module, nf4_quantize(weight, double_quant=double_quant),
+                                                         dtype))
+            del weight
+    for name, module in model.named_modules():  # the rest as Llama builds it; LoRA below, as load_model does
+        if ".lora_" in name or isinstance(module, NF4Storage) or not any(
+                p.is_meta for p in module.parameters(recurse=False)):
+            continue
+        module.to_empty(device=device, recurse=False)
+        if isinstance(module, RMSNorm):
+            torch.nn.init.ones_(module.weight)
+        else:  # nn.Embedding, nn.Linear (the LM head)
+            module.reset_parameters()
+        for p in module.parameters(recurse=False):
             p.data = p.data.to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialize_lora(model, device)
     return model
 
 
@@ -88,8 +145,16 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", lora=None) -> Llama:
-    """Load a Hugging Face Llama checkpoint into `Llama`, optionally with LoRA built in (fresh adapters)."""
+               device: str | torch.device = "cpu", lora=None, quantize: str | None = None,
+               double_quant: bool = False) -> Llama:
+    """Load a Hugging Face Llama checkpoint into `Llama`, optionally with LoRA built in (fresh adapters).
+
+    `quantize="nf4"`: the seven decoder projections are stored as NF4 (`tinyllama.quant`; `double_quant`
+    quantises their absmax too), each quantised on `device` right after it is read, from the checkpoint's values
+    as stored (not rounded to `dtype` first), so only one dense projection exists at a time. Embeddings, norms
+    and the LM head are loaded in `dtype`, which is also the dtype the projections compute in.
+    """
+    quantize = check_quantize(quantize)
     folder = resolve_checkpoint(path_or_repo_id)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -102,7 +167,8 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
     if config.tie_word_embeddings:
         wanted.discard("lm_head.weight")  # shares embed_tokens.weight
 
-    state, unexpected, mismatched = {}, [], []
+    projections = {name for name, m in model.named_modules() if is_projection(name, m)} if quantize else set()
+    state, quantized, unexpected, mismatched = {}, {}, [], []
     for file in _weight_files(folder):
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
@@ -120,8 +186,16 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
                 if shape != tuple(expected[key]):
                     mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[key])}")
                     continue
-                state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    missing = sorted(wanted - state.keys())
+                module_name = key.removesuffix(".weight")
+                if module_name in projections:
+                    tensor = f.get_tensor(key)
+                    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                        tensor = tensor.float()
+                    quantized[module_name] = nf4_quantize(tensor.to(device), double_quant=double_quant)
+                    del tensor
+                else:
+                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+    missing = sorted(wanted - state.keys() - {f"{name}.weight" for name in quantized})
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:20]}{' …' if len(missing) > 20 else ''}")
@@ -133,6 +207,8 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
         raise ValueError(f"checkpoint {folder} does not fit its config.json: " + "; ".join(problems))
 
     model.load_state_dict(state, strict=False, assign=True)
+    for name, weight in quantized.items():
+        replace_module(model, name, quantized_module(model.get_submodule(name), weight, dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _materialize_lora(model, device)
@@ -152,13 +228,27 @@ def _materialize_lora(model: Llama, device) -> None:
             module.reset_lora_parameters()
 
 
-def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write a Hugging Face-format folder (config.json + model.safetensors) of the base weights.
+def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, *,
+               max_shard_size: int | str = MAX_SHARD_SIZE, generation_config: dict | None = None) -> Path:
+    """Write a Hugging Face-format folder of the base weights, as `transformers`' `save_pretrained` lays it out.
 
-    LoRA must be merged first (`lora.merge(model)`): an unmerged adapter would be silently lost otherwise.
+    - `config.json`, with `torch_dtype` the dtype written (`dtype`, else the model's own).
+    - `generation_config.json`: `generation_config` as given, else the config's BOS and EOS ids.
+    - The weights: `model.safetensors`, or, above `max_shard_size` bytes (or "5GB"-style), shards
+      `model-00001-of-0000N.safetensors` and `model.safetensors.index.json` (metadata and weight map, split as
+      `huggingface_hub.split_torch_state_dict_into_shards` splits them, which transformers uses). Weight files
+      of an earlier save into the same folder that this one does not write are removed: they would be read.
+
+    No tokenizer files (see `tinyllama.export`). LoRA must be merged first (`lora.merge(model)`): an unmerged
+    adapter would be silently lost otherwise.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     from lora.layer import LoRALinear
 
+    if is_quantized(model):
+        raise ValueError("this model's projections are NF4-quantised; save_model writes dense Hugging Face "
+                         "checkpoints: load the model without quantize to save or export it")
     unmerged = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not m.merged]
     if unmerged:
         raise ValueError(f"{len(unmerged)} LoRA layers are not merged (e.g. {unmerged[0]}): call "
@@ -173,8 +263,24 @@ def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | No
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():  # a view (fused gate/up): its own copy
             t = t.clone()
         state[key] = t
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    split = split_torch_state_dict_into_shards(state, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_size)
+    for name in sorted(os.listdir(out)):
+        if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", name) and (
+                name not in split.filename_to_tensors):
+            (out / name).unlink()
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, str(out / name), metadata={"format": "pt"})
+    if split.is_sharded:
+        # transformers' index, key for key: total_parameters, total_size (bytes), and the sorted weight map.
+        index = {"metadata": {"total_parameters": sum(t.numel() for t in state.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     cfg = model.config.to_hf_dict()
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if generation_config is None:
+        ids = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
+        generation_config = {k: v for k, v in ids.items() if v is not None}
+    (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     return out

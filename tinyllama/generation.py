@@ -56,6 +56,7 @@ class Decoder:
             raise ValueError(f"a prompt of {L} tokens plus max_new_tokens={max_new_tokens} is {self.max_len} "
                              f"positions, more than the model's context length "
                              f"({config.max_position_embeddings}); shorten the prompt or ask for fewer tokens")
+        config.check_attention_span(self.max_len)
         self.model = model
         weight = model.model.embed_tokens.weight
         self.device = weight.device

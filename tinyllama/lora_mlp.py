@@ -13,7 +13,9 @@ forward pass and one in the backward pass, and without dropout so are their A pr
 Dropout keeps PEFT's semantics: each of the three modules draws its own mask over its own input (x for gate
 and up, h for down), scaled by 1 / (1 - p), on the LoRA branch only. The masks are drawn with `torch.bernoulli`
 (gate, up, down, in that order) rather than by `nn.Dropout`, so the same seed gives other masks than the plain
-path; tests/test_lora_mlp.py checks both paths against a hand-written reference with the same masks.
+path; tests/test_lora_mlp.py checks both paths against a hand-written reference with the same masks. DoRA and NF4
+bases (`tinyllama.quant`) are left out: their MLP runs on the plain path (`configure_runtime` does not fuse it;
+`fuse_gate_up` refuses it), where each NF4 projection dequantises its own weight in forward and backward.
 """
 
 from __future__ import annotations
@@ -24,16 +26,26 @@ import torch.nn.functional as F
 
 def fuse_gate_up(mlp) -> bool:
     """Store gate and up's frozen weights as one tensor (`mlp.gate_up_weight`, a non-persistent buffer), the
-    modules' weights views of it; True if done. Only for an MLP with LoRA on all three projections.
+    modules' weights views of it; True if done. Only for an MLP with LoRA on all three projections; DoRA is
+    refused (`LoRAMLP` computes plain LoRA only), and so are NF4 base weights (`LoRAMLP` takes dense ones).
 
     Call it once the model is loaded and on its device: moving or casting the model afterwards gives the views
     storage of their own again (still correct, with gate and up held twice).
     """
     from lora.layer import LoRALinear
 
+    from .quant import NF4Storage
+
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    if any(isinstance(m, NF4Storage) for m in (gate, up, down)):
+        raise ValueError("the fused LoRA MLP (tinyllama.lora_mlp) takes dense base weights, and this MLP's are "
+                         "NF4-quantised; run it on the plain path (each projection dequantises its own weight): "
+                         "fused_mlp=False, or leave fused_mlp unset (None)")
     if not all(isinstance(m, LoRALinear) for m in (gate, up, down)) or mlp.gate_up_weight is not None:
         return mlp.gate_up_weight is not None
+    if any(m.use_dora for m in (gate, up, down)):
+        raise ValueError("the fused LoRA MLP (tinyllama.lora_mlp) does not implement DoRA (use_dora=True); run "
+                         "DoRA on the plain path: fused_mlp=False, or leave fused_mlp unset (None)")
     fused = torch.cat([gate.weight.detach(), up.weight.detach()])
     n = gate.weight.shape[0]
     mlp.gate_up_weight = fused  # a registered, non-persistent buffer: not in checkpoints

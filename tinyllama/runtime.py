@@ -69,14 +69,22 @@ def configure_runtime(model, device: torch.device, dtype: torch.dtype, *,
                       compile_mode: str = "default") -> Runtime:
     """Set the model's runtime switches for this machine: grouped k/v read in place where the preferred kernel
     takes them (`Attention.native_gqa`); the LoRA MLP as one autograd function (`tinyllama.lora_mlp`; None: on
-    CUDA); packed rows as concatenated segments for varlen flash attention instead of a dense mask
-    (`Llama.varlen_attention`; None: on CUDA where torch has the kernel); torch.compile (`compile_scope`
-    "layers" or "model"; None: eager). Call it once the model is loaded on `device`."""
+    CUDA unless the adapter is DoRA or the base NF4, which it does not implement); packed rows as concatenated
+    segments for varlen flash attention instead of a dense mask (`Llama.varlen_attention`; None: on CUDA where
+    torch has the kernel); torch.compile (`compile_scope` "layers" or "model"; None: eager). Call it once the
+    model is loaded on `device`."""
     from .lora_mlp import fuse_gate_up
     from .model import _VARLEN_KERNEL
+    from .quant import is_quantized
 
     repeated, in_place = attention_kernels(device, dtype, sdpa_backends, model.config)
-    fused_mlp = device.type == "cuda" if fused_mlp is None else fused_mlp
+    dora = model.lora_config is not None and model.lora_config.use_dora
+    unfusable = "DoRA" if dora else "an NF4-quantised base" if is_quantized(model) else None
+    if fused_mlp and unfusable:
+        raise ValueError(f"fused_mlp=True (train.py --fused-mlp) with {unfusable}: the fused LoRA MLP computes "
+                         "plain LoRA on dense weights only; leave fused_mlp unset or pass --no-fused-mlp to run the "
+                         "MLP on the plain path")
+    fused_mlp = device.type == "cuda" and not unfusable if fused_mlp is None else fused_mlp
     model.varlen_attention = device.type == "cuda" and _VARLEN_KERNEL is not None if varlen is None else varlen
     for layer in model.model.layers:
         layer.self_attn.native_gqa = in_place == repeated

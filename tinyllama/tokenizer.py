@@ -1,16 +1,29 @@
-"""The Llama 2 / TinyLlama SentencePiece tokenizer: a thin, explicit wrapper over `sentencepiece`.
+"""The model's tokenizer: Llama 2 / TinyLlama's SentencePiece model, or a byte-level BPE `tokenizer.json`.
 
-TinyLlama has no pad token and we do not invent one: batches pad with any id and mask it out.
+`load_tokenizer(folder)` picks the kind from the files a model folder holds; both classes have one interface
+(`encode(text, bos, eos)`, `decode(ids)`, `id_to_piece(i)`, `bos_id`, `eos_id`, `vocab_size`, `path`), which is
+all that the data encoding, generation and the commands use.
+
+- `Tokenizer`: `tokenizer.model` through `sentencepiece`, a thin, explicit wrapper.
+- `BPETokenizer`: `tokenizer.json` (Llama 3, SmolLM2) through the `tokenizers` library, an optional extra
+  (`pip install -e .[bpe]`), imported only when such a folder is loaded. BOS is the one its post-processor
+  adds (if any), EOS the one `tokenizer_config.json` beside it names.
+
+No pad token is invented: batches pad with any id and mask it out. Deliberately left out: chat templates,
+token offsets, and any tokenizer.json behaviour beyond encoding and decoding plain text.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import sentencepiece as spm
 
 
 class Tokenizer:
+    """A SentencePiece `tokenizer.model` (Llama 2, TinyLlama): BOS and EOS are the model's own, always."""
+
     def __init__(self, path: str | Path):
         path = Path(path)
         if path.is_dir():
@@ -40,3 +53,103 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
+
+
+class BPETokenizer:
+    """A `tokenizer.json` through the `tokenizers` library, with `Tokenizer`'s interface.
+
+    - `bos_id` is the token tokenizer.json's post-processor puts before a text (Llama 3's TemplateProcessing
+      adds <|begin_of_text|>), or None when it puts none (SmolLM2 names a bos_token but never adds it). That is
+      what transformers' `AutoTokenizer` adds: it ignores `add_bos_token` / `add_eos_token` in
+      tokenizer_config.json when there is a tokenizer.json, and so do we. The post-processor itself never runs:
+      `encode` adds BOS only when `bos` is true, exactly once, so `encode(text)` gives AutoTokenizer's ids.
+    - `eos_id` is tokenizer_config.json's `eos_token` (required: replies end with it); `encode` appends it only
+      when `eos` is true (a post-processor that appends EOS to every text is not followed).
+    - Text that reads like a special token ("<|end_of_text|>") is encoded as plain text, as `Tokenizer` does
+      with "</s>", so training data cannot smuggle in an EOS (transformers' `split_special_tokens=True`).
+    - `decode` drops special tokens and does no clean-up of spaces, so decode(encode(text)) == text. A prefix
+      of the ids of a multi-byte character decodes to a trailing U+FFFD, which streaming output holds back.
+    - `vocab_size` counts the added tokens too (transformers' `len(tokenizer)`).
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        try:
+            import tokenizers
+        except ImportError as e:
+            raise ImportError(f"{path} is a tokenizer.json, which needs the tokenizers package ({e}); install "
+                              "it with pip install -e .[bpe]") from None
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer.json at {path}: pass a model folder holding one, or the file")
+        self.path = path
+        try:
+            self.backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception for a malformed file
+            raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read ({e})") from None
+        self.backend.encode_special_tokens = True
+        self.eos_id: int = self._eos_id()
+        self.bos_id: int | None = self._added_bos()
+        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _eos_id(self) -> int:
+        config_path = self.path.parent / "tokenizer_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no tokenizer_config.json beside {self.path}: it names the EOS token; pass the "
+                                    "folder with the tokenizer files that came with the model")
+        token = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(token, dict):  # {"__type": "AddedToken", "content": "</s>", ...}
+            token = token.get("content")
+        if token is None:
+            raise ValueError(f"{config_path} names no eos_token; a tokenizer needs one (each reply ends with it and "
+                             "generation stops at it)")
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{config_path} names eos_token {token!r}, which {self.path} does not have; pass the "
+                             "tokenizer files that came with the model")
+        return i
+
+    def _added_bos(self) -> int | None:
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        start = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), None)
+        if start is None or start > 1:
+            pieces = [self.backend.id_to_token(i) for i in full]
+            raise ValueError(f"the post-processor of {self.path} makes 'a' {pieces}; only one that puts a single "
+                             "BOS in front (or nothing) is supported")
+        return full[0] if start == 1 else None
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"BPETokenizer.encode takes one str, got {type(text).__name__}; encode a list item by "
+                            "item")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.backend.id_to_token(int(i))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | BPETokenizer:
+    """The tokenizer of a model folder, or of a tokenizer.model / tokenizer.json file.
+
+    A folder with `tokenizer.model` gets the SentencePiece `Tokenizer`, even when it also has a tokenizer.json
+    (Llama 2 and TinyLlama folders ship both; the SentencePiece model is the original, and the two encode some
+    text differently: see README: Tokenizer). A folder with only `tokenizer.json` gets `BPETokenizer`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.model").is_file():
+            return Tokenizer(path / "tokenizer.model")
+        if (path / "tokenizer.json").is_file():
+            return BPETokenizer(path / "tokenizer.json")
+        raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.model (SentencePiece: Llama 2, "
+                                "TinyLlama) or tokenizer.json (byte-level BPE: Llama 3, SmolLM2)")
+    if path.suffix == ".json":
+        return BPETokenizer(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}: pass a model folder, or its tokenizer.model or "
+                                "tokenizer.json")
+    return Tokenizer(path)

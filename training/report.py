@@ -64,6 +64,21 @@ class Metrics:
             self.writer.close()
 
 
+def model_card(cfg, totals, steps: int, command: str) -> lora.ModelCard:
+    """What the adapter's README.md says about its run (`cfg`: the train.TrainConfig, `totals`: its Totals)."""
+    from data.sources import AUTO, HOLDOUT_MAX, HOLDOUT_PERCENT, HUB_REPO, NONE, SPLIT_FILES
+
+    def named(spec: str) -> str:
+        return ", ".join(f"{HUB_REPO} ({s} split)" if s.partition(":")[0] in SPLIT_FILES else s
+                         for s in spec.split(","))
+
+    eval_data = {AUTO: f"auto: {HOLDOUT_PERCENT}% of each local --data file held out (at most {HOLDOUT_MAX}, seed "
+                       f"{cfg.seed}, never trained on); the guanaco test split for split names",
+                 NONE: None}.get(cfg.eval_data.lower(), named(cfg.eval_data))
+    return lora.ModelCard(train_data=named(cfg.data), eval_data=eval_data, steps=steps,
+                          train_loss=totals.last_loss, eval_loss=totals.eval_loss, command=command)
+
+
 def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
     """Trainable and total parameters per LoRA rank, for a model of `config`'s shape built on the meta device
     (nothing is allocated or downloaded)."""

@@ -15,8 +15,6 @@ JSON plus tensors that `torch.load(weights_only=True)` reads, so a checkpoint so
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import json
 import os
 import pickle
@@ -27,6 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from tinyllama import files
+from tinyllama.files import replace_dir, write_text  # noqa: F401 (replace_dir: kept as run_folder's too)
 
 from . import TrainingError
 
@@ -41,59 +42,14 @@ LOCK = ".lock"
 
 
 # ---- writing without ever leaving half a file ---------------------------------------------------------------
-
-def write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file beside it, renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
+# The primitives are tinyllama.files' (the export writes folders too); here a failure is a TrainingError.
 
 def write_dir(final: Path, write) -> Path:
     """Build `final` with `write(folder)` beside it, then swap it in; a failure leaves `final` as it was."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-write
     try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-    except Exception as e:  # disk full (torch.save says "unexpected pos"), read-only, ...: all the same to a user
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"could not write {final} ({type(e).__name__}: {e}). Is the disk full or the folder "
-                            f"read-only? What was already in {final.parent} is unchanged.") from e
-    replace_dir(tmp, final)
-    return final
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    """Put folder `new` in the place of `final`, in one atomic step where the OS allows it."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    if _exchange(new, final):  # `final` is now the new folder, `new` the old one
-        shutil.rmtree(new)
-        return
-    # No atomic swap here (not Linux, or a filesystem without it): a kill between the two renames leaves the old
-    # folder whole under `.NAME.old` and the new one whole under `.NAME.tmp`.
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where that is not available."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+        return files.write_dir(final, write)
+    except files.WriteError as e:
+        raise TrainingError(str(e)) from e.__cause__
 
 
 # ---- one writer per folder ----------------------------------------------------------------------------------

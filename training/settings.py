@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,3 +34,19 @@ def parse_settings(cls, argv=None, description: str = ""):
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def command_line(settings, program: str = "python train.py") -> str:
+    """The command that gives `settings` (a dataclass instance): its program and a flag per non-default field, so
+    a run's record (the adapter's model card) can be repeated exactly, whoever started it and however."""
+    words = program.split()
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    return shlex.join(words)

@@ -1,0 +1,201 @@
+"""Merge a trained LoRA adapter into its base model: one folder that other tools open as it is.
+
+    python -m tinyllama.export --adapter runs/rank64/adapter --out runs/rank64/merged
+    make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged
+
+The folder is a Hugging Face Llama checkpoint: `config.json`, `generation_config.json`, the merged weights
+(`model.safetensors`, or shards and `model.safetensors.index.json` above `--max-shard-size`) and the tokenizer
+files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp's `convert_hf_to_gguf.py` and
+`chat.py --model OUT` read it with no other file or flag.
+
+- The base is `--model`, else the one the adapter records (`base_model_name_or_path` in adapter_config.json).
+- The merge is computed in float32 (`W + s B A`, rounded once), then written in `--dtype`: by default the dtype
+  the base's config.json records (`torch_dtype`, or transformers 5's `dtype`), else float32, which rounds
+  nothing.
+- Tokenizer: the base's own files, copied byte for byte; generation settings: the base's generation_config.json,
+  else its BOS and EOS ids. A base with a `tokenizer.model` but no `tokenizer_config.json` (what `save_model`
+  writes, or an older download) gets `tokenizer_config.json` and `special_tokens_map.json` written as TinyLlama
+  ships them: `LlamaTokenizer`, BOS added, no EOS, `legacy=False`. Without them transformers 5 builds a tokenizer
+  that adds no BOS, and its ids are not the ones the model was trained on.
+- Written whole or not at all: built in `.OUT.tmp` beside OUT, then swapped in. A non-empty OUT is refused
+  unless `--overwrite`, and OUT may never be (or hold) the adapter or the base.
+
+Left out: quantised formats (GGUF is llama.cpp's converter, run on this folder; see README: Export a merged
+model), pushing to the Hub, merging several adapters into one model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+
+from .checkpoint import MAX_SHARD_SIZE, TOKENIZER_FILES, HubUnavailable, load_model, resolve_checkpoint, save_model
+from .files import write_dir
+from .runtime import DTYPES
+from .tokenizer import Tokenizer
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None,
+                  *, dtype: torch.dtype | None = None, max_shard_size: int | str = MAX_SHARD_SIZE,
+                  overwrite: bool = False, log=None) -> Path:
+    """Write the base with the adapter merged in to `out_dir` (see the module docstring); returns `out_dir`.
+
+    `base`: a checkpoint folder or Hub id, default the adapter's recorded base. `dtype`: default the base's
+    recorded dtype, else float32. `max_shard_size`: bytes or "5GB"-style. `log`: where progress lines go.
+    """
+    log = log or (lambda message: None)
+    adapter_dir, out = Path(adapter_dir), Path(out_dir)
+    config = lora.read_adapter_config(adapter_dir)
+    recorded = base is None
+    base = recorded_base(adapter_dir) if recorded else base
+    _refuse_out(out, overwrite, adapter_dir)
+    try:
+        folder = resolve_checkpoint(base)
+    except (FileNotFoundError, HubUnavailable) as e:
+        if not recorded:
+            raise
+        raise type(e)(f"{e}. This is the base that {adapter_dir / lora.adapter.CONFIG_NAME} records; pass --model "
+                      "to merge into another copy of it") from e
+    _refuse_out(out, overwrite, folder)
+    tokenizer_files = _tokenizer_files(folder)
+    # Read now, so a broken tokenizer.model is reported as such, not as a failed write.
+    sentencepiece = None if "tokenizer_config.json" in tokenizer_files else Tokenizer(folder / "tokenizer.model")
+    dtype = dtype or default_dtype(folder)
+
+    log(f"merging {adapter_dir} into {base} (r={config.rank}, alpha={config.alpha:g}, "
+        f"{', '.join(config.targets)})")
+    model = load_model(folder, dtype=torch.float32, lora=config)
+    lora.load_adapter(model, adapter_dir)
+    with torch.no_grad():
+        lora.merge(model)
+    generation_path = folder / GENERATION_CONFIG  # without one, save_model writes the config's BOS and EOS ids
+    generation_config = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else None
+
+    def write(tmp: Path) -> None:
+        save_model(model, tmp, dtype, max_shard_size=max_shard_size, generation_config=generation_config)
+        for name in tokenizer_files:
+            shutil.copyfile(folder / name, tmp / name)
+        if sentencepiece is not None:
+            write_tokenizer_config(sentencepiece, tmp, model.config.max_position_embeddings)
+
+    write_dir(out, write)
+    log(f"wrote {out} ({str(dtype).removeprefix('torch.')}): {', '.join(sorted(p.name for p in out.iterdir()))}")
+    return out
+
+
+def recorded_base(adapter_dir: str | os.PathLike) -> str:
+    """The base model an adapter was trained on, as its adapter_config.json records it."""
+    path = Path(adapter_dir) / lora.adapter.CONFIG_NAME
+    base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path} records no base_model_name_or_path: pass the base model with --model")
+    return base
+
+
+def default_dtype(folder: Path) -> torch.dtype:
+    """The dtype the base's config.json records its weights in, else float32 (which rounds nothing)."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # load_model says it is missing
+    return DTYPES.get(config.get("torch_dtype") or config.get("dtype"), torch.float32)
+
+
+def _refuse_out(out: Path, overwrite: bool, keep: Path) -> None:
+    """Refuse an OUT that would replace `keep` (the adapter or the base) or, without --overwrite, any files."""
+    if out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents:
+        raise ValueError(f"--out {out} would replace {keep}, which the export reads; pick another --out")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; pass a folder (new, or empty) for the merged model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        found = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"--out {out} already holds files ({', '.join(found[:5])}"
+                              f"{', ...' if len(found) > 5 else ''}); pass --overwrite to replace the whole "
+                              "folder, or pick another --out")
+
+
+def _tokenizer_files(folder: Path) -> list[str]:
+    """The base's tokenizer files to copy; refuses a base whose tokenizer the export could not reproduce."""
+    found = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if "tokenizer.model" not in found and "tokenizer.json" not in found:
+        raise FileNotFoundError(f"the base {folder} has no tokenizer (tokenizer.model or tokenizer.json), so the "
+                                "export could not be used to chat; put the model's tokenizer files into that folder")
+    if "tokenizer_config.json" not in found and "tokenizer.model" not in found:
+        raise FileNotFoundError(f"the base {folder} has a tokenizer.json but no tokenizer_config.json, which names "
+                                "its BOS and EOS tokens; put the model's own tokenizer_config.json beside it")
+    return found
+
+
+def _special(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json for a SentencePiece `tokenizer.model`, as TinyLlama
+    ships them, so transformers (4 and 5) tokenises as `tokenizer` does (README: Tokenizer lists the exceptions)."""
+    special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id()}
+    missing = [name for name, i in special.items() if i < 0]
+    if missing:
+        raise ValueError(f"{tokenizer.path} defines no {', '.join(missing)}; a Llama tokenizer has <unk>, <s> and "
+                         "</s>")
+    pieces = {name: tokenizer.id_to_piece(i) for name, i in special.items()}
+    config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(i): {**_special(tokenizer.id_to_piece(i)), "special": True}
+                                 for i in sorted(special.values())},
+        **{name: {"__type": "AddedToken", **_special(piece)} for name, piece in pieces.items()},
+        "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
+        "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    special_map = {name: _special(piece) for name, piece in pieces.items()}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m tinyllama.export", description=__doc__.split("\n")[0])
+    p.add_argument("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + "
+                   "adapter_model.safetensors), e.g. runs/rank64/adapter")
+    p.add_argument("--out", required=True, help="folder for the merged model (new or empty, else --overwrite)")
+    p.add_argument("--model", help="base checkpoint folder or Hub id (default: the adapter's "
+                   "base_model_name_or_path)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: the base's, as "
+                   "its config.json records it, else float32)")
+    p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, type=_size,
+                   help="largest weights file, bytes or e.g. 500MB (default %(default)s); above it, shards + index")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that already holds files")
+    return p.parse_args(argv)
+
+
+def _size(text: str) -> int:
+    """Bytes from "123", "500MB" or "5GB" (decimal units, as huggingface_hub and transformers read them)."""
+    m = re.fullmatch(r"(\d+)\s*([KMGT]B)?", text.strip(), flags=re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or e.g. 500MB or 5GB")
+    return int(m[1]) * 1000 ** (" KMGT".index(m[2][0].upper()) if m[2] else 0)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    try:
+        export_merged(args.adapter, args.out, args.model, dtype=DTYPES[args.dtype] if args.dtype else None,
+                      max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                      log=lambda message: print(message, file=sys.stderr))
+    except (ValueError, OSError, RuntimeError) as e:  # RuntimeError: files.WriteError, HubUnavailable
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
