@@ -20,7 +20,7 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,train,trajectory,profile) and their expected
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,train,qlora,shapes,trajectory,profile) and their expected
 # time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
@@ -37,6 +37,11 @@
 #                   hf-liger on W1 [64], W2-padded [32], W2-packed [64]                           ~47 s
 #                 process start, data, matmul peak                                                ~15 s
 #                 (hf-compile on pad-to-longest W2 would recompile for new lengths: left out)     ~370 s
+#   qlora         W1 rank 64 [48 steps each]: bf16 base (plain `this`), + gradient checkpointing, NF4, NF4 +
+#                 checkpointing, NF4 + double quant + checkpointing, DoRA, QDoRA: tokens/s, peak GiB  ~60-90 s
+#   shapes        bench.shapes: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
+#                 (bf16 + checkpointing, NF4 + checkpointing, + double quant), micro-batch 4 x 1024, 12
+#                 steps each, random weights: tokens/s and peak GiB                                 ~60-100 s
 #   trajectory    bench.trajectory: 100 steps of W2, this project vs transformers + peft (twice)  ~70 s
 #   profile       bench.profile_step: where a W1 rank-64 step's time goes (systems:
 #                 GPU_CHECK_PROFILE_SYSTEMS, default '--systems this')                            ~30 s
@@ -51,6 +56,9 @@
 # A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
 # GPU_CHECK_MIN_STAGE_S. For example, this project's own compiled configurations after a default session:
 #   GPU_CHECK_STAGES=env,this,cudagraphs,whole GPU_CHECK_BUDGET_S=380
+# The default list overruns the budget when every stage takes its estimate: the stages at the end are skipped
+# and say so. QLoRA, DoRA and the other model shapes first (issues 15 and 16's measurements):
+#   GPU_CHECK_STAGES=env,qlora,shapes,train
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
@@ -58,7 +66,7 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,tests,train,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,tests,train,qlora,shapes,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -76,6 +84,8 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-4096=2}
   PROFILE=(--device cpu --shape tiny --skip 2 --profile-steps 1)
   TRAJECTORY=(--steps 6)
+  QLORA_STEPS=${GPU_CHECK_QLORA_STEPS:-this*=3}
+  SHAPES=(--device cpu --tiny --steps 2 --warmup-steps 1 --max-len 64)
   DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
@@ -85,6 +95,8 @@ elif [ "$MODE" = "gpu" ]; then
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-2048=32,W2-packed-4096=32,this[plain]=32,this-compile=32,hf-*=64,hf-*:W2-padded=32,hf-compile:W2-packed=32}
   PROFILE=(--device cuda --shape full --skip 5 --profile-steps 3)
   TRAJECTORY=()
+  QLORA_STEPS=${GPU_CHECK_QLORA_STEPS:-this*=48}
+  SHAPES=(--device cuda)
   DECODE_ARGS="--full"
   if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
@@ -161,6 +173,13 @@ stage train 420 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus
   --hf-workloads W1,W2-padded,W2-packed --hf-compile-workloads W1,W2-packed \
   --variant "plain:fused_mlp=false;varlen=false" --variant-workloads W1,W2-packed \
   --run-steps "$RUN_STEPS" --no-decode --out-dir "$WORK" --name train
+stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 --workloads W1 --systems this \
+  --variant "gc:grad_checkpointing=true" --variant "nf4:quantize=nf4" \
+  --variant "nf4-gc:quantize=nf4;grad_checkpointing=true" \
+  --variant "nf4-dq-gc:quantize=nf4;double_quant=true;grad_checkpointing=true" \
+  --variant "dora:dora=true" --variant "qdora:quantize=nf4;dora=true" --variant-workloads W1 \
+  --run-steps "$QLORA_STEPS" --no-decode --out-dir "$WORK" --name qlora
+stage shapes 150 "0" "$PY" -m bench.shapes "${SHAPES[@]}" --out "$WORK/shapes"
 stage trajectory 120 "0" "$PY" -m bench.trajectory ${TRAJECTORY[@]+"${TRAJECTORY[@]}"} --out "$WORK/trajectory"
 stage profile 90 "0" "$PY" -m bench.profile_step "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
 # This project alone, for a session whose baselines come from an earlier `train` stage: the rank table, W2,
@@ -180,7 +199,7 @@ stage compile 400 "0" "$PY" -m bench.bench "${DEV[@]}" --focus-rank 64 --workloa
   --no-decode --out-dir "$WORK" --name compile
 RESERVE=0
 parts=()
-for s in train this cudagraphs whole compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
+for s in train qlora this cudagraphs whole compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
 if [ ${#parts[@]} -gt 0 ]; then
   # Named as a single run's results are: <device>-<date>, from the first part.
   name=$("$PY" -c 'import json, sys; from bench.bench import device_slug
