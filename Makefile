@@ -3,6 +3,7 @@ PY ?= .venv/bin/python
 TORCH ?= torch==2.13.0
 RANK ?= 64
 ALPHA ?= $(RANK)
+MODEL ?=
 ARGS ?=
 
 .PHONY: setup lint test test-fast train smoke params bench chat export clean
@@ -29,13 +30,13 @@ clean:
 	rm -rf .venv .pytest_cache runs/smoke
 
 train: setup
-	$(PY) train.py --rank $(RANK) --alpha $(ALPHA) $(ARGS)
+	$(PY) train.py --rank $(RANK) --alpha $(ALPHA) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 smoke: setup
 	$(PY) -m scripts.smoke
 
 params: setup
-	$(PY) train.py --rank $(RANK) --dry-run $(ARGS)
+	$(PY) train.py --rank $(RANK) --dry-run $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 BASELINE ?=
 BENCH_ARGS ?=
@@ -49,7 +50,6 @@ chat: setup
 # The adapter merged into its base (MODEL, default the one the adapter records), written to OUT for transformers,
 # pipelines and llama.cpp: make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged [ARGS="--dtype bfloat16"]
 OUT ?=
-MODEL ?=
 export: setup
 	$(if $(and $(ADAPTER),$(OUT)),,$(error make export needs ADAPTER=<adapter folder> and OUT=<folder to write>))
 	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)

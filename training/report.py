@@ -85,7 +85,7 @@ def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
     from tinyllama import Llama
 
     log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({shape}, targets "
-        f"{','.join(lora_config.targets)})")
+        f"{','.join(lora_config.targets)}{', DoRA' if lora_config.use_dora else ''})")
     rows = []
     for r in ranks:
         with torch.device("meta"):
