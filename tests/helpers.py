@@ -149,3 +149,32 @@ def snapshot(folder) -> dict[str, bytes]:
     """Every file under `folder` (relative path -> bytes): to show that nothing was touched."""
     folder = Path(folder)
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def label_runs(labels):
+    """Maximal [start, end, labelled) runs of labelled and unlabelled (IGNORE_INDEX) positions."""
+    from data import IGNORE_INDEX
+
+    out, start = [], 0
+    for t in range(1, len(labels) + 1):
+        if t == len(labels) or (labels[t] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            out.append((start, t, labels[start] != IGNORE_INDEX))
+            start = t
+    return out
+
+
+def forward_and_reference(layer, x, seed: int, autocast: bool) -> list[tuple]:
+    """`layer.forward` and `layer.reference` (a LoRALinear) on `x` with the same dropout masks (the same seed):
+    for each, the output and the gradients of x and of every trainable parameter of the layer, under a fixed
+    weighting of the outputs; bf16 autocast when `autocast`, as training runs it."""
+    results = []
+    for fn in (layer.forward, layer.reference):
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        results.append((y.detach().float(), x.grad.float(),
+                        *(p.grad for p in layer.parameters() if p.requires_grad)))
+    return results

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from data import IGNORE_INDEX, encode, encode_prompt, parse_guanaco, render
-from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, label_runs
 from tinyllama import BPETokenizer, Tokenizer, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the [bpe] extra: pip install -e .[bpe]")
@@ -272,16 +272,6 @@ def test_round_trip_of_random_code_points(kind):
 # The guanaco encoding with a byte-level BPE tokenizer
 
 
-def runs(labels):
-    """Maximal [start, end) runs of labelled (True) and unlabelled (False) positions."""
-    out, start = [], 0
-    for t in range(1, len(labels) + 1):
-        if t == len(labels) or (labels[t] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            out.append((start, t, labels[start] != IGNORE_INDEX))
-            start = t
-    return out
-
-
 @pytest.mark.parametrize("row", ALL_ROWS)
 def test_guanaco_labels_decode_to_exactly_the_replies(kind, row):
     tok = load_tokenizer(kind[1])
@@ -293,7 +283,7 @@ def test_guanaco_labels_decode_to_exactly_the_replies(kind, row):
         assert ids[0] == tok.bos_id and labels[0] == IGNORE_INDEX and tok.bos_id not in ids[1:]
     assert tok.decode(ids) == row
     assert ids.count(tok.eos_id) == sum(t.role == "assistant" for t in conv) and ids[-1] == tok.eos_id
-    spans = runs(labels)
+    spans = label_runs(labels)
     assert [lab for _, _, lab in spans] == [False, True] * (len(conv) // 2)
     for i, (s, e, labelled) in enumerate(spans):
         human, reply = conv[2 * (i // 2)], conv[2 * (i // 2) + 1]
@@ -336,7 +326,7 @@ def test_guanaco_prompt_is_the_training_prefix(kind):
     tok = load_tokenizer(kind[1])
     conv = parse_guanaco(ROWS[10])  # three exchanges
     ids, labels = encode(conv, tok, None)
-    reply_starts = [s for s, _, lab in runs(labels) if lab]
+    reply_starts = [s for s, _, lab in label_runs(labels) if lab]
     assert len(reply_starts) == 3
     for k, start in enumerate(reply_starts):
         assert encode_prompt(conv[:2 * k + 1], tok) == ids[:start]

@@ -9,22 +9,12 @@ import pytest
 import torch
 
 from data import IGNORE_INDEX, BadRow, NoLabelledTokens, Turn, encode, encode_all, encode_prompt, parse_guanaco, render
-from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, label_runs
 
 ROWS = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]
 # Adversarial rows in canonical form (render of the parse), so decode must give them back exactly.
 ALL_ROWS = ROWS + [render(parse_guanaco(row)) for row, _ in ADVERSARIAL.values()]
 LLAMA2_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
-
-
-def runs(labels):
-    """Maximal [start, end) runs of labelled (True) and unlabelled (False) positions."""
-    out, start = [], 0
-    for t in range(1, len(labels) + 1):
-        if t == len(labels) or (labels[t] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            out.append((start, t, labels[start] != IGNORE_INDEX))
-            start = t
-    return out
 
 
 def test_the_tokenizer_is_the_real_llama2_tokenizer(tokenizer):
@@ -77,7 +67,7 @@ def test_labelled_tokens_decode_to_exactly_the_replies(tokenizer, row):
     """The masking proof: labelled runs are the replies (+EOS), unlabelled runs the markers and human turns."""
     conv = parse_guanaco(row)
     ids, labels = encode(conv, tokenizer, None)
-    spans = runs(labels)
+    spans = label_runs(labels)
     assert [lab for _, _, lab in spans] == [False, True] * (len(conv) // 2)
     for i, (s, e, labelled) in enumerate(spans):
         human, reply = conv[2 * (i // 2)], conv[2 * (i // 2) + 1]
@@ -102,7 +92,7 @@ def test_a_reply_that_merges_with_the_next_marker(tokenizer):
     assert "####" in whole and "####" not in ours
     assert ours[ours.index("▁Use"):ours.index("▁Use") + 5] == ["▁Use", "▁C", "#", "##", "#"]
     assert tokenizer.decode(ids) == row
-    reply_spans = [(s, e) for s, e, lab in runs(labels) if lab]
+    reply_spans = [(s, e) for s, e, lab in label_runs(labels) if lab]
     assert [tokenizer.decode(ids[s:e - 1]) for s, e in reply_spans] == ["Use C#", "GDScript or C#"]
 
 
@@ -126,7 +116,7 @@ def test_layout_with_a_character_tokenizer():
 def test_encode_prompt_is_the_training_prefix(tokenizer):
     conv = parse_guanaco(ROWS[10])  # three exchanges
     ids, labels = encode(conv, tokenizer, None)
-    reply_starts = [s for s, _, lab in runs(labels) if lab]
+    reply_starts = [s for s, _, lab in label_runs(labels) if lab]
     for k, start in enumerate(reply_starts):
         assert encode_prompt(conv[:2 * k + 1], tokenizer) == ids[:start]
     with pytest.raises(ValueError, match="ends with a human turn"):

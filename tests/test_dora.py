@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lora
-from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
+from helpers import TINY, forward_and_reference, hf_checkpoint, hf_model, randomize_lora_b
 from lora import LoRAConfig
 from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model
@@ -201,16 +201,8 @@ def test_forward_matches_the_dense_reference(dtype):
     _perturb(layer, seed=1)
     layer.weight.data = layer.weight.data.to(dtype)
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
-    results = []
-    for fn in (layer.forward, layer.reference):
-        layer.zero_grad()
-        x.grad = None
-        torch.manual_seed(2)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = fn(x)
-        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
-        results.append((y.detach().float(), x.grad.float(), layer.lora_A.weight.grad, layer.lora_B.weight.grad,
-                        layer.lora_magnitude_vector.grad))
+    results = forward_and_reference(layer, x, seed=2, autocast=dtype == torch.bfloat16)
+    assert len(results[0]) == 5  # output, x, A, B and m
     assert results[0][0].dtype == results[1][0].dtype
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     for a, b in zip(*results, strict=True):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora
-from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
+from helpers import TINY, forward_and_reference, hf_checkpoint, hf_model, randomize_lora_b
 from lora import LoRAConfig
 from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model
@@ -230,15 +230,8 @@ def test_in_place_b_product_equals_the_plain_expression(dtype):
     layer = randomize_lora_b(LoRALinear(24, 40, LoRAConfig(rank=4, alpha=8, dropout=0.1)), std=0.2)
     layer.weight.data = layer.weight.data.to(dtype)
     x = torch.randn(3, 5, 24, dtype=dtype, requires_grad=True)
-    results = []
-    for fn in (layer.forward, layer.reference):
-        layer.zero_grad()
-        x.grad = None
-        torch.manual_seed(1)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = fn(x)
-        (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
-        results.append((y.detach().float(), x.grad.float(), layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    results = forward_and_reference(layer, x, seed=1, autocast=dtype == torch.bfloat16)
+    assert len(results[0]) == 4  # output, x, A and B
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     assert results[0][0].dtype == results[1][0].dtype
     for a, b in zip(*results, strict=True):
