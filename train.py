@@ -89,7 +89,9 @@ class TrainConfig:
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
     dropout: float = 0.05
     targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
-    rslora: bool = field(default=False, metadata={"help": "scale by alpha/sqrt(rank)"})
+    rslora: bool = field(default=False, metadata={
+        "help": "scale by alpha/sqrt(rank); llama.cpp ignores this and scales by alpha/rank: run the adapter there "
+                "with --lora-scaled ADAPTER:SCALE, SCALE = sqrt(rank)"})
     dora: bool = field(default=False, metadata={
         "help": "DoRA (PEFT's use_dora): a trainable magnitude per output row; not with --fused-mlp"})
     # Optimisation

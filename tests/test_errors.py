@@ -184,3 +184,13 @@ def test_chat_with_broken_files_names_them(tmp_path, tiny_ckpt, capsys):
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
     message = chat_fails(["--model", str(folder), "--prompt", "hi"], capsys)
     assert f"{folder / 'model.safetensors'} is not a readable safetensors file" in message
+
+
+def test_chat_refuses_a_tokenizer_larger_than_the_model_and_takes_a_padded_embedding_table(tmp_path, capsys):
+    small = hf_checkpoint(tmp_path / "small", vocab_size=128)
+    padded = hf_checkpoint(tmp_path / "padded", vocab_size=32064)  # rows past the tokenizer's: never produced
+    capsys.readouterr()  # transformers' progress bars
+    message = chat_fails(["--model", str(small), "--tokenizer", str(TOKENIZER_PATH), "--prompt", "hi"], capsys)
+    assert "the tokenizer has 32000 tokens but the model only 128 embeddings" in message
+    assert chat.main(["--model", str(padded), "--tokenizer", str(TOKENIZER_PATH), "--prompt", "hi",
+                      "--max-new-tokens", "2"]) == 0
