@@ -332,7 +332,7 @@ def test_a_failed_write_leaves_the_earlier_export_whole(exported, tmp_path, monk
 def test_make_export_passes_its_arguments(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("no make on this machine")
-    dry = ["make", "-n", "export", "PY=python", "ADAPTER=runs/r/adapter", "OUT=runs/r/merged"]
+    dry = ["make", "--no-print-directory", "-n", "export", "PY=python", "ADAPTER=runs/r/adapter", "OUT=runs/r/merged"]
     result = subprocess.run(dry + ["MODEL=base", "ARGS=--dtype float16"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr

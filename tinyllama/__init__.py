@@ -1,7 +1,9 @@
-"""TinyLlama (Llama 2 architecture) in plain PyTorch: model, checkpoint loading, tokenizer, generation.
+"""TinyLlama and the rest of the Llama family in plain PyTorch: model, checkpoint loading, tokenizers, generation.
 
-The bottom layer of the project: it imports nothing from `data`, `training` or the commands. How the model
-runs on a machine (attention kernels, compile) is `tinyllama.runtime`; the guanaco chat is `chat.py`.
+The bottom layer of the project (with `lora`, which the model builds in): it imports nothing from `data`,
+`training` or the commands. How the model runs on a machine (attention kernels, compile) is `tinyllama.runtime`;
+NF4 base weights are `tinyllama.quant`; named model shapes `tinyllama.shapes`; the merged export
+`python -m tinyllama.export`; the guanaco chat is `chat.py`.
 """
 
 from .checkpoint import load_model, save_model
