@@ -402,9 +402,16 @@ def test_train_py_trains_qlora_and_qdora_counting_the_quantised_weights_as_param
     mlp_rows = TINY["num_hidden_layers"] * (2 * 192 + TINY["hidden_size"])  # gate and up: 192 rows, down: 64
     plain, _ = run(tmp_path, checkpoint, name="plain", **data)
     assert qdora["trainable_params"] == plain["trainable_params"] + mlp_rows
-    # The adapter is PEFT's DoRA format on the unquantised base: it loads into a dense model as it is.
-    model = load_model(checkpoint, lora=lora.read_adapter_config(tmp_path / "qdora" / "adapter"))
-    lora.load_adapter(model, tmp_path / "qdora" / "adapter")
+    # Both adapters are PEFT's format on the unquantised base: PEFT loads them onto transformers' model of the
+    # original checkpoint, with the logits of our dense model carrying the same adapter.
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    from peft import PeftModel
+
+    for name in ("nf4", "qdora"):
+        adapter = tmp_path / name / "adapter"
+        model = lora.load_adapter(load_model(checkpoint, lora=lora.read_adapter_config(adapter)), adapter).eval()
+        with torch.no_grad():
+            assert_close(PeftModel.from_pretrained(hf_model(checkpoint), adapter).eval()(ids).logits, model(ids))
     import train as train_py
 
     with pytest.raises(SystemExit, match="--double-quant applies to --quantize nf4"):
