@@ -163,6 +163,22 @@ def label_runs(labels):
     return out
 
 
+def assert_labelled_runs_are_the_replies(conv, ids, labels, tokenizer, reply_prefix: str = "") -> None:
+    """The masking proof: the labelled runs of an encoded conversation are its replies (each `reply_prefix` +
+    text, then EOS), the unlabelled runs the markers and human turns (after the BOS, if any)."""
+    spans = label_runs(labels)
+    assert [lab for _, _, lab in spans] == [False, True] * (len(conv) // 2)
+    for i, (s, e, labelled) in enumerate(spans):
+        human, reply = conv[2 * (i // 2)], conv[2 * (i // 2) + 1]
+        if labelled:
+            assert labels[s:e] == ids[s:e]
+            assert ids[e - 1] == tokenizer.eos_id and tokenizer.eos_id not in ids[s:e - 1]
+            assert tokenizer.decode(ids[s:e - 1]) == reply_prefix + reply.text
+        else:
+            first = s + 1 if s == 0 and tokenizer.bos_id is not None else s
+            assert tokenizer.decode(ids[first:e]) == f"### Human: {human.text}### Assistant:"
+
+
 def forward_and_reference(layer, x, seed: int, autocast: bool) -> list[tuple]:
     """`layer.forward` and `layer.reference` (a LoRALinear) on `x` with the same dropout masks (the same seed):
     for each, the output and the gradients of x and of every trainable parameter of the layer, under a fixed

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from data import IGNORE_INDEX, encode, encode_prompt, parse_guanaco, render
-from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, label_runs
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, assert_labelled_runs_are_the_replies, label_runs
 from tinyllama import BPETokenizer, Tokenizer, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the [bpe] extra: pip install -e .[bpe]")
@@ -278,22 +278,12 @@ def test_guanaco_labels_decode_to_exactly_the_replies(kind, row):
     conv = parse_guanaco(row)
     ids, labels = encode(conv, tok, None)
     assert len(ids) == len(labels)
-    first = 0 if tok.bos_id is None else 1
     if tok.bos_id is not None:
         assert ids[0] == tok.bos_id and labels[0] == IGNORE_INDEX and tok.bos_id not in ids[1:]
     assert tok.decode(ids) == row
     assert ids.count(tok.eos_id) == sum(t.role == "assistant" for t in conv) and ids[-1] == tok.eos_id
-    spans = label_runs(labels)
-    assert [lab for _, _, lab in spans] == [False, True] * (len(conv) // 2)
-    for i, (s, e, labelled) in enumerate(spans):
-        human, reply = conv[2 * (i // 2)], conv[2 * (i // 2) + 1]
-        if labelled:
-            assert labels[s:e] == ids[s:e]
-            assert ids[e - 1] == tok.eos_id and tok.eos_id not in ids[s:e - 1]
-            # Byte-level decode keeps the space after "### Assistant:", which belongs to the reply's tokens.
-            assert tok.decode(ids[s:e - 1]) == " " + reply.text
-        else:
-            assert tok.decode(ids[max(s, first):e]) == f"### Human: {human.text}### Assistant:"
+    # Byte-level decode keeps the space after "### Assistant:", which belongs to the reply's tokens.
+    assert_labelled_runs_are_the_replies(conv, ids, labels, tok, reply_prefix=" ")
 
 
 def test_guanaco_ids_are_the_whole_row_tokenization_where_a_reply_end_is_a_word_boundary(kind):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data import IGNORE_INDEX, BadRow, NoLabelledTokens, Turn, encode, encode_all, encode_prompt, parse_guanaco, render
-from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, label_runs
+from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, assert_labelled_runs_are_the_replies, label_runs
 
 ROWS = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]
 # Adversarial rows in canonical form (render of the parse), so decode must give them back exactly.
@@ -67,17 +67,7 @@ def test_labelled_tokens_decode_to_exactly_the_replies(tokenizer, row):
     """The masking proof: labelled runs are the replies (+EOS), unlabelled runs the markers and human turns."""
     conv = parse_guanaco(row)
     ids, labels = encode(conv, tokenizer, None)
-    spans = label_runs(labels)
-    assert [lab for _, _, lab in spans] == [False, True] * (len(conv) // 2)
-    for i, (s, e, labelled) in enumerate(spans):
-        human, reply = conv[2 * (i // 2)], conv[2 * (i // 2) + 1]
-        if labelled:
-            assert labels[s:e] == ids[s:e]
-            assert ids[e - 1] == tokenizer.eos_id and tokenizer.eos_id not in ids[s:e - 1]
-            assert tokenizer.decode(ids[s:e - 1]) == reply.text
-        else:
-            first = 1 if s == 0 else s  # skip BOS
-            assert tokenizer.decode(ids[first:e]) == f"### Human: {human.text}### Assistant:"
+    assert_labelled_runs_are_the_replies(conv, ids, labels, tokenizer)
 
 
 def test_a_reply_that_merges_with_the_next_marker(tokenizer):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_lora import _batch, _compare_gradients, _our_name
 
 import lora
 from helpers import TINY, forward_and_reference, hf_checkpoint, hf_model, randomize_lora_b
@@ -44,33 +45,6 @@ def _perturb(model, seed: int):
     return model
 
 
-def _our_name(peft_name: str) -> str:
-    name = peft_name.removeprefix("base_model.model.").replace(".default.", ".")
-    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # PEFT's module holds `weight`
-
-
-def _batch(B=2, T=13, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, TINY["vocab_size"], (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :4] = -100
-    return ids, labels
-
-
-def _compare_gradients(ref, ours, tol):
-    """Every adapter gradient of `ref` (PEFT) against ours, relative error; returns how many were compared."""
-    ours_params = dict(ours.named_parameters())
-    compared = 0
-    for name, p in ref.named_parameters():
-        if "lora_" not in name:
-            continue
-        g_ref, g = p.grad, ours_params[_our_name(name)].grad
-        rel = ((g - g_ref).norm() / g_ref.norm()).item()
-        assert rel <= tol, f"{name}: relative gradient error {rel}"
-        compared += 1
-    return compared
-
-
 def _loss_backward(model, ids, labels):
     loss_sum, n = causal_lm_loss(model, ids, labels)
     (loss_sum / n).backward()
@@ -89,7 +63,7 @@ def test_peft_dora_adapter_loads_with_same_logits_and_gradients(tmp_path, case):
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.eval()
 
-    ids, labels = _batch()
+    ids, labels = _batch(TINY["vocab_size"])
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     logits = ours(ids)
@@ -111,7 +85,7 @@ def test_our_dora_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_path)
 
     ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter", is_trainable=True).eval()
     assert ref.peft_config["default"].use_dora
-    ids, labels = _batch()
+    ids, labels = _batch(TINY["vocab_size"])
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     torch.testing.assert_close(ours(ids), out.logits, rtol=0, atol=1e-6)
@@ -144,7 +118,7 @@ def test_fresh_dora_is_pefts_initialisation_and_changes_nothing(tmp_path):
     for theirs, mine in magnitudes:
         assert mine.requires_grad and mine.dtype == torch.float32
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0)
-    ids, _ = _batch()
+    ids, _ = _batch(TINY["vocab_size"])
     with torch.no_grad():
         assert torch.equal(ours(ids), load_model(path).eval()(ids))
 
@@ -161,7 +135,7 @@ def test_dropout_in_train_mode_matches_peft(tmp_path):
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.train()
 
-    ids, labels = _batch()
+    ids, labels = _batch(TINY["vocab_size"])
     torch.manual_seed(11)
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -181,7 +155,7 @@ def test_merge_matches_pefts_merge_and_keeps_the_logits(tmp_path):
     ours = _perturb(load_model(path, lora=config), seed=5).eval()
     lora.save_adapter(ours, tmp_path / "adapter")
     merged_peft = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").merge_and_unload()
-    ids, _ = _batch()
+    ids, _ = _batch(TINY["vocab_size"])
     with torch.no_grad():
         before = ours(ids)
         lora.merge(ours)
