@@ -193,10 +193,9 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
     need(cfg.quantize in ("none", *QUANTIZE_CHOICES),
          f"--quantize must be none or one of {list(QUANTIZE_CHOICES)}, got {cfg.quantize!r}")
     need(not cfg.double_quant or cfg.quantize != "none", "--double-quant applies to --quantize nf4; add that")
-    need(not (cfg.quantize != "none" and cfg.fused_mlp), "--quantize with --fused-mlp is not supported (the fused "
-         "LoRA MLP takes dense weights); leave --fused-mlp out")
-    need(not (cfg.dora and cfg.fused_mlp), "--dora with --fused-mlp is not supported (the fused LoRA MLP has no "
-         "magnitude vectors); leave --fused-mlp out and DoRA runs the plain MLP")
+    unfusable = "--dora" if cfg.dora else f"--quantize {cfg.quantize}" if cfg.quantize != "none" else None
+    need(not (cfg.fused_mlp and unfusable), f"{unfusable} with --fused-mlp is not supported (the fused LoRA MLP "
+         "computes plain LoRA on dense weights); leave --fused-mlp out and the MLP runs on the plain path")
     need(not (cfg.compile and cfg.grad_checkpointing),
          "--compile with --grad-checkpointing is not supported; pick one")
     need(cfg.compile_scope in COMPILE_SCOPES,

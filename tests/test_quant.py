@@ -416,3 +416,8 @@ def test_train_py_trains_qlora_and_qdora_counting_the_quantised_weights_as_param
 
     with pytest.raises(SystemExit, match="--double-quant applies to --quantize nf4"):
         train_py.main(train_py.TrainConfig(model=str(checkpoint), double_quant=True, out=str(tmp_path / "x")))
+    for flag, extra in (("--dora", dict(dora=True)), ("--quantize nf4", dict(quantize="nf4"))):
+        with pytest.raises(SystemExit, match=f"{flag} with --fused-mlp is not supported"):
+            train_py.main(train_py.TrainConfig(model=str(checkpoint), fused_mlp=True, out=str(tmp_path / "x"),
+                                               **extra))
+    assert not (tmp_path / "x").exists()

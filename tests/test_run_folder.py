@@ -17,6 +17,7 @@ import torch
 import lora
 import train
 from helpers import GUANACO_SAMPLE, adapter_weights, metrics, run, snapshot, train_losses
+from tinyllama import files
 from training import TrainingError, run_folder
 
 pytest.importorskip("transformers")
@@ -154,7 +155,7 @@ def test_replace_dir_swaps_a_whole_folder(tmp_path):
     (final / "b").write_text("old")
     new.mkdir()
     (new / "a").write_text("new")
-    run_folder.replace_dir(new, final)
+    files.replace_dir(new, final)
     assert snapshot(final) == {"a": b"new"} and not new.exists()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import lora
+from data.sources import AUTO, HOLDOUT_MAX, HOLDOUT_PERCENT, HUB_REPO, NONE, SPLIT_FILES
 from tinyllama.runtime import device_name, peak_memory_gib
 
 from . import run_folder
@@ -66,8 +67,6 @@ class Metrics:
 
 def model_card(cfg, totals, steps: int, command: str) -> lora.ModelCard:
     """What the adapter's README.md says about its run (`cfg`: the train.TrainConfig, `totals`: its Totals)."""
-    from data.sources import AUTO, HOLDOUT_MAX, HOLDOUT_PERCENT, HUB_REPO, NONE, SPLIT_FILES
-
     def named(spec: str) -> str:
         return ", ".join(f"{HUB_REPO} ({s} split)" if s.partition(":")[0] in SPLIT_FILES else s
                          for s in spec.split(","))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tinyllama import files
-from tinyllama.files import replace_dir, write_text  # noqa: F401 (replace_dir: kept as run_folder's too)
+from tinyllama.files import write_text  # noqa: F401  (train.py writes its text files through run_folder)
 
 from . import TrainingError
 
