@@ -3,6 +3,9 @@
     python chat.py --adapter runs/r64/adapter                     # interactive; /reset, /exit
     python chat.py --adapter runs/r64/adapter --prompt "Hi!"      # one answer on stdout, scriptable
 
+The model is `--model`, else the base the adapter records (`base_model_name_or_path` in its adapter_config.json,
+as `make export` reads it), else TinyLlama_v1.1 from the Hub (`DEFAULT_MODEL`).
+
 Each user message becomes `### Human: {message}### Assistant:` after the earlier turns, tokenized exactly as
 training tokenized conversations (`data.encode_prompt`: BOS first, EOS after every earlier reply). The
 answer streams as it is generated and ends at EOS, at the next `### Human:` (not shown), or after
@@ -25,6 +28,7 @@ import lora
 from data import encode_prompt
 from data.guanaco import ASSISTANT, HUMAN, MARKERS, Turn, render
 from tinyllama.checkpoint import DEFAULT_MODEL, load_model, resolve_checkpoint
+from tinyllama.export import resolve_base
 from tinyllama.generation import StopStrings, generate
 from tinyllama.runtime import DTYPES, configure_runtime, resolve_device, resolve_dtype
 from tinyllama.tokenizer import load_tokenizer
@@ -138,14 +142,17 @@ def answer(model, tokenizer, history_or_prompt: str | Sequence[str], max_new_tok
 # ---- command line ---------------------------------------------------------------------------------------
 
 
-def load(model: str, adapter: str | None = None, merge: bool = False, device: str = "cpu",
+def load(model: str | None = None, adapter: str | None = None, merge: bool = False, device: str = "cpu",
          dtype: torch.dtype = torch.float32):
-    """The model with its adapter (if any) loaded, merged if asked, in eval mode; and the checkpoint folder."""
-    folder = resolve_checkpoint(model)
+    """The model with its adapter (if any) loaded, merged if asked, in eval mode; and the checkpoint folder.
+
+    `model`: a checkpoint folder or Hub id; None is the base the adapter records, or DEFAULT_MODEL without one.
+    """
     if merge and adapter is None:
         raise ValueError("--merge needs an --adapter to merge")
-    llama = load_model(folder, dtype=dtype, device=device,
-                       lora=lora.read_adapter_config(adapter) if adapter else None)
+    config = lora.read_adapter_config(adapter) if adapter else None  # first: it says what is wrong with the folder
+    folder = resolve_base(adapter, model)[1] if adapter else resolve_checkpoint(model or DEFAULT_MODEL)
+    llama = load_model(folder, dtype=dtype, device=device, lora=config)
     if adapter:
         lora.load_adapter(llama, adapter)
         if merge:
@@ -155,7 +162,8 @@ def load(model: str, adapter: str | None = None, merge: bool = False, device: st
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python chat.py", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder or Hub id (default %(default)s)")
+    p.add_argument("--model", help="checkpoint folder or Hub id (default: the base the adapter records, "
+                   f"base_model_name_or_path in its adapter_config.json; without --adapter, {DEFAULT_MODEL})")
     p.add_argument("--adapter", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the weights (faster)")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json, or a folder holding one "
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
         _write("\n")
         return 0
 
-    print(f"chatting with {args.model}{' + ' + args.adapter if args.adapter else ''} on {device} ({dtype}). "
+    print(f"chatting with {args.model or folder}{' + ' + args.adapter if args.adapter else ''} on {device} ({dtype}). "
           "/reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     history: list[str] = []
     while True:

@@ -112,15 +112,16 @@ class TrainConfig:
     # Bookkeeping
     eval_every: int = field(default=100, metadata={"help": "steps between evals; 0: only at the end"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: none"})
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept (the newest; older ones this run wrote are pruned); 0 keeps them all"})
     log_every: int = 10
     tensorboard: bool = field(default=False, metadata={
         "help": "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install -e .[tensorboard])"})
     out: str = field(default="", metadata={
         "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace an earlier run in --out (its files are removed first); without it such a folder is "
-                "refused"})
+        "help": "replace an earlier run in --out: only what its manifest (OUT/.run-manifest.json) lists is removed; "
+                "without it such a folder is refused"})
     resume: str = field(default="", metadata={"help": "checkpoint folder, or an output folder (latest)"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
@@ -216,10 +217,6 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
             report.require_tensorboard()
         except ImportError as e:
             problems.append(str(e))
-    if cfg.resume:
-        need(run_folder.find_checkpoint(cfg.resume) is not None,
-             f"--resume {cfg.resume}: no checkpoint there (expected a checkpoint-N folder or an output folder "
-             "holding one)")
     model_path = Path(cfg.model)
     shape_only = cfg.random_init or cfg.dry_run  # no weights needed: a shape name or a config.json will do
     is_shape = cfg.model in SHAPES or (model_path.suffix == ".json" and model_path.is_file())
@@ -244,6 +241,8 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
                                  use_rslora=cfg.rslora, use_dora=cfg.dora)
     except (ValueError, TypeError) as e:
         problems.append(str(e))
+    if cfg.resume:
+        problems += run_folder.resume_problems(cfg.resume, lora_config)
     if problems:  # one line for one problem, a line each for several
         raise SystemExit("train.py: invalid settings:" + ("\n  " if len(problems) > 1 else " ")
                          + "\n  ".join(problems))
@@ -321,8 +320,8 @@ class Run:
     metrics: report.Metrics | None = None  # set once the output folder is ready
 
 
-def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
-             resume_from: Path | None) -> Run:
+def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, resume_from: Path | None,
+             out: Path) -> Run:
     """Tokenizer and data first (cheap, and their errors should not wait for the model), then the model, its
     optimizer and, when resuming, the checkpoint's state. Nothing is written."""
     log, device = proc.log, proc.device
@@ -355,7 +354,10 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
             f"peaks at {lr_at(total_steps - 1, cfg, total_steps):.3g} and never reaches --lr {cfg.lr:g}")
     state = run_folder.read_state(resume_from) if resume_from else {}
     start_step = state.get("step", 0)
-    if resume_from and start_step >= total_steps:
+    if resume_from and start_step == total_steps and not run_folder.is_finished(out, total_steps):
+        log(f"{resume_from} is the run's last step, but {out} has no final adapter and summary of it (the run was "
+            "stopped while writing them): writing them now")
+    elif resume_from and start_step >= total_steps:
         raise TrainingError(f"{resume_from} is at step {start_step} and this run has {total_steps} steps: it is "
                             f"already complete, and nothing was changed. To train further, resume with --steps N "
                             f"(N > {start_step}) or more --epochs.")
@@ -379,7 +381,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process,
     totals = Totals()
     if resume_from:
         lora.load_adapter(model, resume_from)
-        optimizer.load_state_dict(run_folder.load_optimizer_state(resume_from))
+        optimizer.load_state_dict(run_folder.load_optimizer_state(resume_from, optimizer, start_step))
         stream.load_state_dict(state["stream"])
         totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
         log(f"resumed from {resume_from} at step {start_step}")
@@ -407,18 +409,18 @@ def main(cfg: TrainConfig) -> dict:
     resume_from = run_folder.find_checkpoint(cfg.resume) if cfg.resume else None
     out = Path(cfg.out) if cfg.out else resume_from.parent if resume_from else Path(f"runs/rank{cfg.rank}")
     # The main process alone writes the output folder. It locks it (which also proves it writable) and checks
-    # that no other run's files would be overwritten, before anything is loaded.
+    # that no other run's files would be overwritten, before anything is loaded; the checkpoint is loaded and
+    # checked before anything in the folder is written or moved.
+    if proc.main:
+        run_folder.refuse_model_folder(out, cfg.model)
     with run_folder.lock(out, log) if proc.main else contextlib.nullcontext():
-        if proc.main and not run_folder.continues_in(resume_from, out):
-            run_folder.refuse_other_run(out, cfg.overwrite)
-        run = load_run(cfg, lora_config, proc, resume_from)
+        if proc.main:
+            run_folder.check_out(out, resume_from, cfg.overwrite)
+        run = load_run(cfg, lora_config, proc, resume_from, out)
         model, optimizer, stream = run.model, run.optimizer, run.stream
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if proc.main:  # the first write into the output folder
-            if cfg.overwrite and not run_folder.continues_in(resume_from, out):
-                run_folder.clear(out, log)
-            if resume_from:
-                run_folder.start_resume(out, resume_from, log)
+            run_folder.begin(out, resume_from, cfg.overwrite, log)
             run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         run.metrics = report.Metrics(out, tensorboard=cfg.tensorboard, start_step=run.start_step, enabled=proc.main)
         trainable, total = lora.count_parameters(model)
@@ -490,9 +492,10 @@ def main(cfg: TrainConfig) -> dict:
 
         summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                                  flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=device,
-                                 world=proc.world, out=out)
+                                 world=proc.world, out=out, largest_weight=report.largest_weight(params))
         if proc.main:
             card = report.model_card(cfg, run.totals, run.total_steps, command_line(cfg))
+            run_folder.claim(out, "adapter", "summary.json")
             run_folder.write_dir(out / "adapter", lambda folder: lora.save_adapter(model, folder, base_model=cfg.model,
                                                                                    card=card))
             run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -22,10 +22,12 @@ streaming, reading from URLs, OASST trees in Parquet, and formats other than the
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
 import sys
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +119,24 @@ def _jsonl_rows(path: Path):
     """(line number, raw bytes) of each non-blank line: decoding happens per row, so a bad byte costs one counted
     row, not the file."""
     _refuse_json_array(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with _open_rows(path) as f, _unreadable_gzip(path):
         for lineno, raw in enumerate(f, start=1):
             if raw.strip():  # blank lines hold no row
                 yield lineno, raw
+
+
+def _open_rows(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+@contextlib.contextmanager
+def _unreadable_gzip(path: Path):
+    """A `.gz` cut short (EOFError) or not gzip at all (BadGzipFile), as one line naming the file."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable gzip file ({type(e).__name__}: {e}); it may be cut short or "
+                         f"not compressed: check it with gzip -t {path.name}") from None
 
 
 def _parquet_rows(path: Path):
@@ -389,12 +404,14 @@ def _is_number(s: str) -> bool:
 
 def _refuse_json_array(path: Path) -> None:
     """A `.json` array (what `json.dump(rows)` writes) is not JSON Lines: say so, rather than skip every row."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
+    with _open_rows(path) as f, _unreadable_gzip(path):
         head = f.read(4096).lstrip()
     if head.startswith(b"["):
-        raise ValueError(f"{path} holds a JSON array; expected JSON Lines, one object per line. Convert it, "
-                         f"e.g. jq -c '.[]' {path.name} > {path.stem}.jsonl")
+        stem = path.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
+        read = f"gunzip -c {path.name} | jq -c '.[]'" if path.suffix == ".gz" else f"jq -c '.[]' {path.name}"
+        raise ValueError(f"{path} holds a JSON array; expected JSON Lines, one object per line. Convert it into a "
+                         f"new file (never onto itself, which the shell would empty first), e.g. "
+                         f"{read} > {stem}.lines.jsonl, and pass that file")
 
 
 def _parse_row(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:

@@ -309,7 +309,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
     if saved.use_dora != current.use_dora:
         raise ValueError(f"the adapter is {'DoRA' if saved.use_dora else 'plain LoRA'} (use_dora="
                          f"{str(saved.use_dora).lower()}) but the model was built with use_dora={current.use_dora}; "
-                         f"build it with lora=lora.read_adapter_config({str(adapter_dir)!r}) and load again")
+                         f"with train.py, add or leave out --dora to match; in Python, build the model with "
+                         f"lora=lora.read_adapter_config({str(adapter_dir)!r}) and load again")
     weights = Path(adapter_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")

@@ -150,3 +150,42 @@ def test_cli_errors_are_reported_not_raised(tmp_path, tokenizer, capsys):
     assert "context length" in capsys.readouterr().err
     assert chat.main(["--model", str(folder), "--merge"]) == 2
     assert "--merge needs an --adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_alone_runs_on_the_base_it_records(tmp_path, tokenizer, monkeypatch, capsys):
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        pytest.fail(f"the Hub was asked for {args}: the adapter records a local base")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    path = hf_checkpoint(tmp_path / "base", seed=13, **SMALL_32K)
+    shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
+    model = load_model(path, lora=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
+    randomize_lora_b(model, std=1.0, seed=14)
+    lora.save_adapter(model, tmp_path / "adapter", base_model=str(path))
+    expected = answer(model, tokenizer, "Tell me a story.", max_new_tokens=12)
+    assert expected and expected != answer(load_model(path), tokenizer, "Tell me a story.", max_new_tokens=12)
+
+    assert chat.main(["--adapter", str(tmp_path / "adapter"), "--prompt", "Tell me a story.", "--max-new-tokens",
+                      "12", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+    lora.save_adapter(model, tmp_path / "moved", base_model="no/such/base")  # a base that is not there
+    assert chat.main(["--adapter", str(tmp_path / "moved"), "--prompt", "hi", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "'no/such/base' is neither an existing folder" in err and "adapter_config.json records" in err
+    assert "pass --model" in err
+
+
+def test_without_the_hub_the_error_names_the_hf_download_command(monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert chat.main(["--prompt", "hi", "--device", "cpu"]) == 2  # no --model, no --adapter: the default model
+    err = capsys.readouterr().err
+    assert "could not get 'TinyLlama/TinyLlama_v1.1'" in err and "(OSError: no network)" in err
+    assert "`hf download TinyLlama/TinyLlama_v1.1 --local-dir DIR`" in err and "huggingface-cli" not in err

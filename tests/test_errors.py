@@ -3,6 +3,7 @@ and a non-zero exit, never a Python traceback (unless asked for with --debug / T
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shutil
@@ -16,6 +17,7 @@ import torch
 import chat
 import train
 from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+from training.step import Totals
 
 pytest.importorskip("transformers")
 
@@ -54,6 +56,27 @@ def test_bad_data_files(tmp_path, tiny_ckpt, content, expected):
     data = tmp_path / "data.jsonl"
     data.write_text(content)
     assert expected in fails(args(tiny_ckpt, tmp_path, data))
+
+
+def test_a_json_array_gets_advice_that_does_not_empty_the_file(tmp_path, tiny_ckpt):
+    # `jq -c '.[]' array.jsonl > array.jsonl`: the shell empties array.jsonl before jq reads it.
+    for name in ("array.jsonl", "array.json", "array.jsonl.gz"):
+        data = tmp_path / name
+        rows = json.dumps([{"text": "### Human: hi### Assistant: hello"}]).encode()
+        data.write_bytes(gzip.compress(rows) if name.endswith(".gz") else rows)
+        message = fails(args(tiny_ckpt, tmp_path, data))
+        target = re.search(r"> ([^\s,]+)", message)[1]
+        assert target == "array.lines.jsonl" and "into a new file" in message
+        assert ("gunzip -c array.jsonl.gz | jq" if name.endswith(".gz") else f"jq -c '.[]' {name} >") in message
+
+
+@pytest.mark.parametrize("content", [b"not gzip at all\n", "cut"], ids=["not gzip", "cut short"])
+def test_an_unreadable_gzip_file_is_one_line_naming_it(tmp_path, tiny_ckpt, content):
+    data = tmp_path / "data.jsonl.gz"
+    whole = gzip.compress(GUANACO_SAMPLE.read_bytes())
+    data.write_bytes(whole[:len(whole) // 2] if content == "cut" else content)
+    message = fails(args(tiny_ckpt, tmp_path, data))
+    assert f"{data} is not a readable gzip file" in message and "gzip -t data.jsonl.gz" in message
 
 
 # ---- the model folder -----------------------------------------------------------------------------------------
@@ -137,6 +160,36 @@ def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tin
     with pytest.raises(train.TrainingError, match=r"gradient norm is inf .* at step 1: stopping before the update"):
         train.main(train.parse_args(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--alpha", "1e30", "--steps", "3")))
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_run_that_learned_nothing_or_blew_up_its_weights_says_so_in_the_summary(tmp_path, tiny_ckpt, capsys):
+    summary = train.cli(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--steps", "6", "--lr", "1e8", "--warmup", "0"))
+    said = capsys.readouterr().out
+    stuck, exploded = summary["warnings"]
+    assert re.fullmatch(r"the loss was 10\.3735 on each of the last 5 steps, .*lower --lr \(or --alpha\)", stuck)
+    assert exploded.startswith("the largest adapter weight is ") and "lower --lr" in exploded
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
+    assert all(f"warning: {w}" in said for w in summary["warnings"])
+    for lr in ("1e-2", "1e-3"):  # a slow start is not a stuck loss
+        healthy = train.cli(args(tiny_ckpt, tmp_path / lr, GUANACO_SAMPLE, "--steps", "6", "--lr", lr))
+        assert healthy["warnings"] == []
+    from training import report
+
+    assert report.health_warnings(Totals(), largest=float("nan"))[0].startswith("the largest adapter weight is nan")
+
+
+def test_totals_count_the_steps_in_a_row_whose_loss_did_not_change():
+    totals = Totals()
+    for loss, flat in ((10.0, 0), (10.0, 1), (9.0, 0), (9.0, 1), (9.00000001, 2), (9.0, 3), (8.9, 0)):
+        totals.add({"step_s": 1.0, "tokens": 1, "labelled": 1, "loss": loss})
+        assert totals.flat_steps == flat
+
+
+def test_every_output_folder_flag_says_what_it_keeps_and_deletes(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 keeps them all" in text and "only what its manifest (OUT/.run-manifest.json) lists is removed" in text
 
 
 # ---- the command line: one line, exit 1, no traceback ----------------------------------------------------------

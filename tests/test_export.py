@@ -282,23 +282,102 @@ def test_cli_writes_the_dtype_and_shards_asked_for(exported, tmp_path):
         assert torch.equal(written[key], t.to(torch.bfloat16)), key
 
 
-def test_a_folder_holding_files_is_refused_unless_overwrite(exported, tmp_path, capsys):
+def test_a_folder_holding_other_files_is_refused_even_with_overwrite(exported, tmp_path, capsys):
     out = tmp_path / "merged"
     (out / "sub").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
     (out / "sub" / "model.safetensors").write_bytes(b"not a model")
     before = snapshot(out)
-    assert main(["--adapter", str(exported.adapter), "--out", str(out)]) == 2
-    assert "already holds files (notes.txt, sub); pass --overwrite" in capsys.readouterr().err
-    assert snapshot(out) == before
-
-    assert main(["--adapter", str(exported.adapter), "--out", str(out), "--overwrite"]) == 0
-    assert snapshot(out) == snapshot(exported.out)  # the whole folder replaced by the export
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["--adapter", str(exported.adapter), "--out", str(out), *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "holds files an export does not write (notes.txt, sub)" in err and "pick a new or empty --out" in err
+        assert snapshot(out) == before
 
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["--adapter", str(exported.adapter), "--out", str(empty)]) == 0
     assert snapshot(empty) == snapshot(exported.out)
+
+
+def test_overwrite_replaces_an_earlier_export_whole_and_the_result_loads(exported, tmp_path, capsys, tokenizer):
+    # An earlier sharded export: every one of its files (shards, index) is an export's, so all may go.
+    out = export_merged(exported.adapter, tmp_path / "merged", max_shard_size=20_000)
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) >= 4
+    before = snapshot(out)
+    assert main(["--adapter", str(exported.adapter), "--out", str(out)]) == 2
+    assert "already holds an export (config.json, generation_config.json, model-00001-of-" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+    assert main(["--adapter", str(exported.adapter), "--out", str(out), "--overwrite"]) == 0
+    assert snapshot(out) == snapshot(exported.out)  # no stale shard or index left to be read instead
+    ids = _ids(tokenizer, n_rows=1)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids), exported.model(ids), atol=1e-5, rtol=0)
+
+
+# What people keep in folders that an --out typo could name: a home folder, a project checkout.
+USER_FILES = {"home": {".bashrc": b"alias ll='ls -l'\n", "docs/thesis.tex": b"\\chapter{Four years}\n"},
+              "checkout": {".git/HEAD": b"ref: refs/heads/main\n", "train.py": b"print('mine')\n"}}
+
+
+@pytest.mark.parametrize("kind", USER_FILES)
+def test_overwrite_never_deletes_files_an_export_does_not_write(exported, tmp_path, kind, capsys):
+    out = tmp_path / "merged"
+    shutil.copytree(exported.out, out)  # an earlier export, and the user's own files beside it
+    for name, data in USER_FILES[kind].items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    before = snapshot(out)
+    assert main(["--adapter", str(exported.adapter), "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and err.count("\n") == 1, err
+    if kind == "home":
+        assert "holds files an export does not write (.bashrc, docs)" in err
+    else:
+        assert "is a git checkout (it holds .git)" in err and "pass a folder of its own" in err
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder either
+
+
+@pytest.fixture
+def refused_first(monkeypatch):
+    """Reading the base or writing OUT fails the test: the refusals that use it come before both."""
+    import tinyllama.export
+
+    def never(*args, **kwargs):
+        pytest.fail("the export went on past the check of --out")
+
+    for name in ("resolve_checkpoint", "load_model", "write_dir"):
+        monkeypatch.setattr(tinyllama.export, name, never)
+
+
+@pytest.mark.parametrize("where", [".", "home", "/", "project root", "symbolic link"])
+def test_out_may_never_be_a_folder_of_the_user_s_own(exported, tmp_path, monkeypatch, where, capsys, refused_first):
+    # Each folder holds only an earlier export (where one can), so only the rule about the path itself refuses it.
+    folder = tmp_path / "work"
+    shutil.copytree(exported.out, folder)
+    expected = {".": "the current directory", "home": "your home folder", "/": "the filesystem root",
+                "project root": "this project's checkout", "symbolic link": "is a symbolic link"}[where]
+    if where == ".":
+        monkeypatch.chdir(folder)
+        out = "."
+    elif where == "home":
+        monkeypatch.setenv("HOME", str(folder))
+        out = str(folder)
+    elif where == "symbolic link":
+        out = str(tmp_path / "link")
+        (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    else:
+        out = {"/": "/", "project root": str(ROOT)}[where]
+    before = snapshot(folder)
+    assert main(["--adapter", str(exported.adapter), "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} ") and err.count("\n") == 1, err
+    assert expected in err
+    assert snapshot(folder) == before
+    assert (ROOT / "train.py").is_file() and (ROOT / "tinyllama" / "export.py").is_file()
 
 
 @pytest.mark.parametrize("target", ["adapter", "base", "parent of the adapter"])

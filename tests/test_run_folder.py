@@ -4,12 +4,13 @@ runs keep one history, and a crash or a full disk leaves every folder whole."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import pickle
 import shutil
-import socket
-import subprocess
-import sys
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def latest_always_loads(monkeypatch):
             checkpoint = path.parent / text
             assert run_folder.is_checkpoint(checkpoint), f"latest names {checkpoint}, which is not complete"
             assert run_folder.read_state(checkpoint)["step"] == int(text.split("-")[1])
-            run_folder.load_optimizer_state(checkpoint)
+            run_folder.read_optimizer_state(checkpoint)
             lora.read_adapter_config(checkpoint)
             adapter_weights(checkpoint)
             named.append(text)
@@ -48,7 +49,7 @@ def assert_latest_loads(out):
     found = run_folder.find_checkpoint(out)
     assert found is not None and found.name == (out / "latest").read_text()
     assert run_folder.read_state(found)["step"] == int(found.name.split("-")[1])
-    run_folder.load_optimizer_state(found)
+    run_folder.read_optimizer_state(found)
     adapter_weights(found)
 
 
@@ -191,32 +192,80 @@ def test_a_full_disk_while_saving_the_adapter_ends_with_a_message(tmp_path, tiny
 
 # ---- one writer per folder ------------------------------------------------------------------------------------
 
+def _hold_lock(out, ready, release):
+    with run_folder.lock(out, print):
+        ready.set()
+        release.wait(60)
+
+
 def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
-    out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(out, ready, release))
+    holder.start()
     try:
-        (out / ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
-        with pytest.raises(TrainingError, match=rf"in use by another run \(process {holder.pid}"):
+        assert ready.wait(30)
+        with pytest.raises(TrainingError, match=rf"in use by another run \(process {holder.pid} on "):
             run(tmp_path, tiny_ckpt, "out", steps=1)
         assert not (out / "metrics.jsonl").exists()
     finally:
-        holder.kill()
-        holder.wait()
+        release.set()
+        holder.join(30)
 
 
-def test_a_stale_lock_is_taken_over_with_a_message_and_released_at_the_end(tmp_path, tiny_ckpt, capsys):
+def _die_holding_the_lock(out):
+    with run_folder.lock(out, print):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_lock_whose_holder_was_killed_is_free_and_the_lock_file_stays(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
-    out.mkdir()
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    (out / ".lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+    killed = multiprocessing.get_context("fork").Process(target=_die_holding_the_lock, args=(out,))
+    killed.start()
+    killed.join(30)
+    assert killed.exitcode == -signal.SIGKILL and str(killed.pid) in (out / ".lock").read_text()
     run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert "taking over the lock" in capsys.readouterr().out
-    assert not (out / ".lock").exists()
+    assert (out / ".lock").exists()  # never unlinked: another process may be about to lock that very file
     with pytest.raises(TrainingError, match="already holds a run"):  # a failed run releases it too
         run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert not (out / ".lock").exists()
+    with run_folder.lock(out, print):
+        pass
+
+
+def _race_for_the_lock(out, barrier, journal):
+    barrier.wait()
+    try:
+        with run_folder.lock(out, print):
+            with open(journal, "a") as f:  # O_APPEND: each short line lands whole
+                f.write(f"in {os.getpid()}\n")
+            time.sleep(0.02)
+            with open(journal, "a") as f:
+                f.write(f"out {os.getpid()}\n")
+    except TrainingError:
+        pass
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "after a killed holder"])
+def test_racing_processes_never_hold_the_lock_together(tmp_path, stale):
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(30):
+        out, journal = tmp_path / f"out{trial}", tmp_path / f"journal{trial}"
+        if stale:
+            killed = ctx.Process(target=_die_holding_the_lock, args=(out,))
+            killed.start()
+            killed.join(30)
+        barrier = ctx.Barrier(4)
+        racers = [ctx.Process(target=_race_for_the_lock, args=(out, barrier, journal)) for _ in range(4)]
+        for r in racers:
+            r.start()
+        for r in racers:
+            r.join(30)
+        holders, most = 0, 0
+        for line in journal.read_text().splitlines():
+            holders += 1 if line.startswith("in ") else -1
+            most = max(most, holders)
+        assert most == 1, f"trial {trial}: {most} processes held the lock at once"
 
 
 def test_lock_refuses_an_unwritable_folder_before_anything_loads(tmp_path, tiny_ckpt, monkeypatch):
@@ -309,3 +358,270 @@ def test_pruning_never_removes_a_checkpoint_newer_than_the_one_written(tmp_path)
         run_folder.save_checkpoint(tmp_path, step, adapter, optimizer, {}, keep=1)
         assert run_folder.find_checkpoint(tmp_path).name == f"checkpoint-{step}"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-100", "checkpoint-3"]
+
+
+# ---- --overwrite deletes only what a run of this project wrote (its manifest) ------------------------------------
+
+def plant_others(out):
+    """What no run of this project wrote, under names a run writes: another tool's checkpoint, a user's
+    TensorBoard logs and a config.json, plus a file of the user's own."""
+    hf = out / "checkpoint-500"  # an HF Trainer + PEFT checkpoint holds the very files ours do
+    hf.mkdir(parents=True)
+    for name in run_folder.CHECKPOINT_FILES:
+        (hf / name).write_text(f"HF Trainer's {name}")
+    (hf / run_folder.STATE).write_text(json.dumps({"global_step": 500, "log_history": []}))
+    (out / "tensorboard" / "myexp").mkdir(parents=True)
+    (out / "tensorboard" / "myexp" / "events.out").write_bytes(b"\x00user events")
+    (out / "thesis.tex").write_text("\\chapter{mine}")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_holding_names_no_run_wrote_is_refused_even_with_overwrite(tmp_path, tiny_ckpt, overwrite):
+    out = tmp_path / "out"
+    plant_others(out)
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"holds checkpoint-500, tensorboard, which a run would write but no "
+                                            r"run of this project wrote there"):
+        run(tmp_path, tiny_ckpt, "out", steps=2, save_every=1, overwrite=overwrite)
+    assert snapshot(out) == {**before, ".lock": (out / ".lock").read_bytes()}  # the lock it took to look, only
+
+
+def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0, tensorboard=False)
+    written = run_folder.listed(out)
+    assert written == {p.name for p in out.iterdir() if not p.name.startswith(".")}  # every name, and no more
+    (out / "thesis.tex").write_text("mine")
+    (out / "adapter" / "my_notes.md").write_text("inside a folder the run wrote: that folder is the run's")
+    run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "mine"
+    assert not (out / "checkpoint-4").exists() and not (out / "adapter" / "my_notes.md").exists()
+    assert run_folder.listed(out) == {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"thesis.tex"}
+    assert run_folder.listed(out) >= {"adapter", "config.json", "metrics.jsonl", "summary.json"}
+
+
+def test_the_model_folder_or_one_holding_weights_is_never_an_output_folder(tmp_path, tiny_ckpt):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ckpt, model)
+    before = snapshot(model)
+    for out in (model, tmp_path / "weights"):
+        (tmp_path / "weights").mkdir(exist_ok=True)
+        (tmp_path / "weights" / "model.safetensors").write_bytes(b"weights")
+        with pytest.raises(TrainingError, match=r"(is the model folder|holds model weights)"):
+            run(tmp_path, model, out.name, steps=1, overwrite=True)
+    assert snapshot(model) == before and (tmp_path / "weights" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_overwrite_refuses_a_symlink_where_the_run_wrote_a_folder_and_removes_nothing(tmp_path, tiny_ckpt):
+    out = tmp_path / "out"
+    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    elsewhere = tmp_path / "kept"
+    shutil.move(out / "adapter", elsewhere)
+    (out / "adapter").symlink_to(elsewhere, target_is_directory=True)
+    before, kept = snapshot(out), snapshot(elsewhere)
+    with pytest.raises(TrainingError, match=r"adapter in .* is now a symbolic link.*nothing was removed"):
+        run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
+    assert snapshot(out) == before and snapshot(elsewhere) == kept
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice_that_works(tmp_path, tiny_ckpt,
+                                                                                    monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(train, "finish_step", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, tiny_ckpt, "out", steps=3)
+    with pytest.raises(TrainingError, match="no checkpoint to resume") as refused:
+        run(tmp_path, tiny_ckpt, "out", steps=3)
+    assert "--resume" not in str(refused.value) and "--overwrite" in str(refused.value)
+    summary, _ = run(tmp_path, tiny_ckpt, "out", steps=3, overwrite=True)  # what it advises works
+    assert summary["steps"] == 3
+
+
+# ---- a kill while the final adapter is written: --resume finishes the run ---------------------------------------
+
+def test_a_kill_while_writing_the_final_adapter_is_finished_by_resume(tmp_path, tiny_ckpt, monkeypatch):
+    out = tmp_path / "out"
+    full, _ = run(tmp_path, tiny_ckpt, "full", steps=4, save_every=2)
+    real = lora.save_adapter
+
+    def killed_in_the_final_adapter(model, folder, **kw):
+        real(model, folder, **kw)
+        if folder.name == ".adapter.tmp":
+            raise KeyboardInterrupt("killed while writing the final adapter")
+
+    with monkeypatch.context() as m:
+        m.setattr(lora, "save_adapter", killed_in_the_final_adapter)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2)
+    assert (out / ".adapter.tmp").is_dir() and not (out / "adapter").exists() and not (out / "summary.json").exists()
+    summary, rows = run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out))
+    assert not (out / ".adapter.tmp").exists()
+    assert adapter_weights(out).keys() == adapter_weights(out / "checkpoint-4").keys()
+    assert all(torch.equal(v, adapter_weights(out / "checkpoint-4")[k]) for k, v in adapter_weights(out).items())
+    assert all(torch.equal(v, adapter_weights(tmp_path / "full")[k]) for k, v in adapter_weights(out).items())
+    assert summary["steps"] == 4 and summary["last_loss"] == full["last_loss"]
+    assert json.loads((out / "summary.json").read_text())["first_loss"] == full["first_loss"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    with pytest.raises(TrainingError, match="already complete"):  # now it is
+        run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out))
+
+
+# ---- latest names a complete checkpoint at every point of a resume ------------------------------------------------
+
+def test_latest_names_a_complete_checkpoint_at_every_point_of_a_resume(tmp_path, tiny_ckpt, monkeypatch):
+    base = tmp_path / "base"
+    run(tmp_path, tiny_ckpt, "base", steps=8, save_every=2, keep_checkpoints=0)
+    names = sorted(p.name for p in base.glob("checkpoint-*"))
+    real_replace, real_copy = os.replace, shutil.copy2
+    kill_at = 0
+    while True:  # kill at the first, second, ... rename or copy, until one resume runs to its end
+        out = tmp_path / f"out{kill_at}"
+        shutil.copytree(base, out)
+        calls = []
+
+        def counted(real, calls=calls, kill_at=kill_at):
+            def call(*a, **k):
+                calls.append(a)
+                if len(calls) == kill_at + 1:
+                    raise KeyboardInterrupt(f"killed at operation {kill_at}")
+                return real(*a, **k)
+            return call
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", counted(real_replace))
+            m.setattr(shutil, "copy2", counted(real_copy))
+            try:
+                run_folder.begin(out, out / "checkpoint-2", False, print)
+                finished = True
+            except KeyboardInterrupt:
+                finished = False
+        assert_latest_loads(out)
+        run_folder.begin(out, out / "checkpoint-2", False, print)  # the same command again
+        assert (out / "latest").read_text() == "checkpoint-2"
+        kept = {p.name for p in out.glob("checkpoint-*")} | {p.name for p in out.glob("superseded-*/checkpoint-*")}
+        assert kept == set(names)  # nothing lost, wherever it was killed
+        if finished:
+            break
+        kill_at += 1
+    assert kill_at >= 4  # the latest file, three checkpoints, the final adapter, the summary and metrics moved
+
+
+# ---- trusting what a checkpoint says --------------------------------------------------------------------------
+
+def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_path, tiny_ckpt):
+    run(tmp_path, tiny_ckpt, "victim", steps=4, save_every=2, keep_checkpoints=0)
+    run(tmp_path, tiny_ckpt, "shared", steps=2, save_every=2)
+    run_folder.write_text(tmp_path / "shared" / "latest", "../victim/checkpoint-2")
+    victim, shared = snapshot(tmp_path / "victim"), snapshot(tmp_path / "shared")
+    with pytest.raises(SystemExit, match=r"latest names '../victim/checkpoint-2'; expected the name of a "
+                                         r"checkpoint-N folder"):
+        train.cli(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+                   "--steps", "4", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "shared")])
+    assert snapshot(tmp_path / "victim") == victim and snapshot(tmp_path / "shared") == shared
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda s: {**s, "step": -3}, "step -3 in checkpoint-2; expected 2"),
+    (lambda s: {**s, "step": "4"}, "'step' is '4', expected a int"),
+    (lambda s: {**s, "step": True}, "'step' is True, expected a int"),
+    (lambda s: {k: v for k, v in s.items() if k != "stream"}, "no 'stream'"),
+    (lambda s: {**s, "totals": {**s["totals"], "bogus": 1}}, "unknown totals entry 'bogus'"),
+    (lambda s: {**s, "totals": {**s["totals"], "tokens": "many"}}, "totals 'tokens' is 'many'"),
+    (lambda s: [s], "expected a JSON object, found list"),
+])
+def test_a_trainer_state_that_is_not_ours_is_refused_before_the_folder_is_touched(tmp_path, tiny_ckpt, change,
+                                                                                  problem):
+    out = tmp_path / "out"
+    run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0)
+    state = out / "checkpoint-2" / run_folder.STATE
+    state.write_text(json.dumps(change(json.loads(state.read_text()))))
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as refused:
+        train.cli(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+                   "--alpha", "8", "--steps", "4", "--max-len", "128", "--no-samples",
+                   "--resume", str(out / "checkpoint-2")])
+    assert problem in str(refused.value) and str(state) in str(refused.value) and "\n" not in str(refused.value)
+    assert snapshot(out) == before
+
+
+def _optimizer_state(model_params=((4, 3), (5, 4)), step=2.0):
+    state = {i: {"step": torch.tensor(step), "exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape)}
+             for i, shape in enumerate(model_params)}
+    return {"state": state, "param_groups": [{"lr": 1e-3, "params": list(state)}]}
+
+
+@pytest.mark.parametrize("damage,problem", [
+    (lambda s: [s], "expected a dict with 'state' and 'param_groups', found list"),
+    (lambda s: s["state"][0].update(exp_avg=torch.zeros(3)), "parameter 0: exp_avg is (3,) torch.float32, expected "
+                                                            "(4, 3) torch.float32"),
+    (lambda s: s["state"][1].update(exp_avg_sq=torch.zeros(5, 4, dtype=torch.float64)), "exp_avg_sq is (5, 4) "
+                                                                                         "torch.float64"),
+    (lambda s: s["state"][1].update(step=torch.tensor(7.0)), "step is tensor(7.), expected 2"),
+    (lambda s: s["state"].pop(1) and None, "expected state for parameters [0, 1], found [0]"),
+    (lambda s: s["param_groups"][0]["params"].append(2), "expected a group of 2 parameters"),
+    (lambda s: s["state"][0].update(exp_avg="zeros"), "exp_avg is str"),
+])
+def test_an_optimizer_state_that_does_not_fit_the_parameters_is_named(damage, problem):
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5, 4))]
+    optimizer = torch.optim.AdamW(params, fused=True)
+    assert run_folder.optimizer_state_problem(_optimizer_state(), optimizer, 2) is None
+    state = _optimizer_state()
+    state = damage(state) or state
+    assert problem in run_folder.optimizer_state_problem(state, optimizer, 2)
+
+
+def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_path, tiny_ckpt):
+    # Loaded as it was, a too-short exp_avg made the fused CPU AdamW write out of bounds (a segfault).
+    out = tmp_path / "out"
+    run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0)
+    path = out / "checkpoint-2" / run_folder.OPTIMIZER
+    state = torch.load(path, weights_only=True)
+    state["state"][0]["exp_avg"] = torch.zeros(3)
+    torch.save(state, path)
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=rf"{path} does not fit this run's optimizer: parameter 0: exp_avg is "
+                                            r"\(3,\)"):
+        run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out / "checkpoint-2"))
+    assert snapshot(out) == before
+    torch.save([state], path)
+    with pytest.raises(TrainingError, match="expected a dict with 'state' and 'param_groups', found list"):
+        run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_resuming_with_the_other_kind_of_adapter_names_the_flag(tmp_path, tiny_ckpt, dora):
+    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2, dora=dora)
+    argv = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--alpha", "8",
+            "--steps", "3", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "out"), "--rank", "8",
+            *([] if dora else ["--dora"])]
+    with pytest.raises(SystemExit) as refused:
+        train.cli(argv)
+    said = str(refused.value)
+    assert ("its adapter is DoRA: add --dora" if dora else "its adapter is plain LoRA: leave --dora out") in said
+    assert "its adapter has rank 4: pass --rank 4" in said
+
+
+# ---- a full disk names the file ---------------------------------------------------------------------------------
+
+def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(tmp_path, tiny_ckpt, monkeypatch):
+    import errno
+
+    real_write_text = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name == ".config.json.tmp":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full)
+        with pytest.raises(TrainingError, match=r"could not write \S*/out/config.json \(No space left on device\)"):
+            run(tmp_path, tiny_ckpt, "out", steps=1)
+    assert not (tmp_path / "out" / ".config.json.tmp").exists()
+
+    def full_open(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_folder, "open", full_open, raising=False)
+    with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"):
+        run(tmp_path, tiny_ckpt, "out2", steps=1)

@@ -132,7 +132,7 @@ def test_packed_rows_may_be_longer_than_the_context_with_each_conversation_cut_a
     cfg = train.TrainConfig(model=str(ckpt), data=str(GUANACO_SAMPLE), eval_data="none", rank=4, packing=True,
                             max_len=128, batch_size=1, steps=1, samples=False)
     assert train.context_problem(cfg, config) is None  # rows of 128 > 64 positions: allowed when packing
-    run_ = train.load_run(cfg, train.validate(cfg), parallel.Process(torch.device("cpu")), None)
+    run_ = train.load_run(cfg, train.validate(cfg), parallel.Process(torch.device("cpu")), None, tmp_path / "run")
     lengths = [len(e) for e in run_.stream.examples]
     assert run_.stream.max_len == 128 and max(lengths) == 64  # the longer conversations were cut at 64
     assert max(sum(lengths[i] for i in row) for row in run_.stream.rows) > 64  # rows pack past the context

@@ -69,8 +69,8 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     except Exception as e:  # offline, unknown repo, gated repo, ...: all end here with one clear message
         raise HubUnavailable(
             f"could not get {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). If you are "
-            f"offline, download it elsewhere (`huggingface-cli download {repo_id}`) and pass the local "
-            "folder instead, or check HF_HOME / HF_HUB_OFFLINE.") from e
+            f"offline, download it elsewhere (`hf download {repo_id} --local-dir DIR`) and pass the local "
+            "folder DIR instead, or check HF_HOME / HF_HUB_OFFLINE.") from e
 
 
 def model_config(spec: str | os.PathLike) -> LlamaConfig:

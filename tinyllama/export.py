@@ -17,8 +17,12 @@ files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp
   writes, or an older download) gets `tokenizer_config.json` and `special_tokens_map.json` written as TinyLlama
   ships them: `LlamaTokenizer`, BOS added, no EOS, `legacy=False`. Without them transformers 5 builds a tokenizer
   that adds no BOS, and its ids are not the ones the model was trained on.
-- Written whole or not at all: built in `.OUT.tmp` beside OUT, then swapped in. A non-empty OUT is refused
-  unless `--overwrite`, and OUT may never be (or hold) the adapter or the base.
+- Written whole or not at all: built in `.OUT.tmp` beside OUT, then swapped in. OUT must be new, empty, or (with
+  `--overwrite`) hold only files an export writes: `config.json`, `generation_config.json`, `model.safetensors`,
+  `model-NNNNN-of-NNNNN.safetensors` shards, `model.safetensors.index.json` and the tokenizer files
+  (`checkpoint.TOKENIZER_FILES`). A folder holding anything else is refused, even with `--overwrite`, and left
+  as it was; so is a symbolic link, `/`, the home folder, the current directory, this project's checkout, any
+  folder with a `.git`, and the adapter or the base (or a folder above them).
 
 Left out: quantised formats (GGUF is llama.cpp's converter, run on this folder; see README: Export a merged
 model), pushing to the Hub, merging several adapters into one model.
@@ -38,12 +42,26 @@ import torch
 
 import lora
 
-from .checkpoint import MAX_SHARD_SIZE, TOKENIZER_FILES, HubUnavailable, load_model, resolve_checkpoint, save_model
+from .checkpoint import (
+    MAX_SHARD_SIZE,
+    TOKENIZER_FILES,
+    WEIGHTS_INDEX,
+    HubUnavailable,
+    load_model,
+    resolve_checkpoint,
+    save_model,
+)
 from .files import write_dir
 from .runtime import DTYPES
 from .tokenizer import Tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
+# Every file an export writes, and so all that --overwrite may replace: OUT is swapped in whole, so a folder
+# holding anything else would lose it.
+EXPORT_FILES = frozenset({"config.json", GENERATION_CONFIG, "model.safetensors", WEIGHTS_INDEX, *TOKENIZER_FILES})
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# The checkout this code runs from (the folder holding train.py and .git): an export must never replace it.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | os.PathLike | None = None,
@@ -57,17 +75,9 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     log = log or (lambda message: None)
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     config = lora.read_adapter_config(adapter_dir)
-    recorded = base is None
-    base = recorded_base(adapter_dir) if recorded else base
-    _refuse_out(out, overwrite, adapter_dir)
-    try:
-        folder = resolve_checkpoint(base)
-    except (FileNotFoundError, HubUnavailable) as e:
-        if not recorded:
-            raise
-        raise type(e)(f"{e}. This is the base that {adapter_dir / lora.adapter.CONFIG_NAME} records; pass --model "
-                      "to merge into another copy of it") from e
-    _refuse_out(out, overwrite, folder)
+    _refuse_out(out, overwrite, adapter_dir)  # before anything is downloaded or read
+    base, folder = resolve_base(adapter_dir, base)
+    _refuse_replacing(out, folder)
     tokenizer_files = _tokenizer_files(folder)
     # Read now, so a broken tokenizer.model is reported as such, not as a failed write.
     sentencepiece = None if "tokenizer_config.json" in tokenizer_files else Tokenizer(folder / "tokenizer.model")
@@ -103,6 +113,19 @@ def recorded_base(adapter_dir: str | os.PathLike) -> str:
     return base
 
 
+def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None) -> tuple[str, Path]:
+    """The base an adapter goes onto, `base` (a folder or Hub id) or else the one the adapter records, and its
+    checkpoint folder (downloaded if a Hub id). A recorded base that cannot be found says where it came from."""
+    if base is not None:
+        return str(base), resolve_checkpoint(base)
+    base = recorded_base(adapter_dir)
+    try:
+        return base, resolve_checkpoint(base)
+    except (FileNotFoundError, HubUnavailable) as e:
+        raise type(e)(f"{e}. This is the base that {Path(adapter_dir) / lora.adapter.CONFIG_NAME} records; pass "
+                      "--model with another copy of it") from e
+
+
 def default_dtype(folder: Path) -> torch.dtype:
     """The dtype the base's config.json records its weights in, else float32 (which rounds nothing)."""
     path = folder / "config.json"
@@ -111,16 +134,56 @@ def default_dtype(folder: Path) -> torch.dtype:
 
 
 def _refuse_out(out: Path, overwrite: bool, keep: Path) -> None:
-    """Refuse an OUT that would replace `keep` (the adapter or the base) or, without --overwrite, any files."""
-    if out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents:
-        raise ValueError(f"--out {out} would replace {keep}, which the export reads; pick another --out")
+    """Refuse an OUT the export may not replace (see the module docstring) before anything is read or written:
+    swapping the new folder in replaces all of OUT, so OUT may hold nothing but an earlier export."""
+    _refuse_protected(out)
+    _refuse_replacing(out, keep)
+    if out.is_symlink():  # swapping would replace the link, and rmtree refuses links
+        raise ValueError(f"--out {out} is a symbolic link (to {out.resolve()}); pass a real folder (new, empty, or "
+                         "an earlier export) as --out")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; pass a folder (new, or empty) for the merged model")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        found = sorted(p.name for p in out.iterdir())
-        raise FileExistsError(f"--out {out} already holds files ({', '.join(found[:5])}"
-                              f"{', ...' if len(found) > 5 else ''}); pass --overwrite to replace the whole "
-                              "folder, or pick another --out")
+    found = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in found if not _is_export_file(out / name)]
+    if foreign:
+        raise FileExistsError(f"--out {out} holds files an export does not write ({_names(foreign)}), which "
+                              "--overwrite would delete; it replaces only an earlier export (config.json, "
+                              "generation_config.json, model*.safetensors, tokenizer files): pick a new or empty "
+                              "--out, or move those files elsewhere")
+    if found and not overwrite:
+        raise FileExistsError(f"--out {out} already holds an export ({_names(found)}); pass --overwrite to "
+                              "replace it, or pick another --out")
+
+
+def _refuse_protected(out: Path) -> None:
+    """Refuse the folders no export may ever replace, whatever they hold."""
+    where = out.resolve()
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry (some containers): there is no home folder to protect
+        home = None
+    protected = [(Path(where.anchor), "the filesystem root"), (home, "your home folder"),
+                 (PROJECT_ROOT, "this project's checkout"), (Path.cwd().resolve(), "the current directory")]
+    what = next((what for path, what in protected if where == path), None)
+    if what is None and os.path.lexists(where / ".git"):
+        what = "a git checkout (it holds .git)"
+    if what is not None:
+        raise ValueError(f"--out {out} is {what} ({where}); the export replaces its --out folder whole, so pass a "
+                         "folder of its own, e.g. runs/NAME/merged")
+
+
+def _refuse_replacing(out: Path, keep: Path) -> None:
+    """Refuse an OUT that is (or holds) `keep`, the adapter or the base."""
+    if out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents:
+        raise ValueError(f"--out {out} would replace {keep}, which the export reads; pick another --out")
+
+
+def _is_export_file(path: Path) -> bool:
+    return path.is_file() and (path.name in EXPORT_FILES or SHARD_NAME.fullmatch(path.name) is not None)
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def _tokenizer_files(folder: Path) -> list[str]:
@@ -166,14 +229,18 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m tinyllama.export", description=__doc__.split("\n")[0])
     p.add_argument("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + "
                    "adapter_model.safetensors), e.g. runs/rank64/adapter")
-    p.add_argument("--out", required=True, help="folder for the merged model (new or empty, else --overwrite)")
+    p.add_argument("--out", required=True, help="folder for the merged model (new, empty, or an earlier export "
+                   "with --overwrite)")
     p.add_argument("--model", help="base checkpoint folder or Hub id (default: the adapter's "
                    "base_model_name_or_path)")
     p.add_argument("--dtype", choices=list(DTYPES), help="dtype of the written weights (default: the base's, as "
                    "its config.json records it, else float32)")
     p.add_argument("--max-shard-size", default=MAX_SHARD_SIZE, type=_size,
                    help="largest weights file, bytes or e.g. 500MB (default %(default)s); above it, shards + index")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that already holds files")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out: it may hold only "
+                   "files an export writes (config.json, generation_config.json, model.safetensors or "
+                   "model-NNNNN-of-NNNNN.safetensors shards and model.safetensors.index.json, tokenizer files); "
+                   "anything else is refused and left as it was")
     return p.parse_args(argv)
 
 

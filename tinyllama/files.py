@@ -24,8 +24,13 @@ class WriteError(RuntimeError):
 def write_text(path: Path, text: str) -> None:
     """Write a whole file or nothing: a temporary file beside it, renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk's OSError names no file
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write {path} ({e.strerror or e}). Is the disk full or the folder read-only? "
+                         f"What was already in {path.parent} is unchanged.") from e
 
 
 def write_dir(final: Path, write) -> Path:

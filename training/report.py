@@ -46,6 +46,7 @@ class Metrics:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            run_folder.claim(out, TENSORBOARD_DIR)
             # A resumed run may start before steps an earlier leg logged (resume from an older checkpoint):
             # purge_step hides those events, as start_resume sets metrics.jsonl's later rows aside.
             self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
@@ -95,8 +96,33 @@ def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
     return {"rows": rows}
 
 
+# A healthy adapter's weights stay near 1 in size (A starts within +-1/sqrt(in_features), B at 0, DoRA's
+# magnitudes near the base rows' norms); far past this bound, the updates were far too large.
+LARGEST_SANE_WEIGHT = 100.0
+# Steps in a row with the same loss (training.step.FLAT_LOSS) that mean the model stopped learning.
+STUCK_STEPS = 3
+
+
+def largest_weight(params) -> float:
+    """The largest absolute value among the trainable weights (reads them from the device once)."""
+    return max((p.detach().abs().max().item() for p in params if p.numel()), default=0.0)
+
+
+def health_warnings(t, largest: float) -> list[str]:
+    """What says a run that ended without an error learned nothing: a loss stuck at one value, exploded weights."""
+    warnings = []
+    if t.flat_steps >= STUCK_STEPS:
+        warnings.append(f"the loss was {t.last_loss:.4f} on each of the last {t.flat_steps + 1} steps, on different "
+                        "batches: the model's output no longer depends on its input, and the adapter learns nothing; "
+                        "lower --lr (or --alpha)")
+    if not largest <= LARGEST_SANE_WEIGHT:  # also NaN
+        warnings.append(f"the largest adapter weight is {largest:.3g} (a trained adapter's stay near 1): the updates "
+                        "were far too large; lower --lr (or --alpha)")
+    return warnings
+
+
 def summary(t, *, trainable: int, total: int, steps: int, flops_per_token: float, peak_flops: float,
-            device: torch.device, world: int, out: Path) -> dict:
+            device: torch.device, world: int, out: Path, largest_weight: float) -> dict:
     """summary.json: the reference table's columns and what else describes the whole run (`t`: its Totals)."""
     per_s = (lambda n: n / t.seconds) if t.seconds else (lambda n: None)
     return {
@@ -107,6 +133,7 @@ def summary(t, *, trainable: int, total: int, steps: int, flops_per_token: float
         "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": t.first_loss,
         "last_loss": t.last_loss, "eval_loss": t.eval_loss, "eval_ppl": t.eval_ppl,
         "device": device_name(device), "world_size": world, "out": str(out),
+        "warnings": health_warnings(t, largest_weight),
     }
 
 
@@ -119,6 +146,8 @@ def print_summary(s: dict, log) -> None:
     log(f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
         + (f"; eval loss {s['eval_loss']:.4f} (ppl {s['eval_ppl']:.2f})" if s["eval_loss"] is not None else "")
         + f"; adapter saved to {s['out']}/adapter")
+    for warning in s["warnings"]:
+        log(f"warning: {warning}")
 
 
 def plot_losses(out: Path) -> None:
@@ -138,6 +167,7 @@ def plot_losses(out: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
+    run_folder.claim(out, "loss.png")
     fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -153,7 +183,8 @@ def show_samples(model, tokenizer, out: Path, log, max_new_tokens: int = 96) -> 
         tuned = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
         lines += [f"## {prompt}", "", "**base:** " + base.strip(), "", "**fine-tuned:** " + tuned.strip(), ""]
     text = "\n".join(lines)
-    (out / "samples.md").write_text(text)
+    run_folder.claim(out, "samples.md")
+    run_folder.write_text(out / "samples.md", text)
     log("\n" + text)
 
 

@@ -1,21 +1,32 @@
-"""The output folder of a training run: one writer at a time, nothing of another run lost, every checkpoint whole.
+"""The output folder of a training run: one writer at a time, nothing of another run lost, every checkpoint whole,
+and nothing deleted that this project did not write.
 
-    with lock(out, log):                       # `.lock` holds the writer's PID; a dead writer's lock is taken over
-        refuse_other_run(out, overwrite)        # a fresh run does not write over another run's files ...
-        clear(out, log)                         # ... unless --overwrite, and then they are removed first
-        start_resume(out, checkpoint, log)      # later checkpoints moved aside, metrics.jsonl cut at its step
+    refuse_model_folder(out, model)            # never a folder holding weights
+    with lock(out, log):                       # an OS lock on `out/.lock`, released by the kernel when we die
+        check_out(out, checkpoint, overwrite)   # refuses others' files or another run: touches nothing
+        ... load the checkpoint, checked (read_state, load_optimizer_state) ...
+        begin(out, checkpoint, overwrite, log)  # the first write: stale temporaries, --overwrite, a resume's branch
         save_checkpoint(out, step, ...)         # checkpoint-N written whole, then `latest`, then older ones pruned
         write_dir(out / "adapter", write)       # any folder: written beside, then swapped in
 
-What holds after any crash or kill: `latest` names a complete checkpoint; pruning only ever removes checkpoints
-older than the one just written; a folder being rewritten is either all old or all new. Checkpoint state is
-JSON plus tensors that `torch.load(weights_only=True)` reads, so a checkpoint someone shares cannot run code.
+The manifest (`out/.run-manifest.json`) lists every top-level name a run of this project wrote into `out`; a
+name is listed before it is first written (`claim`), so a kill never leaves one of ours unlisted. `--overwrite`
+and pruning delete listed names only, and a name a run would write (`config.json`, `checkpoint-N`,
+`tensorboard`, ...) that exists but is not listed belongs to someone else: the run refuses the folder rather
+than write over it. A folder with model weights at its top is never an output folder.
+
+What holds after any crash or kill: `latest` names a complete checkpoint directly inside `out`; pruning only
+ever removes listed checkpoints older than the one just written; a folder being rewritten is either all old or
+all new. Checkpoint state is JSON plus tensors that `torch.load(weights_only=True)` reads, checked against the
+run's parameters before anything in the folder moves, so a checkpoint someone shares cannot run code or make
+the optimizer read out of bounds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -26,12 +37,17 @@ from pathlib import Path
 
 import torch
 
+import lora
 from tinyllama import files
-from tinyllama.files import write_text  # noqa: F401  (train.py writes its text files through run_folder)
 
 from . import TrainingError
 
-# Everything a run writes into its folder; a fresh run refuses a folder holding any of it (see --overwrite).
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs there go unlocked, with a warning (see lock)
+    fcntl = None
+
+# Everything a run writes into its folder, besides checkpoint-N/ and superseded-*/ (see _run_name).
 RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest",
              "tensorboard")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -39,6 +55,8 @@ STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only
 CHECKPOINT_FILES = (STATE, OPTIMIZER, "adapter_config.json", "adapter_model.safetensors")
 LOCK = ".lock"
+MANIFEST = ".run-manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")  # a model folder's, never a run's
 
 
 # ---- writing without ever leaving half a file ---------------------------------------------------------------
@@ -52,90 +70,164 @@ def write_dir(final: Path, write) -> Path:
         raise TrainingError(str(e)) from e.__cause__
 
 
+def write_text(path: Path, text: str) -> None:
+    """A whole text file or none; a failure (a full disk) names the file."""
+    try:
+        files.write_text(path, text)
+    except files.WriteError as e:
+        raise TrainingError(str(e)) from e.__cause__
+
+
 # ---- one writer per folder ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def lock(out: Path, log):
-    """Hold `out/.lock` (PID and host) while the block runs; creating it also proves `out` is writable."""
+    """Hold an exclusive `flock` on `out/.lock` while the block runs; opening it also proves `out` writable.
+
+    The kernel releases the lock when the process ends, however it ends, so there is no stale lock to take
+    over. The file stays (unlinking it would let a second process lock a file no longer in the folder) and holds
+    the holder's PID and host, for the refusal message. Where flock is unavailable (Windows, or a filesystem
+    that refuses it) the run goes on unlocked, with a warning.
+    """
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file; expected a folder (existing or new) for the run's outputs")
+    path = out / LOCK
     try:
         out.mkdir(parents=True, exist_ok=True)
-        path = out / LOCK
-        me = f"{os.getpid()} {socket.gethostname()}"
-        while True:
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                break
-            except FileExistsError:
-                holder = _lock_holder(path)
-                if holder is not None:
-                    raise TrainingError(
-                        f"{out} is in use by another run ({holder}, lock file {path}); wait for it to end or pick "
-                        f"another --out. If that process is gone, delete {path}.") from None
-                log(f"{out}: taking over the lock of a run that is no longer running ({path})")
-                path.unlink(missing_ok=True)
-        with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise TrainingError(f"cannot write to --out {out} ({e.strerror or e}); pick a folder you can write "
                             "to") from e
     try:
+        try:
+            if fcntl is None:
+                raise OSError(0, "no fcntl module on this platform")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process that is starting"
+            raise TrainingError(f"{out} is in use by another run ({holder}; lock {path}); wait for it to end or "
+                                "pick another --out") from None
+        except OSError as e:
+            log(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes to this folder")
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            if path.read_text().strip() == me:
-                path.unlink()
+        os.close(fd)  # releases the lock
 
 
-def _lock_holder(path: Path) -> str | None:
-    """Who holds the lock, or None when nobody does (empty file, or a PID on this host that is gone)."""
+# ---- which files are the run's: the manifest ------------------------------------------------------------------
+
+def listed(out: Path) -> set[str]:
+    """The top-level names the manifest says a run of this project wrote into `out`."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return set()
     try:
-        pid, host = path.read_text().split()
-        pid = int(pid)
-    except (OSError, ValueError):
-        return None
-    if host != socket.gethostname():
-        return f"process {pid} on {host}, which cannot be checked from here"
+        names = json.loads(path.read_text())["written"]
+        if isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names):
+            return set(names)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise TrainingError(f"{path} is not a manifest this project wrote (expected {{\"written\": [names]}}); it lists "
+                        "what --overwrite may delete, so the folder is not used. Pick another --out.")
+
+
+def claim(out: Path, *names: str) -> None:
+    """List `names` in the manifest before they are first written: a kill never leaves one of ours unlisted."""
+    mine = listed(out)
+    if not set(names) <= mine:
+        write_text(out / MANIFEST, json.dumps({"written": sorted(mine | set(names))}, indent=0) + "\n")
+
+
+def _run_name(name: str) -> bool:
+    """A name a run writes at the top of its folder."""
+    return name in RUN_FILES or CHECKPOINT.fullmatch(name) is not None or name.startswith("superseded-")
+
+
+def refuse_model_folder(out: Path, model: str) -> None:
+    """A model folder (the --model one, or any with weights at its top) is never an output folder; checked before
+    the lock, so such a folder does not even get a `.lock`."""
+    if Path(model).is_dir() and Path(model).resolve() == out.resolve():
+        raise TrainingError(f"--out {out} is the model folder (--model {model}); a run writes into a folder of "
+                            "its own: pick another --out")
+    weights = sorted(p.name for p in out.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)) \
+        if out.is_dir() else []
+    if weights:
+        raise TrainingError(f"--out {out} holds model weights ({', '.join(weights[:3])}), so it is a model folder, "
+                            "not an output folder; pick another --out (a new or empty folder)")
+
+
+def check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
+    """Refuse an output folder a run must not write into (under the lock, before anything is loaded or written).
+
+    Never one holding a run's names that the manifest does not list (another tool's `checkpoint-500/`, a user's
+    `tensorboard/`, a model's `config.json`), even with --overwrite; and, unless the run continues there
+    (--resume) or replaces it (--overwrite), never one holding another run.
+    """
+    mine = listed(out)
+    foreign = sorted(p.name for p in out.iterdir() if _run_name(p.name) and p.name not in mine)
+    if foreign and not continues_in(checkpoint, out):
+        raise TrainingError(f"{out} holds {', '.join(foreign[:6])}{', ...' if len(foreign) > 6 else ''}, which a "
+                            f"run would write but no run of this project wrote there (its {MANIFEST} does not list "
+                            "them), so nothing is written there, --overwrite or not: move them, or pick another --out")
+    found = sorted(p.name for p in out.iterdir() if p.name in mine)
+    if found and not overwrite and not continues_in(checkpoint, out):
+        names = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        resume = f"--resume {out} to continue it, " if _has_checkpoint(out) else ""
+        raise TrainingError(f"{out} already holds a run ({names}){'' if resume else ' with no checkpoint to resume'}"
+                            f"; pass {resume}--overwrite to replace it (that deletes only what {out / MANIFEST} "
+                            "lists), or another --out")
+
+
+def _has_checkpoint(out: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass  # alive, owned by someone else
-    return f"process {pid}"
+        return find_checkpoint(out) is not None
+    except TrainingError:
+        return False
 
 
-# ---- fresh runs and resumed runs ----------------------------------------------------------------------------
-
-def run_files(out: Path) -> list[Path]:
-    """What a run left in `out`: its files, checkpoints and moved-aside branches."""
-    if not out.is_dir():
-        return []
-    return sorted(p for p in out.iterdir()
-                  if p.name in RUN_FILES or CHECKPOINT.fullmatch(p.name) or p.name.startswith("superseded-"))
-
-
-def refuse_other_run(out: Path, overwrite: bool) -> None:
-    found = run_files(out)
-    if found and not overwrite:
-        names = ", ".join(p.name for p in found[:6]) + (", ..." if len(found) > 6 else "")
-        raise TrainingError(f"{out} already holds a run ({names}); pass --resume {out} to continue it, "
-                            "--overwrite to replace it, or another --out")
+def begin(out: Path, checkpoint: Path | None, overwrite: bool, log) -> None:
+    """The run's first write into `out`, once `check_out` passed and the checkpoint was loaded and checked:
+    remove temporaries a killed writer left, the earlier run (--overwrite), or start a resume's branch."""
+    mine = listed(out)
+    for p in out.glob(".*"):  # `.NAME.tmp` / `.NAME.old` of files.write_text and files.write_dir
+        name, dot, suffix = p.name[1:].rpartition(".")
+        if dot and suffix in ("tmp", "old") and (name in mine or name == MANIFEST):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if overwrite and not continues_in(checkpoint, out):
+        clear(out, log)
+    if checkpoint is not None:
+        start_resume(out, checkpoint, log)
+    claim(out, "config.json", "metrics.jsonl")
 
 
 def clear(out: Path, log) -> None:
-    """Remove what an earlier run wrote into `out` (--overwrite); other files are left alone."""
-    found = run_files(out)
+    """Remove what earlier runs wrote into `out` (--overwrite): the names the manifest lists, and nothing else."""
+    mine = listed(out)
+    found = sorted(p for p in out.iterdir() if p.name in mine)
+    links = [p.name for p in found if p.is_symlink()]
+    if links:
+        raise TrainingError(f"--overwrite: {', '.join(links)} in {out} is now a symbolic link, which no run "
+                            "writes; nothing was removed. Remove the link yourself, or pick another --out")
     for p in found:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
+    write_text(out / MANIFEST, json.dumps({"written": []}) + "\n")
     if found:
-        log(f"--overwrite: removed the earlier run in {out} ({len(found)} files and folders)")
+        log(f"--overwrite: removed the earlier run in {out} ({len(found)} files and folders it had written)")
 
 
 def continues_in(checkpoint: Path | None, out: Path) -> bool:
     """True when a resumed run goes on in the folder its checkpoint belongs to."""
     return checkpoint is not None and checkpoint.parent.resolve() == out.resolve()
+
+
+def is_finished(out: Path, steps: int) -> bool:
+    """Whether `out` holds a run's final adapter and the summary of a run of `steps` steps."""
+    adapter = out / "adapter"
+    complete = all((adapter / name).is_file() for name in CHECKPOINT_FILES[2:])
+    return complete and _json_or_empty(out / "summary.json").get("steps") == steps
 
 
 def changed_settings(saved: dict, now: dict) -> list[str]:
@@ -149,25 +241,29 @@ def start_resume(out: Path, checkpoint: Path, log) -> None:
 
     Resuming from an earlier checkpoint starts a new branch: what the old branch did after that step (later
     checkpoints, its final adapter and summary, a copy of its metrics) is moved to `out/superseded-<time>/`,
-    never deleted. `metrics.jsonl` keeps the rows up to the checkpoint's step, so every step appears once.
+    never deleted. `latest` names `checkpoint` before anything moves, so a kill at any point leaves it naming a
+    complete checkpoint. `metrics.jsonl` keeps the rows up to the checkpoint's step, so every step appears once.
     """
     step = read_state(checkpoint)["step"]
-    same_folder = checkpoint.parent.resolve() == out.resolve()
+    same_folder = continues_in(checkpoint, out)
     if same_folder:
-        later = [p for n, p in checkpoints(out) if n > step]
+        claim(out, "latest")
+        write_text(out / "latest", checkpoint.name)
+        later = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*")
+                       if (m := CHECKPOINT.fullmatch(p.name)) and int(m.group(1)) > step)
         summary = out / "summary.json"
         finished_later = summary.is_file() and _json_or_empty(summary).get("steps", 0) > step
         if later or finished_later:
-            aside = out / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}"
+            aside = _new_name(out, f"superseded-{time.strftime('%Y%m%d-%H%M%S')}-after-step-{step}")
+            claim(out, aside.name)
             aside.mkdir()
-            for p in later + ([out / n for n in ("adapter", "summary.json", "samples.md", "loss.png")]
-                              if finished_later else []):
-                if p.exists():
-                    os.replace(p, aside / p.name)
             if (out / "metrics.jsonl").is_file():
                 shutil.copy2(out / "metrics.jsonl", aside / "metrics.jsonl")
+            for p in [p for _, p in later] + ([out / n for n in ("adapter", "summary.json", "samples.md", "loss.png")]
+                                              if finished_later else []):
+                if p.exists():
+                    os.replace(p, aside / p.name)
             log(f"resuming {out} from step {step}: what the run did after it is kept in {aside}")
-        write_text(out / "latest", checkpoint.name)
     source = checkpoint.parent / "metrics.jsonl"
     rows, dropped = [], 0
     if source.is_file():
@@ -180,20 +276,36 @@ def start_resume(out: Path, checkpoint: Path, log) -> None:
                 rows.append(line)
             else:
                 dropped += 1
+    claim(out, "metrics.jsonl")
     write_text(out / "metrics.jsonl", "".join(r + "\n" for r in rows))
     if dropped and same_folder:
         log(f"metrics.jsonl: dropped {dropped} rows written after step {step} (they are run again)")
 
 
+def _new_name(out: Path, name: str) -> Path:
+    """`out/name`, or `out/name-2`, ... when a resume within the same second already took it."""
+    path, n = out / name, 1
+    while path.exists():
+        n += 1
+        path = out / f"{name}-{n}"
+    return path
+
+
 def append_metrics(out: Path, row: dict) -> None:
     """One row of metrics.jsonl (opened per row: a killed run leaves at most its last line cut short)."""
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = out / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        raise TrainingError(f"could not write {path} ({e.strerror or e}). Is the disk full or the folder read-only? "
+                            "The last checkpoint is unchanged: free space and --resume") from e
 
 
 def _json_or_empty(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
+        return found if isinstance(found, dict) else {}
     except (OSError, ValueError):
         return {}
 
@@ -211,43 +323,110 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
-    """`path` itself if it is a checkpoint, else the one its `latest` names; None if neither."""
+    """`path` itself if it is a checkpoint, else the one its `latest` names; None if neither.
+
+    `latest` must name a `checkpoint-N` folder directly inside `path`: anything else (`../other/checkpoint-4`)
+    is refused, since the run would then write where the checkpoint lives."""
     p = Path(path)
     if is_checkpoint(p):
         return p
     latest = p / "latest"
-    if latest.is_file() and is_checkpoint(p / latest.read_text().strip()):
-        return p / latest.read_text().strip()
-    return None
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    if CHECKPOINT.fullmatch(name) is None:
+        raise TrainingError(f"{latest} names {name[:80]!r}; expected the name of a checkpoint-N folder inside {p}. "
+                            f"It is not followed: write the name of one of {p}'s checkpoints into it, or pass that "
+                            "checkpoint folder to --resume")
+    return p / name if is_checkpoint(p / name) else None
 
 
 def save_checkpoint(out: Path, step: int, save_adapter, optimizer, state: dict, keep: int) -> Path:
-    """checkpoint-{step}: adapter (`save_adapter(folder)`), optimizer state and `state` (JSON), written whole."""
+    """checkpoint-{step}: adapter (`save_adapter(folder)`), optimizer state and `state` (JSON), written whole;
+    then `latest`, then the listed checkpoints past the newest `keep` (0: keep all) that are older than it."""
     def write(folder: Path) -> None:
         save_adapter(folder)
         torch.save(optimizer.state_dict(), folder / OPTIMIZER)
         (folder / STATE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
 
+    claim(out, f"checkpoint-{step}", "latest")
     final = write_dir(out / f"checkpoint-{step}", write)
     write_text(out / "latest", final.name)
     if keep:
-        for n, old in checkpoints(out)[:-keep]:
+        mine = listed(out)
+        for n, old in [(n, p) for n, p in checkpoints(out) if p.name in mine][:-keep]:
             if n < step:  # never one the newest run has not superseded
                 shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def read_state(checkpoint: Path) -> dict:
+def resume_problems(resume: str, lora_config: lora.LoRAConfig | None) -> list[str]:
+    """Why --resume cannot continue from its checkpoint, checked before anything loads: no checkpoint, a state
+    that is not ours, or LoRA settings (`lora_config`, None when invalid) that do not fit its adapter, with the
+    flag that makes them fit."""
     try:
-        state = json.loads((checkpoint / STATE).read_text())
-        int(state["step"])
-        return state
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainingError(f"{checkpoint / STATE} is unreadable ({e}); resume from another checkpoint") from e
+        checkpoint = find_checkpoint(resume)
+        if checkpoint is None:
+            return [f"--resume {resume}: no checkpoint there (expected a checkpoint-N folder or an output "
+                    "folder holding one)"]
+        read_state(checkpoint)
+        saved = lora.read_adapter_config(checkpoint)
+    except (TrainingError, ValueError, OSError) as e:
+        return [f"--resume {resume}: {e}"]
+    if lora_config is None:
+        return []
+    found = [(saved.rank != lora_config.rank, f"its adapter has rank {saved.rank}: pass --rank {saved.rank}"),
+             (set(saved.targets) != set(lora_config.targets),
+              f"its adapter targets {','.join(saved.targets)}: pass --targets {','.join(saved.targets)}"),
+             (saved.use_dora != lora_config.use_dora, "its adapter is DoRA: add --dora" if saved.use_dora
+              else "its adapter is plain LoRA: leave --dora out")]
+    return [f"--resume {resume}: {message}" for wrong, message in found if wrong]
 
 
-def load_optimizer_state(checkpoint: Path) -> dict:
-    """The optimizer state, read with weights_only=True: a pickle that would run code is refused."""
+# What trainer_state.json holds: the key, its type, and whether a checkpoint must have it.
+STATE_KEYS = {"step": (int, True), "stream": (dict, True), "config": (dict, True), "totals": (dict, False)}
+
+
+def read_state(checkpoint: Path) -> dict:
+    """trainer_state.json, checked (types, ranges, required keys) before anything trusts it."""
+    path = checkpoint / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"{path} is unreadable ({e}); resume from another checkpoint") from e
+    problem = _state_problem(state, checkpoint)
+    if problem:
+        raise TrainingError(f"{path} is not a checkpoint state this project wrote: {problem}; nothing was changed. "
+                            "Resume from another checkpoint")
+    return state
+
+
+def _state_problem(state, checkpoint: Path) -> str | None:
+    from .step import Totals  # step.py imports this module
+
+    if not isinstance(state, dict):
+        return f"expected a JSON object, found {type(state).__name__}"
+    for key, (kind, required) in STATE_KEYS.items():
+        if key not in state:
+            if required:
+                return f"no {key!r}"
+        elif not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"{key!r} is {state[key]!r}, expected a {kind.__name__}"
+    m = CHECKPOINT.fullmatch(checkpoint.name)
+    if state["step"] < 1 or (m and state["step"] != int(m.group(1))):
+        return f"step {state['step']} in {checkpoint.name}; expected {m.group(1) if m else 'a step >= 1'}"
+    fields = {f.name for f in Totals.__dataclass_fields__.values()}
+    for key, value in state.get("totals", {}).items():
+        if key not in fields:
+            return f"unknown totals entry {key!r} (expected some of {sorted(fields)})"
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            return f"totals {key!r} is {value!r}, expected a finite number or null"
+    return None
+
+
+def read_optimizer_state(checkpoint: Path):
+    """The optimizer state as saved, read with weights_only=True: a pickle that would run code is refused."""
     path = checkpoint / OPTIMIZER
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -258,3 +437,49 @@ def load_optimizer_state(checkpoint: Path) -> dict:
     except (OSError, RuntimeError, EOFError) as e:
         raise TrainingError(f"{path} is unreadable ({type(e).__name__}: {e}); resume from another "
                             "checkpoint") from e
+
+
+def load_optimizer_state(checkpoint: Path, optimizer: torch.optim.Optimizer, step: int) -> dict:
+    """`read_optimizer_state`, checked against `optimizer`'s parameters and the checkpoint's `step`."""
+    saved = read_optimizer_state(checkpoint)
+    problem = optimizer_state_problem(saved, optimizer, step)
+    if problem:
+        raise TrainingError(f"{checkpoint / OPTIMIZER} does not fit this run's optimizer: {problem}. It belongs to "
+                            "other LoRA settings or is damaged; nothing was changed. Resume from another checkpoint")
+    return saved
+
+
+def optimizer_state_problem(saved, optimizer: torch.optim.Optimizer, step: int) -> str | None:
+    """What is wrong with an AdamW state dict for `optimizer` after `step` steps, or None.
+
+    `load_state_dict` checks little: a wrong-shaped `exp_avg` is loaded as it is, and the fused AdamW kernel
+    then reads and writes past its end. Every tensor is checked here: shape and dtype of its parameter, and
+    the step count equal to the checkpoint's.
+    """
+    if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
+        found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        return f"expected a dict with 'state' and 'param_groups', found {found}"
+    groups, state = saved["param_groups"], saved["state"]
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return f"expected {len(optimizer.param_groups)} parameter group(s), found {groups!r:.60}"
+    params = {}
+    for g, mine in zip(groups, optimizer.param_groups, strict=True):
+        ids = g.get("params") if isinstance(g, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            return f"expected a group of {len(mine['params'])} parameters, found {ids!r:.60}"
+        params.update(zip(ids, mine["params"], strict=True))
+    if not isinstance(state, dict) or set(state) != set(params) or len(params) != sum(len(g["params"])
+                                                                                      for g in groups):
+        return f"expected state for parameters {sorted(params)!r:.60}, found {sorted(state)!r:.60}"
+    for i, s in state.items():
+        p = params[i]
+        if not isinstance(s, dict) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
+            return f"parameter {i}: expected step, exp_avg and exp_avg_sq, found {s!r:.60}"
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = s[name]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+                found = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                return f"parameter {i}: {name} is {found}, expected {tuple(p.shape)} {p.dtype}"
+        if not isinstance(s["step"], torch.Tensor) or s["step"].numel() != 1 or s["step"].item() != step:
+            return f"parameter {i}: step is {s['step']!r:.40}, expected {step} (the checkpoint's step)"
+    return None

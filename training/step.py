@@ -10,6 +10,7 @@ raises when it reads that step, one step later, with the weights as they were be
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -124,13 +125,19 @@ def read_step(q: QueuedStep, out: Path | None = None) -> dict:
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what = (f"loss is {loss}" if not math.isfinite(loss) else
                 f"gradient norm is {norm} (the loss, {loss:.4f}, is finite; clipping would zero the update)")
-        saved = run_folder.find_checkpoint(out) if out is not None else None
+        saved = None
+        with contextlib.suppress(TrainingError):  # a `latest` that is refused names no checkpoint here
+            saved = run_folder.find_checkpoint(out) if out is not None else None
         raise TrainingError(f"{what} at step {q.step}: stopping before the update. Last good checkpoint: "
                             f"{saved or 'none (use --save-every)'}. Try a lower --lr (or --alpha).")
     seconds = q.timer.elapsed()
     return {"step": q.step, "split": "train", "loss": loss, "lr": q.lr, "tokens_per_s": q.n_tokens / seconds,
             "labelled_tokens_per_s": q.n_labelled / seconds, "step_s": seconds, "grad_norm": norm,
             "epoch": q.epoch, "tokens": q.n_tokens, "labelled": q.n_labelled}
+
+
+# Two steps see different batches, so their losses differ unless the model's output no longer depends on its input.
+FLAT_LOSS = 1e-5
 
 
 @dataclass
@@ -143,12 +150,15 @@ class Totals:
     last_loss: float | None = None
     eval_loss: float | None = None
     eval_ppl: float | None = None
+    flat_steps: int = 0  # how many of the last steps had the loss of the step before (report.health_warnings)
 
     def add(self, row: dict) -> None:
         self.seconds += row["step_s"]
         self.tokens += int(row["tokens"])
         self.labelled += int(row["labelled"])
         self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
+        flat = self.last_loss is not None and abs(row["loss"] - self.last_loss) <= FLAT_LOSS * abs(self.last_loss)
+        self.flat_steps = self.flat_steps + 1 if flat else 0
         self.last_loss = row["loss"]
 
 
