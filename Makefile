@@ -49,7 +49,10 @@ chat: setup
 
 # The adapter merged into its base (MODEL, default the one the adapter records), written to OUT for transformers,
 # pipelines and llama.cpp: make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged [ARGS="--dtype bfloat16"]
+# OVERWRITE=1 replaces an earlier export in OUT (--overwrite).
 OUT ?=
+OVERWRITE ?=
+EXPORT_FLAGS = $(if $(MODEL), --model $(MODEL))$(if $(filter-out 0,$(OVERWRITE)), --overwrite)
 export: setup
 	$(if $(and $(ADAPTER),$(OUT)),,$(error make export needs ADAPTER=<adapter folder> and OUT=<folder to write>))
-	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT)$(EXPORT_FLAGS) $(ARGS)

@@ -6,7 +6,7 @@ Length-grouped padded batches bring a new sequence length almost every step. A k
 per shape (cuDNN builds an execution plan) pays that again and again; this measures it. For each kernel and
 each of a few lengths never seen before: the first causal forward + backward (shape new) and the median of the
 next `--repeats` (shape known), timed with CUDA events after a synchronisation. Also flash attention with
-the grouped k/v heads read in place (`enable_gqa`) against repeated k/v, which is what `Attention.native_gqa`
+the grouped k/v heads read in place (`enable_gqa`) against repeated k/v, which is what `RuntimePlan.gqa_in_place`
 chooses between. A kernel that cannot run these inputs is reported as such, not timed.
 
 Written to `--out`: attention.md and attention.json. On a CPU it runs the same code at tiny sizes (a dry run of

@@ -7,7 +7,7 @@ and memory, and the same for transformers + peft. Run from the repository root:
     python -m bench.bench --baseline hf        # plus transformers + peft: eager, torch.compile, Liger-Kernel
     python -m bench.bench --combine a.json b.json --name gpu   # one table from several results files
 
-Every run of this project is `train.main` (128 optimizer steps by default, one micro-batch each, on random
+Every run of this project is `train.train` (128 optimizer steps by default, one micro-batch each, on random
 weights of the model's shape: `--random-init`); the baseline is `bench.hf_baseline` on the same batches. The
 tokens train.py counted are checked against a replay of the same batches, so both systems are measured on what
 they really saw. On CUDA the shape is TinyLlama-1.1B; on a CPU it is a scaled-down configuration (see
@@ -32,12 +32,12 @@ What the columns mean:
   training_flops_per_token` (frozen-base LoRA: 4 x matmul weights for forward and input-gradient backward,
   attention at the row length, 6 x r x (in + out) per adapter); both numbers are printed.
 - peak memory: `torch.cuda.max_memory_allocated` from just before the first step (weights included); n/a on CPU.
-- first step (s): from the start of `train.main` (or of the baseline's run) to the end of its first optimizer
+- first step (s): from the start of `train.train` (or of the baseline's run) to the end of its first optimizer
   step, the device synchronised: building the model, compiling it, and the first step. For a compiled run this is
   the compile warm-up.
 
 Results go to `--out-dir` (default bench/results) as `<device>-<date>.md` and `.json`, rewritten after every
-run, so an interrupted benchmark keeps what it measured; `bench.report` renders them and checks the targets.
+run, so an interrupted benchmark keeps what it measured; `bench.tables` renders them and checks the targets.
 
 transformers and peft are imported only for `--baseline hf` and the decode benchmark (skipped with a note when
 they are missing): `make bench` needs the runtime dependencies only.
@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 
 import train
-from bench import hf_baseline, report
+from bench import decode_bench, hf_baseline, tables
 from bench import workloads as wl
 from data import BatchStream, encode_all, load_conversations
 from data.stats import DEFAULT_TOKENIZER as TOKENIZER
@@ -76,7 +76,7 @@ from tinyllama.flops import measure_matmul_peak, training_flops_per_token
 from tinyllama.runtime import device_name as describe_device
 from tinyllama.runtime import resolve_device
 from training.settings import setting_type
-from training.step import labelled_count, real_token_count
+from training.step import real_token_count
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("this", "this-compile", "hf-eager", "hf-compile", "hf-liger")
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--shape", default="auto", choices=["auto", *wl.SHAPES],
+    p.add_argument("--shape", default="auto", choices=["auto", *wl.BENCH_SHAPES],
                    help="model shape: auto = full on CUDA, the scaled-down cpu shape on CPU")
     p.add_argument("--ranks", default="4,16,64,256", help="LoRA ranks of the W1 rank table (alpha = rank)")
     p.add_argument("--focus-rank", type=int, default=64, help="the rank W2 and the baselines run at")
@@ -184,7 +184,7 @@ def steps_for(system: str, workload: str, ctx: BenchContext) -> int:
 
 class FirstStep:
     """Seconds from entering the block to the end of the first optimizer step taken in it, the device
-    synchronised then: a global optimizer step hook, so `train.main` is timed as it runs, unchanged."""
+    synchronised then: a global optimizer step hook, so `train.train` is timed as it runs, unchanged."""
 
     def __init__(self, device: torch.device):
         self.device, self.seconds = device, None
@@ -223,7 +223,7 @@ def replay(examples, w: wl.Workload, steps: int, seed: int = 0) -> dict[str, lis
     for _ in range(steps):
         b = next(stream)
         out["tokens"].append(real_token_count(b))
-        out["labelled"].append(labelled_count(b))
+        out["labelled"].append(wl.labelled_count(b))
         out["positions"].append(b["input_ids"].numel())
     return out
 
@@ -291,7 +291,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def run_this(w: wl.Workload, rank: int, *, ctx: BenchContext, compile: bool = False,
              variant: tuple[str, dict] | None = None) -> dict:
-    """One run of the real training loop (`train.main`) and its row; `variant`: (name, TrainConfig overrides)."""
+    """One run of the real training loop (`train.train`) and its row; `variant`: (name, TrainConfig overrides)."""
     overrides = dict(variant[1]) if variant else {}
     compile = overrides.pop("compile", compile)
     system = f"this[{variant[0]}]" if variant else "this-compile" if compile else "this"
@@ -309,7 +309,7 @@ def run_this(w: wl.Workload, rank: int, *, ctx: BenchContext, compile: bool = Fa
     leftover = allocated_gib(ctx.device)
     t0 = time.perf_counter()
     with FirstStep(ctx.device) as first:
-        summary = train.main(cfg)
+        summary = train.train(cfg)
     wall = time.perf_counter() - t0
     hf_baseline.release(compile)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -422,22 +422,35 @@ def w2_data(args, shape: str, steps: int, works: dict[str, wl.Workload], tmp: Pa
             wl.w2_source_description(None, n_conv, scale))
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.combine:
-        return combine(args)
+@dataclass
+class Choices:
+    """What the command line asks a benchmark run for, resolved and checked before anything runs."""
+    device: torch.device
+    shape: str  # a key of bench.workloads.BENCH_SHAPES
+    steps: int  # per run, unless --run-steps says otherwise
+    warmup: int  # steps left out of steady-state tokens/s
+    ranks: list[int]  # of the W1 rank table
+    names: list[str]  # workloads
+    systems: list[str]
+    variants: dict[str, dict]  # --variant NAME -> its TrainConfig overrides
+    run_steps: list[tuple[str, int]]  # --run-steps
+
+
+def choose(args) -> Choices:
+    """The run's choices from the command line: defaults for this device, every name checked, and transformers
+    + peft importable when a baseline is asked for."""
     device = resolve_device(args.device)
-    shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
     steps = args.steps or (128 if device.type == "cuda" else CPU_STEPS)
-    warmup = args.warmup_steps if args.warmup_steps >= 0 else min(5, steps // 4)
-    ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = [n for n in names if n not in wl.WORKLOADS]
     systems = ([s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else
                ["this", *HF_SYSTEMS] if args.baseline == "hf" else ["this"])
+    choices = Choices(
+        device=device, shape=args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu"),
+        steps=steps, warmup=args.warmup_steps if args.warmup_steps >= 0 else min(5, steps // 4),
+        ranks=[int(r) for r in args.ranks.split(",") if r.strip()], names=names, systems=systems,
+        variants=dict(parse_variant(v) for v in args.variant), run_steps=parse_run_steps(args.run_steps))
+    unknown = [n for n in names if n not in wl.WORKLOADS]
     bad_systems = [s for s in systems if s not in SYSTEMS]
-    variants = dict(parse_variant(v) for v in args.variant)
-    run_steps = parse_run_steps(args.run_steps)
     if unknown or bad_systems:
         raise SystemExit(f"bench.py: unknown workload(s) {unknown} or system(s) {bad_systems}; "
                          f"choose from {wl.WORKLOADS} and {SYSTEMS}")
@@ -448,8 +461,68 @@ def main(argv=None) -> dict:
         except ImportError as e:
             raise SystemExit(f"bench.py: the transformers + peft baseline needs them installed ({e}); "
                              "pip install -e '.[test]' (they are benchmark dependencies, not runtime ones)") from None
+    return choices
+
+
+def setup_record(argv, choices: Choices, ctx: BenchContext, date: str, works: dict[str, wl.Workload],
+                 w2_source: str | None, run_steps: str) -> dict:
+    """What the results file says about the run before its rows: where, what, how measured."""
+    device, dtype = choices.device, str(ctx.dtype).replace("torch.", "")
+    meta = {
+        "date": date, "device": ctx.device_name, "device_type": device.type, "torch": torch.__version__,
+        "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+        "command": "python -m bench.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None
+                                                                                 else sys.argv[1:])),
+        "shape": choices.shape, "model_config": dataclasses.asdict(ctx.config), "steps": choices.steps,
+        "warmup_steps": choices.warmup, "run_steps": run_steps, "dtype": dtype, "peak_flops": ctx.peak_flops,
+        "peak_flops_note": f"measured: {'8192' if device.type == 'cuda' else '1024'}^2 {dtype} matmul on this "
+                           "device, this run",
+        "workloads": {n: wl.as_dict(works[n]) for n in choices.names}, "w2_source": w2_source,
+        "targets": tables.TARGETS, "lora_targets": list(LoRAConfig(rank=1, alpha=1.0).targets),
+    }
+    if any(s.startswith("hf") for s in choices.systems):
+        meta.update(hf_baseline.versions())
+    if ctx.w2_path is not None:
+        meta["w2_padding_fraction"] = padding_report(works[[n for n in choices.names if n != "W1"][0]], ctx)
+    return meta
+
+
+def measure(system: str, w: wl.Workload, rank: int, ctx: BenchContext, variants: dict[str, dict],
+            results: dict) -> None:
+    """One run of the plan, its row added to `results`; a run that fails (say, a compiler missing) or cannot run
+    here is recorded under "errors" instead, so it never loses the others."""
+    print(f"\n=== {system} {w.name} rank {rank}, {steps_for(system, w.name, ctx)} steps ===", flush=True)
+    if system == "hf-liger" and ctx.device.type != "cuda":
+        note = f"{system} {w.name} rank {rank}: skipped, not attempted: {hf_baseline.LIGER_NOTE} " \
+               f"(this run is on {ctx.device.type})"
+        print(note, flush=True)
+        results["errors"].append(note)
+        return
+    try:
+        if system.startswith("this["):
+            row = run_this(w, rank, ctx=ctx, variant=(system[5:-1], variants[system[5:-1]]))
+        elif system.startswith("this"):
+            row = run_this(w, rank, ctx=ctx, compile=system == "this-compile")
+        else:
+            row = run_hf(system, w, rank, ctx=ctx)
+    except Exception as e:
+        traceback.print_exc()
+        results["errors"].append(f"{system} {w.name} rank {rank}: {type(e).__name__}: {e}"[:2000])
+        hf_baseline.release(compiled=True)
+        return
+    results["rows"].append(row)
+    print(f"--- {system} {w.name} r{rank}: {row['seconds']:.2f} s for {row['steps']} steps, "
+          f"{row['tokens_per_s']:,.0f} tokens/s steady, median step {row['step_ms_median']:.1f} ms", flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.combine:
+        return combine(args)
+    choices = choose(args)
+    device, shape = choices.device, choices.shape
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = LlamaConfig(**wl.SHAPES[shape])
+    config = wl.model_config(shape)
     works = wl.workloads(shape)
     device_name = describe_device(device)
     date = datetime.date.today().isoformat()
@@ -461,61 +534,23 @@ def main(argv=None) -> dict:
         model_dir = tmp / "model"
         model_dir.mkdir()
         (model_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-        w2_path, w2_source = w2_data(args, shape, steps, works, tmp) if any(n != "W1" for n in names) else (None, None)
-        ctx = BenchContext(device=device, dtype=dtype, device_name=device_name, config=config, steps=steps,
-                           warmup=warmup, dropout=args.dropout, peak_flops=measure_matmul_peak(device, dtype), tmp=tmp,
-                           model_dir=model_dir, w2_path=w2_path, run_steps=run_steps)
-        meta = {
-            "date": date, "device": device_name, "device_type": device.type, "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-            "command": "python -m bench.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                     else sys.argv[1:])),
-            "shape": shape, "model_config": dataclasses.asdict(config), "steps": steps, "warmup_steps": warmup,
-            "run_steps": args.run_steps,
-            "dtype": str(dtype).replace("torch.", ""), "peak_flops": ctx.peak_flops,
-            "peak_flops_note": f"measured: {'8192' if device.type == 'cuda' else '1024'}^2 "
-                               f"{str(dtype).replace('torch.', '')} matmul on this device, this run",
-            "workloads": {n: wl.as_dict(works[n]) for n in names}, "w2_source": w2_source,
-            "targets": report.TARGETS, "lora_targets": list(LoRAConfig(rank=1, alpha=1.0).targets),
-        }
-        if any(s.startswith("hf") for s in systems):
-            meta.update(hf_baseline.versions())
-        if w2_path is not None:
-            meta["w2_padding_fraction"] = padding_report(works[[n for n in names if n != "W1"][0]], ctx)
-        results = {**meta, "rows": [], "decode_rows": [], "errors": []}
-        print(f"bench: {device_name}, torch {torch.__version__}, shape {shape}, {steps} steps per run "
-              f"({warmup} warm-up), matmul peak {ctx.peak_flops / 1e12:.2f} TFLOP/s ({meta['dtype']})", flush=True)
-        for system, wname, rank in plan(args, ranks, names, systems):
-            w = works[wname]
-            print(f"\n=== {system} {wname} rank {rank}, {steps_for(system, wname, ctx)} steps ===", flush=True)
-            if system == "hf-liger" and device.type != "cuda":
-                note = f"{system} {wname} rank {rank}: skipped, not attempted: {hf_baseline.LIGER_NOTE} " \
-                       f"(this run is on {device.type})"
-                print(note, flush=True)
-                results["errors"].append(note)
-                report.write_results(results, out_dir, name)
-                continue
-            try:
-                if system.startswith("this["):
-                    row = run_this(w, rank, ctx=ctx, variant=(system[5:-1], variants[system[5:-1]]))
-                elif system.startswith("this"):
-                    row = run_this(w, rank, ctx=ctx, compile=system == "this-compile")
-                else:
-                    row = run_hf(system, w, rank, ctx=ctx)
-            except Exception as e:  # one failed run (say, a compiler missing) must not lose the others
-                traceback.print_exc()
-                results["errors"].append(f"{system} {wname} rank {rank}: {type(e).__name__}: {e}"[:2000])
-                hf_baseline.release(compiled=True)
-                report.write_results(results, out_dir, name)
-                continue
-            results["rows"].append(row)
-            print(f"--- {system} {wname} r{rank}: {row['seconds']:.2f} s for {row['steps']} steps, "
-                  f"{row['tokens_per_s']:,.0f} tokens/s steady, median step {row['step_ms_median']:.1f} ms", flush=True)
-            report.write_results(results, out_dir, name)
+        w2 = any(n != "W1" for n in choices.names)
+        w2_path, w2_source = w2_data(args, shape, choices.steps, works, tmp) if w2 else (None, None)
+        ctx = BenchContext(device=device, dtype=dtype, device_name=device_name, config=config, steps=choices.steps,
+                           warmup=choices.warmup, dropout=args.dropout, peak_flops=measure_matmul_peak(device, dtype),
+                           tmp=tmp, model_dir=model_dir, w2_path=w2_path, run_steps=choices.run_steps)
+        results = {**setup_record(argv, choices, ctx, date, works, w2_source, args.run_steps),
+                   "rows": [], "decode_rows": [], "errors": []}
+        print(f"bench: {device_name}, torch {torch.__version__}, shape {shape}, {choices.steps} steps per run "
+              f"({choices.warmup} warm-up), matmul peak {ctx.peak_flops / 1e12:.2f} TFLOP/s ({results['dtype']})",
+              flush=True)
+        for system, wname, rank in plan(args, choices.ranks, choices.names, choices.systems):
+            measure(system, works[wname], rank, ctx, choices.variants, results)
+            tables.write_results(results, out_dir, name)
         if args.decode:
             results["decode_rows"], results["decode_note"] = run_decode(args, device)
-    path = report.write_results(results, out_dir, name)
-    print("\n" + report.render(results))
+    path = tables.write_results(results, out_dir, name)
+    print("\n" + tables.render(results))
     print(f"\nresults: {path} and {path.with_suffix('.json')}")
     return results
 
@@ -528,7 +563,6 @@ def run_decode(args, device: torch.device) -> tuple[list, str]:
         note = "decode benchmark skipped: it compares with transformers, which is not installed"
         print(note)
         return [], note
-    from bench import decode_bench
 
     extra = (shlex.split(args.decode_args) if args.decode_args else
              ["--full"] if device.type == "cuda" else CPU_DECODE_ARGS)
@@ -557,8 +591,8 @@ def combine(args) -> dict:
     if args.note:
         res["note"] = args.note
     name = args.name or Path(args.combine[0]).stem
-    path = report.write_results(res, Path(args.out_dir), name)
-    print(report.render(res))
+    path = tables.write_results(res, Path(args.out_dir), name)
+    print(tables.render(res))
     print(f"results: {path} and {path.with_suffix('.json')}")
     return res
 

@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from tinyllama import load_model
+from tinyllama.generation import generate_batch
 from tinyllama.runtime import resolve_device
 
 
@@ -55,8 +57,6 @@ def run_decode_bench(model_ours, hf_model, prompts: list[list[int]], max_new_tok
                      repeats: int = 3) -> list[dict]:
     """Two rows (system "this" and "hf") for one batch of prompts: prefill and decode tokens/s, and whether
     the greedy outputs agreed."""
-    from tinyllama.generation import generate_batch
-
     device = torch.device(device)
     timed = _timer(device)
     ids, mask = _hf_inputs(prompts, device)
@@ -114,8 +114,6 @@ FULL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidd
 def build_models(shape: dict, device, dtype, folder):
     """A random HF checkpoint written to `folder`, loaded by both systems."""
     import transformers
-
-    from tinyllama import load_model
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=False)

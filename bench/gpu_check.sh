@@ -20,11 +20,13 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,tests,train,qlora,shapes,trajectory,profile) and their expected
-# time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,trajectory,profile)
+# and their expected time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
 #   env           nvidia-smi, versions                                                            ~5-15 s
+#   fastpaths     bench.fast_path_check: varlen, fused MLP, grouped k/v in place against their plain
+#                 paths on one TinyLlama-shaped layer (what train.py checks at start-up)            ~10 s
 #   tests         pytest -m cuda (bf16 fast paths against the reference path; Liger-Kernel on
 #                 packed rows against plain transformers)                                         ~45 s
 #   train         one process, rank 64 unless said, steps in brackets (GPU_CHECK_RUN_STEPS):
@@ -39,7 +41,7 @@
 #                 (hf-compile on pad-to-longest W2 would recompile for new lengths: left out)     ~370 s
 #   qlora         W1 rank 64 [48 steps each]: bf16 base (plain `this`), + gradient checkpointing, NF4, NF4 +
 #                 checkpointing, NF4 + double quant + checkpointing, DoRA, QDoRA: tokens/s, peak GiB  ~60-90 s
-#   shapes        bench.shapes: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
+#   shapes        bench.shape_bench: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
 #                 (bf16 + checkpointing, NF4 + checkpointing, + double quant), micro-batch 4 x 1024, 12
 #                 steps each, random weights: tokens/s and peak GiB                                 ~60-100 s
 #   trajectory    bench.trajectory: 100 steps of W2, this project vs transformers + peft (twice)  ~70 s
@@ -66,7 +68,7 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,tests,train,qlora,shapes,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -81,6 +83,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   # skipped by the benchmark with a note (Triton needs CUDA); one shorter run keeps --run-steps exercised.
   export GPU_TESTS_ON_CPU=1
   DEV=(--device cpu --shape tiny --steps 3 --warmup-steps 1)
+  FAST=(--device cpu --shape tiny --fused-mlp --varlen)  # a CPU picks no fast path by itself: check them all
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-4096=2}
   PROFILE=(--device cpu --shape tiny --skip 2 --profile-steps 1)
   TRAJECTORY=(--steps 6)
@@ -90,6 +93,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
   DEV=(--device cuda --shape full --steps 128)
+  FAST=(--device cuda)
   # Fewer steps where a run's cost is mostly its warm-up (compiles), or where 32-64 steps already give a steady
   # rate: the budget fits every configuration once rather than a few at full length.
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-2048=32,W2-packed-4096=32,this[plain]=32,this-compile=32,hf-*=64,hf-*:W2-padded=32,hf-compile:W2-packed=32}
@@ -162,6 +166,8 @@ for m in (\"transformers\", \"peft\", \"triton\", \"liger_kernel\", \"flash_attn
     except Exception as e:
         print(m, \"MISSING:\", type(e).__name__, e)
 '"
+# The runtime plan's fast paths, each once beside its plain path, before anything is timed.
+stage fastpaths 60 "0" "$PY" -m bench.fast_path_check "${FAST[@]}"
 # Exit 5 (no test selected: a tree without CUDA-only tests) is not a failure.
 stage tests 120 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 stage attention 60 "0" "$PY" -m bench.attention_check --out "$WORK/attention"
@@ -179,7 +185,7 @@ stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 
   --variant "nf4-dq-gc:quantize=nf4;double_quant=true;grad_checkpointing=true" \
   --variant "dora:dora=true" --variant "qdora:quantize=nf4;dora=true" --variant-workloads W1 \
   --run-steps "$QLORA_STEPS" --no-decode --out-dir "$WORK" --name qlora
-stage shapes 150 "0" "$PY" -m bench.shapes "${SHAPES[@]}" --out "$WORK/shapes"
+stage shapes 150 "0" "$PY" -m bench.shape_bench "${SHAPES[@]}" --out "$WORK/shapes"
 stage trajectory 120 "0" "$PY" -m bench.trajectory ${TRAJECTORY[@]+"${TRAJECTORY[@]}"} --out "$WORK/trajectory"
 stage profile 90 "0" "$PY" -m bench.profile_step "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
 # This project alone, for a session whose baselines come from an earlier `train` stage: the rank table, W2,

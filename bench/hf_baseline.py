@@ -37,7 +37,8 @@ import time
 import torch
 
 import train
-from training.step import Timer, labelled_count, real_token_count
+from bench.workloads import labelled_count
+from training.step import Timer, real_token_count
 
 LIGER_NOTE = "Liger-Kernel's kernels are Triton kernels, which run on CUDA only"
 

@@ -3,7 +3,7 @@
     python -m bench.profile_step --device cuda --shape full --out runs/profile      # W1, rank 64
     python -m bench.profile_step --device cpu --shape cpu --systems this,hf-eager
 
-The steps profiled are those of `train.main` itself (and of `bench.hf_baseline`): a global optimizer
+The steps profiled are those of `train.train` itself (and of `bench.hf_baseline`): a global optimizer
 step hook starts the profiler after optimizer step `--skip` and stops it `--profile-steps` steps later, so
 the loop is not copied here and warm-up steps are left out. Written to `--out`: `profile.md` with, per
 system, the time per step by category (matmul, attention, loss, optimizer, dropout, copies, the rest),
@@ -115,7 +115,7 @@ class ProfileContext:
     """What every profiled system shares: the device and precision, the model shape, the rank, the window."""
     device: torch.device
     dtype: torch.dtype
-    shape: str  # a key of bench.workloads.SHAPES
+    shape: str  # a key of bench.workloads.BENCH_SHAPES
     config: LlamaConfig
     rank: int
     skip: int  # optimizer steps before the profiled ones
@@ -134,7 +134,7 @@ def profile_system(system: str, ctx: ProfileContext) -> dict:
     rank = ctx.rank
     with StepWindow(prof, skip, n) as window:
         if system in ("this", "this-compile"):
-            train.main(train.TrainConfig(
+            train.train(train.TrainConfig(
                 model=str(ctx.model_dir), random_init=True, data=f"random:{steps * w.batch_size}",
                 eval_data="none", rank=rank, alpha=float(rank), batch_size=w.batch_size, grad_accum=1,
                 max_len=w.max_len, steps=steps, samples=False, log_every=1, eval_every=0,
@@ -157,7 +157,7 @@ def profile_system(system: str, ctx: ProfileContext) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--shape", default="auto", choices=["auto", *wl.SHAPES])
+    p.add_argument("--shape", default="auto", choices=["auto", *wl.BENCH_SHAPES])
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--systems", default="this,hf-eager", help="comma-separated: this, this-compile, hf-eager, "
                                                                "hf-compile")
@@ -171,7 +171,7 @@ def main(argv=None):
     overrides = parse_variant("set:" + args.set)[1]
     device = resolve_device(args.device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "cpu")
-    config = LlamaConfig(**wl.SHAPES[shape])
+    config = wl.model_config(shape)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

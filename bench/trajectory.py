@@ -6,7 +6,7 @@
 Both systems start from the same random base (saved by transformers), the same initial adapter (this project's
 LoRA initialisation, loaded into PEFT) and see the same micro-batches (`data.BatchStream` over the W2
 conversations, padded, length-grouped), with dropout 0, bf16 autocast on CUDA (float32 on a CPU), AdamW, the same
-learning-rate schedule and clipping at 1.0. This project runs as `train.main`; transformers + peft as the usual HF
+learning-rate schedule and clipping at 1.0. This project runs as `train.train`; transformers + peft as the usual HF
 loop (full logits, `labels=`). The measure is the mean absolute difference of the per-step losses. The same
 measure between two identical transformers + peft runs is the floor that kernel nondeterminism sets; this
 project's curve is "within bf16 noise" when its difference from transformers is of that order.
@@ -75,7 +75,8 @@ def mean_abs_diff(a: list[float], b: list[float]) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.trajectory", description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=["auto", *wl.SHAPES], default="auto", help="auto: full on CUDA, tiny on CPU")
+    p.add_argument("--shape", choices=["auto", *wl.BENCH_SHAPES], default="auto",
+                   help="auto: full on CUDA, tiny on CPU")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
     shape = args.shape if args.shape != "auto" else ("full" if device.type == "cuda" else "tiny")
-    config = LlamaConfig(**wl.SHAPES[shape])
+    config = wl.model_config(shape)
     batch, _, max_len, scale = wl.BATCHING[shape]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +99,12 @@ def main(argv=None) -> dict:
             model=str(base), data=str(data), eval_data="none", rank=args.rank, alpha=float(args.rank), dropout=0.0,
             lr=args.lr, warmup=min(10, args.steps // 4), batch_size=batch, grad_accum=1, max_len=max_len,
             steps=args.steps, log_every=1, samples=False, out=str(tmp / "ours"), device=str(device), seed=0)
-        # The initial adapter train.main will start from (it seeds, then loads), saved for PEFT to start from too.
+        # The initial adapter train.train will start from (it seeds, then loads), saved for PEFT to start from too.
         torch.manual_seed(settings.seed)
-        start = load_model(base, dtype=dtype, device=device, lora=LoRAConfig(args.rank, float(args.rank), 0.0))
+        start = load_model(base, dtype=dtype, device=device, lora_config=LoRAConfig(args.rank, float(args.rank), 0.0))
         lora.save_adapter(start, tmp / "start", base_model=str(base))
         del start
-        summary = train.main(settings)
+        summary = train.train(settings)
         rows = [json.loads(line) for line in (tmp / "ours" / "metrics.jsonl").read_text().splitlines()]
         ours = [r["loss"] for r in rows if r["split"] == "train"]
         examples = load_examples(str(data), Tokenizer(TOKENIZER), max_len, log=lambda *a: None)

@@ -1,6 +1,7 @@
 """What the training benchmark runs: the model shapes, the workloads W1/W2, and the synthetic guanaco data.
 
-Shapes (`SHAPES`):
+Shapes (`BENCH_SHAPES`, `model_config(shape)`), TinyLlama-1.1B as the table of model shapes holds it
+(`tinyllama.shapes`, "tinyllama-1.1b") and two scaled-down copies of it, which are benchmark sizes, not models:
 - `full`: TinyLlama-1.1B (22 layers, width 2048, 32 heads / 4 KV heads, MLP 5632, vocabulary 32000), built with
   random weights: the step cost does not depend on the values.
 - `cpu`: the scaled-down shape `make bench` uses on a CPU, so the command finishes in minutes on 2 cores:
@@ -47,13 +48,19 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {
-    "full": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                 num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
-    "cpu": dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
-    "tiny": dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048),
+from data.sources import hub_file
+from tinyllama import LlamaConfig
+from tinyllama.loss import label_positions
+from tinyllama.shapes import SHAPES
+
+_TINYLLAMA = SHAPES["tinyllama-1.1b"]
+# The benchmark's shapes: overrides of TinyLlama-1.1B's entry in the table of model shapes.
+BENCH_SHAPES = {
+    "full": dict(_TINYLLAMA),
+    "cpu": dict(_TINYLLAMA, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2),
+    "tiny": dict(_TINYLLAMA, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
 }
 # Micro-batch and row length per shape: (batch, W1 sequence length, W2 max_len, W2 length scale).
 BATCHING = {"full": (8, 512, 1024, 1.0), "cpu": (4, 256, 256, 0.25), "tiny": (2, 32, 64, 0.1)}
@@ -90,6 +97,11 @@ class Workload:
                 "padded to the longest, length-grouped" if self.group_by_length else
                 "padded to the longest of a shuffled micro-batch")
         return f"micro-batch {self.batch_size}, max_len {self.max_len}, prompt-masked conversations, {mode}"
+
+
+def model_config(shape: str) -> LlamaConfig:
+    """The model of a benchmark shape (a key of BENCH_SHAPES), to be built with random weights."""
+    return LlamaConfig(**BENCH_SHAPES[shape])
 
 
 def workloads(shape: str) -> dict[str, Workload]:
@@ -159,7 +171,6 @@ def expected_mean_tokens(scale: float = 1.0, marker_tokens: int = 10) -> float:
 def real_eval_split() -> Path | None:
     """The guanaco eval file if it is already in the local Hugging Face cache (never downloads)."""
     try:
-        from data.sources import hub_file
         return hub_file("eval", local_files_only=True)
     except Exception:  # not cached, or no huggingface_hub: the synthetic data stands in
         return None
@@ -175,3 +186,8 @@ def w2_source_description(path: Path | None, n: int, scale: float) -> str:
 
 def as_dict(w: Workload) -> dict:
     return {**asdict(w), "description": w.describe()}
+
+
+def labelled_count(batch) -> int:
+    """The labelled tokens of a micro-batch: the positions the loss is computed at."""
+    return label_positions(batch["labels"]).numel()

@@ -7,10 +7,11 @@
 
 Modules: `guanaco` (turns, parsing, rendering), `oasst` (message trees), `sources` (files, Parquet, the Hub,
 load reports, lists of weighted sources and the evaluation hold-out: `load_train_eval`), `encoding` (tokens and
-labels), `batching` (padding, packing, the stream), `synthetic` (the random benchmark workload), `stats` (a
+labels), `batching` (padding, packing, the stream), `dialogue` (a conversation as the model continues it: the
+prompt ids, the streamed reply cut at the next marker), `synthetic` (the random benchmark workload), `stats` (a
 command-line summary of a data file). Runtime code uses torch, numpy, huggingface_hub and the tokenizer it is
 given (pyarrow, for Parquet files, when installed); never transformers or datasets. It sits above `tinyllama`
-(the loss's IGNORE_INDEX, the Hub's error) and below `training` and the commands.
+(the loss's IGNORE_INDEX, the Hub's error, generation for `dialogue`) and below `training` and the commands.
 """
 
 from .batching import BatchStream, collate_packed, collate_padded, eval_batches, pack, pack_row, plan_packing

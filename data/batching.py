@@ -258,11 +258,6 @@ class BatchStream:
         return padding_fraction(self.lengths, [order[s:s + self.batch_size]
                                                for s in range(0, len(order), self.batch_size)])
 
-    def iter_once(self):
-        """This rank's share of every example once, in order (see eval_batches); does not move the stream."""
-        return eval_batches(self.examples, self.batch_size, self.max_len, packing=self.packing, rank=self.rank,
-                            world_size=self.world_size, pad_id=self.pad_id)
-
 
 def eval_batches(examples, batch_size: int, max_len: int, *, packing: bool = False, rank: int = 0,
                  world_size: int = 1, pad_id: int = 0):

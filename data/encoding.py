@@ -156,11 +156,7 @@ def encode_prompt(conversation: list[Turn], tokenizer) -> list[int]:
 
     Exactly the tokens training put before that reply, so the model continues as it learned to.
     """
-    if not conversation or conversation[-1].role != HUMAN:
-        raise ValueError("encode_prompt needs a conversation that ends with a human turn")
-    history = conversation[:-1]
-    if history:
-        check_conversation(history)
+    check_conversation(conversation, last=HUMAN)
     # Encode with a placeholder reply and cut it off: the prompt tokens do not depend on the reply.
     ids, labels = _encode_full(list(conversation) + [Turn(ASSISTANT, "x")], tokenizer)
     last_prompt_end = max(i for i, x in enumerate(labels) if x == IGNORE_INDEX) + 1

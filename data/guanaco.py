@@ -6,8 +6,10 @@ the next `### Human:`. Only those two exact markers split turns: markdown headin
 
 Parsing and validation are one step: `parse_guanaco` either returns a conversation that can be trained on
 (alternating turns, human first, ending with an assistant reply, no empty turn) or raises `BadRow` with a short
-`reason` the loader counts. Deliberately left out: reading files and reporting (see `data.sources`), tokenization
-(see `data.encoding`), and any repair beyond the one documented in `parse_row`.
+`reason` the loader counts. `check_conversation` is the one rule for turns, also for a conversation the model is
+to continue (`data.dialogue`), which ends with the human turn to answer. Deliberately left out: reading files and
+reporting (see `data.sources`), tokenization (see `data.encoding`), and any repair beyond the one documented in
+`parse_guanaco_with_notes`.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def render(conversation: list[Turn]) -> str:
     return "".join(f"{MARKERS[t.role]} {t.text}" for t in conversation)
 
 
-def check_conversation(conversation: list[Turn]) -> None:
-    """Raise BadRow unless the turns alternate human/assistant, start with human and end with assistant."""
+def check_conversation(conversation: list[Turn], last: str = ASSISTANT) -> None:
+    """Raise BadRow unless the turns alternate human/assistant, start with human and end with `last`: an
+    assistant reply for a conversation to train on, the human turn to answer for one to continue
+    (`data.dialogue`)."""
     if not conversation:
         raise BadRow("empty text", "no turns")
     for i, turn in enumerate(conversation):
@@ -63,12 +67,15 @@ def check_conversation(conversation: list[Turn]) -> None:
             # A marker inside a turn would re-split differently once rendered (and teach the model to emit it).
             if marker in turn.text:
                 raise BadRow("marker inside a turn", f"turn {i + 1} ({turn.role}) contains {marker!r}")
-    if conversation[-1].role != ASSISTANT:
+    if conversation[-1].role != last:
+        if last == HUMAN:
+            raise BadRow("no human turn to answer", "a conversation to answer ends with a human turn (human, "
+                         f"assistant, ..., human: an odd number of turns), got {len(conversation)} turns")
         raise BadRow("no assistant turn", "the conversation does not end with an assistant reply")
 
 
-def parse_row(text) -> tuple[list[Turn], list[str]]:
-    """Parse one row's text; returns (turns, notes) where notes name the harmless fix-ups made.
+def parse_guanaco_with_notes(text) -> tuple[list[Turn], list[str]]:
+    """`parse_guanaco`, and the harmless fix-ups it made: (turns, notes), which the loaders count.
 
     The one structural fix-up: a trailing `### Human:` turn that no assistant answers (with or without text)
     is dropped, since it carries no assistant token to learn; the earlier turns are kept. Surrounding
@@ -105,4 +112,4 @@ def parse_guanaco(text: str) -> list[Turn]:
     Returns alternating turns, human first, ending with an assistant reply (a trailing unanswered human turn
     is dropped; the loaders count that). Raises BadRow (a ValueError) with a `reason` for an unusable row.
     """
-    return parse_row(text)[0]
+    return parse_guanaco_with_notes(text)[0]

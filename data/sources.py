@@ -34,8 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllama.checkpoint import HubUnavailable
+
 from . import oasst
-from .guanaco import BadRow, Turn, parse_row
+from .encoding import encode_all
+from .guanaco import BadRow, Turn, parse_guanaco_with_notes
+from .synthetic import random_examples
 
 HUB_REPO = "timdettmers/openassistant-guanaco"
 SPLIT_FILES = {
@@ -47,8 +51,6 @@ AUTO, NONE = "auto", "none"  # the --eval-data values that are not sources
 HOLDOUT_PERCENT, HOLDOUT_MAX = 2, 500  # `--eval-data auto` holds out 2% of a file, at least 1, at most 500
 RANDOM_EVAL = 64  # `--eval-data random`: the first 64 training examples
 PARQUET_BATCH_ROWS = 1024
-SOURCE_HELP = "a split name (train, test) or a local .jsonl / .jsonl.gz (guanaco rows or OASST trees) or .parquet " \
-              "(a text column)"
 
 
 @dataclass
@@ -92,8 +94,6 @@ def hub_file(split: str, *, cache_dir=None, local_files_only: bool = False) -> P
         return Path(hf_hub_download(HUB_REPO, filename, repo_type="dataset", cache_dir=cache_dir,
                                     local_files_only=local_files_only))
     except Exception as e:  # offline, missing cache, auth, HTTP: all end the same way for the user
-        from tinyllama.checkpoint import HubUnavailable
-
         raise HubUnavailable(
             f"could not get split {split!r} of the guanaco dataset: downloading {filename} from the Hugging Face "
             f"dataset {HUB_REPO} failed ({type(e).__name__}: {e}). Without network access, pass a local file "
@@ -182,7 +182,7 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
     for number, raw in (_parquet_rows(path) if parquet else _jsonl_rows(path)):
         report.rows += 1
         try:
-            convs, notes = _parse_row(raw, report, all_threads)
+            convs, notes = _row_conversations(raw, report, all_threads)
         except BadRow as e:
             if strict:
                 err = BadRow(e.reason, e.detail)
@@ -322,9 +322,6 @@ def load_train_eval(data: str, eval_data: str, tokenizer, max_len: int, *, vocab
       - "none": no evaluation;  "random": the first 64 training examples;
       - comma-separated sources without weights: those, whole.
     """
-    from .encoding import encode_all
-    from .synthetic import random_examples
-
     auto = eval_data.lower() == AUTO
     if is_random(data):
         n = int(data.partition(":")[2]) if ":" in data else n_random
@@ -348,8 +345,6 @@ def _training_examples(sources: list[Source], tokenizer, max_len: int, seed: int
                        log) -> tuple[list, list]:
     """(training examples of all sources, weighted; the conversations held out for evaluation when `hold`:
     a share of each local file, and the guanaco test split when a split is trained on)."""
-    from .encoding import encode_all
-
     train, held_out = [], []
     for i, source in enumerate(sources):
         conversations = _load(source, log)
@@ -414,8 +409,9 @@ def _refuse_json_array(path: Path) -> None:
                          f"{read} > {stem}.lines.jsonl, and pass that file")
 
 
-def _parse_row(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:
-    """The conversations of one row: raw bytes of a JSON line, or a Parquet row's dict."""
+def _row_conversations(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:
+    """The conversations of one row of a file (raw bytes of a JSON line, or a Parquet row's dict), guanaco or
+    OASST trees as the file's first row decides, and the fix-ups made."""
     if isinstance(raw, bytes):
         try:
             line = raw.decode("utf-8")
@@ -443,7 +439,7 @@ def _parse_row(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Tu
         return [conv], notes
     if not isinstance(obj, dict) or "text" not in obj:
         raise BadRow("missing text field", f"expected an object with a `text` field, got {_short(obj)}")
-    conv, notes = parse_row(obj["text"])
+    conv, notes = parse_guanaco_with_notes(obj["text"])
     return [conv], notes
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyllama.tokenizer import load_tokenizer
+
 from .batching import BatchStream, padding_fraction, plan_packing
 from .encoding import _encode_full, encode_all
 from .guanaco import render
@@ -88,8 +90,6 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer.model / tokenizer.json, or a model folder")
     args = p.parse_args(argv)
-    from tinyllama.tokenizer import load_tokenizer
-
     source = Path(args.source) if Path(args.source).is_file() else args.source
     try:
         tokenizer = load_tokenizer(args.tokenizer)

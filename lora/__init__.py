@@ -1,6 +1,7 @@
 """LoRA for the Llama model: config, the `LoRALinear` layer, PEFT-format adapters, merging, accounting."""
 
 from .adapter import (
+    AdapterFile,
     ModelCard,
     count_parameters,
     disabled,
@@ -8,10 +9,12 @@ from .adapter import (
     lora_layers,
     merge,
     read_adapter_config,
+    read_adapter_file,
     save_adapter,
 )
 from .config import ALL_TARGETS, ATTENTION_TARGETS, MLP_TARGETS, LoRAConfig
 from .layer import LoRALinear
 
 __all__ = ["LoRAConfig", "LoRALinear", "MLP_TARGETS", "ATTENTION_TARGETS", "ALL_TARGETS", "count_parameters",
-           "save_adapter", "load_adapter", "read_adapter_config", "merge", "lora_layers", "disabled", "ModelCard"]
+           "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_file", "AdapterFile", "merge",
+           "lora_layers", "disabled", "ModelCard"]

@@ -25,9 +25,12 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from tinyllama import files
 
 from .config import ALL_TARGETS, ATTENTION_TARGETS, LoRAConfig
 from .layer import LoRALinear
@@ -68,9 +71,10 @@ def lora_layers(model) -> dict[str, LoRALinear]:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counted as the reference table does: over `model.parameters()`, trainable = requires_grad;
-    a quantised projection (its weight kept in buffers, `tinyllama.quant`) counts as the weights it stands for."""
+    a module that keeps its frozen weight outside its parameters (a quantised projection, `tinyllama.quant`) counts
+    as the weights it stands for, which it states as `quantized_weight_count`."""
     params = list(model.parameters())
-    quantized = sum(m.weight_shape.numel() for m in model.modules() if hasattr(m, "weight_packed"))
+    quantized = sum(getattr(m, "quantized_weight_count", 0) for m in model.modules())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
@@ -102,7 +106,7 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama
     """
     config: LoRAConfig | None = model.lora_config
     if config is None:
-        raise ValueError("this model has no LoRA layers: build it with lora=LoRAConfig(...) first")
+        raise ValueError("this model has no LoRA layers: build it with lora_config=LoRAConfig(...) first")
     if any(m.merged for m in lora_layers(model).values()):
         raise ValueError("the adapter is merged into the base weights; save it before lora.merge(model)")
     out = Path(out_dir)
@@ -120,10 +124,10 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     # Write then rename, so a crash mid-save never leaves a half-written adapter under the real name.
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    files.write_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     # PEFT's layout exactly: indent 2, keys sorted, no newline at the end.
-    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(peft_config, indent=2, sort_keys=True)))
-    _atomic_write(readme, lambda p: p.write_text(_card_text(config, base_model, card)))
+    files.write_text(out / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
+    files.write_text(readme, _card_text(config, base_model, card))
     return out
 
 
@@ -194,20 +198,25 @@ def _yaml_scalar(s: str) -> str:
     return s if plain else json.dumps(s)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+class AdapterFile(NamedTuple):
+    """What an adapter folder's adapter_config.json says, read once (`read_adapter_file`)."""
+
+    folder: Path  # the adapter folder
+    path: Path  # its adapter_config.json
+    config: LoRAConfig
+    base_model: str | None  # base_model_name_or_path: the base it was trained on; None when it records none
+    layers: int | None  # the layer count target_modules imply when they name modules layer by layer, else None
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     """The `LoRAConfig` an adapter folder (ours or PEFT's) was trained with; refuses what we cannot run."""
-    return _read_config(adapter_dir)[0]
+    return read_adapter_file(adapter_dir).config
 
 
-def _read_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, int | None]:
-    """The adapter's `LoRAConfig`, and the layer count its target_modules imply when they name modules layer by
-    layer (None when they name projections, which then apply to every layer)."""
+def read_adapter_file(adapter_dir: str | os.PathLike) -> AdapterFile:
+    """An adapter folder's adapter_config.json: its `LoRAConfig` (refusing what we cannot run), the base model it
+    records, and the layer count its target_modules imply when they name modules layer by layer (None when they
+    name projections, which then apply to every layer)."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {adapter_dir}: is this a PEFT LoRA adapter folder?")
@@ -239,7 +248,7 @@ def _read_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, int | None
                             use_dora=bool(c.get("use_dora", False)))
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return config, layers
+    return AdapterFile(Path(adapter_dir), path, config, c.get("base_model_name_or_path") or None, layers)
 
 
 _LAYER_INDEX = re.compile(r"0|[1-9][0-9]*")
@@ -286,16 +295,21 @@ def _projections(target_modules, path: Path) -> tuple[tuple[str, ...], int | Non
     return tuple(sorted(everywhere | by_layer.keys())), n
 
 
-def load_adapter(model, adapter_dir: str | os.PathLike):
-    """Load a PEFT-format LoRA adapter into a model built with a matching `LoRAConfig`.
+def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile):
+    """Load a PEFT-format LoRA adapter (its folder, or its `read_adapter_file` already read) into a model built
+    with a matching `LoRAConfig`.
 
     Rank, target modules and every tensor shape must match; alpha, rsLoRA and dropout are taken from the
     adapter (they define how its weights are meant to be scaled).
     """
-    saved, layers = _read_config(adapter_dir)
+    if isinstance(adapter_dir, AdapterFile):
+        adapter, adapter_dir = adapter_dir, adapter_dir.folder
+    else:
+        adapter = read_adapter_file(adapter_dir)
+    saved, layers = adapter.config, adapter.layers
     current: LoRAConfig | None = model.lora_config
     if current is None:
-        raise ValueError(f"the model has no LoRA layers; build it with lora=lora.read_adapter_config("
+        raise ValueError(f"the model has no LoRA layers; build it with lora_config=lora.read_adapter_config("
                          f"{str(adapter_dir)!r}) and load again")
     if layers is not None and layers != model.config.num_hidden_layers:
         raise ValueError(f"adapter {adapter_dir} names its target modules layer by layer, for layers 0-{layers - 1}, "
@@ -310,7 +324,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike):
         raise ValueError(f"the adapter is {'DoRA' if saved.use_dora else 'plain LoRA'} (use_dora="
                          f"{str(saved.use_dora).lower()}) but the model was built with use_dora={current.use_dora}; "
                          f"with train.py, add or leave out --dora to match; in Python, build the model with "
-                         f"lora=lora.read_adapter_config({str(adapter_dir)!r}) and load again")
+                         f"lora_config=lora.read_adapter_config({str(adapter_dir)!r}) and load again")
     weights = Path(adapter_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")

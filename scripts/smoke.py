@@ -17,7 +17,7 @@ import lora
 import train
 from data import eval_batches, load_examples
 from tinyllama import Llama, LlamaConfig, Tokenizer, load_model, save_model
-from tinyllama.runtime import configure_runtime
+from tinyllama.runtime import RuntimePlan
 from training.step import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,15 +42,15 @@ def main(out: Path = ROOT / "runs" / "smoke") -> None:
                             eval_data=str(ASSETS / "guanaco_sample.jsonl"), rank=16, alpha=16, lr=1e-2, warmup=5,
                             batch_size=4, grad_accum=1, max_len=256, steps=60, eval_every=20, log_every=10,
                             out=str(out / "run"), device="cpu", samples=True)
-    summary = train.main(cfg)
+    summary = train.train(cfg)
 
     # Reload the saved adapter into a fresh model: it must reproduce the run's final eval loss.
     adapter = out / "run" / "adapter"
-    reloaded = load_model(ckpt, lora=lora.read_adapter_config(adapter))
+    reloaded = load_model(ckpt, lora_config=lora.read_adapter_config(adapter))
     lora.load_adapter(reloaded, adapter)
     examples = load_examples(cfg.eval_data, Tokenizer(ckpt), cfg.max_len)
     batches = eval_batches(examples, cfg.batch_size, cfg.max_len)
-    eval_loss, _ = evaluate(reloaded, batches, configure_runtime(reloaded, torch.device("cpu"), torch.float32))
+    eval_loss, _ = evaluate(reloaded, batches, RuntimePlan())
     print(f"\nsmoke: first loss {summary['first_loss']:.4f}, last loss {summary['last_loss']:.4f}, eval loss "
           f"{summary['eval_loss']:.4f}; reloaded adapter from {adapter}: eval loss {eval_loss:.4f}")
     if not (summary["last_loss"] < summary["first_loss"] and abs(eval_loss - summary["eval_loss"]) < 1e-4):

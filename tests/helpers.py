@@ -1,6 +1,7 @@
 """What the tests share: paths to the shipped assets, adversarial guanaco rows, the house tiny config, reference
 checkpoints saved by `transformers` and the reference model loaded from them, random LoRA B weights, a model
-rigged to replay a token cycle, and short runs of the real `train.main` with what they wrote."""
+rigged to replay a token cycle, the guanaco text of a prompt, and short runs of the real `train.train` with what
+they wrote."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 import lora
+from data.dialogue import conversation
+from data.guanaco import ASSISTANT, MARKERS, render
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"  # copies of ../shared/fixtures, so a plain clone can test
@@ -98,6 +101,12 @@ def randomize_lora_b(model, std: float = 0.1, seed: int | None = None):
     return model
 
 
+def format_prompt(turns) -> str:
+    """The guanaco text the model continues (`data.dialogue`): `### Human: q1### Assistant: a1### Human: q2###
+    Assistant:`; the model sees it with BOS in front and EOS after each earlier reply (`data.encode_prompt`)."""
+    return render(conversation(turns)) + MARKERS[ASSISTANT]
+
+
 def rig_cycle(model, cycle):
     """Make `model` a bigram table: cycle[i] -> cycle[i + 1] (and the last back to the first), any other
     token -> cycle[0]. Greedy decoding then replays the cycle exactly."""
@@ -125,7 +134,7 @@ def run(tmp_path, ckpt, name="run", **overrides) -> tuple[dict, list[dict]]:
     settings.update(overrides)
     import train
 
-    summary = train.main(train.TrainConfig(**settings))
+    summary = train.train(train.TrainConfig(**settings))
     out = Path(settings["out"])
     return summary, metrics(out)
 
@@ -194,3 +203,121 @@ def forward_and_reference(layer, x, seed: int, autocast: bool) -> list[tuple]:
         results.append((y.detach().float(), x.grad.float(),
                         *(p.grad for p in layer.parameters() if p.requires_grad)))
     return results
+
+
+# ---- PEFT and transformers references -------------------------------------------------------------------------
+
+def peft_lora_model(path, config, seed=3):
+    """PEFT's LoRA of `config` (a LoRAConfig) on transformers' model of `path`, its adapter weights random."""
+    import peft
+
+    base = hf_model(path)
+    pcfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
+                           target_modules=list(config.targets), use_rslora=config.use_rslora,
+                           task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base, pcfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+def our_name(peft_name: str) -> str:
+    name = peft_name.removeprefix("base_model.model.").replace(".default.", ".")
+    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # DoRA: PEFT's module holds it
+
+def compare_gradients(ref, ours, tol) -> int:
+    """Every adapter gradient of `ref` (PEFT) against ours, relative error; returns how many were compared."""
+    ours_params = dict(ours.named_parameters())
+    compared = 0
+    for name, p in ref.named_parameters():
+        if "lora_" not in name:
+            continue
+        g_ref, g = p.grad, ours_params[our_name(name)].grad
+        rel = ((g - g_ref).norm() / g_ref.norm()).item()
+        assert rel <= tol, f"{name}: relative gradient error {rel}"
+        compared += 1
+    return compared
+
+def lm_batch(vocab, B=2, T=13, seed=7):
+    """(ids, labels) with a prompt that takes no loss and one row's tail unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt that takes no loss
+    labels[1, 9:] = -100
+    return ids, labels
+
+
+def hf_greedy(model, prompt, n, eos=2):
+    """transformers' greedy continuation of `prompt` by `n` tokens, without the end token."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             pad_token_id=0, eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+    new = out[0, len(prompt):].tolist()
+    return new[:new.index(eos)] if eos in new else new  # ours does not return the end token
+
+
+# ---- byte-level BPE tokenizers, trained on the guanaco rows (the [bpe] extra) --------------------------------
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+RESERVED = [f"<|reserved_special_token_{k}|>" for k in range(3)]
+
+
+def _train_bpe(pre_tokenizer, special_tokens: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # the [bpe] extra
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizer
+    tk.decoder = decoders.ByteLevel()
+    # Every byte in the vocabulary, so any text encodes (a character never seen becomes its UTF-8 bytes).
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rows = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    tk.train_from_iterator(rows + [row for row, _ in ADVERSARIAL.values()], trainer)
+    return tk
+
+
+def llama3_like_tokenizer(folder):
+    """A byte-level BPE tokenizer folder shaped like Llama 3's (its pre-tokenizer regex, a post-processor that
+    adds <|begin_of_text|>, reserved special tokens after the vocabulary), trained on the guanaco rows."""
+    from tokenizers import AddedToken, Regex, pre_tokenizers, processors  # the [bpe] extra
+
+    tk = _train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                ["<|begin_of_text|>", "<|end_of_text|>"])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in RESERVED])
+    bos = tk.token_to_id("<|begin_of_text|>")
+    tk.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A:0",
+                                      pair="<|begin_of_text|> $A:0 <|begin_of_text|> $B:1",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    return _save_tokenizer(folder, tk, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                              "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+                              "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
+def smollm2_like_tokenizer(folder):
+    """One shaped like SmolLM2's: GPT-2 regex with single digits, no BOS added although tokenizer_config.json
+    names a bos_token."""
+    from tokenizers import pre_tokenizers, processors  # the [bpe] extra
+
+    tk = _train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _save_tokenizer(folder, tk, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                              "unk_token": "<|endoftext|>", "add_prefix_space": False,
+                              "clean_up_tokenization_spaces": False, "model_max_length": 8192,
+                              "tokenizer_class": "GPT2Tokenizer"})
+
+
+def _save_tokenizer(folder, tk, config: dict):
+    folder.mkdir(parents=True)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder

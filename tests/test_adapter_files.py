@@ -62,7 +62,7 @@ def test_adapter_config_is_pefts_key_for_key(tmp_path, case):
     config = SETTINGS[case]
     base = hf_checkpoint(tmp_path / "base")
     _peft_model(base, config).save_pretrained(tmp_path / "peft")
-    lora.save_adapter(Llama(LlamaConfig(**TINY), lora=config), tmp_path / "ours", base_model=str(base))
+    lora.save_adapter(Llama(LlamaConfig(**TINY), lora_config=config), tmp_path / "ours", base_model=str(base))
     theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     ours_text = (tmp_path / "ours" / "adapter_config.json").read_text()
     ours = json.loads(ours_text)
@@ -90,7 +90,7 @@ def test_base_model_and_card_front_matter_are_pefts(tmp_path, base_name):
     name = names[base_name]
     config = SETTINGS["mlp"]
     _peft_model(base, config, name_or_path=name).save_pretrained(tmp_path / "peft")
-    lora.save_adapter(Llama(LlamaConfig(**TINY), lora=config), tmp_path / "ours", base_model=name)
+    lora.save_adapter(Llama(LlamaConfig(**TINY), lora_config=config), tmp_path / "ours", base_model=name)
 
     for folder in ("peft", "ours"):
         assert json.loads((tmp_path / folder / "adapter_config.json").read_text())["base_model_name_or_path"] == name
@@ -106,7 +106,7 @@ def test_model_card_holds_base_lora_settings_and_training(tmp_path):
     card = ModelCard(train_data="timdettmers/openassistant-guanaco (train split)",
                      eval_data="timdettmers/openassistant-guanaco (test split)", steps=1200, train_loss=1.234567,
                      eval_loss=1.5, command="python train.py --rank 8 --alpha 16 --rslora --targets q_proj,v_proj")
-    lora.save_adapter(Llama(LlamaConfig(**TINY), lora=config), tmp_path, base_model=HUB_ID, card=card)
+    lora.save_adapter(Llama(LlamaConfig(**TINY), lora_config=config), tmp_path, base_model=HUB_ID, card=card)
     lines = (tmp_path / "README.md").read_text().splitlines()
     for line in [
         f"- Base model: {HUB_ID}", "- Rank (r): 8",
@@ -123,14 +123,14 @@ def test_model_card_holds_base_lora_settings_and_training(tmp_path):
 
 
 def test_minimal_model_card_without_training_facts(tmp_path):
-    lora.save_adapter(Llama(LlamaConfig(**TINY), lora=LoRAConfig(rank=4, alpha=8)), tmp_path, base_model=HUB_ID)
+    lora.save_adapter(Llama(LlamaConfig(**TINY), lora_config=LoRAConfig(rank=4, alpha=8)), tmp_path, base_model=HUB_ID)
     text = (tmp_path / "README.md").read_text()
     assert "- Rank (r): 4" in text and "- Alpha: 8 (scale alpha / r = 2)" in text
     assert "## Training" not in text and "--lora-scaled" not in text
 
 
 def test_a_readme_save_adapter_did_not_write_is_never_replaced(tmp_path):
-    model = Llama(LlamaConfig(**TINY), lora=LoRAConfig(rank=4, alpha=8))
+    model = Llama(LlamaConfig(**TINY), lora_config=LoRAConfig(rank=4, alpha=8))
     (tmp_path / "README.md").write_text("# My project\n")
     before = snapshot(tmp_path)
     with pytest.raises(FileExistsError, match="was not written by lora.save_adapter"):
@@ -162,7 +162,7 @@ def _ids(seed=7):
 
 
 def _assert_same_logits(base, adapter, reference):
-    ours = load_model(base, lora=lora.read_adapter_config(adapter))
+    ours = load_model(base, lora_config=lora.read_adapter_config(adapter))
     lora.load_adapter(ours, adapter)
     with torch.no_grad():
         logits, ref_logits = ours.eval()(_ids()), reference(input_ids=_ids()).logits
@@ -199,7 +199,7 @@ def test_hand_written_module_paths_load_as_peft_reads_them(tmp_path):
 
 
 def _with_targets(tmp_path, target_modules, layers=2):
-    model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": layers}), lora=LoRAConfig(rank=4, alpha=8))
+    model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": layers}), lora_config=LoRAConfig(rank=4, alpha=8))
     lora.save_adapter(model, tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "target_modules": target_modules}))
@@ -212,7 +212,7 @@ def test_paths_for_some_layers_only_are_refused(tmp_path):
         lora.read_adapter_config(_with_targets(tmp_path / "a", q_in_layer_0_only))
     # Every projection in layers 0 and 1 of a 3-layer model: only the model can tell.
     adapter = _with_targets(tmp_path / "b", sorted(_full_paths(2, ["gate_proj", "up_proj", "down_proj"])), layers=2)
-    model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 3}), lora=lora.read_adapter_config(adapter))
+    model = Llama(LlamaConfig(**{**TINY, "num_hidden_layers": 3}), lora_config=lora.read_adapter_config(adapter))
     with pytest.raises(ValueError, match="for layers 0-1, but the model has 3 layers"):
         lora.load_adapter(model, adapter)
 
@@ -235,7 +235,7 @@ def test_unresolved_all_linear_means_every_projection(tmp_path):
     ("init_lora_weights", "olora"),
 ])
 def test_peft_features_we_do_not_run_are_refused(tmp_path, key, value):
-    lora.save_adapter(Llama(LlamaConfig(**TINY), lora=LoRAConfig(rank=4, alpha=8)), tmp_path)
+    lora.save_adapter(Llama(LlamaConfig(**TINY), lora_config=LoRAConfig(rank=4, alpha=8)), tmp_path)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
     with pytest.raises(ValueError, match=re.escape(f"{key}={value!r}")):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench, report
+from bench import bench, tables
 from bench import workloads as wl
 from helpers import TINY
 from lora import LoRAConfig
@@ -163,7 +163,7 @@ def test_combine_reads_the_results_files_in_the_tree(tmp_path):
         merged = bench.main(["--combine", str(path), "--out-dir", str(tmp_path), "--name", path.stem])
         assert merged["rows"] == saved["rows"]
         md = (tmp_path / f"{path.stem}.md").read_text()
-        assert md.startswith(f"# {report.title(saved)}\n") and "## Setup" in md
+        assert md.startswith(f"# {tables.title(saved)}\n") and "## Setup" in md
 
 
 def test_the_default_plan_runs_the_rank_table_then_w2_then_the_baselines():
@@ -189,23 +189,23 @@ def test_variants_are_typed_train_settings_run_last_and_cannot_change_the_batche
 
 
 def test_shapes_benchmark_counts_each_runs_parameters_and_refuses_unknown_variants(tmp_path):
-    from bench import shapes
-    from tinyllama.model import LlamaConfig as Config
+    from bench import shape_bench
+    from tinyllama.config import LlamaConfig as Config
     from tinyllama.model import num_parameters
     from tinyllama.shapes import named_shape
 
-    rows = shapes.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup-steps", "1", "--max-len", "32",
+    rows = shape_bench.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup-steps", "1", "--max-len", "32",
                         "--rank", "4", "--runs", "smollm2-1.7b:nf4-dq-gc,llama-3.2-1b:bf16", "--out", str(tmp_path)])
     assert [r["run"] for r in rows] == ["smollm2-1.7b:nf4-dq-gc", "llama-3.2-1b:bf16"]
     assert [(r["quantize"], r["double_quant"], r["grad_checkpointing"]) for r in rows] == [
         ("nf4", True, True), ("none", False, False)]
     for row in rows:
         assert "error" not in row, row
-        config = Config.from_dict(shapes.tiny(named_shape(row["shape"])))
+        config = Config.from_dict(shape_bench.tiny(named_shape(row["shape"])))
         lora = config.num_hidden_layers * 4 * 3 * (config.hidden_size + config.intermediate_size)
         assert (row["trainable"], row["total"]) == (lora, num_parameters(config) + lora)
     saved = json.loads((tmp_path / "shapes.json").read_text())
     assert saved["rows"] == rows and "smollm2-1.7b:nf4-dq-gc" in (tmp_path / "shapes.md").read_text()
     for bad in ("llama-2-7b:bf16-dq", "llama-9b:nf4", "llama-2-7b:int8"):
         with pytest.raises(SystemExit, match="expected SHAPE:VARIANT"):
-            shapes.parse_run(bad)
+            shape_bench.parse_run(bad)

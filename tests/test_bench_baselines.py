@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from bench import bench, hf_baseline, report
+from bench import bench, hf_baseline, tables
 from bench import workloads as wl
 from data import IGNORE_INDEX, BatchStream, Example
 from helpers import TINY
@@ -209,7 +209,7 @@ def test_longer_packed_rows_hold_as_many_tokens_per_batch():
 def test_rows_longer_than_the_context_cut_each_conversation_there(tmp_path, monkeypatch):
     """train.py packs rows longer than the model's context with every conversation cut at the context; the
     benchmark's replay of its batches (checked against train.py's own token count) must cut them the same way."""
-    monkeypatch.setitem(wl.SHAPES, "tiny", {**wl.SHAPES["tiny"], "max_position_embeddings": 96})
+    monkeypatch.setitem(wl.BENCH_SHAPES, "tiny", {**wl.BENCH_SHAPES["tiny"], "max_position_embeddings": 96})
     res = bench.main(["--device", "cpu", "--shape", "tiny", "--steps", "3", "--warmup-steps", "1", "--ranks", "",
                       "--focus-rank", "4", "--workloads", "W2-packed-4096", "--no-decode", "--out-dir",
                       str(tmp_path), "--name", "long"])
@@ -231,20 +231,20 @@ def test_ratios_are_against_the_best_hf_run_of_the_workload_family():
             _row("hf-eager", "W2-padded", 10.0), _row("hf-liger", "W2-packed", 50.0),
             _row("this", "W1", 100.0), _row("this", "W2-packed", 150.0), _row("this", "W2-packed-4096", 200.0),
             _row("this", "W1", 30.0, rank=4)]
-    assert report.best_hf(rows, "W1", 64)["system"] == "hf-compile"
-    assert report.best_hf(rows, "W2-padded", 64)["system"] == "hf-liger"
-    assert report.vs_best_hf(rows[5], rows) == 1.25
-    assert report.vs_best_hf(rows[6], rows) == 3.0  # W2 against W2-padded or W2-packed, whichever is faster
-    assert report.vs_best_hf(rows[7], rows) == 4.0
-    assert report.vs_best_hf(rows[0], rows) == 0.5  # a transformers run against the best of them
-    assert report.vs_best_hf(rows[8], rows) is None  # no transformers run at rank 4
+    assert tables.best_hf(rows, "W1", 64)["system"] == "hf-compile"
+    assert tables.best_hf(rows, "W2-padded", 64)["system"] == "hf-liger"
+    assert tables.vs_best_hf(rows[5], rows) == 1.25
+    assert tables.vs_best_hf(rows[6], rows) == 3.0  # W2 against W2-padded or W2-packed, whichever is faster
+    assert tables.vs_best_hf(rows[7], rows) == 4.0
+    assert tables.vs_best_hf(rows[0], rows) == 0.5  # a transformers run against the best of them
+    assert tables.vs_best_hf(rows[8], rows) is None  # no transformers run at rank 4
 
 
 def _results(rows, device_type="cuda", shape="full"):
     base = dict(steps=128, warmup_steps=5, step_s=[0.1] * 128, seconds=12.8, step_ms=100.0, step_ms_median=100.0,
                 padding_fraction=0.0, mfu=0.3, peak_gib=None, compile=False, max_len=1024, wall_s=20.0)
     return {"rows": [{**base, **r} for r in rows], "device_type": device_type, "shape": shape,
-            "targets": report.TARGETS}
+            "targets": tables.TARGETS}
 
 
 def test_every_target_line_says_met_not_met_or_not_measured_and_why():
@@ -252,7 +252,7 @@ def test_every_target_line_says_met_not_met_or_not_measured_and_why():
             _row("this-compile", "W1", 125_000.0, compile=True, first_step_s=75.0),
             _row("this", "W2-packed", 100_000.0), _row("hf-compile", "W2-packed", 60_000.0),
             _row("hf-eager", "W2-padded", 20_000.0)]
-    lines = report.target_checks(_results(rows))
+    lines = tables.target_checks(_results(rows))
     assert len(lines) == 7 and all(x.startswith(("- MET:", "- NOT MET:", "- not measured (")) for x in lines)
     text = "\n".join(lines)
     assert "- MET: W1 rank 64 >= 120,000 tokens/s: 130,000" in text
@@ -262,6 +262,6 @@ def test_every_target_line_says_met_not_met_or_not_measured_and_why():
     assert "- MET: W1 rank 64 peak memory <= 8 GiB: 7.50" in text
     assert "- NOT MET: compile warm-up <= 60 s" in text and "this-compile W1 75.0 s" in text
     assert "- not measured (a CPU target; this run is on CUDA)" in text
-    cpu = "\n".join(report.target_checks(_results(rows, "cpu", "cpu")))
+    cpu = "\n".join(tables.target_checks(_results(rows, "cpu", "cpu")))
     assert "- not measured (a GPU target at the full shape; this run: cpu, cpu shape): W1 rank 64 >= 120,000" in cpu
     assert "- not measured (no W1 run at rank 64 of hf-eager)" in cpu

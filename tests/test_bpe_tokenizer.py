@@ -19,7 +19,17 @@ import sys
 import pytest
 
 from data import IGNORE_INDEX, encode, encode_prompt, parse_guanaco, render
-from helpers import ADVERSARIAL, GUANACO_SAMPLE, TOKENIZER_PATH, assert_labelled_runs_are_the_replies, label_runs
+from data.dialogue import TextStream
+from helpers import (
+    ADVERSARIAL,
+    GUANACO_SAMPLE,
+    RESERVED,
+    TOKENIZER_PATH,
+    assert_labelled_runs_are_the_replies,
+    label_runs,
+    llama3_like_tokenizer,
+    smollm2_like_tokenizer,
+)
 from tinyllama import BPETokenizer, Tokenizer, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers", reason="the [bpe] extra: pip install -e .[bpe]")
@@ -30,67 +40,13 @@ ROWS = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="
 # decodes back to the canonical form.
 RAW_ADVERSARIAL = [row for row, _ in ADVERSARIAL.values()]
 ALL_ROWS = ROWS + [render(parse_guanaco(row)) for row in RAW_ADVERSARIAL]
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
-RESERVED = [f"<|reserved_special_token_{k}|>" for k in range(3)]
 KINDS = ["llama3", "smollm2"]
-
-
-def _train(pre_tokenizer, special_tokens: list[str]):
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tk = tokenizers.Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizer
-    tk.decoder = decoders.ByteLevel()
-    # Every byte in the vocabulary, so any text encodes (a character never seen becomes its UTF-8 bytes).
-    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(ROWS + RAW_ADVERSARIAL, trainer)
-    return tk
-
-
-def _llama3_like(folder):
-    from tokenizers import AddedToken, Regex, pre_tokenizers, processors
-
-    tk = _train(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-                ["<|begin_of_text|>", "<|end_of_text|>"])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in RESERVED])
-    bos = tk.token_to_id("<|begin_of_text|>")
-    tk.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A:0",
-                                      pair="<|begin_of_text|> $A:0 <|begin_of_text|> $B:1",
-                                      special_tokens=[("<|begin_of_text|>", bos)])])
-    return _save(folder, tk, {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                              "clean_up_tokenization_spaces": False, "model_max_length": 131072,
-                              "tokenizer_class": "PreTrainedTokenizerFast"})
-
-
-def _smollm2_like(folder):
-    from tokenizers import pre_tokenizers, processors
-
-    tk = _train(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
-                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    return _save(folder, tk, {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                              "unk_token": "<|endoftext|>", "add_prefix_space": False,
-                              "clean_up_tokenization_spaces": False, "model_max_length": 8192,
-                              "tokenizer_class": "GPT2Tokenizer"})
-
-
-def _save(folder, tk, config: dict):
-    folder.mkdir(parents=True)
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bpe")
-    return {"llama3": _llama3_like(root / "llama3"), "smollm2": _smollm2_like(root / "smollm2")}
+    return {"llama3": llama3_like_tokenizer(root / "llama3"), "smollm2": smollm2_like_tokenizer(root / "smollm2")}
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -358,8 +314,6 @@ def test_decoding_a_prefix_ends_in_a_replacement_character_not_garbage(kind):
 
 
 def test_chat_stream_shows_exactly_the_text_with_a_bpe_tokenizer(kind):
-    from chat import TextStream
-
     tok = load_tokenizer(kind[1])
     shown = []
     stream = TextStream(tok, write=shown.append)

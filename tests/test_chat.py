@@ -13,9 +13,9 @@ import torch
 
 import chat
 import lora
-from chat import answer, conversation, fit_history, format_prompt
 from data import encode_prompt
-from helpers import ROOT, TOKENIZER_PATH, hf_checkpoint, randomize_lora_b, rig_cycle
+from data.dialogue import answer, conversation, fit_history
+from helpers import ROOT, TOKENIZER_PATH, format_prompt, hf_checkpoint, randomize_lora_b, rig_cycle
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model, save_model
 from tinyllama.generation import StopStrings, generate
@@ -113,7 +113,7 @@ def test_cli_one_shot_prints_the_answer_and_stops_at_the_marker(tmp_path, tokeni
 def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer):
     path = hf_checkpoint(tmp_path / "random", seed=11, **SMALL_32K)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
-    model = load_model(path, lora=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
+    model = load_model(path, lora_config=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
     randomize_lora_b(model, std=1.0, seed=12)
     lora.save_adapter(model, tmp_path / "adapter")
     expected = answer(model, tokenizer, "Tell me a story.", max_new_tokens=12)
@@ -161,7 +161,7 @@ def test_an_adapter_alone_runs_on_the_base_it_records(tmp_path, tokenizer, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
     path = hf_checkpoint(tmp_path / "base", seed=13, **SMALL_32K)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
-    model = load_model(path, lora=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
+    model = load_model(path, lora_config=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
     randomize_lora_b(model, std=1.0, seed=14)
     lora.save_adapter(model, tmp_path / "adapter", base_model=str(path))
     expected = answer(model, tokenizer, "Tell me a story.", max_new_tokens=12)

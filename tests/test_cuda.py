@@ -17,7 +17,7 @@ import lora
 import train
 from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, train_losses
 from tinyllama import causal_lm_loss, load_model, reference_loss
-from tinyllama.runtime import attention_kernels, sdpa_context
+from tinyllama.runtime import RuntimePlan, attention_kernels, sdpa_context
 from training.step import batch_loss, prepare, skip_updates_when
 
 pytestmark = pytest.mark.cuda
@@ -36,9 +36,9 @@ def _batch(vocab, B=4, T=64, seed=0, device=CUDA):
 
 def _models(path, config):
     torch.manual_seed(0)
-    ref = load_model(path, lora=config, device=CUDA)  # float32 reference
+    ref = load_model(path, lora_config=config, device=CUDA)  # float32 reference
     torch.manual_seed(0)
-    fast = load_model(path, lora=config, device=CUDA, dtype=torch.bfloat16)
+    fast = load_model(path, lora_config=config, device=CUDA, dtype=torch.bfloat16)
     randomize_lora_b(ref, std=0.05)
     with torch.no_grad():
         for a, b in zip(lora.lora_layers(ref).values(), lora.lora_layers(fast).values(), strict=True):
@@ -115,14 +115,15 @@ def test_mask_free_right_padding_matches_masked_on_cuda(tmp_path, tokenizer):
 
 
 def test_packed_rows_match_documents_alone_in_bf16(tmp_path, tokenizer):
-    from data import encode_all, load_conversations, pack
+    from data import collate_packed, encode_all, load_conversations, pack
     path = hf_checkpoint(tmp_path / "m", vocab_size=32000, hidden_size=64)
     model = load_model(path, device=CUDA, dtype=torch.bfloat16)
     examples, _ = encode_all(load_conversations(str(GUANACO_SAMPLE)), tokenizer, 256)
-    row = pack(examples[:6], 256)[0]
+    batch = collate_packed(pack(examples[:6], 256)[:1])
+    row = {k: v[0] for k, v in batch.items() if k != "cu_seqlens"}
     with torch.no_grad():
-        packed = model(row["input_ids"][None].to(CUDA), position_ids=row["position_ids"][None].to(CUDA),
-                       document_ids=row["document_ids"][None].to(CUDA))[0]
+        packed = model(batch["input_ids"].to(CUDA), position_ids=batch["position_ids"].to(CUDA),
+                       cu_seqlens=batch["cu_seqlens"].to(CUDA))[0]
         for d in row["document_ids"].unique().tolist():
             if d < 0:
                 continue
@@ -156,8 +157,8 @@ def test_training_in_bf16_on_the_device_follows_the_float32_run_on_the_cpu(tmp_p
     settings = dict(model=str(path), random_init=True, data="random:16", eval_data="none", rank=4, alpha=8,
                     max_len=64, batch_size=4, grad_accum=2, steps=6, lr=1e-2, warmup=0, schedule="constant",
                     packing=False, log_every=1, samples=False)
-    ref = train.main(train.TrainConfig(**settings, out=str(tmp_path / "fp32"), device="cpu", dtype="float32"))
-    fast = train.main(train.TrainConfig(**settings, out=str(tmp_path / "bf16"), device=CUDA.type, dtype="bfloat16"))
+    ref = train.train(train.TrainConfig(**settings, out=str(tmp_path / "fp32"), device="cpu", dtype="float32"))
+    fast = train.train(train.TrainConfig(**settings, out=str(tmp_path / "bf16"), device=CUDA.type, dtype="bfloat16"))
     losses = train_losses(metrics(tmp_path / "bf16"))
     assert len(losses) == 6 and losses == pytest.approx(train_losses(metrics(tmp_path / "fp32")), rel=4e-3)
     a, b = adapter_weights(tmp_path / "fp32"), adapter_weights(tmp_path / "bf16")
@@ -172,13 +173,13 @@ def test_training_in_bf16_on_the_device_follows_the_float32_run_on_the_cpu(tmp_p
 
 
 def test_the_fused_adamw_of_training_equals_plain_adamw_and_skips_flagged_steps(tmp_path, monkeypatch):
-    # The optimizer train.main builds (caught where it hands it to skip_updates_when), rebuilt with its own
+    # The optimizer train.train builds (caught where it hands it to skip_updates_when), rebuilt with its own
     # settings on tensors like its parameters, against torch's plain single-tensor AdamW with the run's lr and
     # weight decay: the same updates. With the flag set on the device, a step changes no weight and no state.
     built = []
     monkeypatch.setattr(train, "skip_updates_when",
                         lambda optimizer, flag: built.append((optimizer, flag)) or skip_updates_when(optimizer, flag))
-    train.main(train.TrainConfig(
+    train.train(train.TrainConfig(
         model=str(hf_checkpoint(tmp_path / "m", vocab_size=1024)), random_init=True, data="random:16",
         eval_data="none", rank=4, alpha=8, max_len=64, batch_size=4, steps=1, lr=1e-2, weight_decay=0.1,
         samples=False, out=str(tmp_path / "run"), device=CUDA.type, dtype="bfloat16"))
@@ -234,8 +235,7 @@ def test_preferred_attention_kernel_and_grouped_kv_match_the_math_kernel(tmp_pat
         assert repeated == "flash", f"the preferred kernel did not run: {repeated}"
     results = []
     for backends, native in ((spec, in_place == repeated), ("math", False)):
-        for layer in fast.model.layers:
-            layer.self_attn.native_gqa = native
+        fast.plan = RuntimePlan(device=CUDA, dtype=torch.bfloat16, gqa_in_place=native)
         with sdpa_context(backends):
             results.append(_loss_and_grads(fast, ids, labels, autocast=True))
     (l_fast, g_fast), (l_math, g_math) = results

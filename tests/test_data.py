@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data import BadRow, Turn, load_conversations, oasst, parse_guanaco, render
-from data.guanaco import TRAILING_HUMAN, WHITESPACE, parse_row
+from data.guanaco import TRAILING_HUMAN, WHITESPACE, parse_guanaco_with_notes
 from helpers import ADVERSARIAL, GUANACO_SAMPLE, OASST_SAMPLE, A, H
 
 
@@ -39,7 +39,7 @@ def test_fixture_rows_parse_to_alternating_turns_and_render_back_exactly():
         assert [t.role for t in turns] == [H, A] * (len(turns) // 2)
         assert all(t.text and t.text == t.text.strip() for t in turns)
         assert render(turns) == row
-        assert parse_row(row)[1] == []  # fixture rows are canonical: nothing fixed up
+        assert parse_guanaco_with_notes(row)[1] == []  # fixture rows are canonical: nothing fixed up
         n_turns.append(len(turns))
     assert n_turns == [2] * 9 + [4, 6]
 
@@ -61,9 +61,9 @@ def test_adversarial_rows_parse(name):
 
 
 def test_fix_ups_are_named():
-    assert parse_row(ADVERSARIAL["a trailing ### Human: with no answer"][0])[1] == [TRAILING_HUMAN]
-    assert parse_row(ADVERSARIAL["leading and trailing whitespace"][0])[1] == [WHITESPACE]
-    assert parse_row(ADVERSARIAL["markdown headings in a reply"][0])[1] == []
+    assert parse_guanaco_with_notes(ADVERSARIAL["a trailing ### Human: with no answer"][0])[1] == [TRAILING_HUMAN]
+    assert parse_guanaco_with_notes(ADVERSARIAL["leading and trailing whitespace"][0])[1] == [WHITESPACE]
+    assert parse_guanaco_with_notes(ADVERSARIAL["markdown headings in a reply"][0])[1] == []
 
 
 BAD_ROWS = {

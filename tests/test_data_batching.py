@@ -26,6 +26,7 @@ from data import (
 from data.batching import padding_fraction
 from helpers import GUANACO_SAMPLE, TINY
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, reference_loss
+from training.step import MODEL_INPUTS
 
 PADDED_KEYS = {"input_ids", "labels", "attention_mask"}
 PACKED_KEYS = {"input_ids", "labels", "position_ids", "document_ids", "cu_seqlens"}
@@ -75,7 +76,7 @@ def documents(batch) -> list[list[int]]:
 
 
 def model_kwargs(batch):
-    return {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 # ------------------------------------------------------------------------------------------- padding mode
@@ -328,5 +329,3 @@ def test_eval_batches_cover_every_example_once_in_order(packing):
     per_rank = [list(eval_batches(examples, 4, 32, packing=packing, rank=r, world_size=2)) for r in range(2)]
     interleaved = [b for pair in zip(per_rank[0], per_rank[1] + [None], strict=False) for b in pair if b is not None]
     assert [x for b in interleaved for x in got_of(b)] == want
-    s = BatchStream(examples, 4, 32, packing=packing)
-    assert [x for b in s.iter_once() for x in got_of(b)] == want and s.index == 0

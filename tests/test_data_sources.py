@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import data.sources as sources
-from data import encode_all, load_conversations, load_train_eval
-from data.guanaco import parse_row
+from data import encode_all, load_conversations, load_train_eval, parse_guanaco
 from data.sources import hold_out, holdout_size, parse_sources, source_problems
 from helpers import GUANACO_SAMPLE, metrics, run
 
@@ -39,7 +38,7 @@ def ids(examples) -> Counter:
 
 def encoded(rows, tokenizer) -> list[tuple]:
     """The token ids of each row, encoded on its own: what the examples of those rows must be."""
-    examples, _ = encode_all([parse_row(r["text"])[0] for r in rows], tokenizer, 256)
+    examples, _ = encode_all([parse_guanaco(r["text"]) for r in rows], tokenizer, 256)
     return [tuple(e.input_ids.tolist()) for e in examples]
 
 
@@ -213,7 +212,7 @@ def test_train_refuses_bad_sources_before_any_work(argv, message, monkeypatch):
 
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad args"))
     with pytest.raises(SystemExit, match=message):
-        train.main(train.parse_args(argv))
+        train.train(train.parse_args(argv))
 
 
 def test_a_local_file_evaluates_on_its_held_out_share_without_the_hub(tmp_path, tiny_ckpt, monkeypatch):

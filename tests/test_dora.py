@@ -8,10 +8,18 @@ import json
 
 import pytest
 import torch
-from test_lora import _batch, _compare_gradients, _our_name
 
 import lora
-from helpers import TINY, forward_and_reference, hf_checkpoint, hf_model, randomize_lora_b
+from helpers import (
+    TINY,
+    compare_gradients,
+    forward_and_reference,
+    hf_checkpoint,
+    hf_model,
+    lm_batch,
+    our_name,
+    randomize_lora_b,
+)
 from lora import LoRAConfig
 from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model
@@ -58,19 +66,19 @@ def test_peft_dora_adapter_loads_with_same_logits_and_gradients(tmp_path, case):
     ref = _perturb(peft.get_peft_model(hf_model(path), _peft_config(config)), seed=3).eval()
     ref.save_pretrained(tmp_path / "adapter")
 
-    ours = load_model(path, lora=lora.read_adapter_config(tmp_path / "adapter"))
+    ours = load_model(path, lora_config=lora.read_adapter_config(tmp_path / "adapter"))
     assert ours.lora_config.use_dora
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.eval()
 
-    ids, labels = _batch(TINY["vocab_size"])
+    ids, labels = lm_batch(TINY["vocab_size"])
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     logits = ours(ids)
     torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-6)
     loss = _loss_backward(ours, ids, labels)
     assert loss.item() == pytest.approx(out.loss.item(), abs=1e-6)
-    assert _compare_gradients(ref, ours, 5e-6) == 3 * len(config.targets) * TINY["num_hidden_layers"]
+    assert compare_gradients(ref, ours, 5e-6) == 3 * len(config.targets) * TINY["num_hidden_layers"]
     with torch.no_grad(), lora.disabled(ours):  # the perturbation is large enough to matter
         assert (ours(ids) - logits).abs().max() > 1e-2
 
@@ -78,26 +86,26 @@ def test_peft_dora_adapter_loads_with_same_logits_and_gradients(tmp_path, case):
 def test_our_dora_adapter_loads_in_peft_with_same_logits_and_gradients(tmp_path):
     config = CASES["all_rslora"]
     path = hf_checkpoint(tmp_path / "base")
-    ours = _perturb(load_model(path, lora=config), seed=5).eval()
+    ours = _perturb(load_model(path, lora_config=config), seed=5).eval()
     lora.save_adapter(ours, tmp_path / "adapter", base_model=str(path))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["use_dora"] is True and saved["use_rslora"] is True
 
     ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter", is_trainable=True).eval()
     assert ref.peft_config["default"].use_dora
-    ids, labels = _batch(TINY["vocab_size"])
+    ids, labels = lm_batch(TINY["vocab_size"])
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     torch.testing.assert_close(ours(ids), out.logits, rtol=0, atol=1e-6)
     _loss_backward(ours, ids, labels)
-    assert _compare_gradients(ref, ours, 5e-6) == 3 * len(ALL) * TINY["num_hidden_layers"]
+    assert compare_gradients(ref, ours, 5e-6) == 3 * len(ALL) * TINY["num_hidden_layers"]
 
 
 def test_adapter_keys_are_pefts(tmp_path):
     path = hf_checkpoint(tmp_path / "base")
     ref = peft.get_peft_model(hf_model(path), _peft_config(CASES["mlp"]))
     ref.save_pretrained(tmp_path / "peft")
-    ours = load_model(path, lora=CASES["mlp"])
+    ours = load_model(path, lora_config=CASES["mlp"])
     lora.save_adapter(ours, tmp_path / "ours")
     from safetensors.torch import load_file
 
@@ -111,14 +119,14 @@ def test_fresh_dora_is_pefts_initialisation_and_changes_nothing(tmp_path):
     # PEFT's init: m = ||W + s B A|| per row after A and B are drawn (B = 0), so m/||.|| is exactly 1.
     path = hf_checkpoint(tmp_path / "base")
     ref = peft.get_peft_model(hf_model(path), _peft_config(CASES["all_rslora"]))
-    ours = load_model(path, lora=CASES["all_rslora"]).eval()
+    ours = load_model(path, lora_config=CASES["all_rslora"]).eval()
     ours_params = dict(ours.named_parameters())
-    magnitudes = [(p, ours_params[_our_name(n)]) for n, p in ref.named_parameters() if "magnitude" in n]
+    magnitudes = [(p, ours_params[our_name(n)]) for n, p in ref.named_parameters() if "magnitude" in n]
     assert len(magnitudes) == len(ALL) * TINY["num_hidden_layers"]
     for theirs, mine in magnitudes:
         assert mine.requires_grad and mine.dtype == torch.float32
         torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=0)
-    ids, _ = _batch(TINY["vocab_size"])
+    ids, _ = lm_batch(TINY["vocab_size"])
     with torch.no_grad():
         assert torch.equal(ours(ids), load_model(path).eval()(ids))
 
@@ -131,11 +139,11 @@ def test_dropout_in_train_mode_matches_peft(tmp_path):
     path = hf_checkpoint(tmp_path / "base")
     ref = _perturb(peft.get_peft_model(hf_model(path), _peft_config(config)), seed=3).train()
     ref.save_pretrained(tmp_path / "adapter")
-    ours = load_model(path, lora=config)
+    ours = load_model(path, lora_config=config)
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.train()
 
-    ids, labels = _batch(TINY["vocab_size"])
+    ids, labels = lm_batch(TINY["vocab_size"])
     torch.manual_seed(11)
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
@@ -144,7 +152,7 @@ def test_dropout_in_train_mode_matches_peft(tmp_path):
     torch.testing.assert_close(logits, out.logits, rtol=0, atol=1e-6)
     torch.manual_seed(11)
     _loss_backward(ours, ids, labels)
-    _compare_gradients(ref, ours, 5e-6)
+    compare_gradients(ref, ours, 5e-6)
     with torch.no_grad():  # eval mode (no dropout) differs: the masks mattered
         assert (ours.eval()(ids) - logits).abs().max() > 1e-2
 
@@ -152,10 +160,10 @@ def test_dropout_in_train_mode_matches_peft(tmp_path):
 def test_merge_matches_pefts_merge_and_keeps_the_logits(tmp_path):
     config = CASES["all_rslora"]
     path = hf_checkpoint(tmp_path / "base")
-    ours = _perturb(load_model(path, lora=config), seed=5).eval()
+    ours = _perturb(load_model(path, lora_config=config), seed=5).eval()
     lora.save_adapter(ours, tmp_path / "adapter")
     merged_peft = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").merge_and_unload()
-    ids, _ = _batch(TINY["vocab_size"])
+    ids, _ = lm_batch(TINY["vocab_size"])
     with torch.no_grad():
         before = ours(ids)
         lora.merge(ours)
@@ -220,7 +228,7 @@ MAGNITUDES = 22 * (5632 + 5632 + 2048)
 @pytest.mark.parametrize("rank", sorted(LORA_TABLE))
 def test_counts_on_the_real_tinyllama_shape(rank):
     with torch.device("meta"):
-        model = Llama(LlamaConfig(), lora=LoRAConfig(rank=rank, alpha=rank, use_dora=True))
+        model = Llama(LlamaConfig(), lora_config=LoRAConfig(rank=rank, alpha=rank, use_dora=True))
     trainable, total = LORA_TABLE[rank]
     assert lora.count_parameters(model) == (trainable + MAGNITUDES, total + MAGNITUDES)
 
@@ -231,27 +239,30 @@ def test_fused_mlp_is_refused_and_not_chosen_for_dora(monkeypatch):
 
     def build(**kwargs):
         torch.manual_seed(0)
-        return Llama(LlamaConfig(**TINY), lora=LoRAConfig(rank=4, alpha=8, **kwargs))
+        return Llama(LlamaConfig(**TINY), lora_config=LoRAConfig(rank=4, alpha=8, **kwargs))
 
-    with pytest.raises(ValueError, match="does not implement DoRA"):
-        fuse_gate_up(build(use_dora=True).model.layers[0].mlp)
-    with pytest.raises(ValueError, match="fused_mlp=True .* DoRA"):
-        runtime.configure_runtime(build(use_dora=True), torch.device("cpu"), torch.float32, fused_mlp=True)
+    assert not fuse_gate_up(build(use_dora=True).model.layers[0].mlp)  # left on the plain path
+    with pytest.raises(ValueError, match="--fused-mlp with --dora is not supported"):
+        runtime.plan_runtime(LlamaConfig(**TINY), torch.device("cpu"), torch.float32,
+                             lora_config=LoRAConfig(rank=4, alpha=8, use_dora=True), fused_mlp=True)
     # The default on CUDA fuses plain LoRA's MLP and leaves DoRA's plain (the kernel check needs a GPU: stubbed).
     monkeypatch.setattr(runtime, "attention_kernels", lambda *args: ("flash", "flash"))
     for use_dora, fused in ((False, True), (True, False)):
         model = build(use_dora=use_dora)
-        runtime.configure_runtime(model, torch.device("cuda"), torch.bfloat16, varlen=False)
+        plan = runtime.plan_runtime(model.config, torch.device("cuda"), torch.bfloat16,
+                                    lora_config=model.lora_config, varlen=False)
+        runtime.apply_plan(model, plan)
+        assert plan.fused_mlp == fused
         assert all((layer.mlp.gate_up_weight is not None) == fused for layer in model.model.layers)
 
 
 def test_load_adapter_refuses_the_other_kind(tmp_path):
     cfg = LlamaConfig(**TINY)
-    lora.save_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4, use_dora=True)), tmp_path / "dora")
-    lora.save_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "lora")
+    lora.save_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4, use_dora=True)), tmp_path / "dora")
+    lora.save_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4)), tmp_path / "lora")
     with pytest.raises(ValueError, match="adapter is DoRA .* built with use_dora=False"):
-        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "dora")
+        lora.load_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4)), tmp_path / "dora")
     with pytest.raises(ValueError, match="adapter is plain LoRA .* built with use_dora=True"):
-        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4, use_dora=True)), tmp_path / "lora")
+        lora.load_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4, use_dora=True)), tmp_path / "lora")
     with pytest.raises(ValueError, match="use_dora must be True or False"):
         LoRAConfig(rank=4, alpha=4, use_dora="yes")

@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 def fails(argv) -> str:
     """The message `python train.py ARGV` exits with (asserted one line, not a traceback)."""
     with pytest.raises(SystemExit) as e:
-        train.cli(argv)
+        train.main(argv)
     message = str(e.value.code)
     assert e.value.code not in (0, None)
     assert "\n" not in message.strip(), message
@@ -139,18 +139,20 @@ def test_max_len_past_the_model_positions_is_refused(tmp_path, tiny_ckpt):
 
 def test_out_is_a_file(tmp_path, tiny_ckpt):
     (tmp_path / "run").write_text("not a folder")
-    assert "--out" in fails(args(tiny_ckpt, tmp_path)) and (tmp_path / "run").read_text() == "not a folder"
+    message = fails(args(tiny_ckpt, tmp_path))
+    assert f"--out {tmp_path / 'run'} is a file; expected a folder" in message
+    assert (tmp_path / "run").read_text() == "not a folder"
 
 
 # ---- warnings that do not stop the run ------------------------------------------------------------------------
 
 def test_alpha_defaults_to_the_rank(tmp_path, tiny_ckpt):
-    train.cli(args(tiny_ckpt, tmp_path))
+    train.main(args(tiny_ckpt, tmp_path))
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 4.0
 
 
 def test_a_warmup_longer_than_the_run_is_reported(tmp_path, tiny_ckpt, capsys):
-    train.cli(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--warmup", "50", "--lr", "1e-3"))
+    train.main(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--warmup", "50", "--lr", "1e-3"))
     assert "--warmup 50 is longer than the run (1 steps): the learning rate peaks at 2e-05" in capsys.readouterr().out
 
 
@@ -158,12 +160,12 @@ def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tin
     # alpha 1e30: the loss stays finite (B starts at 0) but the gradient overflows; clipping would make every
     # update zero and the run would end "successfully" having learned nothing.
     with pytest.raises(train.TrainingError, match=r"gradient norm is inf .* at step 1: stopping before the update"):
-        train.main(train.parse_args(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--alpha", "1e30", "--steps", "3")))
+        train.train(train.parse_args(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--alpha", "1e30", "--steps", "3")))
     assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_a_run_that_learned_nothing_or_blew_up_its_weights_says_so_in_the_summary(tmp_path, tiny_ckpt, capsys):
-    summary = train.cli(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--steps", "6", "--lr", "1e8", "--warmup", "0"))
+    summary = train.main(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--steps", "6", "--lr", "1e8", "--warmup", "0"))
     said = capsys.readouterr().out
     stuck, exploded = summary["warnings"]
     assert re.fullmatch(r"the loss was 10\.3735 on each of the last 5 steps, .*lower --lr \(or --alpha\)", stuck)
@@ -171,7 +173,7 @@ def test_a_run_that_learned_nothing_or_blew_up_its_weights_says_so_in_the_summar
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"] == summary["warnings"]
     assert all(f"warning: {w}" in said for w in summary["warnings"])
     for lr in ("1e-2", "1e-3"):  # a slow start is not a stuck loss
-        healthy = train.cli(args(tiny_ckpt, tmp_path / lr, GUANACO_SAMPLE, "--steps", "6", "--lr", lr))
+        healthy = train.main(args(tiny_ckpt, tmp_path / lr, GUANACO_SAMPLE, "--steps", "6", "--lr", lr))
         assert healthy["warnings"] == []
     from training import report
 
@@ -222,7 +224,7 @@ def test_chat_on_cuda_without_a_gpu(tiny_ckpt, capsys):
 
 
 def test_chat_with_broken_files_names_them(tmp_path, tiny_ckpt, capsys):
-    train.cli(args(tiny_ckpt, tmp_path))
+    train.main(args(tiny_ckpt, tmp_path))
     capsys.readouterr()
     adapter = tmp_path / "run" / "adapter"
     weights, config = adapter / "adapter_model.safetensors", adapter / "adapter_config.json"

@@ -18,7 +18,17 @@ from safetensors.torch import load_file
 
 import chat
 import lora
-from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint, hf_model, randomize_lora_b, snapshot
+from data.dialogue import STOP_STRINGS, answer
+from helpers import (
+    GUANACO_SAMPLE,
+    ROOT,
+    TOKENIZER_PATH,
+    format_prompt,
+    hf_checkpoint,
+    hf_model,
+    randomize_lora_b,
+    snapshot,
+)
 from tinyllama import load_model, save_model
 from tinyllama.export import export_merged, main
 from tinyllama.files import WriteError
@@ -45,7 +55,7 @@ def _base(path, seed):
 
 def _adapted(base, seed):
     """The project's model on `base` with a random adapter (A and B both non-zero), unmerged, in eval mode."""
-    model = load_model(base, lora=LORA)
+    model = load_model(base, lora_config=LORA)
     return randomize_lora_b(model, std=0.5, seed=seed).eval()
 
 
@@ -104,11 +114,14 @@ def test_transformers_logits_equal_the_project_model_with_its_adapter_unmerged(e
 
 
 def test_a_dora_adapter_exports_to_the_same_logits(exported, tmp_path, tokenizer):
-    model = load_model(exported.base, lora=lora.LoRAConfig(rank=4, alpha=8, targets=lora.ALL_TARGETS,
+    model = load_model(exported.base, lora_config=lora.LoRAConfig(rank=4, alpha=8, targets=lora.ALL_TARGETS,
                                                             use_dora=True))
     randomize_lora_b(model, std=0.5, seed=3).eval()
     lora.save_adapter(model, tmp_path / "dora", base_model=str(exported.base))
-    out = export_merged(tmp_path / "dora", tmp_path / "merged")
+    lines = []
+    out = export_merged(tmp_path / "dora", tmp_path / "merged", log=lines.append)
+    targets = ", ".join(sorted(lora.ALL_TARGETS))
+    assert lines[0] == f"merging {tmp_path / 'dora'} into {exported.base} (DoRA, r=4, alpha=8, {targets})"
     ids = _ids(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(hf_model(out)(ids).logits, model(ids), atol=1e-5, rtol=0)
@@ -116,17 +129,17 @@ def test_a_dora_adapter_exports_to_the_same_logits(exported, tmp_path, tokenizer
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_pipeline_greedy_text_equals_the_project_chat_answer(exported, tokenizer, prompt):
-    expected = chat.answer(exported.model, tokenizer, prompt, max_new_tokens=16)
+    expected = answer(exported.model, tokenizer, prompt, max_new_tokens=16)
     pipe = transformers.pipeline("text-generation", model=str(exported.out))
-    text = pipe(chat.format_prompt(prompt), max_new_tokens=16, do_sample=False, return_full_text=False)
+    text = pipe(format_prompt(prompt), max_new_tokens=16, do_sample=False, return_full_text=False)
     text = text[0]["generated_text"]
-    for marker in chat.STOP_STRINGS:  # where chat ends a reply; the pipeline knows nothing of guanaco
+    for marker in STOP_STRINGS:  # where chat ends a reply; the pipeline knows nothing of guanaco
         text = text.split(marker)[0]
     assert expected and text.strip() == expected
 
 
 def test_chat_opens_the_export_without_a_tokenizer_flag(exported, tokenizer, capsys):
-    expected = chat.answer(exported.model, tokenizer, PROMPTS[0], max_new_tokens=16)
+    expected = answer(exported.model, tokenizer, PROMPTS[0], max_new_tokens=16)
     assert chat.main(["--model", str(exported.out), "--prompt", PROMPTS[0], "--max-new-tokens", "16",
                       "--device", "cpu"]) == 0
     assert capsys.readouterr().out == expected + "\n"
@@ -202,7 +215,7 @@ def test_the_default_base_is_the_one_the_adapter_records(exported, tmp_path, tok
     ids = _ids(tokenizer, n_rows=1)
     recorded = load_model(export_merged(exported.adapter, tmp_path / "recorded")).eval()
     chosen = load_model(export_merged(exported.adapter, tmp_path / "chosen", other)).eval()
-    on_other = load_model(other, lora=LORA)
+    on_other = load_model(other, lora_config=LORA)
     lora.load_adapter(on_other, exported.adapter)
     with torch.no_grad():
         torch.testing.assert_close(recorded(ids), exported.model(ids), atol=1e-5, rtol=0)
@@ -271,6 +284,8 @@ def test_cli_writes_the_dtype_and_shards_asked_for(exported, tmp_path):
                              "--out", str(out), "--dtype", "bfloat16", "--max-shard-size", "1MB"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    # A plain LoRA adapter is named by its settings alone (a DoRA one says DoRA first).
+    assert f"merging {exported.adapter} into {exported.base} (r=4, alpha=8, " in result.stderr
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     written = {}
     for shard in sorted(out.glob("model-*.safetensors")):
@@ -307,7 +322,9 @@ def test_overwrite_replaces_an_earlier_export_whole_and_the_result_loads(exporte
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) >= 4
     before = snapshot(out)
     assert main(["--adapter", str(exported.adapter), "--out", str(out)]) == 2
-    assert "already holds an export (config.json, generation_config.json, model-00001-of-" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already holds an export (config.json, generation_config.json, model-00001-of-" in err
+    assert "pass --overwrite (make export: OVERWRITE=1) to replace it" in err
     assert snapshot(out) == before
 
     assert main(["--adapter", str(exported.adapter), "--out", str(out), "--overwrite"]) == 0
@@ -417,5 +434,11 @@ def test_make_export_passes_its_arguments(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == ("python -m tinyllama.export --adapter runs/r/adapter --out "
                                               "runs/r/merged --model base --dtype float16")
+    for overwrite, flag in (("OVERWRITE=1", " --overwrite"), ("OVERWRITE=0", "")):
+        result = subprocess.run(dry + [overwrite, "ARGS=--dtype float16"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == ("python -m tinyllama.export --adapter runs/r/adapter --out "
+                                                  f"runs/r/merged{flag} --dtype float16")
     result = subprocess.run(dry[:-1], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "make export needs ADAPTER=<adapter folder> and OUT=" in result.stderr

@@ -13,12 +13,10 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
-from test_generate import _hf_greedy
-from test_lora import _batch, _our_name, _peft_model
 
 import lora
 import train
-from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
+from helpers import TINY, hf_checkpoint, hf_greedy, hf_model, lm_batch, our_name, peft_lora_model, randomize_lora_b
 from lora import LoRAConfig
 from tinyllama import LlamaConfig, causal_lm_loss, generate, generate_batch, load_model, save_model
 from tinyllama.model import num_parameters, rope_cos_sin, rope_inv_freq
@@ -104,13 +102,13 @@ def test_logits_match_transformers(tmp_path, name):
 def test_lora_gradients_equal_pefts(tmp_path, name):
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)
     path = hf_checkpoint(tmp_path / "base", seed=2, **_family(name))
-    ref = _peft_model(path, config)  # random non-zero A and B
+    ref = peft_lora_model(path, config)  # random non-zero A and B
     ref.save_pretrained(tmp_path / "adapter")
-    ours = load_model(path, lora=lora.read_adapter_config(tmp_path / "adapter"))
+    ours = load_model(path, lora_config=lora.read_adapter_config(tmp_path / "adapter"))
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.eval()
 
-    ids, labels = _batch(TINY["vocab_size"], T=SEQ)
+    ids, labels = lm_batch(TINY["vocab_size"], T=SEQ)
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     loss_sum, n = causal_lm_loss(ours, ids, labels)
@@ -121,7 +119,7 @@ def test_lora_gradients_equal_pefts(tmp_path, name):
     compared = 0
     for peft_name, p in ref.named_parameters():
         if "lora_" in peft_name:
-            torch.testing.assert_close(ours_params[_our_name(peft_name)].grad, p.grad, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ours_params[our_name(peft_name)].grad, p.grad, rtol=1e-4, atol=1e-6)
             compared += 1
     assert compared == 2 * len(config.targets) * TINY["num_hidden_layers"]
 
@@ -138,7 +136,7 @@ def test_greedy_generation_beyond_the_original_context_equals_transformers(tmp_p
     ours = load_model(tmp_path / "sharp").eval()
     g = torch.Generator().manual_seed(5)
     prompts = [[1] + torch.randint(3, TINY["vocab_size"], (n,), generator=g).tolist() for n in (49, 30)]
-    expected = [_hf_greedy(ref, p, 40) for p in prompts]
+    expected = [hf_greedy(ref, p, 40) for p in prompts]
     assert all(len(e) == 40 and len(set(e)) >= 10 for e in expected), "a degenerate or stopped reference"
     assert [generate(ours, p, 40) for p in prompts] == expected
     assert generate_batch(ours, prompts, 40) == expected
@@ -147,7 +145,7 @@ def test_greedy_generation_beyond_the_original_context_equals_transformers(tmp_p
 @pytest.mark.parametrize("name", ["llama3_tied", "mistral"])
 def test_merged_lora_saves_a_checkpoint_transformers_reads_with_equal_logits(tmp_path, name):
     path = hf_checkpoint(tmp_path / "base", seed=6, **_family(name))
-    ours = load_model(path, lora=LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)).eval()
+    ours = load_model(path, lora_config=LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)).eval()
     randomize_lora_b(ours, std=0.1, seed=7)
     lora.merge(ours)
     out = save_model(ours, tmp_path / "merged")
@@ -278,7 +276,7 @@ def test_mistral_sliding_window_is_exact_within_the_window_and_refused_beyond(tm
     # train.py refuses rows longer than the window before loading anything, packed or not.
     for packing in (False, True):
         with pytest.raises(SystemExit, match=f"longer than this Mistral checkpoint's sliding_window \\({window}\\)"):
-            train.main(train.TrainConfig(model=str(path), data="random:4", max_len=window + 1, packing=packing,
+            train.train(train.TrainConfig(model=str(path), data="random:4", max_len=window + 1, packing=packing,
                                          samples=False, out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora
-from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b, rig_cycle
+from helpers import TINY, hf_checkpoint, hf_greedy, hf_model, randomize_lora_b, rig_cycle
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model
 from tinyllama.generation import Decoder, StopStrings, generate, generate_batch, sample
@@ -23,15 +23,6 @@ CONFIGS = {
 PROMPTS = [[1, 17, 33, 5, 90, 41, 7], [1, 99], [1, 3, 64, 12, 8, 77, 21, 54, 60, 2, 19, 45, 11]]
 
 
-def _hf_greedy(model, prompt, n, eos=2):
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                             pad_token_id=0, eos_token_id=eos, temperature=None, top_p=None, top_k=None)
-    new = out[0, len(prompt):].tolist()
-    return new[:new.index(eos)] if eos in new else new  # ours does not return the end token
-
-
 def _reference_greedy(model, prompt, n):
     """Greedy decoding the slow, obvious way: the whole sequence through the model at every step, no cache."""
     ids = list(prompt)
@@ -45,7 +36,7 @@ def _reference_greedy(model, prompt, n):
 def test_greedy_equals_transformers_generate(tmp_path, name):
     path = hf_checkpoint(tmp_path / name, seed=2, **CONFIGS[name])
     ours, ref = load_model(path).eval(), hf_model(path)
-    expected = [_hf_greedy(ref, p, 24) for p in PROMPTS]
+    expected = [hf_greedy(ref, p, 24) for p in PROMPTS]
     assert [generate(ours, p, 24) for p in PROMPTS] == expected
     assert len({tuple(e) for e in expected}) == len(PROMPTS), "degenerate reference: every prompt gave the same"
 
@@ -62,16 +53,16 @@ def test_greedy_with_adapter_equals_peft_generate(tmp_path):
                 p.copy_(torch.randn_like(p) * 0.3)
     ref.eval().save_pretrained(tmp_path / "adapter")
 
-    ours = load_model(path, lora=lora.read_adapter_config(tmp_path / "adapter"))
+    ours = load_model(path, lora_config=lora.read_adapter_config(tmp_path / "adapter"))
     lora.load_adapter(ours, tmp_path / "adapter")
     plain = load_model(path).eval()
     for prompt in PROMPTS:
-        expected = _hf_greedy(ref, prompt, 24)
+        expected = hf_greedy(ref, prompt, 24)
         assert generate(ours, prompt, 24) == expected
         if prompt is PROMPTS[0]:
             assert generate(plain, prompt, 24) != expected, "the adapter does not change the output"
     lora.merge(ours)
-    assert [generate(ours, p, 24) for p in PROMPTS] == [_hf_greedy(ref, p, 24) for p in PROMPTS]
+    assert [generate(ours, p, 24) for p in PROMPTS] == [hf_greedy(ref, p, 24) for p in PROMPTS]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -158,7 +149,7 @@ def test_top_k_and_top_p_sample_only_from_their_sets():
 
 
 def test_generation_runs_in_eval_mode_and_restores_train_mode(hf_tiny):
-    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, dropout=0.5))
+    model = load_model(hf_tiny, lora_config=LoRAConfig(rank=4, alpha=8, dropout=0.5))
     randomize_lora_b(model, std=0.2, seed=4)
     model.eval()
     expected = _reference_greedy(model, PROMPTS[0], 16)
@@ -188,8 +179,8 @@ def test_stop_strings_cut_where_the_marker_begins(tokenizer):
 
 def test_bfloat16_with_unmerged_and_merged_adapter(hf_tiny):
     cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0)
-    m32 = randomize_lora_b(load_model(hf_tiny, lora=cfg), std=0.2, seed=4).eval()
-    m16 = load_model(hf_tiny, lora=cfg, dtype=torch.bfloat16)
+    m32 = randomize_lora_b(load_model(hf_tiny, lora_config=cfg), std=0.2, seed=4).eval()
+    m16 = load_model(hf_tiny, lora_config=cfg, dtype=torch.bfloat16)
     m16.load_state_dict(m32.state_dict())
     assert m16.model.layers[0].mlp.up_proj.lora_A.weight.dtype == torch.float32  # LoRA stays float32
     decoder = Decoder(m16.eval(), PROMPTS, 8)
@@ -218,7 +209,7 @@ def test_cuda_greedy_equals_cpu(hf_tiny):
     assert generate_batch(gpu, PROMPTS, 16, eos_id=()) == generate_batch(cpu, PROMPTS, 16, eos_id=())
     assert generate(gpu, PROMPTS[0], 8, temperature=1.0, seed=0) == generate(gpu, PROMPTS[0], 8, temperature=1.0,
                                                                              seed=0)
-    bf16 = load_model(hf_tiny, device="cuda", dtype=torch.bfloat16, lora=LoRAConfig(rank=4, alpha=8)).eval()
+    bf16 = load_model(hf_tiny, device="cuda", dtype=torch.bfloat16, lora_config=LoRAConfig(rank=4, alpha=8)).eval()
     torch.testing.assert_close(Decoder(bf16, PROMPTS, 8).prefill().cpu(), Decoder(cpu, PROMPTS, 8).prefill(),
                                rtol=0, atol=0.1)  # a fresh adapter (B = 0) on bf16 weights: the float32 logits
 

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 import lora
-from helpers import TINY, forward_and_reference, hf_checkpoint, hf_model, randomize_lora_b
+from helpers import (
+    TINY,
+    compare_gradients,
+    forward_and_reference,
+    hf_checkpoint,
+    hf_model,
+    lm_batch,
+    peft_lora_model,
+    randomize_lora_b,
+)
 from lora import LoRAConfig
 from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model
@@ -28,7 +37,7 @@ REFERENCE_PERCENT = {4: 0.18, 16: 0.73, 64: 2.86, 256: 10.55}
 @pytest.mark.parametrize("rank", sorted(REFERENCE_TABLE))
 def test_counts_on_the_real_tinyllama_shape_match_the_reference_table(rank):
     with torch.device("meta"):
-        model = Llama(LlamaConfig(), lora=LoRAConfig(rank=rank, alpha=rank))
+        model = Llama(LlamaConfig(), lora_config=LoRAConfig(rank=rank, alpha=rank))
     trainable, total = lora.count_parameters(model)
     assert (trainable, total) == REFERENCE_TABLE[rank]
     assert round(100 * trainable / total, 2) == REFERENCE_PERCENT[rank]
@@ -42,48 +51,6 @@ def test_counts_on_the_real_tinyllama_shape_match_the_reference_table(rank):
 def test_invalid_lora_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(**kwargs)
-
-
-def _peft_model(path, config: LoRAConfig, seed=3):
-    base = hf_model(path)
-    pcfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                           target_modules=list(config.targets), use_rslora=config.use_rslora,
-                           task_type="CAUSAL_LM")
-    model = peft.get_peft_model(base, pcfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
-def _our_name(peft_name: str) -> str:
-    name = peft_name.removeprefix("base_model.model.").replace(".default.", ".")
-    return name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")  # DoRA: PEFT's module holds it
-
-
-def _compare_gradients(ref, ours, tol) -> int:
-    """Every adapter gradient of `ref` (PEFT) against ours, relative error; returns how many were compared."""
-    ours_params = dict(ours.named_parameters())
-    compared = 0
-    for name, p in ref.named_parameters():
-        if "lora_" not in name:
-            continue
-        g_ref, g = p.grad, ours_params[_our_name(name)].grad
-        rel = ((g - g_ref).norm() / g_ref.norm()).item()
-        assert rel <= tol, f"{name}: relative gradient error {rel}"
-        compared += 1
-    return compared
-
-
-def _batch(vocab, B=2, T=13, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :4] = -100  # a prompt that takes no loss
-    labels[1, 9:] = -100
-    return ids, labels
 
 
 CASES = {
@@ -101,15 +68,15 @@ BASES = {"attention_gqa": dict(rope_theta=500000.0), "all_rslora": dict(rope_the
 def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
     config = CASES[case]
     path = hf_checkpoint(tmp_path / "base", **BASES.get(case, {}))
-    ref = _peft_model(path, config)
+    ref = peft_lora_model(path, config)
     ref.save_pretrained(tmp_path / "adapter")
 
-    ours = load_model(path, lora=lora.read_adapter_config(tmp_path / "adapter"))
+    ours = load_model(path, lora_config=lora.read_adapter_config(tmp_path / "adapter"))
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.eval()
     assert ours.lora_config.scaling == pytest.approx(config.scaling)
 
-    ids, labels = _batch(TINY["vocab_size"])
+    ids, labels = lm_batch(TINY["vocab_size"])
     out = ref(input_ids=ids, labels=labels)
     out.loss.backward()
     logits = ours(ids)
@@ -122,7 +89,7 @@ def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
     assert (loss_sum / n).item() == pytest.approx(out.loss.item(), abs=1e-5)
     assert (ref_sum / ref_n).item() == pytest.approx(out.loss.item(), abs=1e-5)
 
-    compared = _compare_gradients(ref, ours, 1e-4)
+    compared = compare_gradients(ref, ours, 1e-4)
     per_layer = len(config.targets) * 2
     assert compared == per_layer * TINY["num_hidden_layers"]
 
@@ -131,13 +98,13 @@ def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
 def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, case):
     config = CASES[case]
     path = hf_checkpoint(tmp_path / "base", **BASES.get(case, {}))
-    ours = randomize_lora_b(load_model(path, lora=config).eval(), std=0.1, seed=5)
+    ours = randomize_lora_b(load_model(path, lora_config=config).eval(), std=0.1, seed=5)
     lora.save_adapter(ours, tmp_path / "adapter", base_model=str(path))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["r"] == config.rank
 
     ref = peft.PeftModel.from_pretrained(hf_model(path), tmp_path / "adapter").eval()
-    ids, _ = _batch(TINY["vocab_size"])
+    ids, _ = lm_batch(TINY["vocab_size"])
     with torch.no_grad():
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
         assert (ours(ids) - load_model(path)(ids)).abs().max().item() > 1e-3, "adapter had no effect"
@@ -146,7 +113,7 @@ def test_our_adapter_loads_in_peft_with_same_logits(tmp_path, case):
 def test_adapter_keys_and_shapes_are_pefts(tmp_path):
     from safetensors.torch import load_file
     cfg = LlamaConfig(**TINY)
-    model = Llama(cfg, lora=LoRAConfig(rank=4, alpha=4))
+    model = Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4))
     lora.save_adapter(model, tmp_path)
     sd = load_file(tmp_path / "adapter_model.safetensors")
     assert len(sd) == 3 * 2 * cfg.num_hidden_layers
@@ -157,17 +124,17 @@ def test_adapter_keys_and_shapes_are_pefts(tmp_path):
 
 def test_fresh_adapter_leaves_logits_bit_identical(hf_tiny):
     base = load_model(hf_tiny).eval()
-    with_lora = load_model(hf_tiny, lora=LoRAConfig(rank=8, alpha=16)).eval()
+    with_lora = load_model(hf_tiny, lora_config=LoRAConfig(rank=8, alpha=16)).eval()
     assert all(m.lora_A.weight.abs().sum() > 0 for m in lora.lora_layers(with_lora).values())
-    ids, _ = _batch(TINY["vocab_size"])
+    ids, _ = lm_batch(TINY["vocab_size"])
     with torch.no_grad():
         assert torch.equal(base(ids), with_lora(ids))
 
 
 def test_merge_then_export_reloads_in_transformers(tmp_path, hf_tiny):
-    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj"))).eval()
+    model = load_model(hf_tiny, lora_config=LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "up_proj"))).eval()
     randomize_lora_b(model, std=0.1)
-    ids, _ = _batch(TINY["vocab_size"])
+    ids, _ = lm_batch(TINY["vocab_size"])
     with torch.no_grad():
         before = model(ids)
         assert (before - load_model(hf_tiny)(ids)).abs().max() > 1e-3, "adapter had no effect"
@@ -184,11 +151,11 @@ def test_merge_then_export_reloads_in_transformers(tmp_path, hf_tiny):
 
 
 def test_only_lora_trains_and_base_is_unchanged(hf_tiny):
-    model = load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8, dropout=0.1)).train()
+    model = load_model(hf_tiny, lora_config=LoRAConfig(rank=4, alpha=8, dropout=0.1)).train()
     base_before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
     lora_before = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" in k}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids, labels = _batch(TINY["vocab_size"])
+    ids, labels = lm_batch(TINY["vocab_size"])
     loss, n = causal_lm_loss(model, ids, labels)
     (loss / n).backward()
     for name, p in model.named_parameters():
@@ -201,14 +168,14 @@ def test_only_lora_trains_and_base_is_unchanged(hf_tiny):
 
 def test_load_adapter_refuses_mismatches(tmp_path):
     cfg = LlamaConfig(**TINY)
-    lora.save_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
+    lora.save_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
     with pytest.raises(ValueError, match="rank r=4 but the model was built with rank 8"):
-        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=8, alpha=4)), tmp_path / "r4")
+        lora.load_adapter(Llama(cfg, lora_config=LoRAConfig(rank=8, alpha=4)), tmp_path / "r4")
     with pytest.raises(ValueError, match="targets"):
-        lora.load_adapter(Llama(cfg, lora=LoRAConfig(rank=4, alpha=4, targets=("q_proj",))), tmp_path / "r4")
+        lora.load_adapter(Llama(cfg, lora_config=LoRAConfig(rank=4, alpha=4, targets=("q_proj",))), tmp_path / "r4")
     with pytest.raises(ValueError, match="shape mismatches.*gate_proj"):
         lora.load_adapter(Llama(LlamaConfig(**{**TINY, "intermediate_size": 80}),
-                                lora=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
+                                lora_config=LoRAConfig(rank=4, alpha=4)), tmp_path / "r4")
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora.load_adapter(Llama(cfg), tmp_path / "r4")
     c = json.loads((tmp_path / "r4" / "adapter_config.json").read_text())
@@ -219,9 +186,9 @@ def test_load_adapter_refuses_mismatches(tmp_path):
 
 def test_disabled_context_gives_the_base_model_back(hf_tiny):
     base = load_model(hf_tiny).eval()
-    model = randomize_lora_b(load_model(hf_tiny, lora=LoRAConfig(rank=4, alpha=8)).eval(), std=0.1)
+    model = randomize_lora_b(load_model(hf_tiny, lora_config=LoRAConfig(rank=4, alpha=8)).eval(), std=0.1)
     with torch.no_grad():
-        ids, _ = _batch(TINY["vocab_size"])
+        ids, _ = lm_batch(TINY["vocab_size"])
         adapted = model(ids)
         with lora.disabled(model):
             assert torch.equal(model(ids), base(ids))

@@ -11,8 +11,10 @@ import lora
 from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, randomize_lora_b, run, train_losses
 from lora import LoRAConfig
 from tinyllama import load_model, save_model
+from tinyllama.config import LlamaConfig
 from tinyllama.lora_mlp import dropout_masks, fuse_gate_up, lora_mlp
-from tinyllama.model import MLP, LlamaConfig
+from tinyllama.model import MLP
+from tinyllama.runtime import RuntimePlan, apply_plan
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2)
@@ -60,7 +62,7 @@ def test_without_dropout_the_fused_module_equals_the_plain_modules():
     plain, fused = lora_mlp_module(0.0), lora_mlp_module(0.0)
     fuse_gate_up(fused)
     x = torch.randn(2, 7, 32)
-    y1, y2 = plain(x), fused(x)
+    y1, y2 = plain(x), fused(x, fused=True)
     torch.testing.assert_close(y2, y1)
     for a, b in zip(torch.autograd.grad(y1.square().sum(), lora_params(plain)),
                     torch.autograd.grad(y2.square().sum(), lora_params(fused)), strict=True):
@@ -72,13 +74,13 @@ def test_the_fused_path_in_bfloat16_autocast_stays_close_to_the_plain_one():
     fuse_gate_up(fused)
     x = torch.randn(2, 7, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y1, y2 = plain(x), fused(x)
+        y1, y2 = plain(x), fused(x, fused=True)
     assert y2.dtype == y1.dtype == torch.bfloat16
     torch.testing.assert_close(y2.float(), y1.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_fusing_keeps_names_values_and_merging(tmp_path, hf_tiny):
-    model = load_model(hf_tiny, lora=LoRAConfig(4, 8, dropout=0.0))
+    model = load_model(hf_tiny, lora_config=LoRAConfig(4, 8, dropout=0.0))
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     for layer in model.model.layers:
         assert fuse_gate_up(layer.mlp)
@@ -98,9 +100,8 @@ def test_gradient_checkpointing_replays_the_fused_dropout_masks(hf_tiny):
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = load_model(hf_tiny, lora=LoRAConfig(4, 8, dropout=0.3)).train()
-        for layer in model.model.layers:
-            fuse_gate_up(layer.mlp)
+        model = load_model(hf_tiny, lora_config=LoRAConfig(4, 8, dropout=0.3)).train()
+        apply_plan(model, RuntimePlan(fused_mlp=True))
         randomize_lora_b(model, std=0.1)
         model.gradient_checkpointing = ckpt
         torch.manual_seed(5)
@@ -138,7 +139,7 @@ def test_cuda_bf16_fused_mlp_stays_close_to_the_plain_one():
     outs = []
     for m in (plain, fused):
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            y = m(x)
+            y = m(x, fused=m is fused)
         outs.append((y.float(), torch.autograd.grad(y.float().square().sum(), lora_params(m))))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=2e-2, atol=2e-2)
     for a, b in zip(outs[0][1], outs[1][1], strict=True):

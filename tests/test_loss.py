@@ -18,7 +18,7 @@ def test_shift_labels_predicts_the_next_token():
 
 def _model_and_batch(seed=0):
     torch.manual_seed(seed)
-    model = randomize_lora_b(Llama(LlamaConfig(**TINY), lora=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
+    model = randomize_lora_b(Llama(LlamaConfig(**TINY), lora_config=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
     ids = torch.randint(0, TINY["vocab_size"], (3, 21))
     labels = ids.clone()
     labels[:, :6] = -100
@@ -78,11 +78,11 @@ def test_label_positions_computed_ahead_give_the_same_loss_and_count():
 
 @pytest.mark.slow
 def test_the_compiled_loss_chunk_equals_the_eager_one():
-    # What --compile uses for the loss (tinyllama.runtime.compile_model): inductor's fused passes, the same
-    # numbers, at two chunk lengths (dynamic: one compilation).
-    from tinyllama.loss import cross_entropy_chunk
+    # What a compiled plan's loss uses: inductor's fused passes, the same numbers, at two chunk lengths
+    # (dynamic: one compilation).
+    from tinyllama.loss import compiled_cross_entropy_chunk, cross_entropy_chunk
 
-    compiled = torch.compile(cross_entropy_chunk, dynamic=True)
+    compiled = compiled_cross_entropy_chunk()
     for n in (37, 64):
         logits, targets = torch.randn(n, 128), torch.randint(0, 128, (n,))
         loss, grad = cross_entropy_chunk(logits.clone(), targets)

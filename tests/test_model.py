@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b
 from tinyllama import Llama, LlamaConfig, load_model
 from tinyllama.model import RMSNorm, num_parameters
+from tinyllama.runtime import RuntimePlan
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,7 +66,7 @@ def test_bfloat16_logits_match_transformers_to_a_fraction_of_a_rounding(tmp_path
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_kv_read_in_place_equals_repeated(kv_heads, monkeypatch):
-    # Attention.native_gqa (SDPA's enable_gqa) against the reference path that repeats k/v: outputs and grads.
+    # RuntimePlan.gqa_in_place (SDPA's enable_gqa) against the plain path that repeats k/v: outputs and grads.
     from lora import LoRAConfig
 
     seen = []  # k/v heads each SDPA call received: the in-place path must really hand over the grouped ones
@@ -75,16 +76,14 @@ def test_grouped_kv_read_in_place_equals_repeated(kv_heads, monkeypatch):
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(**{**TINY, "num_key_value_heads": kv_heads}),
-                  lora=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
+                  lora_config=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
     randomize_lora_b(model, std=0.1)
     ids = torch.randint(0, TINY["vocab_size"], (2, 19))
     results = []
     for native in (True, False):
-        for layer in model.model.layers:
-            layer.self_attn.native_gqa = native
         model.zero_grad()
         seen.clear()
-        out = model(ids)
+        out = model(ids, plan=RuntimePlan(gqa_in_place=native))
         assert seen == [kv_heads if native else TINY["num_attention_heads"]] * TINY["num_hidden_layers"]
         out.square().mean().backward()
         results.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
@@ -245,9 +244,17 @@ def test_unreachable_repo_id_says_what_to_do(tmp_path, monkeypatch):
         load_model("TinyLlama/TinyLlama_v1.1")
 
 
-def test_not_a_folder_nor_repo_id():
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
-        load_model("no/such/folder/here")
+def test_not_a_folder_nor_repo_id(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("went to the Hub"))
+    for spec in ("no/such/folder/here", "~/models", "./missing/model"):  # a missing path is never a repo id
+        with pytest.raises(FileNotFoundError, match="neither an existing folder nor a Hub repo id"):
+            load_model(spec)
+    import train
+
+    with pytest.raises(SystemExit, match="--model '~/models' is neither a checkpoint folder nor a Hub repo id"):
+        train.validate(train.TrainConfig(model="~/models"))  # the same rule (tinyllama.checkpoint.is_hub_id)
 
 
 def test_config_dataclass_rejects_bad_gqa():

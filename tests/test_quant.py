@@ -31,11 +31,11 @@ from tinyllama.quant import (
     is_projection,
     nf4_dequantize,
     nf4_linear,
-    nf4_linear_reference,
     nf4_quantize,
-    quantize_model,
     quantized_module,
+    replace_module,
 )
+from tinyllama.runtime import plan_runtime
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference (pip install -e .[test])")
 from bitsandbytes import functional as bnb_f  # noqa: E402
@@ -147,6 +147,11 @@ def test_unsupported_block_sizes_are_refused(kwargs, match):
         nf4_quantize(torch.randn(4, 64, dtype=torch.float64))
 
 
+def dense_nf4_linear(x: torch.Tensor, weight, dtype: torch.dtype) -> torch.Tensor:
+    """The oracle for `nf4_linear`: the dense dequantised weight through F.linear (autograd keeps it)."""
+    return torch.nn.functional.linear(x, nf4_dequantize(weight, dtype))
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
 def test_nf4_linear_gradient_equals_autograd_through_the_dense_weight(double_quant):
     torch.manual_seed(3)
@@ -154,14 +159,14 @@ def test_nf4_linear_gradient_equals_autograd_through_the_dense_weight(double_qua
     x = torch.randn(3, 5, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     grad_y = torch.randn(3, 5, 96)
-    y, y_ref = nf4_linear(x, w, torch.float32), nf4_linear_reference(x_ref, w, torch.float32)
+    y, y_ref = nf4_linear(x, w, torch.float32), dense_nf4_linear(x_ref, w, torch.float32)
     y.backward(grad_y)
     y_ref.backward(grad_y)
     assert_close(y, y_ref, rtol=0, atol=0)
     assert_close(x.grad, x_ref.grad)
     # Under bf16 autocast: the weight goes straight to bf16, as autocast would cast the dense one.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, y16_ref = nf4_linear(x, w, torch.float32), nf4_linear_reference(x, w, torch.float32)
+        y16, y16_ref = nf4_linear(x, w, torch.float32), dense_nf4_linear(x, w, torch.float32)
     assert y16.dtype == torch.bfloat16
     assert_close(y16, y16_ref, rtol=0, atol=0)
 
@@ -169,7 +174,7 @@ def test_nf4_linear_gradient_equals_autograd_through_the_dense_weight(double_qua
 def dense_twin(nf4_model, checkpoint):
     """A plain (unquantised) LoRA model whose base projections are `nf4_model`'s dequantised weights and whose
     adapter is `nf4_model`'s: what the NF4 model must compute."""
-    dense = load_model(checkpoint, lora=nf4_model.lora_config)
+    dense = load_model(checkpoint, lora_config=nf4_model.lora_config)
     with torch.no_grad():
         for name, module in nf4_model.named_modules():
             if isinstance(module, NF4Storage):
@@ -190,7 +195,7 @@ def checkpoint(tmp_path):
 def test_lora_on_nf4_equals_lora_on_the_dequantised_dense_model(checkpoint, double_quant, dora):
     torch.manual_seed(4)
     adapter = dataclasses.replace(ADAPTER, use_dora=dora, dropout=0.3 if dora else ADAPTER.dropout)
-    model = randomize_lora_b(load_model(checkpoint, lora=adapter, quantize="nf4", double_quant=double_quant))
+    model = randomize_lora_b(load_model(checkpoint, lora_config=adapter, quantize="nf4", double_quant=double_quant))
     if dora:  # magnitudes away from their initial norms, so that m / ||W + sBA|| is not 1
         with torch.no_grad():
             for layer in lora.lora_layers(model).values():
@@ -228,7 +233,7 @@ def saved_tensors(model, ids) -> list[tuple[tuple[int, ...], torch.dtype]]:
 
 def test_the_autograd_graph_keeps_no_dense_weight(checkpoint):
     targets = ("q_proj", "gate_proj", "down_proj")  # k, v, o, up: NF4 without LoRA (NF4Linear), frozen input
-    model = load_model(checkpoint, lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets),
+    model = load_model(checkpoint, lora_config=LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=targets),
                        quantize="nf4")
     # Either way round: autograd may keep a weight transposed (the matmul's own operand).
     shapes = {s for m in model.modules() if isinstance(m, NF4Storage)
@@ -265,9 +270,9 @@ def test_projections_are_quantised_one_at_a_time(checkpoint, monkeypatch, builde
 
     monkeypatch.setattr(checkpoint_module, "nf4_quantize", spy)
     if builder == "load_model":
-        model = load_model(checkpoint, lora=ADAPTER, quantize="nf4", double_quant=True)
+        model = load_model(checkpoint, lora_config=ADAPTER, quantize="nf4", double_quant=True)
     else:
-        model = random_model(config, lora=ADAPTER, quantize="nf4", double_quant=True)
+        model = random_model(config, lora_config=ADAPTER, quantize="nf4", double_quant=True)
     assert len(quantized) == count
     assert alive_at_last == [1]  # the one being quantised; a loader that kept them all would hold 14
     projections = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ALL_TARGETS]
@@ -278,16 +283,27 @@ def test_projections_are_quantised_one_at_a_time(checkpoint, monkeypatch, builde
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     trainable, _ = lora.count_parameters(model)
     with torch.device("meta"):
-        assert trainable == lora.count_parameters(random_model(config, lora=ADAPTER, device="meta"))[0]
+        assert trainable == lora.count_parameters(random_model(config, lora_config=ADAPTER, device="meta"))[0]
 
 
-def test_load_model_quantises_what_quantize_model_quantises(checkpoint):
+@torch.no_grad()
+def quantized_after_loading(model, double_quant: bool = False):
+    """`model` with every projection replaced by its NF4 counterpart, quantised from its dense weight: what
+    `load_model(..., quantize="nf4")` does while reading, one weight at a time."""
+    for name, module in list(model.named_modules()):
+        if is_projection(name, module):
+            weight = nf4_quantize(module.weight, double_quant=double_quant)
+            replace_module(model, name, quantized_module(module, weight, module.weight.dtype))
+    return model
+
+
+def test_load_model_quantises_what_quantising_the_loaded_model_gives(checkpoint):
     loaded = load_model(checkpoint, quantize="nf4", double_quant=True).state_dict()
-    converted = quantize_model(load_model(checkpoint), double_quant=True).state_dict()
+    converted = quantized_after_loading(load_model(checkpoint), double_quant=True).state_dict()
     assert loaded.keys() == converted.keys()
     for key in loaded:
         assert torch.equal(loaded[key], converted[key]), key
-    assert isinstance(quantize_model(load_model(checkpoint)).model.layers[0].mlp.up_proj, NF4Linear)
+    assert isinstance(quantized_after_loading(load_model(checkpoint)).model.layers[0].mlp.up_proj, NF4Linear)
 
 
 def test_unknown_quantize_is_refused_by_name(checkpoint):
@@ -298,12 +314,14 @@ def test_unknown_quantize_is_refused_by_name(checkpoint):
 
 
 def test_merge_fused_mlp_and_weight_are_refused_with_a_reason(checkpoint):
-    model = load_model(checkpoint, lora=ADAPTER, quantize="nf4")
+    model = load_model(checkpoint, lora_config=ADAPTER, quantize="nf4")
     with pytest.raises(ValueError, match="unquantised checkpoint"):
         lora.merge(model)
-    with pytest.raises(ValueError, match="NF4"):
-        fuse_gate_up(model.model.layers[0].mlp)
+    assert not fuse_gate_up(model.model.layers[0].mlp)  # left on the plain path
     assert model.model.layers[0].mlp.gate_up_weight is None
+    with pytest.raises(ValueError, match="--fused-mlp with --quantize nf4 is not supported"):
+        plan_runtime(model.config, torch.device("cpu"), torch.float32, lora_config=ADAPTER, quantized=True,
+                     fused_mlp=True)
     with pytest.raises(AttributeError, match="dequantize"):
         model.model.layers[0].mlp.up_proj.weight  # noqa: B018
 
@@ -325,7 +343,7 @@ def test_nf4_trains_as_the_dequantised_model_and_its_adapter_loads_in_peft(check
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     torch.manual_seed(5)
-    model = load_model(checkpoint, lora=ADAPTER, quantize="nf4", double_quant=True)
+    model = load_model(checkpoint, lora_config=ADAPTER, quantize="nf4", double_quant=True)
     dense = dense_twin(model, checkpoint)
     batches = [torch.randint(0, TINY["vocab_size"], (2, 16))] * 4  # one batch again and again: the loss falls
     losses = train(model, batches)
@@ -336,7 +354,7 @@ def test_nf4_trains_as_the_dequantised_model_and_its_adapter_loads_in_peft(check
     ids = torch.randint(0, TINY["vocab_size"], (2, 11))
     model.eval()
     # PEFT on the original (unquantised) checkpoint = our unquantised model with the adapter.
-    plain = lora.load_adapter(load_model(checkpoint, lora=ADAPTER), adapter).eval()
+    plain = lora.load_adapter(load_model(checkpoint, lora_config=ADAPTER), adapter).eval()
     with torch.no_grad():
         assert_close(peft.PeftModel.from_pretrained(hf_model(checkpoint), adapter)(ids).logits, plain(ids))
     # PEFT on transformers' own bitsandbytes NF4 model of the checkpoint = our NF4 model.
@@ -349,7 +367,8 @@ def test_nf4_trains_as_the_dequantised_model_and_its_adapter_loads_in_peft(check
             module.support_avx512bf16_for_cpu = False
     reference = peft.PeftModel.from_pretrained(base, adapter).eval()
     # And the adapter back into a fresh NF4 model of ours.
-    reloaded = lora.load_adapter(load_model(checkpoint, lora=ADAPTER, quantize="nf4", double_quant=True), adapter)
+    reloaded = lora.load_adapter(load_model(checkpoint, lora_config=ADAPTER, quantize="nf4", double_quant=True),
+                                 adapter)
     with torch.no_grad():
         assert_close(reference(ids).logits, model(ids))
         assert_close(reloaded.eval()(ids), model(ids), rtol=0, atol=0)
@@ -371,15 +390,20 @@ def test_nf4_lora_layer_compiles_as_one_graph():
 
 def test_is_projection_names_the_seven_decoder_projections():
     with torch.device("meta"):
-        model = random_model(LlamaConfig(**TINY), lora=ADAPTER, device="meta")
+        model = random_model(LlamaConfig(**TINY), lora_config=ADAPTER, device="meta")
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_projection(n, m)}
     assert names == set(ALL_TARGETS)
     assert not is_projection("lm_head", model.lm_head)
 
 
-def test_gradient_checkpointing_recomputes_the_same_gradients(checkpoint):
-    model = randomize_lora_b(load_model(checkpoint, lora=ADAPTER, quantize="nf4", double_quant=True), seed=7)
+def test_gradient_checkpointing_recomputes_the_same_gradients(checkpoint, monkeypatch):
+    import tinyllama.model
+
+    model = randomize_lora_b(load_model(checkpoint, lora_config=ADAPTER, quantize="nf4", double_quant=True), seed=7)
     ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    calls = []
+    real = tinyllama.model.checkpoint
+    monkeypatch.setattr(tinyllama.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def gradients():
         model.zero_grad()
@@ -387,9 +411,11 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(checkpoint):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     plain = gradients()
+    assert calls == []
     model.gradient_checkpointing = True
     for name, grad in gradients().items():
         assert_close(grad, plain[name], msg=name)
+    assert len(calls) == TINY["num_hidden_layers"]  # every layer went through checkpointing
 
 
 def test_train_py_trains_qlora_and_qdora_counting_the_quantised_weights_as_parameters(checkpoint, tmp_path):
@@ -409,15 +435,15 @@ def test_train_py_trains_qlora_and_qdora_counting_the_quantised_weights_as_param
 
     for name in ("nf4", "qdora"):
         adapter = tmp_path / name / "adapter"
-        model = lora.load_adapter(load_model(checkpoint, lora=lora.read_adapter_config(adapter)), adapter).eval()
+        model = lora.load_adapter(load_model(checkpoint, lora_config=lora.read_adapter_config(adapter)), adapter).eval()
         with torch.no_grad():
             assert_close(PeftModel.from_pretrained(hf_model(checkpoint), adapter).eval()(ids).logits, model(ids))
     import train as train_py
 
     with pytest.raises(SystemExit, match="--double-quant applies to --quantize nf4"):
-        train_py.main(train_py.TrainConfig(model=str(checkpoint), double_quant=True, out=str(tmp_path / "x")))
+        train_py.train(train_py.TrainConfig(model=str(checkpoint), double_quant=True, out=str(tmp_path / "x")))
     for flag, extra in (("--dora", dict(dora=True)), ("--quantize nf4", dict(quantize="nf4"))):
-        with pytest.raises(SystemExit, match=f"{flag} with --fused-mlp is not supported"):
-            train_py.main(train_py.TrainConfig(model=str(checkpoint), fused_mlp=True, out=str(tmp_path / "x"),
+        with pytest.raises(SystemExit, match=f"--fused-mlp with {flag} is not supported"):
+            train_py.train(train_py.TrainConfig(model=str(checkpoint), fused_mlp=True, out=str(tmp_path / "x"),
                                                **extra))
     assert not (tmp_path / "x").exists()

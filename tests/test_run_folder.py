@@ -64,8 +64,8 @@ def test_a_fresh_run_into_a_folder_holding_another_run_is_refused_and_touches_no
 
 
 def test_overwrite_replaces_the_earlier_run_and_latest_always_loads(tmp_path, tiny_ckpt, latest_always_loads):
-    # The older run is longer: pruning by the highest step numbers in the folder used to delete every new
-    # checkpoint right after it was written.
+    # The older run is longer, so its checkpoints have higher step numbers than the new run's: pruning must keep
+    # the newest run's checkpoints, not the highest-numbered ones in the folder.
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=8, save_every=2)
     (out / "notes.txt").write_text("mine")
@@ -136,14 +136,14 @@ def test_a_crash_while_saving_the_final_adapter_leaves_the_previous_one_whole(tm
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
     before = snapshot(out / "adapter")
-    real = lora.adapter._atomic_write
+    real = files.write_file
 
     def dies_on_the_config(path, write):
         if path.name == lora.adapter.CONFIG_NAME:
             raise KeyboardInterrupt("killed between the weights and the config")
         real(path, write)
 
-    monkeypatch.setattr(lora.adapter, "_atomic_write", dies_on_the_config)
+    monkeypatch.setattr(files, "write_file", dies_on_the_config)
     with pytest.raises(KeyboardInterrupt):  # the weights were written, then the process died
         run(tmp_path, tiny_ckpt, "out", steps=4, save_every=0, resume=str(out))
     assert snapshot(out / "adapter") == before
@@ -515,7 +515,7 @@ def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_pat
     victim, shared = snapshot(tmp_path / "victim"), snapshot(tmp_path / "shared")
     with pytest.raises(SystemExit, match=r"latest names '../victim/checkpoint-2'; expected the name of a "
                                          r"checkpoint-N folder"):
-        train.cli(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+        train.main(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
                    "--steps", "4", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "shared")])
     assert snapshot(tmp_path / "victim") == victim and snapshot(tmp_path / "shared") == shared
 
@@ -537,7 +537,7 @@ def test_a_trainer_state_that_is_not_ours_is_refused_before_the_folder_is_touche
     state.write_text(json.dumps(change(json.loads(state.read_text()))))
     before = snapshot(out)
     with pytest.raises(SystemExit) as refused:
-        train.cli(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
+        train.main(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
                    "--alpha", "8", "--steps", "4", "--max-len", "128", "--no-samples",
                    "--resume", str(out / "checkpoint-2")])
     assert problem in str(refused.value) and str(state) in str(refused.value) and "\n" not in str(refused.value)
@@ -595,7 +595,7 @@ def test_resuming_with_the_other_kind_of_adapter_names_the_flag(tmp_path, tiny_c
             "--steps", "3", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "out"), "--rank", "8",
             *([] if dora else ["--dora"])]
     with pytest.raises(SystemExit) as refused:
-        train.cli(argv)
+        train.main(argv)
     said = str(refused.value)
     assert ("its adapter is DoRA: add --dora" if dora else "its adapter is plain LoRA: leave --dora out") in said
     assert "its adapter has rank 4: pass --rank 4" in said

@@ -50,7 +50,7 @@ def test_model_config_reads_shape_names_config_files_and_folders(tmp_path):
 
 
 def test_dry_run_prints_a_7b_table(capsys):
-    rows = train.main(train.TrainConfig(model="llama-2-7b", dry_run=True))["rows"]
+    rows = train.train(train.TrainConfig(model="llama-2-7b", dry_run=True))["rows"]
     out = capsys.readouterr().out
     assert "llama-2-7b" in out
     # LoRA on the MLP: 32 layers x rank x (gate + up + down) x (in + out) = 32 x r x 3 x (4096 + 11008)
@@ -63,12 +63,12 @@ def test_a_shape_trains_from_random_weights_and_a_shape_without_a_tokenizer_is_r
     settings = dict(model="smollm2-1.7b", random_init=True, data="random:4", eval_data="none", steps=1,
                     batch_size=1, grad_accum=1, max_len=8, rank=2, samples=False, out=str(tmp_path / "run"))
     with pytest.raises(SystemExit, match="is a shape without a tokenizer"):
-        train.main(train.TrainConfig(**{**settings, "samples": True}))
+        train.train(train.TrainConfig(**{**settings, "samples": True}))
     with pytest.raises(SystemExit, match="neither a checkpoint folder nor a Hub repo id"):
-        train.main(train.TrainConfig(**{**settings, "random_init": False}))
+        train.train(train.TrainConfig(**{**settings, "random_init": False}))
     # A tiny shape from a config.json: the same code path as a shape name, at a size a test can run.
     tiny = dict(named_shape("smollm2-1.7b").to_hf_dict(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     (tmp_path / "tiny.json").write_text(json.dumps(tiny))
-    summary = train.main(train.TrainConfig(**{**settings, "model": str(tmp_path / "tiny.json")}))
+    summary = train.train(train.TrainConfig(**{**settings, "model": str(tmp_path / "tiny.json")}))
     assert summary["total_params"] - summary["trainable_params"] == num_parameters(model_config(tmp_path / "tiny.json"))

@@ -64,6 +64,6 @@ def test_without_the_package_the_run_is_refused_naming_the_extra(monkeypatch, tm
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     monkeypatch.delitem(__import__("sys").modules, "torch.utils.tensorboard", raising=False)
     with pytest.raises(SystemExit, match=r"pip install -e \.\[tensorboard\]"):
-        train.main(train.TrainConfig(model=str(tiny_ckpt), data=str(GUANACO_SAMPLE), out=str(tmp_path / "x"),
+        train.train(train.TrainConfig(model=str(tiny_ckpt), data=str(GUANACO_SAMPLE), out=str(tmp_path / "x"),
                                      tensorboard=True))
     assert not (tmp_path / "x").exists()  # refused before the output folder was touched

@@ -16,7 +16,7 @@ import train
 from data import BatchStream, eval_batches, load_examples
 from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, run, train_losses
 from tinyllama import load_model, reference_loss
-from tinyllama.runtime import Runtime, sdpa_context
+from tinyllama.runtime import RuntimePlan, sdpa_context
 from training.step import batch_loss, evaluate, is_right_padded, prepare
 
 pytest.importorskip("transformers")
@@ -158,11 +158,11 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
 def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("loaded a model despite bad args"))
     with pytest.raises(SystemExit, match=message):
-        train.main(train.parse_args(argv))
+        train.train(train.parse_args(argv))
 
 
 def test_dry_run_prints_the_reference_table_without_downloading(capsys):
-    summary = train.main(train.parse_args(["--rank", "64", "--dry-run"]))
+    summary = train.train(train.parse_args(["--rank", "64", "--dry-run"]))
     out = capsys.readouterr().out
     assert "32,440,320" in out and "1,132,488,704" in out and "2.86%" in out
     assert [r["trainable_params"] for r in summary["rows"]] == [2_027_520, 8_110_080, 32_440_320, 129_761_280]
@@ -175,7 +175,7 @@ def test_nan_loss_stops_and_names_the_step_keeping_the_last_checkpoint(tmp_path,
     step = int(e.value.args[0].split("at step ")[1].split(":")[0])
     assert step >= 2
     good = tmp_path / "nan" / f"checkpoint-{step - 1}"
-    model = load_model(tiny_ckpt, lora=lora.read_adapter_config(good))
+    model = load_model(tiny_ckpt, lora_config=lora.read_adapter_config(good))
     lora.load_adapter(model, good)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -209,7 +209,7 @@ def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
     import transformers
     run(tmp_path, tiny_ckpt, "peft", steps=3)
     adapter = tmp_path / "peft" / "adapter"
-    ours = load_model(tiny_ckpt, lora=lora.read_adapter_config(adapter)).eval()
+    ours = load_model(tiny_ckpt, lora_config=lora.read_adapter_config(adapter)).eval()
     lora.load_adapter(ours, adapter)
     assert any(w.abs().max() > 0 for k, w in adapter_weights(tmp_path / "peft").items() if "lora_B" in k)
     base = transformers.LlamaForCausalLM.from_pretrained(tiny_ckpt, attn_implementation="eager")
@@ -226,7 +226,7 @@ def test_summary_reports_the_reference_table_columns_of_the_run(tmp_path, tiny_c
     assert [r["split"] for r in rows] == ["train", "eval", "train", "eval"]
     steps = [r for r in rows if r["split"] == "train"]
     # The parameter columns: the model as trained, counted by lora.count_parameters.
-    trainable, total = lora.count_parameters(load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8)))
+    trainable, total = lora.count_parameters(load_model(tiny_ckpt, lora_config=lora.LoRAConfig(4, 8)))
     assert (summary["trainable_params"], summary["total_params"]) == (trainable, total) and 0 < trainable < total
     assert summary["trainable_percent"] == pytest.approx(100 * trainable / total, rel=1e-12)
     # Time and throughput: the sums over the steps in metrics.jsonl, whose tokens are the batches' real tokens.
@@ -240,10 +240,9 @@ def test_summary_reports_the_reference_table_columns_of_the_run(tmp_path, tiny_c
     assert (summary["first_loss"], summary["last_loss"]) == (steps[0]["loss"], steps[-1]["loss"])
     # Eval loss: the saved adapter evaluated on the eval data, here and now, by `evaluate` and one example at a
     # time through the full-logits reference loss.
-    model = load_model(tiny_ckpt, lora=lora.read_adapter_config(out / "adapter"))
+    model = load_model(tiny_ckpt, lora_config=lora.read_adapter_config(out / "adapter"))
     lora.load_adapter(model, out / "adapter")
-    runtime = Runtime(torch.device("cpu"), torch.float32, train.TrainConfig.sdpa_backends, "")
-    loss, _ = evaluate(model, eval_batches(examples, 4, 128), runtime)
+    loss, _ = evaluate(model, eval_batches(examples, 4, 128), RuntimePlan())
     with torch.no_grad():
         sums, counts = zip(*(reference_loss(model.eval()(e.input_ids[None]), e.labels[None]) for e in examples),
                            strict=True)
@@ -264,7 +263,7 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
     results = []
     for b in (batch, fast):
         torch.manual_seed(0)
-        model = randomize_lora_b(load_model(tiny_ckpt, lora=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
+        model = randomize_lora_b(load_model(tiny_ckpt, lora_config=lora.LoRAConfig(4, 8, dropout=0.0)), std=0.1)
         loss, n = batch_loss(model, b)
         (loss / n).backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))

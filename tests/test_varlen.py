@@ -1,6 +1,6 @@
 """Packed rows without a dense mask: `cu_seqlens` says what the document ids say, and attention over segments
-(varlen) computes what the block-diagonal mask computes: on CPU through `varlen_reference`, on CUDA through
-torch's varlen flash attention."""
+(varlen) computes what the block-diagonal mask computes: on CPU through `varlen_plain`, on CUDA through
+torch's varlen flash attention. The model reads packed rows from `cu_seqlens` alone, on either path."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from helpers import GUANACO_SAMPLE, TOKENIZER_PATH, hf_checkpoint, randomize_lor
 from lora import LoRAConfig
 from tinyllama import load_model
 from tinyllama.loss import causal_lm_loss
+from tinyllama.model import segment_ids
+from tinyllama.runtime import RuntimePlan
+from training.step import MODEL_INPUTS
 
 CUDA = torch.device("cpu" if os.environ.get("GPU_TESTS_ON_CPU") else "cuda")  # as in test_cuda.py
 
@@ -51,14 +54,22 @@ def test_cu_seqlens_marks_every_document_and_padding_tail():
     starts = [i for i in range(total) if i % max_len == 0 or docs[i] != docs[i - 1]]
     assert used == starts + [total]
     assert (cu[len(used):] == total).all()  # the fixed-length padding: empty segments
+    # The model's dense mask groups tokens by segment_ids(cu_seqlens): the same partition as the document ids.
+    segments = segment_ids(cu, rows, max_len).flatten().tolist()
+    pairs = {(d, r) for d, r in zip([f"{i // max_len}:{d}" for i, d in enumerate(docs)], segments, strict=True)}
+    assert len(pairs) == len({d for d, _ in pairs}) == len({s for _, s in pairs})
 
 
-def lora_model(path, varlen: bool):
+def lora_model(path, varlen: bool, device: torch.device | None = None):
     torch.manual_seed(0)
-    model = load_model(path, lora=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
+    model = load_model(path, lora_config=LoRAConfig(4, 8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj")))
     randomize_lora_b(model, seed=1)
-    model.varlen_attention = varlen
+    model.plan = RuntimePlan(device=device or torch.device("cpu"), varlen=varlen)
     return model
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def test_segments_compute_what_the_dense_mask_computes(hf_tiny):
@@ -66,8 +77,7 @@ def test_segments_compute_what_the_dense_mask_computes(hf_tiny):
     results = []
     for varlen in (False, True):
         model = lora_model(hf_tiny, varlen)
-        extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-        loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)
+        loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], **model_inputs(batch))
         (loss / n).backward()
         results.append((loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
     (l_mask, g_mask), (l_seg, g_seg) = results
@@ -100,20 +110,19 @@ def test_train_py_packed_with_varlen_trains_like_the_dense_mask(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_varlen_flash_attention_matches_the_dense_mask(hf_tiny):
-    from tinyllama.model import _VARLEN_KERNEL
+    from tinyllama.runtime import VARLEN_KERNEL
 
-    if _VARLEN_KERNEL is None and CUDA.type == "cuda":
+    if VARLEN_KERNEL is None and CUDA.type == "cuda":
         pytest.fail("this torch has no torch.nn.attention.varlen: packed rows fall back to the dense mask")
     batch, _ = packed_batch(max_len=64)
     batch = {k: v.to(CUDA) for k, v in batch.items()}
     results = []
     for varlen in (False, True):
-        model = lora_model(hf_tiny, varlen).to(CUDA, torch.bfloat16)
+        model = lora_model(hf_tiny, varlen, CUDA).to(CUDA, torch.bfloat16)
         for layer in lora.lora_layers(model).values():
             layer.lora_A.float(), layer.lora_B.float()
         with torch.autocast(CUDA.type, dtype=torch.bfloat16):
-            extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-            loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)
+            loss, n = causal_lm_loss(model, batch["input_ids"], batch["labels"], **model_inputs(batch))
         (loss / n).backward()
         results.append((loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-2, atol=2e-2)

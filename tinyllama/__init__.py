@@ -7,9 +7,10 @@ NF4 base weights are `tinyllama.quant`; named model shapes `tinyllama.shapes`; t
 """
 
 from .checkpoint import load_model, save_model
+from .config import LlamaConfig
 from .generation import StopStrings, generate, generate_batch
 from .loss import causal_lm_loss, reference_loss
-from .model import KVCache, Llama, LlamaConfig
+from .model import KVCache, Llama
 from .tokenizer import BPETokenizer, Tokenizer, load_tokenizer
 
 __all__ = ["Llama", "LlamaConfig", "KVCache", "Tokenizer", "BPETokenizer", "load_tokenizer", "load_model",

@@ -18,7 +18,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import Llama, LlamaConfig, RMSNorm
+from lora.layer import LoRALinear
+
+from .config import LlamaConfig
+from .model import Llama, RMSNorm
 from .quant import (
     NF4Storage,
     check_quantize,
@@ -51,6 +54,12 @@ class HubUnavailable(RuntimeError):
     """A model or dataset could not be fetched from the Hugging Face Hub (offline, unknown or gated repo)."""
 
 
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec`, not an existing path, reads as a Hub repo id ("owner/name"), not as a path that is missing
+    (`./x/y`, `/x/y`, `~/x`)."""
+    return not Path(spec).exists() and spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+
+
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
     """A local folder as is, or a Hub repo id downloaded (to the HF cache; HF_HOME/HF_HUB_OFFLINE apply)."""
     path = Path(path_or_repo_id)
@@ -59,7 +68,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
             raise ValueError(f"{path} is a file; pass the checkpoint folder holding config.json and *.safetensors")
         return path
     repo_id = str(path_or_repo_id)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+    if not is_hub_id(repo_id):
         raise FileNotFoundError(f"{repo_id!r} is neither an existing folder nor a Hub repo id like "
                                 f"{DEFAULT_MODEL!r}")
     from huggingface_hub import snapshot_download
@@ -86,7 +95,7 @@ def model_config(spec: str | os.PathLike) -> LlamaConfig:
 
 
 def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 lora=None, quantize: str | None = None, double_quant: bool = False) -> Llama:
+                 lora_config=None, quantize: str | None = None, double_quant: bool = False) -> Llama:
     """A model of `config`'s shape with random weights (benchmarks without the Hub: a step costs the same).
     LoRA weights stay float32, as `load_model` makes them.
 
@@ -95,13 +104,13 @@ def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, dev
     """
     if check_quantize(quantize) is None:
         with torch.device(device):
-            model = Llama(config, lora=lora)
+            model = Llama(config, lora_config=lora_config)
         for name, p in model.named_parameters():
             if ".lora_" not in name:
                 p.data = p.data.to(dtype)
         return model
     with torch.device("meta"):
-        model = Llama(config, lora=lora)
+        model = Llama(config, lora_config=lora_config)
     for name, module in list(model.named_modules()):
         if is_projection(name, module):
             weight = torch.empty(module.out_features, module.in_features, device=device)
@@ -145,7 +154,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", lora=None, quantize: str | None = None,
+               device: str | torch.device = "cpu", lora_config=None, quantize: str | None = None,
                double_quant: bool = False) -> Llama:
     """Load a Hugging Face Llama checkpoint into `Llama`, optionally with LoRA built in (fresh adapters).
 
@@ -161,7 +170,7 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
         raise FileNotFoundError(f"no config.json in {folder}: a Hugging Face checkpoint folder needs one")
     config = LlamaConfig.from_json(config_path)
     with torch.device("meta"):
-        model = Llama(config, lora=lora)
+        model = Llama(config, lora_config=lora_config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     wanted = {k for k in expected if ".lora_" not in k}
     if config.tie_word_embeddings:
@@ -217,8 +226,6 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
 
 def _materialize_lora(model: Llama, device) -> None:
     """LoRA tensors are not in a base checkpoint: create them (float32, PEFT's init) on the target device."""
-    from lora.layer import LoRALinear
-
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.lora_A.to_empty(device=device)
@@ -243,8 +250,6 @@ def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | No
     adapter would be silently lost otherwise.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
-
-    from lora.layer import LoRALinear
 
     if is_quantized(model):
         raise ValueError("this model's projections are NF4-quantised; save_model writes dense Hugging Face "

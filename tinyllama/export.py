@@ -1,7 +1,7 @@
 """Merge a trained LoRA adapter into its base model: one folder that other tools open as it is.
 
     python -m tinyllama.export --adapter runs/rank64/adapter --out runs/rank64/merged
-    make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged
+    make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged        # OVERWRITE=1: --overwrite
 
 The folder is a Hugging Face Llama checkpoint: `config.json`, `generation_config.json`, the merged weights
 (`model.safetensors`, or shards and `model.safetensors.index.json` above `--max-shard-size`) and the tokenizer
@@ -52,8 +52,9 @@ from .checkpoint import (
     save_model,
 )
 from .files import write_dir
+from .model import Llama
 from .runtime import DTYPES
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, write_tokenizer_config
 
 GENERATION_CONFIG = "generation_config.json"
 # Every file an export writes, and so all that --overwrite may replace: OUT is swapped in whole, so a folder
@@ -74,21 +75,19 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     """
     log = log or (lambda message: None)
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
-    config = lora.read_adapter_config(adapter_dir)
+    adapter = lora.read_adapter_file(adapter_dir)
     _refuse_out(out, overwrite, adapter_dir)  # before anything is downloaded or read
-    base, folder = resolve_base(adapter_dir, base)
+    base, folder = resolve_base(adapter, base)
     _refuse_replacing(out, folder)
     tokenizer_files = _tokenizer_files(folder)
     # Read now, so a broken tokenizer.model is reported as such, not as a failed write.
     sentencepiece = None if "tokenizer_config.json" in tokenizer_files else Tokenizer(folder / "tokenizer.model")
     dtype = dtype or default_dtype(folder)
 
-    log(f"merging {adapter_dir} into {base} (r={config.rank}, alpha={config.alpha:g}, "
-        f"{', '.join(config.targets)})")
-    model = load_model(folder, dtype=torch.float32, lora=config)
-    lora.load_adapter(model, adapter_dir)
-    with torch.no_grad():
-        lora.merge(model)
+    config = adapter.config
+    log(f"merging {adapter_dir} into {base} ({'DoRA, ' if config.use_dora else ''}r={config.rank}, "
+        f"alpha={config.alpha:g}, {', '.join(config.targets)})")
+    model = load_adapted(folder, adapter, merge=True, dtype=torch.float32)
     generation_path = folder / GENERATION_CONFIG  # without one, save_model writes the config's BOS and EOS ids
     generation_config = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else None
 
@@ -104,26 +103,33 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     return out
 
 
-def recorded_base(adapter_dir: str | os.PathLike) -> str:
-    """The base model an adapter was trained on, as its adapter_config.json records it."""
-    path = Path(adapter_dir) / lora.adapter.CONFIG_NAME
-    base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{path} records no base_model_name_or_path: pass the base model with --model")
-    return base
-
-
-def resolve_base(adapter_dir: str | os.PathLike, base: str | os.PathLike | None = None) -> tuple[str, Path]:
-    """The base an adapter goes onto, `base` (a folder or Hub id) or else the one the adapter records, and its
-    checkpoint folder (downloaded if a Hub id). A recorded base that cannot be found says where it came from."""
+def resolve_base(adapter: lora.AdapterFile, base: str | os.PathLike | None = None) -> tuple[str, Path]:
+    """The base an adapter (`lora.read_adapter_file`) goes onto, `base` (a folder or Hub id) or else the one the
+    adapter records, and its checkpoint folder (downloaded if a Hub id). A recorded base that cannot be found
+    says where it came from."""
     if base is not None:
         return str(base), resolve_checkpoint(base)
-    base = recorded_base(adapter_dir)
+    if not adapter.base_model:
+        raise ValueError(f"{adapter.path} records no base_model_name_or_path: pass the base model with --model")
     try:
-        return base, resolve_checkpoint(base)
+        return adapter.base_model, resolve_checkpoint(adapter.base_model)
     except (FileNotFoundError, HubUnavailable) as e:
-        raise type(e)(f"{e}. This is the base that {Path(adapter_dir) / lora.adapter.CONFIG_NAME} records; pass "
-                      "--model with another copy of it") from e
+        raise type(e)(f"{e}. This is the base that {adapter.path} records; pass --model with another copy of "
+                      "it") from e
+
+
+def load_adapted(folder: Path, adapter: lora.AdapterFile | None, *, merge: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Llama:
+    """The model of checkpoint `folder` in `dtype` on `device`, with `adapter` (`lora.read_adapter_file`; None:
+    none) loaded into it and, with `merge`, folded into its weights (`lora.merge`). Used by the export and by
+    `chat.py`."""
+    model = load_model(folder, dtype=dtype, device=device, lora_config=adapter.config if adapter else None)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+        if merge:
+            with torch.no_grad():
+                lora.merge(model)
+    return model
 
 
 def default_dtype(folder: Path) -> torch.dtype:
@@ -151,8 +157,8 @@ def _refuse_out(out: Path, overwrite: bool, keep: Path) -> None:
                               "generation_config.json, model*.safetensors, tokenizer files): pick a new or empty "
                               "--out, or move those files elsewhere")
     if found and not overwrite:
-        raise FileExistsError(f"--out {out} already holds an export ({_names(found)}); pass --overwrite to "
-                              "replace it, or pick another --out")
+        raise FileExistsError(f"--out {out} already holds an export ({_names(found)}); pass --overwrite (make "
+                              "export: OVERWRITE=1) to replace it, or pick another --out")
 
 
 def _refuse_protected(out: Path) -> None:
@@ -196,33 +202,6 @@ def _tokenizer_files(folder: Path) -> list[str]:
         raise FileNotFoundError(f"the base {folder} has a tokenizer.json but no tokenizer_config.json, which names "
                                 "its BOS and EOS tokens; put the model's own tokenizer_config.json beside it")
     return found
-
-
-def _special(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-
-
-def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
-    """tokenizer_config.json and special_tokens_map.json for a SentencePiece `tokenizer.model`, as TinyLlama
-    ships them, so transformers (4 and 5) tokenises as `tokenizer` does (README: Tokenizer lists the exceptions)."""
-    special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id()}
-    missing = [name for name, i in special.items() if i < 0]
-    if missing:
-        raise ValueError(f"{tokenizer.path} defines no {', '.join(missing)}; a Llama tokenizer has <unk>, <s> and "
-                         "</s>")
-    pieces = {name: tokenizer.id_to_piece(i) for name, i in special.items()}
-    config = {
-        "add_bos_token": True, "add_eos_token": False,
-        "added_tokens_decoder": {str(i): {**_special(tokenizer.id_to_piece(i)), "special": True}
-                                 for i in sorted(special.values())},
-        **{name: {"__type": "AddedToken", **_special(piece)} for name, piece in pieces.items()},
-        "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
-        "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
-        "tokenizer_class": "LlamaTokenizer",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    special_map = {name: _special(piece) for name, piece in pieces.items()}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
 
 
 def _parse(argv):

@@ -1,11 +1,13 @@
 """Writing files and folders whole or not at all: a crash, a kill or a full disk never leaves half of one.
 
     write_text(path, text)          # a temporary file beside it, renamed into place
+    write_file(path, write)         # the same for any file `write(tmp)` writes (safetensors, ...)
     write_dir(final, write)         # `write(folder)` fills a folder beside `final`, which is then swapped in
     replace_dir(new, final)         # the swap itself: one atomic step on Linux (renameat2 RENAME_EXCHANGE)
 
-Used by training runs (checkpoints, the adapter) and by the merged-model export. Left out: fsync (a power cut
-may still lose what the OS had not written; a killed process cannot), and locking (see `training.run_folder`).
+Used by training runs (checkpoints), adapters (`lora.save_adapter`) and the merged-model export. Left out: fsync
+(a power cut may still lose what the OS had not written; a killed process cannot), and locking (see
+`training.run_folder`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ class WriteError(RuntimeError):
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file beside it, renamed into place."""
+    """Write a whole text file or nothing (see `write_file`)."""
+    write_file(path, lambda tmp: tmp.write_text(text))
+
+
+def write_file(path: Path, write) -> None:
+    """Write a whole file or nothing: `write(tmp)` fills a temporary file beside `path`, renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # a full disk's OSError names no file
         tmp.unlink(missing_ok=True)

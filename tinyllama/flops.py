@@ -30,14 +30,14 @@ def lora_shapes(config) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def training_flops_per_token(config, lora, seq_len: int) -> float:
+def training_flops_per_token(config, lora_config, seq_len: int) -> float:
     base = 4 * matmul_params_per_token(config)
     q_dim = config.num_attention_heads * config.head_dim
     attention = 3 * 2 * q_dim * seq_len * config.num_hidden_layers
     adapters = 0
-    if lora is not None:
+    if lora_config is not None:
         shapes = lora_shapes(config)
-        adapters = 6 * lora.rank * sum(sum(shapes[t]) for t in lora.targets) * config.num_hidden_layers
+        adapters = 6 * lora_config.rank * sum(sum(shapes[t]) for t in lora_config.targets) * config.num_hidden_layers
     return float(base + attention + adapters)
 
 

@@ -225,7 +225,7 @@ class StopStrings:
     SentencePiece splits a marker differently depending on what precedes it (`### Human:` is `▁###` at the start
     of a line but `##`,`#` after "!"), so the check is on text, not ids. Returns how many tokens to keep: those
     before the token in which the stop string begins. When it begins inside a token (a piece like ":#"), that
-    token's text before the marker is lost too; `chat.answer` cuts the text exactly instead.
+    token's text before the marker is lost too; `data.dialogue.answer` cuts the text exactly instead.
     Only the last few tokens are decoded per call, enough to hold the longest stop string.
     """
 

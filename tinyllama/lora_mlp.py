@@ -14,8 +14,8 @@ Dropout keeps PEFT's semantics: each of the three modules draws its own mask ove
 and up, h for down), scaled by 1 / (1 - p), on the LoRA branch only. The masks are drawn with `torch.bernoulli`
 (gate, up, down, in that order) rather than by `nn.Dropout`, so the same seed gives other masks than the plain
 path; tests/test_lora_mlp.py checks both paths against a hand-written reference with the same masks. DoRA and NF4
-bases (`tinyllama.quant`) are left out: their MLP runs on the plain path (`configure_runtime` does not fuse it;
-`fuse_gate_up` refuses it), where each NF4 projection dequantises its own weight in forward and backward.
+bases (`tinyllama.quant`) are left out: their MLP runs on the plain path (`runtime.plan_runtime` does not plan
+it), where each NF4 projection dequantises its own weight in forward and backward.
 """
 
 from __future__ import annotations
@@ -23,29 +23,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lora.layer import LoRALinear
+
+from .quant import NF4Storage
+
 
 def fuse_gate_up(mlp) -> bool:
     """Store gate and up's frozen weights as one tensor (`mlp.gate_up_weight`, a non-persistent buffer), the
-    modules' weights views of it; True if done. Only for an MLP with LoRA on all three projections; DoRA is
-    refused (`LoRAMLP` computes plain LoRA only), and so are NF4 base weights (`LoRAMLP` takes dense ones).
-
-    Call it once the model is loaded and on its device: moving or casting the model afterwards gives the views
-    storage of their own again (still correct, with gate and up held twice).
+    modules' weights views of it; True if done (or done before). `runtime.apply_plan` calls it for a plan with
+    `fused_mlp`, which `runtime.plan_runtime` refuses for DoRA and NF4 bases; an MLP without plain LoRA on all
+    three dense projections is left alone (False) and runs on the plain path.
     """
-    from lora.layer import LoRALinear
-
-    from .quant import NF4Storage
-
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    if any(isinstance(m, NF4Storage) for m in (gate, up, down)):
-        raise ValueError("the fused LoRA MLP (tinyllama.lora_mlp) takes dense base weights, and this MLP's are "
-                         "NF4-quantised; run it on the plain path (each projection dequantises its own weight): "
-                         "fused_mlp=False, or leave fused_mlp unset (None)")
-    if not all(isinstance(m, LoRALinear) for m in (gate, up, down)) or mlp.gate_up_weight is not None:
-        return mlp.gate_up_weight is not None
-    if any(m.use_dora for m in (gate, up, down)):
-        raise ValueError("the fused LoRA MLP (tinyllama.lora_mlp) does not implement DoRA (use_dora=True); run "
-                         "DoRA on the plain path: fused_mlp=False, or leave fused_mlp unset (None)")
+    if mlp.gate_up_weight is not None:
+        return True
+    if not all(isinstance(m, LoRALinear) and not isinstance(m, NF4Storage) and not m.use_dora
+               for m in (gate, up, down)):
+        return False
     fused = torch.cat([gate.weight.detach(), up.weight.detach()])
     n = gate.weight.shape[0]
     mlp.gate_up_weight = fused  # a registered, non-persistent buffer: not in checkpoints
@@ -155,8 +149,8 @@ def lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     p = p if mlp.training else 0.0
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     masks = dropout_masks(x2, down.in_features, p)
-    lora = [t.weight.to(dtype) for m in (gate, up, down) for t in (m.lora_A, m.lora_B)]
+    adapters = [t.weight.to(dtype) for m in (gate, up, down) for t in (m.lora_A, m.lora_B)]
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRAMLP.apply(x2, mlp.gate_up_weight.to(dtype), down.weight.to(dtype), *lora,
+        y = LoRAMLP.apply(x2, mlp.gate_up_weight.to(dtype), down.weight.to(dtype), *adapters,
                           (gate.scaling, up.scaling, down.scaling), p, masks)
     return y.view(*x.shape[:-1], y.shape[-1])

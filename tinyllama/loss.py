@@ -13,6 +13,8 @@ only that ([tokens, hidden]), so no [tokens, vocab] logits or softmax are held f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -44,9 +46,8 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
 def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of CE over the chunk, d/dlogits = softmax - onehot in the logits' dtype), computed in float32.
 
-    Eager, this is five passes over a float32 [chunk, vocab] buffer; `torch.compile(cross_entropy_chunk)`
-    (`tinyllama.runtime.compile_model` sets it as the model's `loss_chunk`) fuses them into a read of the
-    logits and a write of the gradient.
+    Eager, this is five passes over a float32 [chunk, vocab] buffer; compiled (`compiled_cross_entropy_chunk`,
+    what a compiled plan's loss uses) they fuse into a read of the logits and a write of the gradient.
     """
     logits32 = logits.float()
     lse = logits32.logsumexp(-1)
@@ -54,6 +55,12 @@ def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     probs = logits32.sub_(lse[:, None]).exp_()  # softmax, in place: one [chunk, vocab] buffer
     probs[torch.arange(targets.numel(), device=targets.device), targets] -= 1
     return loss, probs.to(logits.dtype)
+
+
+@functools.cache
+def compiled_cross_entropy_chunk():
+    """`cross_entropy_chunk` compiled once; chunk lengths vary (labelled tokens per batch), hence dynamic."""
+    return torch.compile(cross_entropy_chunk, dynamic=True)
 
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096,
@@ -110,5 +117,6 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, label_index=None, **forward_kwargs):
     """(loss sum, labelled-token count) of `model` on a batch; kwargs go to `model.hidden_states`."""
     hidden = model.hidden_states(input_ids, **forward_kwargs)
+    compiled = (forward_kwargs.get("plan") or model.plan).compile_scope is not None
     return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size, label_index=label_index,
-                        loss_chunk=getattr(model, "loss_chunk", None))
+                        loss_chunk=compiled_cross_entropy_chunk() if compiled else None)

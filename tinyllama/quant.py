@@ -18,7 +18,7 @@ A quantised projection (`NF4Linear`, or `NF4LoRALinear` with an adapter) dequant
 forward pass and again in the backward pass (`nf4_linear`, a custom autograd function that saves the packed
 weight, never the dense one, and computes no weight gradient: the base is frozen). Dequantisation is a handful
 of elementwise tensor ops with static shapes and no host synchronisation, which torch.compile fuses into one
-kernel per weight; `nf4_linear_reference` is the plain path (autograd through the dense dequantised weight).
+kernel per weight; `tests/test_quant.py` checks it against autograd through the dense dequantised weight.
 The fused LoRA MLP (`tinyllama.lora_mlp`) takes dense weights only: an NF4 MLP runs on the plain modules.
 
 Left out: FP4 and other 4-bit types, quantised embeddings, norms or LM head (they stay in the compute dtype),
@@ -258,11 +258,6 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, dtype: torch.dtype) -> torch.
                                 weight.absmax, weight.code, weight.offset, weight.nested_absmax, weight.nested_code)
 
 
-def nf4_linear_reference(x: torch.Tensor, weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The plain path of `nf4_linear`: a dense dequantised weight through F.linear (autograd keeps it)."""
-    return F.linear(x, nf4_dequantize(weight, dtype))
-
-
 # Buffer names of a quantised weight in a module (and so in its state_dict): `weight_packed`, `weight_absmax`, ...
 _BUFFERS = ("packed", "absmax", "code", "offset", "nested_absmax", "nested_code")
 
@@ -279,6 +274,11 @@ class NF4Storage:
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(self.weight_packed, self.weight_absmax, self.weight_shape, self.block_size,
                          self.weight_code, self.weight_offset, self.weight_nested_absmax, self.weight_nested_code)
+
+    @property
+    def quantized_weight_count(self) -> int:
+        """How many weights the module stands for beyond its parameters (`lora.count_parameters` counts them)."""
+        return self.weight_shape.numel()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense frozen weight [out, in] in `dtype` (default: the compute dtype): a new tensor."""
@@ -317,7 +317,7 @@ class NF4LoRALinear(NF4Storage, LoRALinear):
     adapter is LoRALinear's own (float32 `lora_A` / `lora_B`, same names, same PEFT keys).
 
     Built with its LoRA tensors on `meta` (they are not in a base checkpoint): `load_model` / `random_model`
-    materialise them, or `quantize_model` hands over an existing layer's.
+    materialise them, or `quantized_module` hands over an existing layer's.
     """
 
     def __init__(self, weight: NF4Weight, config: LoRAConfig, dtype: torch.dtype):
@@ -374,21 +374,6 @@ def is_projection(name: str, module: nn.Module) -> bool:
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, quantize: str = "nf4", *, double_quant: bool = False,
-                   block_size: int = 64) -> nn.Module:
-    """Quantise a loaded model's projections in place (from their current dense weights, in the model's dtype);
-    returns the model. `load_model(..., quantize="nf4")` quantises while reading instead, never holding all the
-    dense weights at once."""
-    check_quantize(quantize)
-    for name, module in list(model.named_modules()):
-        if is_projection(name, module):
-            dtype = module.weight.dtype
-            replace_module(model, name, quantized_module(module, nf4_quantize(module.weight, block_size,
-                                                                              double_quant), dtype))
-    return model
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -1,22 +1,45 @@
-"""How a model runs on a machine: device and dtype names, attention kernels, torch.compile.
+"""How a model runs on this machine: every machine-dependent decision, made once, in one `RuntimePlan`.
 
     device, dtype = resolve_device("auto"), resolve_dtype("auto", device)
-    runtime = configure_runtime(model, device, dtype, sdpa_backends=DEFAULT_SDPA_BACKENDS, compile_scope="layers")
-    with runtime.forward():   # bf16 autocast on a bf16 model, and the attention kernels in order of preference
+    plan = plan_runtime(model.config, device, dtype, lora_config=model.lora_config)  # decided and checked once
+    plan = check_fast_paths(model, plan, log)  # each fast path once beside its plain path; a failing one is off
+    apply_plan(model, plan)        # the model's plan; the fused gate/up weight and torch.compile, if planned
+    with plan.forward():           # bf16 autocast on a bf16 model, and the attention kernels in order of preference
         logits = model(ids)
 
-Used by `train.py` and `chat.py` alike. The model itself runs without any of this (CPU, float32, PyTorch's
-own kernel choice); these are switches for speed, each tested to change no numbers.
+What runs where (`plan_runtime`'s defaults; each fast path is tested against its plain path, and the plain path
+is what a CPU runs and what `RuntimePlan()` is):
+
+| decision | CUDA | CPU | plain path |
+|---|---|---|---|
+| dtype | bfloat16 | float32 | float32 |
+| packing (`packing`) | on | off (padding) | padding |
+| attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
+| grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
+| packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
+| LoRA MLP (`fused_mlp`) | one autograd function, gate/up one weight (not DoRA, not NF4) | the modules | the modules |
+| torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
+
+The forward pass reads only its arguments and the plan (`Llama.plan`, or a `plan=` argument). The one change
+`apply_plan` makes to the model's tensors is the fused MLP's: gate's and up's frozen weights become views of one
+`[2 * intermediate, hidden]` tensor (`MLP.gate_up_weight`, a non-persistent buffer), so their base products are
+one matmul; checkpoints and adapters keep Hugging Face's names and `save_model` writes each view as its own
+tensor. Moving or casting the model afterwards gives the views storage of their own again (still correct).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .lora_mlp import fuse_gate_up
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -24,6 +47,7 @@ COMPILE_SCOPES = ("layers", "model")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 DEFAULT_SDPA_BACKENDS = "flash,cudnn,efficient,math"
+FAST_PATHS = ("varlen", "fused_mlp", "gqa_in_place")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,54 +72,130 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-@dataclass
-class Runtime:
-    """What `configure_runtime` decided: `forward()` is the context every forward pass of the model runs in."""
-    device: torch.device
-    dtype: torch.dtype
-    sdpa_backends: str
-    attention: str  # the kernel unmasked causal attention gets, for the log
+def _varlen_kernel():
+    """torch's varlen flash attention, called as the installed version spells it (its signature has changed
+    between releases); None where there is none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def kernel(q, k, v, segments):
+        if not gqa and k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        cu = segments.cu_seqlens
+        return varlen_attn(q, k, v, cu, cu, segments.row_len, segments.row_len, **causal,
+                           **({"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}))
+
+    return kernel
+
+
+VARLEN_KERNEL = _varlen_kernel()  # what `model.varlen_attention` calls on CUDA
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """How the model runs: decided once by `plan_runtime`, given to the model by `apply_plan`. The defaults are
+    the plain path everywhere."""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    packing: bool = False  # packed rows (data.batching) instead of length-grouped padded batches
+    sdpa_backends: str = "default"  # SDPA's kernels in order of preference (`sdpa_context`)
+    gqa_in_place: bool = True  # unmasked attention reads grouped k/v heads in place (SDPA enable_gqa)
+    varlen: bool = False  # packed rows as segments through `VARLEN_KERNEL` instead of a dense block mask
+    fused_mlp: bool = False  # the LoRA MLP as one autograd function (`tinyllama.lora_mlp`)
+    compile_scope: str | None = None  # torch.compile: "layers" (each decoder layer), "model", or None (eager)
+    compile_mode: str = "default"
+    attention: str = "cpu"  # the kernel unmasked causal attention gets, for the log
 
     @contextlib.contextmanager
     def forward(self):
+        """The context every forward pass runs in: bf16 autocast on a bf16 model, the attention kernel order."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16), \
                 sdpa_context(self.sdpa_backends):
             yield
 
+    def describe(self) -> str:
+        """One line for the log: what this run uses."""
+        fast = [name for name in FAST_PATHS if getattr(self, name)]
+        compiled = f", compiled ({self.compile_scope}, {self.compile_mode})" if self.compile_scope else ""
+        return (f"{self.device.type} {str(self.dtype).removeprefix('torch.')}, "
+                f"{'packed' if self.packing else 'padded'} rows, attention: {self.attention}; fast paths: "
+                f"{', '.join(fast) or 'none'}{compiled}")
 
-def configure_runtime(model, device: torch.device, dtype: torch.dtype, *,
-                      sdpa_backends: str = DEFAULT_SDPA_BACKENDS, fused_mlp: bool | None = None,
-                      varlen: bool | None = None, compile_scope: str | None = None,
-                      compile_mode: str = "default") -> Runtime:
-    """Set the model's runtime switches for this machine: grouped k/v read in place where the preferred kernel
-    takes them (`Attention.native_gqa`); the LoRA MLP as one autograd function (`tinyllama.lora_mlp`; None: on
-    CUDA unless the adapter is DoRA or the base NF4, which it does not implement); packed rows as concatenated
-    segments for varlen flash attention instead of a dense mask (`Llama.varlen_attention`; None: on CUDA where
-    torch has the kernel); torch.compile (`compile_scope` "layers" or "model"; None: eager). Call it once the
-    model is loaded on `device`."""
-    from .lora_mlp import fuse_gate_up
-    from .model import _VARLEN_KERNEL
-    from .quant import is_quantized
 
-    repeated, in_place = attention_kernels(device, dtype, sdpa_backends, model.config)
-    dora = model.lora_config is not None and model.lora_config.use_dora
-    unfusable = "DoRA" if dora else "an NF4-quantised base" if is_quantized(model) else None
+def default_packing(device: torch.device) -> bool:
+    """Packed rows on CUDA, where they are the fastest (a step then holds more conversations); padding on a CPU."""
+    return device.type == "cuda"
+
+
+def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool = False,
+                  fused_mlp: bool | None = None, varlen: bool | None = None) -> list[str]:
+    """Why the asked-for paths cannot run, one line each (train.py's flags named); [] when they can."""
+    problems = []
+    unfusable = "--dora" if dora else "--quantize nf4" if quantized else None
     if fused_mlp and unfusable:
-        raise ValueError(f"fused_mlp=True (train.py --fused-mlp) with {unfusable}: the fused LoRA MLP computes "
-                         "plain LoRA on dense weights only; leave fused_mlp unset or pass --no-fused-mlp to run the "
-                         "MLP on the plain path")
-    fused_mlp = device.type == "cuda" and not unfusable if fused_mlp is None else fused_mlp
-    model.varlen_attention = device.type == "cuda" and _VARLEN_KERNEL is not None if varlen is None else varlen
-    for layer in model.model.layers:
-        layer.self_attn.native_gqa = in_place == repeated
-        if fused_mlp:
-            fuse_gate_up(layer.mlp)
-    if compile_scope is not None:
-        compile_model(model, compile_scope, compile_mode)
-    attention = ("cpu" if device.type != "cuda" else f"{repeated} kernel"
+        problems.append(f"--fused-mlp with {unfusable} is not supported (the fused LoRA MLP computes plain LoRA on "
+                        "dense weights); leave --fused-mlp out and the MLP runs on the plain path")
+    if varlen and device.type == "cuda" and VARLEN_KERNEL is None:
+        problems.append(f"--varlen: torch {torch.__version__} has no varlen flash attention "
+                        "(torch.nn.attention.varlen); leave --varlen out and packed rows use a dense mask")
+    return problems
+
+
+def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_config=None, quantized: bool = False,
+                 packing: bool | None = None, fused_mlp: bool | None = None, varlen: bool | None = None,
+                 sdpa_backends: str = DEFAULT_SDPA_BACKENDS, compile_scope: str | None = None,
+                 compile_mode: str = "default") -> RuntimePlan:
+    """Decide how a model of `config` runs on `device` (the table in the module docstring); None: the default
+    there. Raises ValueError, a line per problem (`plan_problems`), for paths that cannot run."""
+    dora = lora_config is not None and lora_config.use_dora
+    problems = plan_problems(device, dora=dora, quantized=quantized, fused_mlp=fused_mlp, varlen=varlen)
+    if problems:
+        raise ValueError("; ".join(problems))
+    cuda = device.type == "cuda"
+    mlp_lora = lora_config is not None and {"gate_proj", "up_proj", "down_proj"} <= set(lora_config.targets)
+    repeated, in_place = attention_kernels(device, dtype, sdpa_backends, config)
+    attention = ("cpu" if not cuda else f"{repeated} kernel"
                  + (", grouped k/v heads read in place" if in_place == repeated
                     else f" (k/v heads repeated: in place would take {in_place})"))
-    return Runtime(device, dtype, sdpa_backends, attention)
+    return RuntimePlan(
+        device=device, dtype=dtype, packing=default_packing(device) if packing is None else packing,
+        sdpa_backends=sdpa_backends,
+        gqa_in_place=in_place == repeated,
+        varlen=cuda and VARLEN_KERNEL is not None if varlen is None else varlen,
+        fused_mlp=cuda and mlp_lora and not dora and not quantized if fused_mlp is None else fused_mlp,
+        compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
+
+
+def apply_plan(model, plan: RuntimePlan):
+    """Make `model` run as `plan` says: the plan the forward pass reads, the fused gate/up weight (see the module
+    docstring) and torch.compile, or no compile when the plan has none. Call it once the model is on its device.
+    Returns the model."""
+    model.plan = plan
+    if plan.fused_mlp:
+        for layer in model.model.layers:
+            fuse_gate_up(layer.mlp)
+    _compile(model, plan.compile_scope, plan.compile_mode)
+    return model
+
+
+def _compile(model, scope: str | None, mode: str) -> None:
+    """torch.compile in place. `layers`: each decoder layer (all share one graph, so it compiles in seconds);
+    `model`: embeddings to final norm as one graph (`hidden_states`), no Python between layers. Either way the
+    loss's per-chunk cross-entropy is compiled too (`tinyllama.loss`, reading `plan.compile_scope`). None
+    undoes both, as generation wants (its growing shapes would recompile a whole-model graph)."""
+    for layer in model.model.layers:
+        if scope == "layers":
+            layer.compile(mode=mode)
+        else:
+            layer._compiled_call_impl = None  # what nn.Module.compile sets
+    model.__dict__.pop("hidden_states", None)
+    if scope == "model":
+        model.hidden_states = torch.compile(model.hidden_states, mode=mode)
 
 
 def sdpa_context(spec: str):
@@ -103,8 +203,8 @@ def sdpa_context(spec: str):
 
     The default prefers flash attention: PyTorch's own choice on Hopper is cuDNN's, which builds a new kernel
     plan for every new sequence length, and length-grouped padded batches bring a new length almost every step
-    (bench/results/nvidia-h200-*.md measure both). Flash takes no mask, so packed rows (a block-diagonal mask,
-    always max_len long) go to cuDNN, the next in the list. "default" leaves PyTorch's order alone.
+    (bench/results/nvidia-h200-*.md measure both). Flash takes no mask, so packed rows on the dense-mask path go
+    to cuDNN, the next in the list. "default" leaves PyTorch's order alone.
     """
     if spec == "default":
         return contextlib.nullcontext()
@@ -116,7 +216,7 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
 
     Asked of SDPA's own checks (`torch.backends.cuda.can_use_*`) for this model's head shapes, under the
     preference `spec`. When they differ, reading the grouped heads in place would cost a slower kernel, so
-    the model repeats them instead (`Attention.native_gqa`). On a CPU both are ("cpu", "cpu").
+    the plan repeats them instead (`gqa_in_place` False). On a CPU both are ("cpu", "cpu").
     """
     if device.type != "cuda":
         return "cpu", "cpu"
@@ -127,7 +227,7 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
             can_use_efficient_attention,
             can_use_flash_attention,
         )
-    except ImportError:  # an older torch: do not guess, repeat k/v (the reference path)
+    except ImportError:  # an older torch: do not guess, repeat k/v (the plain path)
         return "unknown", "unchecked"
     checks = {"flash": can_use_flash_attention, "efficient": can_use_efficient_attention,
               "cudnn": can_use_cudnn_attention, "math": lambda params: True}
@@ -144,22 +244,91 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
     return first(config.num_attention_heads, False), first(config.num_key_value_heads, True)
 
 
-def compile_model(model, scope: str, mode: str = "default") -> None:
-    """torch.compile in place. `layers`: each decoder layer (all 22 share one graph, so it compiles in
-    seconds); `model`: embeddings to final norm as one graph (`hidden_states`), no Python between layers.
-    Either way the loss's per-chunk cross-entropy (`tinyllama.loss.cross_entropy_chunk`) is compiled too; its
-    matmuls and the chunking stay eager (`FrozenHeadCrossEntropy`). `uncompile_model` undoes both."""
-    from .loss import cross_entropy_chunk
+# ---- the plan proves itself: each fast path once beside its plain path ------------------------------------------
 
-    if scope == "layers":
-        for layer in model.model.layers:
-            layer.compile(mode=mode)
-    else:
-        model.hidden_states = torch.compile(model.hidden_states, mode=mode)
-    # The loss's chunk: fused float32 passes; chunk lengths vary (labelled tokens per batch), hence dynamic.
-    model.loss_chunk = torch.compile(cross_entropy_chunk, dynamic=True)
+class FastPathError(RuntimeError):
+    """A fast path failed its start-up check and `strict` asked for an error instead of the plain path."""
 
 
-def uncompile_model(model) -> None:
-    model.__dict__.pop("hidden_states", None)
-    model.__dict__.pop("loss_chunk", None)
+SEGMENT_LENGTHS = (9, 8, 7)  # the packed row the check runs: three short segments
+
+
+def check_fast_paths(model, plan: RuntimePlan, log, strict: bool = False) -> RuntimePlan:
+    """Run each fast path `plan` picked once beside its plain path, on the model's first layer, a packed row of a
+    few short segments, in the plan's dtype: forward output and the gradients of the input and of the layer's
+    trainable weights. A path that raises or disagrees beyond the dtype's tolerance is turned off (one line to
+    `log`; FastPathError with `strict`). Returns the plan to run, to give to `apply_plan`. Milliseconds: one layer,
+    run eagerly (the plan's compile is applied afterwards)."""
+    apply_plan(model, dataclasses.replace(plan, compile_scope=None))
+    failed = {}
+    for name in FAST_PATHS:
+        if getattr(plan, name) and (name != "gqa_in_place" or _grouped(model.config)):
+            error, problem = _fast_path_error(model, plan, name)
+            if problem is None:
+                log(f"fast path {name}: checked against its plain path on one layer (largest difference "
+                    f"{error:.2g} of the values' scale)")
+                continue
+            message = f"the fast path {name} failed its start-up check ({problem})"
+            if strict:
+                raise FastPathError(f"{message}; --strict-fast-paths makes this an error: leave it out to run "
+                                    "the plain path instead")
+            log(f"warning: {message}: turned off, running its plain path")
+            failed[name] = False
+    return dataclasses.replace(plan, **failed)
+
+
+def _grouped(config) -> bool:
+    return config.num_key_value_heads != config.num_attention_heads
+
+
+def _fast_path_error(model, plan: RuntimePlan, name: str) -> tuple[float, str | None]:
+    """(largest relative difference, why the fast path `name` of `plan` fails, or None) against its plain path
+    on the model's first layer."""
+    plain = dataclasses.replace(plan, **dict.fromkeys(FAST_PATHS, False))  # each path checked on its own
+    fast = dataclasses.replace(plain, **{name: True})
+    try:
+        fast_out = _first_layer(model, fast, packed=name == "varlen")
+    except Exception as e:  # a kernel that does not run here, whatever it raises
+        return math.inf, f"{type(e).__name__}: {e}"
+    plain_out = _first_layer(model, plain, packed=name == "varlen")
+    tolerance = 2e-2 if plan.dtype == torch.bfloat16 else 1e-4  # what the tests allow the fast paths
+    largest = 0.0
+    for what, fast, ref in zip(("output", "input gradient", "weight gradients"), fast_out, plain_out, strict=True):
+        error = ((fast - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
+        if not error <= tolerance:  # NaN too
+            return error, f"its {what} differs from the plain path's by {error:.3g} of their scale, past {tolerance:g}"
+        largest = max(largest, error)
+    return largest, None
+
+
+def _first_layer(model, plan: RuntimePlan, packed: bool) -> tuple[torch.Tensor, ...]:
+    """(output, input gradient, flat trainable-weight gradients) of the first decoder layer under `plan`, in eval
+    mode (no dropout), on one row of `SEGMENT_LENGTHS` (packed) or one sequence of the same length."""
+    from .model import rope_cos_sin  # model.py imports this module
+
+    layer, config = model.model.layers[0], model.config
+    T = sum(SEGMENT_LENGTHS)
+    starts = torch.tensor([0, *SEGMENT_LENGTHS], device=plan.device).cumsum(0).to(torch.int32)
+    position_ids = (torch.cat([torch.arange(n) for n in SEGMENT_LENGTHS]) if packed else torch.arange(T))[None]
+    position_ids = position_ids.to(plan.device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, T, config.hidden_size, generator=generator).to(plan.device, plan.dtype).requires_grad_()
+    weights = [p for p in layer.parameters() if p.requires_grad]
+    saved = [p.grad for p in weights]
+    was_training = layer.training
+    layer.eval()
+    try:
+        with plan.forward():
+            cos, sin = rope_cos_sin(config, position_ids, plan.dtype)
+            attn = model.attention_inputs(1, T, 0, None, starts if packed else None, None, plan, plan.device)
+            y = layer(x, cos, sin, attn, None, plan.fused_mlp)
+        for p in weights:
+            p.grad = None
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
+        grads = torch.cat([p.grad.float().flatten() for p in weights if p.grad is not None] or
+                          [torch.zeros(1, device=plan.device)])
+        return y.detach().float(), x.grad.float(), grads
+    finally:
+        layer.train(was_training)
+        for p, g in zip(weights, saved, strict=True):
+            p.grad = g

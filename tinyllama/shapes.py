@@ -10,7 +10,7 @@ train the real model, pass its Hub id or folder to `--model`.
 
 from __future__ import annotations
 
-from .model import LlamaConfig
+from .config import LlamaConfig
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}

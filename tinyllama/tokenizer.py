@@ -9,6 +9,10 @@ all that the data encoding, generation and the commands use.
   (`pip install -e .[bpe]`), imported only when such a folder is loaded. BOS is the one its post-processor
   adds (if any), EOS the one `tokenizer_config.json` beside it names.
 
+`write_tokenizer_config` writes the Hugging Face `tokenizer_config.json` and `special_tokens_map.json` that go
+beside a SentencePiece `tokenizer.model` (the merged export, `tinyllama.export`, needs them), so transformers
+tokenises as `Tokenizer` does.
+
 No pad token is invented: batches pad with any id and mask it out. Deliberately left out: chat templates,
 token offsets, and any tokenizer.json behaviour beyond encoding and decoding plain text.
 """
@@ -153,3 +157,33 @@ def load_tokenizer(path: str | Path) -> Tokenizer | BPETokenizer:
         raise FileNotFoundError(f"no tokenizer at {path}: pass a model folder, or its tokenizer.model or "
                                 "tokenizer.json")
     return Tokenizer(path)
+
+
+# ---- Hugging Face tokenizer files ---------------------------------------------------------------------------
+
+def _added_token(content: str) -> dict:
+    """A special token as tokenizer_config.json and special_tokens_map.json spell it."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+
+def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json for a SentencePiece `tokenizer.model`, as TinyLlama
+    ships them, so transformers (4 and 5) tokenises as `tokenizer` does (README: Tokenizer lists the exceptions)."""
+    special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id()}
+    missing = [name for name, i in special.items() if i < 0]
+    if missing:
+        raise ValueError(f"{tokenizer.path} defines no {', '.join(missing)}; a Llama tokenizer has <unk>, <s> and "
+                         "</s>")
+    pieces = {name: tokenizer.id_to_piece(i) for name, i in special.items()}
+    config = {
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(i): {**_added_token(tokenizer.id_to_piece(i)), "special": True}
+                                 for i in sorted(special.values())},
+        **{name: {"__type": "AddedToken", **_added_token(piece)} for name, piece in pieces.items()},
+        "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
+        "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    special_map = {name: _added_token(piece) for name, piece in pieces.items()}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")

@@ -8,14 +8,21 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import lora
+from data.dialogue import answer
 from data.sources import AUTO, HOLDOUT_MAX, HOLDOUT_PERCENT, HUB_REPO, NONE, SPLIT_FILES
+from tinyllama import Llama
 from tinyllama.runtime import device_name, peak_memory_gib
 
 from . import run_folder
+
+if TYPE_CHECKING:  # settings.py and step.py import this module
+    from .settings import TrainConfig
+    from .step import Totals
 
 SAMPLE_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
@@ -66,8 +73,8 @@ class Metrics:
             self.writer.close()
 
 
-def model_card(cfg, totals, steps: int, command: str) -> lora.ModelCard:
-    """What the adapter's README.md says about its run (`cfg`: the train.TrainConfig, `totals`: its Totals)."""
+def model_card(cfg: TrainConfig, totals: Totals, steps: int, command: str) -> lora.ModelCard:
+    """What the adapter's README.md says about its run."""
     def named(spec: str) -> str:
         return ", ".join(f"{HUB_REPO} ({s} split)" if s.partition(":")[0] in SPLIT_FILES else s
                          for s in spec.split(","))
@@ -82,14 +89,12 @@ def model_card(cfg, totals, steps: int, command: str) -> lora.ModelCard:
 def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
     """Trainable and total parameters per LoRA rank, for a model of `config`'s shape built on the meta device
     (nothing is allocated or downloaded)."""
-    from tinyllama import Llama
-
     log(f"{'rank':>6} {'trainable':>14} {'total':>16} {'trainable %':>12}   ({shape}, targets "
         f"{','.join(lora_config.targets)}{', DoRA' if lora_config.use_dora else ''})")
     rows = []
     for r in ranks:
         with torch.device("meta"):
-            m = Llama(config, lora=dataclasses.replace(lora_config, rank=r, alpha=float(r)))
+            m = Llama(config, lora_config=dataclasses.replace(lora_config, rank=r, alpha=float(r)))
         trainable, total = lora.count_parameters(m)
         log(f"{r:>6} {trainable:>14,} {total:>16,} {100 * trainable / total:>11.2f}%")
         rows.append({"rank": r, "trainable_params": trainable, "total_params": total})
@@ -174,8 +179,6 @@ def plot_losses(out: Path) -> None:
 
 def show_samples(model, tokenizer, out: Path, log, max_new_tokens: int = 96) -> None:
     """Answers of the base and the fine-tuned model to fixed prompts, side by side (also samples.md)."""
-    from chat import answer  # the application layer, imported only when samples are asked for
-
     lines = ["# Base vs fine-tuned (greedy)", ""]
     for prompt in SAMPLE_PROMPTS:
         with lora.disabled(model):

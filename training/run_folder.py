@@ -402,7 +402,7 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def _state_problem(state, checkpoint: Path) -> str | None:
-    from .step import Totals  # step.py imports this module
+    from .step import Totals  # here, not at the top: an import cycle (step.py imports this module)
 
     if not isinstance(state, dict):
         return f"expected a JSON object, found {type(state).__name__}"

@@ -1,12 +1,36 @@
-"""A settings dataclass as a command line: one flag per field, typed as the field is, its help from the field's
-metadata. `train.py` builds its command line from `TrainConfig` this way, and `bench.bench --variant` parses
-settings with the same types."""
+"""The settings of a training run: `TrainConfig` (every setting, with its help), `validate` (bad settings refused
+before anything is downloaded or put on a GPU, a line each), and the command line generated from the dataclass:
+one flag per field, typed as the field is, its help from the field's metadata (`bench.bench --variant` parses
+settings with the same types)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from data.sources import AUTO, NONE, is_random, source_problems
+from lora import LoRAConfig
+from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
+from tinyllama.quant import QUANTIZE_CHOICES
+from tinyllama.runtime import (
+    COMPILE_MODES,
+    COMPILE_SCOPES,
+    DEFAULT_SDPA_BACKENDS,
+    SDPA_BACKENDS,
+    default_packing,
+    plan_problems,
+    resolve_device,
+)
+from tinyllama.shapes import SHAPES
+
+from . import report, run_folder
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -50,3 +74,248 @@ def command_line(settings, program: str = "python train.py") -> str:
         else:
             words += [flag, str(value)]
     return shlex.join(words)
+
+
+# ---- the training settings ---------------------------------------------------------------------------------
+
+SCHEDULES = ("cosine", "linear", "constant")
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling
+
+
+@dataclass
+class TrainConfig:
+    # What to train
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub repo id or local HF checkpoint folder"})
+    data: str = field(default="train", metadata={
+        "help": "training data: a guanaco split (train, test) or a local .jsonl (guanaco rows or OASST trees) or "
+                ".parquet (a text column; pip install -e .[parquet]); commas separate several sources, and "
+                "SOURCE:W uses one W times (a.jsonl:2,train; 0.5: a seeded half); 'random[:N]' = N random token "
+                "sequences, every position labelled (benchmark workload)"})
+    eval_data: str = field(default="auto", metadata={
+        "help": "auto: hold out 2%% of each local --data file's conversations (at least 1, at most 500, drawn "
+                "with --seed; never trained on) and use the guanaco test split for split names; or splits/files "
+                "(comma-separated); 'none' disables eval"})
+    tokenizer: str = field(default="", metadata={
+        "help": "tokenizer.model or tokenizer.json, or a folder holding one (default: the model's)"})
+    random_init: bool = field(default=False, metadata={
+        "help": "random weights of --model's shape instead of its weights; --model may then also be a shape name "
+                "(tinyllama.shapes: llama-2-7b, llama-3.2-1b, ...) or a config.json"})
+    # LoRA
+    rank: int = field(default=64, metadata={"help": "LoRA rank r: the inner size of each B A product"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input (PEFT's "
+                                                         "lora_dropout)"})
+    targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
+    rslora: bool = field(default=False, metadata={
+        "help": "scale by alpha/sqrt(rank); llama.cpp ignores this and scales by alpha/rank: run the adapter there "
+                "with --lora-scaled ADAPTER:SCALE, SCALE = sqrt(rank)"})
+    dora: bool = field(default=False, metadata={
+        "help": "DoRA (PEFT's use_dora): a trainable magnitude per output row; not with --fused-mlp"})
+    # Optimisation
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW"})
+    warmup: int = field(default=20, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "|".join(SCHEDULES)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
+    batch_size: int = field(default=4, metadata={"help": "micro-batch size per process"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    max_len: int = field(default=1024, metadata={"help": "tokens per row: longer conversations are cut"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over --data when --steps is 0 (fractions "
+                                                     "allowed)"})
+    packing: bool | None = field(default=None, metadata={
+        "help": "pack conversations into rows of --max-len tokens (each cut at the model's context); default: on "
+                "CUDA, where it is the fastest (a step then holds more conversations), off on a CPU"})
+    group_by_length: bool = field(default=True, metadata={"help": "length-grouped batches (padding mode)"})
+    # Bookkeeping
+    eval_every: int = field(default=100, metadata={"help": "steps between evals; 0: only at the end"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: none"})
+    keep_checkpoints: int = field(default=2, metadata={
+        "help": "checkpoints kept (the newest; older ones this run wrote are pruned); 0 keeps them all"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl rows"})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install -e .[tensorboard])"})
+    out: str = field(default="", metadata={
+        "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier run in --out: only what its manifest (OUT/.run-manifest.json) lists is removed; "
+                "without it such a folder is refused"})
+    resume: str = field(default="", metadata={"help": "checkpoint folder, or an output folder (latest)"})
+    seed: int = field(default=0, metadata={"help": "seeds the LoRA initialisation, data order, hold-out and "
+                                               "dropout masks"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16 on CUDA, float32 on CPU), "
+                                                         "float32, bfloat16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (see --compile-scope)"})
+    compile_scope: str = field(default="layers", metadata={"help": "layers: each decoder layer on its own "
+                                                                    "(fast to compile); model: all of it"})
+    compile_mode: str = field(default="default", metadata={"help": "torch.compile mode: "
+                                                                   + "|".join(COMPILE_MODES)})
+    sdpa_backends: str = field(default=DEFAULT_SDPA_BACKENDS, metadata={
+        "help": "attention kernels in order of preference (flash, efficient, cudnn, math), or 'default' for "
+                "PyTorch's own order; see tinyllama.runtime.sdpa_context"})
+    grad_checkpointing: bool = False
+    quantize: str = field(default="none", metadata={
+        "help": "none, or nf4: the frozen base projections in 4 bits (QLoRA; tinyllama.quant)"})
+    double_quant: bool = field(default=False, metadata={
+        "help": "with --quantize nf4: quantise the block scales too (QLoRA's double quantisation)"})
+    fused_mlp: bool | None = field(default=None, metadata={
+        "help": "the LoRA MLP as one autograd function (less activation memory, fewer matmuls); default: on CUDA"})
+    varlen: bool | None = field(default=None, metadata={
+        "help": "packed rows through varlen flash attention (no dense mask); default: on CUDA where torch has it"})
+    strict_fast_paths: bool = field(default=False, metadata={
+        "help": "stop with an error when a fast path (--varlen, --fused-mlp, grouped k/v in place) fails its "
+                "start-up check against its plain path, instead of turning it off with a warning"})
+    dist_timeout: float = field(default=300.0, metadata={
+        "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
+    debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
+    samples: bool = field(default=True, metadata={"help": "print base vs fine-tuned answers at the end"})
+    dry_run: bool = field(default=False, metadata={"help": "print the parameter table and exit"})
+
+
+def parse_args(argv=None) -> TrainConfig:
+    return parse_settings(TrainConfig, argv, description="Supervised fine-tuning with LoRA (python train.py)")
+
+
+def validate(cfg: TrainConfig) -> LoRAConfig:
+    """Refuse bad settings before anything is downloaded or put on a GPU: every problem found, a line each."""
+    problems = number_problems(cfg) + machine_problems(cfg) + input_problems(cfg)
+    lora_config = None
+    try:
+        lora_config = LoRAConfig(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha,
+                                 dropout=cfg.dropout,
+                                 targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
+                                 use_rslora=cfg.rslora, use_dora=cfg.dora)
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
+    if cfg.resume:
+        problems += run_folder.resume_problems(cfg.resume, lora_config)
+    if problems:  # one line for one problem, a line each for several
+        raise SystemExit("train.py: invalid settings:" + ("\n  " if len(problems) > 1 else " ")
+                         + "\n  ".join(problems))
+    return lora_config
+
+
+def _checker():
+    problems = []
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+
+    return problems, need
+
+
+def number_problems(cfg: TrainConfig) -> list[str]:
+    """Numbers out of their range."""
+    problems, need = _checker()
+    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a finite number > 0, got {cfg.lr}")
+    for name in ("epochs", "weight_decay", "grad_clip", "dropout", "dist_timeout"):
+        need(math.isfinite(getattr(cfg, name)), f"--{name.replace('_', '-')} must be finite, got {getattr(cfg, name)}")
+    need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be > 0 (leave it out for alpha = rank), got {cfg.alpha}")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in 0..2**32-1, got {cfg.seed}")
+    need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {cfg.grad_clip}")
+    need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
+    need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}")
+    need(cfg.max_len >= 8, f"--max-len must be >= 8, got {cfg.max_len}")
+    need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
+    need(cfg.steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}")
+    for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    return problems
+
+
+def machine_problems(cfg: TrainConfig) -> list[str]:
+    """Device, dtype, kernels, compile and quantisation settings this machine cannot run."""
+    problems, need = _checker()
+    need(cfg.dtype in TRAIN_DTYPES, f"--dtype must be one of {list(TRAIN_DTYPES)}, got {cfg.dtype!r}")
+    device = None
+    try:
+        device = resolve_device(cfg.device)
+        need(device.type in ("cpu", "cuda"), f"--device must be cpu or cuda[:N], got {cfg.device!r}")
+        need(device.type != "cuda" or torch.cuda.is_available(),
+             f"--device {cfg.device} asked for CUDA but torch.cuda.is_available() is False")
+    except RuntimeError as e:
+        problems.append(f"--device {cfg.device!r}: {e}")
+    need(cfg.quantize in ("none", *QUANTIZE_CHOICES),
+         f"--quantize must be none or one of {list(QUANTIZE_CHOICES)}, got {cfg.quantize!r}")
+    need(not cfg.double_quant or cfg.quantize != "none", "--double-quant applies to --quantize nf4; add that")
+    if device is not None:
+        problems += plan_problems(device, dora=cfg.dora, quantized=cfg.quantize != "none", fused_mlp=cfg.fused_mlp,
+                                  varlen=cfg.varlen)
+    need(not (cfg.compile and cfg.grad_checkpointing),
+         "--compile with --grad-checkpointing is not supported; pick one")
+    need(cfg.compile_scope in COMPILE_SCOPES,
+         f"--compile-scope must be one of {COMPILE_SCOPES}, got {cfg.compile_scope!r}")
+    need(cfg.compile_mode in COMPILE_MODES,
+         f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}")
+    backends = cfg.sdpa_backends.split(",")
+    need(cfg.sdpa_backends == "default"
+         or (set(backends) <= set(SDPA_BACKENDS) and len(set(backends)) == len(backends)),
+         f"--sdpa-backends must be 'default' or distinct names from {list(SDPA_BACKENDS)}, comma-separated; "
+         f"got {cfg.sdpa_backends!r}")
+    need(device is None or device.type != "cpu" or cfg.sdpa_backends == "default"
+         or {"flash", "math"} & set(backends),
+         f"--sdpa-backends {cfg.sdpa_backends}: a CPU has only the flash and math kernels; name one of them")
+    return problems
+
+
+def input_problems(cfg: TrainConfig) -> list[str]:
+    """The output folder, extras, model, tokenizer and data: what is missing or does not fit."""
+    problems, need = _checker()
+    need(not cfg.out or not Path(cfg.out).is_file(), f"--out {cfg.out} is a file; expected a folder")
+    if cfg.tensorboard:
+        try:
+            report.require_tensorboard()
+        except ImportError as e:
+            problems.append(str(e))
+    model_path = Path(cfg.model)
+    shape_only = cfg.random_init or cfg.dry_run  # no weights needed: a shape name or a config.json will do
+    is_shape = cfg.model in SHAPES or (model_path.suffix == ".json" and model_path.is_file())
+    need(model_path.is_dir() or (shape_only and is_shape) or is_hub_id(cfg.model),
+         f"--model {cfg.model!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL!r} (with "
+         f"--random-init or --dry-run, also a shape name: {', '.join(SHAPES)}; or a config.json)")
+    need(not (shape_only and is_shape and not cfg.tokenizer and needs_tokenizer(cfg) and not cfg.dry_run),
+         f"--model {cfg.model} is a shape without a tokenizer: pass --tokenizer, or train on --data random with "
+         "--no-samples")
+    if model_path.is_dir() or cfg.random_init:
+        with contextlib.suppress(ValueError, OSError):  # a broken config.json is reported when the model loads
+            too_long = context_problem(cfg, model_config(cfg.model))
+            need(too_long is None, too_long)
+    for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
+        problems += source_problems(source, flag)
+    return problems
+
+
+def with_machine_defaults(cfg: TrainConfig) -> TrainConfig:
+    """--packing decided (`runtime.default_packing`), so config.json and checkpoints record what ran."""
+    if cfg.packing is None:
+        try:
+            device = resolve_device(cfg.device)
+        except RuntimeError:
+            device = torch.device("cpu")  # validate says what is wrong with --device
+        cfg = dataclasses.replace(cfg, packing=default_packing(device))
+    return cfg
+
+
+def needs_tokenizer(cfg: TrainConfig) -> bool:
+    """Whether the run has conversations to encode or samples to print."""
+    return not is_random(cfg.data) or cfg.samples or (cfg.eval_data.lower() not in (AUTO, NONE)
+                                                      and not is_random(cfg.eval_data))
+
+
+def context_problem(cfg: TrainConfig, config) -> str | None:
+    """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None. Packed rows
+    may be longer: each conversation in them is cut at the model's context instead."""
+    if config.sliding_window is not None and cfg.max_len > config.sliding_window:  # packed rows too
+        return (f"--max-len {cfg.max_len} is longer than this Mistral checkpoint's sliding_window "
+                f"({config.sliding_window}), which this implementation does not compute; lower --max-len to at "
+                "most that")
+    if cfg.max_len <= config.max_position_embeddings or cfg.packing:
+        return None
+    return (f"--max-len {cfg.max_len} is longer than the model's max_position_embeddings "
+            f"({config.max_position_embeddings}); lower --max-len to at most that")

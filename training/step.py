@@ -19,9 +19,13 @@ from pathlib import Path
 import torch
 
 from tinyllama.loss import causal_lm_loss, label_positions
-from tinyllama.runtime import peak_memory_gib
+from tinyllama.runtime import RuntimePlan, peak_memory_gib
 
-from . import TrainingError, parallel, run_folder
+from . import TrainingError, parallel, report, run_folder
+
+# What of a batch goes to the model (the rest is for the loss or for counting: `document_ids` marks the padding
+# of packed rows on the host; the model reads packed rows from `cu_seqlens`).
+MODEL_INPUTS = ("position_ids", "attention_mask", "cu_seqlens")
 
 
 def real_token_count(batch) -> int:
@@ -31,12 +35,9 @@ def real_token_count(batch) -> int:
     return int(batch["document_ids"].ge(0).sum()) if "document_ids" in batch else batch["input_ids"].numel()
 
 
-def labelled_count(batch) -> int:
-    return label_positions(batch["labels"]).numel()
-
-
 def prepare(batch, device):
-    """Move a micro-batch to `device`, dropping the attention mask where it cannot change the loss.
+    """Move what the model and the loss read of a micro-batch to `device`, dropping the attention mask where it
+    cannot change the loss.
 
     Padded batches are right-padded, so under the causal mask no real token ever sees a pad: the mask only
     changes the outputs at pad positions, which carry no label and predict nothing. Without it SDPA runs its
@@ -44,7 +45,7 @@ def prepare(batch, device):
     The labelled positions are found here, on the CPU copy (`label_index`), so the loss never makes the host
     wait for the GPU; on CUDA the batch is copied from pinned memory, without blocking the host either.
     """
-    batch = dict(batch)
+    batch = {k: v for k, v in batch.items() if k in ("input_ids", "labels", *MODEL_INPUTS)}
     if "attention_mask" in batch and is_right_padded(batch["attention_mask"]):
         del batch["attention_mask"]
     batch["label_index"] = label_positions(batch["labels"])
@@ -60,9 +61,10 @@ def is_right_padded(attention_mask: torch.Tensor) -> bool:
 
 
 def batch_loss(model, batch):
-    """(loss sum, labelled-token count) of a micro-batch; every key but the labels is a model argument."""
-    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], **extra)  # label_index goes to the loss
+    """(loss sum, labelled-token count) of a micro-batch."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], label_index=batch.get("label_index"),
+                          **inputs)
 
 
 def skip_updates_when(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
@@ -162,13 +164,14 @@ class Totals:
         self.last_loss = row["loss"]
 
 
-def evaluate(model, batches, runtime) -> tuple[float, float]:
-    """Loss and perplexity over `batches` (each process its share of the eval set, summed over processes)."""
+def evaluate(model, batches, plan) -> tuple[float, float]:
+    """Loss and perplexity over `batches` (each process its share of the eval set, summed over processes), run as
+    `plan` (a runtime.RuntimePlan) says."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-    with torch.no_grad(), runtime.forward():
+    total = torch.zeros(2, dtype=torch.float64, device=plan.device)
+    with torch.no_grad(), plan.forward():
         for batch in batches:
-            loss_sum, n = batch_loss(model, prepare(batch, runtime.device))
+            loss_sum, n = batch_loss(model, prepare(batch, plan.device))
             total[0] += loss_sum.double()
             total[1] += n
     model.train()
@@ -177,8 +180,8 @@ def evaluate(model, batches, runtime) -> tuple[float, float]:
     return loss, math.exp(min(loss, 50))
 
 
-def finish_step(q: QueuedStep, run, log_every: int, proc, out, progress) -> None:
-    """The host side of a queued step of `run` (train.Run): read its numbers (waits for that step only), check,
+def finish_step(q: QueuedStep, run: Run, log_every: int, proc, out, progress) -> None:
+    """The host side of a queued step of `run`: read its numbers (waits for that step only), check,
     count, and log them to the progress line and, every `log_every` steps, to `run.metrics`."""
     row = read_step(q, out if proc.main else None)
     run.totals.add(row)
@@ -187,3 +190,20 @@ def finish_step(q: QueuedStep, run, log_every: int, proc, out, progress) -> None
         row["mfu"] = q.n_tokens * run.flops_per_token / row["step_s"] / run.peak_flops / proc.world
         row["peak_gib"] = peak_memory_gib(proc.device)
         run.metrics.write(row)
+
+
+@dataclass
+class Run:
+    """What `train.load_run` loads before the first step, and what each step reads and updates."""
+    model: torch.nn.Module
+    tokenizer: object | None  # tinyllama.Tokenizer or BPETokenizer (see load_tokenizer)
+    stream: object  # data.BatchStream
+    eval_examples: list
+    optimizer: torch.optim.Optimizer
+    plan: RuntimePlan
+    total_steps: int
+    start_step: int
+    totals: Totals
+    flops_per_token: float
+    peak_flops: float
+    metrics: report.Metrics | None = None  # set once the output folder is ready

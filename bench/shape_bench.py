@@ -1,10 +1,10 @@
 """Peak memory and tokens/s of other model shapes, with and without NF4 and gradient checkpointing.
 
-    python -m bench.shapes --device cuda --out runs/shapes                     # the default runs below
-    python -m bench.shapes --runs llama-2-7b:nf4-gc,llama-2-7b:bf16-gc          # a choice of them
-    python -m bench.shapes --device cpu --tiny --steps 2 --out /tmp/shapes      # the code path, tiny, on a CPU
+    python -m bench.shape_bench --device cuda --out runs/shapes                 # the default runs below
+    python -m bench.shape_bench --runs llama-2-7b:nf4-gc,llama-2-7b:bf16-gc      # a choice of them
+    python -m bench.shape_bench --device cpu --tiny --steps 2 --out /tmp/shapes  # the code path, tiny, on a CPU
 
-Each run is `train.main` on random weights of a named shape (`tinyllama.shapes`: `--model NAME --random-init`)
+Each run is `train.train` on random weights of a named shape (`tinyllama.shapes`: `--model NAME --random-init`)
 and W1-style data (`--data random`: random token ids, every position labelled), LoRA rank `--rank` on the MLP,
 micro-batches of `--batch-size` x `--max-len`, one process. A run is `SHAPE:VARIANT`, the variant `bf16` or
 `nf4`, `-dq` for double quantisation and `-gc` for gradient checkpointing (`nf4-dq-gc`). Written to `--out`:
@@ -38,8 +38,8 @@ def parse_run(spec: str) -> tuple[str, dict]:
     parts = variant.split("-")
     if shape not in SHAPES or not variant or not set(parts) <= VARIANT_PARTS or parts[0] not in ("bf16", "nf4") \
             or ("dq" in parts and parts[0] != "nf4"):
-        raise SystemExit(f"bench.shapes: run {spec!r}: expected SHAPE:VARIANT with SHAPE one of {list(SHAPES)} and "
-                         "VARIANT bf16 or nf4, then -dq (nf4 only) and/or -gc, e.g. llama-2-7b:nf4-dq-gc")
+        raise SystemExit(f"bench.shape_bench: run {spec!r}: expected SHAPE:VARIANT with SHAPE one of {list(SHAPES)} "
+                         "and VARIANT bf16 or nf4, then -dq (nf4 only) and/or -gc, e.g. llama-2-7b:nf4-dq-gc")
     return shape, dict(quantize="nf4" if parts[0] == "nf4" else "none", double_quant="dq" in parts,
                        grad_checkpointing="gc" in parts)
 
@@ -66,7 +66,7 @@ def run_one(spec: str, args, tmp: Path) -> dict:
                             out=str(out), **overrides)
     row = {"run": spec, "shape": shape, **overrides}
     try:
-        summary = train.main(cfg)
+        summary = train.train(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         steady = [r for r in rows if r["split"] == "train" and r["step"] > args.warmup_steps]
         seconds = sum(r["step_s"] for r in steady)
@@ -105,7 +105,7 @@ def render(rows: list[dict], args, device: str) -> str:
                      f"{r['trainable']:,} | {r['total']:,} | {num(r['tokens_per_s'], ',.0f')} | "
                      f"{num(r['median_step_s'], '.3f')} | {num(r['peak_gib'], '.2f')} |")
     lines += ["", f"tokens/s: steps after the first {args.warmup_steps}; peak GiB: torch.cuda.max_memory_allocated "
-              "over the run (after loading). Command: `python -m bench.shapes "
+              "over the run (after loading). Command: `python -m bench.shape_bench "
               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "tiny"))
               + (" --tiny" if args.tiny else "") + "`"]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.decode_bench import format_table
@@ -124,104 +125,133 @@ def best_hf_lines(res) -> list[str]:
             for family, rank in keys if (b := best_hf(rows, "W1" if family == "W1" else "W2-padded", rank))]
 
 
+@dataclass
+class _Measured:
+    """What every target check reads from a results dict."""
+    rows: list[dict]
+    t: dict  # the targets: TARGETS, with the values stored in the results where they name the same target
+    focus: int  # the rank of the comparisons: the transformers + peft runs', else 64
+    shape: str
+    cuda: bool
+    on_gpu: bool  # on CUDA at the full shape, where the GPU targets hold
+    elsewhere: str  # why a GPU target is not measured here
+
+    @classmethod
+    def of(cls, res) -> _Measured:
+        rows, cuda, full = res["rows"], res["device_type"] == "cuda", res["shape"] == "full"
+        return cls(rows=rows, t={**TARGETS, **{k: v for k, v in res.get("targets", {}).items() if k in TARGETS}},
+                   focus=sorted({r["rank"] for r in rows if r["system"].startswith("hf")} or {64})[0],
+                   shape=res["shape"], cuda=cuda, on_gpu=cuda and full,
+                   elsewhere=f"a GPU target at the full shape; this run: {res['device_type']}, {res['shape']} shape")
+
+    def check(self, label, ok, detail, gpu_target=False) -> str:
+        away = gpu_target and not self.on_gpu
+        verdict = f"not measured ({self.elsewhere})" if away else "MET" if ok else "NOT MET"
+        return f"- {verdict}: {label}: {detail}" + (" here, for reference" if away else "")
+
+    def ours_best(self, workloads) -> dict | None:
+        """This project's fastest run at the focus rank on one of `workloads`, with or without --compile."""
+        return max((r for r in self.rows if r["system"].startswith("this") and r["workload"] in workloads
+                    and r["rank"] == self.focus), key=lambda r: r["tokens_per_s"], default=None)
+
+
+def _missing(label, why) -> str:
+    return f"- not measured ({why}): {label}"
+
+
+def _w1_tokens(m: _Measured) -> str:
+    ours = m.ours_best(("W1",))  # the line says which run, compiled or not
+    label = f"W1 rank {m.focus} >= {m.t['w1_tokens_per_s']:,} tokens/s"
+    if not ours:
+        return _missing(label, f"no W1 run of this project at rank {m.focus}")
+    return m.check(label, ours["tokens_per_s"] >= m.t["w1_tokens_per_s"], f"{ours['tokens_per_s']:,.0f} tokens/s, "
+                   f"MFU {100 * ours['mfu']:.1f}% (the `{ours['system']}` run)", gpu_target=True)
+
+
+def _w2_packed_tokens(m: _Measured) -> str:
+    t = m.t
+    packed = [r for r in m.rows if r["system"].startswith("this") and r["workload"] == "W2-packed"
+              and r["rank"] == m.focus and (r["max_len"] == t["w2_packed_max_len"] or not m.on_gpu)]
+    label = f"W2 packed >= {t['w2_packed_tokens_per_s']:,} useful tokens/s at max_len {t['w2_packed_max_len']}"
+    if not packed:
+        return _missing(label, f"no W2-packed run of this project at max_len {t['w2_packed_max_len']}, rank {m.focus}")
+    best = max(packed, key=lambda r: r["tokens_per_s"])
+    return m.check(label, best["tokens_per_s"] >= t["w2_packed_tokens_per_s"], f"{best['tokens_per_s']:,.0f} useful "
+                   f"tokens/s (the `{best['system']}` run, max_len {best['max_len']})", gpu_target=True)
+
+
+def _w2_vs_best_hf(m: _Measured) -> str:
+    ours, hf = m.ours_best(HF_W2), best_hf(m.rows, "W2-padded", m.focus)
+    label = f"W2 useful tokens/s >= {m.t['w2_vs_best_hf']}x the best transformers + peft configuration"
+    if not (ours and hf):
+        return _missing(label, "no W2-padded/W2-packed run of " + ("this project" if not ours else
+                                                                  "transformers + peft") + f" at rank {m.focus}")
+    x = ours["tokens_per_s"] / hf["tokens_per_s"]
+    return m.check(label, x >= m.t["w2_vs_best_hf"], f"{x:.2f}x ({describe(ours, True)} vs the best, "
+                   f"{describe(hf, True)}" + ("" if m.shape == "full" else f"; {m.shape} shape, not the real one")
+                   + ")")
+
+
+def _w1_memory(m: _Measured) -> str:
+    ours = m.ours_best(("W1",))
+    label = f"W1 rank {m.focus} peak memory <= {m.t['w1_peak_gib']:g} GiB"
+    if not ours or ours.get("peak_gib") is None:
+        return _missing(label, f"no W1 run of this project at rank {m.focus}" if not ours else
+                        f"{m.elsewhere}: no device memory to measure")
+    return m.check(label, ours["peak_gib"] <= m.t["w1_peak_gib"], f"{ours['peak_gib']:.2f} GiB (the "
+                   f"`{ours['system']}` run)", gpu_target=True)
+
+
+def _compile_warmup(m: _Measured) -> str:
+    compiled = [r for r in m.rows if r["system"].startswith("this") and r.get("compile")]
+    label = f"compile warm-up <= {m.t['compile_warmup_s']:g} s (start of the run to the end of its first step)"
+    if not compiled:
+        return _missing(label, "no compiled run of this project")
+    timed = [x for x in [(r, *first_step(r)) for r in compiled] if x[1] is not None]
+    if not timed:
+        return _missing(label, "the compiled runs recorded no wall time")
+    worst = max(timed, key=lambda x: x[1])
+    each = ", ".join(f"{r['system']} {r['workload']} {'' if measured else '~'}{s:.1f} s" for r, s, measured in timed)
+    derived = ("" if all(measured for _, _, measured in timed) else
+               "; ~: wall time minus the other steps, an upper bound")
+    return m.check(label, worst[1] <= m.t["compile_warmup_s"], f"slowest {worst[1]:.1f} s ({each}{derived})",
+                   gpu_target=True)
+
+
+def _rank_spread(m: _Measured) -> str:
+    w1 = {r["rank"]: r for r in m.rows if r["system"] == "this" and r["workload"] == "W1"}
+    label = f"every rank within {100 * m.t['rank_spread']:.0f}% of rank 4's time"
+    if 4 not in w1 or len(w1) < 2:
+        return _missing(label, "no W1 rank table with rank 4 and another rank")
+    worst = max(w1.values(), key=lambda r: r["seconds"])
+    spread = worst["seconds"] / w1[4]["seconds"] - 1
+    each = ", ".join(f"{r} {100 * (w1[r]['seconds'] / w1[4]['seconds'] - 1):+.0f}%" for r in sorted(w1))
+    return m.check(label, spread <= m.t["rank_spread"], f"slowest is rank {worst['rank']} at {100 * spread:+.1f}% of "
+                   f"rank 4 (each rank: {each})")
+
+
+def _cpu_step_vs_hf_eager(m: _Measured) -> str:
+    ours, eager = m.ours_best(("W1",)), find(m.rows, "hf-eager", "W1", m.focus)
+    label = "CPU: step time no higher than transformers + peft eager's"
+    if m.cuda:
+        return _missing(label, "a CPU target; this run is on CUDA")
+    if not (ours and eager):
+        return _missing(label, f"no W1 run at rank {m.focus} of " + ("this project" if not ours else "hf-eager"))
+    a, b = ours["step_ms_median"], eager["step_ms_median"]
+    return m.check(label, a <= b * m.t["cpu_step_vs_hf_eager"], f"median step {a:.1f} vs {b:.1f} ms ({a / b:.2f}x; "
+                   f"the `{ours['system']}` run, W1 rank {m.focus})")
+
+
+TARGET_CHECKS = (_w1_tokens, _w2_packed_tokens, _w2_vs_best_hf, _w1_memory, _compile_warmup, _rank_spread,
+                 _cpu_step_vs_hf_eager)
+
+
 def target_checks(res) -> list[str]:
     """The targets (TARGETS; the values stored in the results where they name the same target) against what
     was measured. Each line says MET, NOT MET, or not measured and why: a run that was not made, or a GPU target
     on another device or shape (its value then shown for reference)."""
-    rows, cuda, full = res["rows"], res["device_type"] == "cuda", res["shape"] == "full"
-    t = {**TARGETS, **{k: v for k, v in res.get("targets", {}).items() if k in TARGETS}}
-    focus = sorted({r["rank"] for r in rows if r["system"].startswith("hf")} or {64})[0]
-    on_gpu = cuda and full
-    elsewhere = f"a GPU target at the full shape; this run: {res['device_type']}, {res['shape']} shape"
-    out = []
-
-    def check(label, ok, detail, gpu_target=False):
-        verdict = (f"not measured ({elsewhere})" if gpu_target and not on_gpu else "MET" if ok else "NOT MET")
-        out.append(f"- {verdict}: {label}: {detail}" + (" here, for reference" if gpu_target and not on_gpu
-                                                          else ""))
-
-    def missing(label, why):
-        out.append(f"- not measured ({why}): {label}")
-
-    def ours_best(workloads, rank=focus):
-        return max((r for r in rows if r["system"].startswith("this") and r["workload"] in workloads
-                    and r["rank"] == rank), key=lambda r: r["tokens_per_s"], default=None)
-
-    # This project's best W1 run at the focus rank, with or without --compile (the line says which).
-    ours = ours_best(("W1",))
-    label = f"W1 rank {focus} >= {t['w1_tokens_per_s']:,} tokens/s"
-    if ours:
-        check(label, ours["tokens_per_s"] >= t["w1_tokens_per_s"], f"{ours['tokens_per_s']:,.0f} tokens/s, MFU "
-              f"{100 * ours['mfu']:.1f}% (the `{ours['system']}` run)", gpu_target=True)
-    else:
-        missing(label, f"no W1 run of this project at rank {focus}")
-
-    packed = [r for r in rows if r["system"].startswith("this") and r["workload"] == "W2-packed"
-              and r["rank"] == focus and (r["max_len"] == t["w2_packed_max_len"] or not on_gpu)]
-    label = f"W2 packed >= {t['w2_packed_tokens_per_s']:,} useful tokens/s at max_len {t['w2_packed_max_len']}"
-    if packed:
-        best = max(packed, key=lambda r: r["tokens_per_s"])
-        check(label, best["tokens_per_s"] >= t["w2_packed_tokens_per_s"], f"{best['tokens_per_s']:,.0f} useful "
-              f"tokens/s (the `{best['system']}` run, max_len {best['max_len']})", gpu_target=True)
-    else:
-        missing(label, f"no W2-packed run of this project at max_len {t['w2_packed_max_len']}, rank {focus}")
-
-    w2_ours, w2_hf = ours_best(HF_W2), best_hf(rows, "W2-padded", focus)
-    label = f"W2 useful tokens/s >= {t['w2_vs_best_hf']}x the best transformers + peft configuration"
-    if w2_ours and w2_hf:
-        x = w2_ours["tokens_per_s"] / w2_hf["tokens_per_s"]
-        check(label, x >= t["w2_vs_best_hf"], f"{x:.2f}x ({describe(w2_ours, True)} vs the best, "
-              f"{describe(w2_hf, True)}" + ("" if full else f"; {res['shape']} shape, not the real one") + ")")
-    else:
-        missing(label, "no W2-padded/W2-packed run of " + ("this project" if not w2_ours else "transformers + peft")
-                + f" at rank {focus}")
-
-    label = f"W1 rank {focus} peak memory <= {t['w1_peak_gib']:g} GiB"
-    if ours and ours.get("peak_gib") is not None:
-        check(label, ours["peak_gib"] <= t["w1_peak_gib"], f"{ours['peak_gib']:.2f} GiB (the `{ours['system']}` "
-              "run)", gpu_target=True)
-    else:
-        missing(label, f"no W1 run of this project at rank {focus}" if not ours else
-                f"{elsewhere}: no device memory to measure")
-
-    compiled = [r for r in rows if r["system"].startswith("this") and r.get("compile")]
-    label = f"compile warm-up <= {t['compile_warmup_s']:g} s (start of the run to the end of its first step)"
-    if compiled:
-        timed = [(r, *first_step(r)) for r in compiled]
-        timed = [x for x in timed if x[1] is not None]
-        worst = max(timed, key=lambda x: x[1], default=None)
-        if worst:
-            each = ", ".join(f"{r['system']} {r['workload']} {'' if m else '~'}{s:.1f} s" for r, s, m in timed)
-            check(label, worst[1] <= t["compile_warmup_s"], f"slowest {worst[1]:.1f} s ({each}"
-                  + ("" if all(m for _, _, m in timed) else "; ~: wall time minus the other steps, an upper bound")
-                  + ")", gpu_target=True)
-        else:
-            missing(label, "the compiled runs recorded no wall time")
-    else:
-        missing(label, "no compiled run of this project")
-
-    w1 = {r["rank"]: r for r in rows if r["system"] == "this" and r["workload"] == "W1"}
-    label = f"every rank within {100 * t['rank_spread']:.0f}% of rank 4's time"
-    if 4 in w1 and len(w1) > 1:
-        worst = max(w1.values(), key=lambda r: r["seconds"])
-        spread = worst["seconds"] / w1[4]["seconds"] - 1
-        check(label, spread <= t["rank_spread"], f"slowest is rank {worst['rank']} at {100 * spread:+.1f}% of rank 4 "
-              "(each rank: " + ", ".join(f"{r} {100 * (w1[r]['seconds'] / w1[4]['seconds'] - 1):+.0f}%"
-                                         for r in sorted(w1)) + ")")
-    else:
-        missing(label, "no W1 rank table with rank 4 and another rank")
-
-    eager = find(rows, "hf-eager", "W1", focus)
-    label = "CPU: step time no higher than transformers + peft eager's"
-    if cuda:
-        missing(label, "a CPU target; this run is on CUDA")
-    elif ours and eager:
-        a, b = ours["step_ms_median"], eager["step_ms_median"]
-        check(label, a <= b * t["cpu_step_vs_hf_eager"], f"median step {a:.1f} vs {b:.1f} ms ({a / b:.2f}x; the "
-              f"`{ours['system']}` run, W1 rank {focus})")
-    else:
-        missing(label, f"no W1 run at rank {focus} of " + ("this project" if not ours else "hf-eager"))
-    return out
+    measured = _Measured.of(res)
+    return [check(measured) for check in TARGET_CHECKS]
 
 
 def setup_lines(res) -> list[str]:
