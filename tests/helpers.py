@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,6 +57,18 @@ ADVERSARIAL = {
         "### Human: مرحبا 👋🏽 — ça va? e\u0301### Assistant: 你好！👨\u200d👩\u200d👧 Ελληνικά ✓",
         [(H, "مرحبا 👋🏽 — ça va? e\u0301"), (A, "你好！👨\u200d👩\u200d👧 Ελληνικά ✓")]),
 }
+
+class LazyModule:
+    """A reference library imported when a test first uses it, not when its file is collected: peft and
+    bitsandbytes take seconds each to import, which `make test-fast` should not pay for tests it leaves out. A
+    missing library skips the test that uses it (pytest.importorskip)."""
+
+    def __init__(self, name: str, reason: str | None = None):
+        self._name, self._reason = name, reason
+
+    def __getattr__(self, attr):
+        return getattr(pytest.importorskip(self._name, reason=self._reason), attr)
+
 
 # The house tiny config: 2 layers, width 64, 4 heads, 2 KV heads (grouped-query).
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

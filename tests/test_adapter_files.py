@@ -15,13 +15,13 @@ import torch
 
 import lora
 import train
-from helpers import GUANACO_SAMPLE, TINY, hf_checkpoint, hf_model, metrics, run, snapshot
+from helpers import GUANACO_SAMPLE, TINY, LazyModule, hf_checkpoint, hf_model, metrics, run, snapshot
 from lora import ALL_TARGETS, ATTENTION_TARGETS, LoRAConfig
 from lora.adapter import ModelCard
 from tinyllama import Llama, LlamaConfig, load_model
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = LazyModule("peft")
 yaml = pytest.importorskip("yaml")
 
 # Where our adapter_config.json may differ from PEFT's for the same settings, and why (README: Adapter files).
@@ -57,6 +57,7 @@ def _front_matter(readme) -> str:
     return text.split("---\n")[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SETTINGS))
 def test_adapter_config_is_pefts_key_for_key(tmp_path, case):
     config = SETTINGS[case]
@@ -83,6 +84,7 @@ def test_adapter_config_is_pefts_key_for_key(tmp_path, case):
     assert read_back == peft.LoraConfig.from_pretrained(tmp_path / "peft").to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_name", ["hub id", "local folder", "local folder YAML must quote"])
 def test_base_model_and_card_front_matter_are_pefts(tmp_path, base_name):
     base = hf_checkpoint(tmp_path / "base")
@@ -172,6 +174,7 @@ def _assert_same_logits(base, adapter, reference):
 
 # PEFT writes what "all-linear" resolved to as full module paths below 20 modules (2 layers x 7 projections),
 # as the projection names from 20 on (3 layers).
+@pytest.mark.slow
 @pytest.mark.parametrize("layers,written", [(2, "full paths"), (3, "names")])
 def test_peft_all_linear_adapter_loads_with_pefts_logits(tmp_path, layers, written):
     base = hf_checkpoint(tmp_path / "base", num_hidden_layers=layers)
@@ -242,6 +245,7 @@ def test_peft_features_we_do_not_run_are_refused(tmp_path, key, value):
         lora.read_adapter_config(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_run_writes_a_card_whose_command_repeats_the_run(tmp_path, tiny_ckpt):
     summary, _ = run(tmp_path, tiny_ckpt, steps=2, eval_data=str(GUANACO_SAMPLE), rank=2, alpha=3.0)
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()

@@ -60,6 +60,7 @@ def test_synthetic_w2_lengths_follow_the_stated_distribution(tokenizer):
             assert len(tokenizer.encode(a_text, bos=False)) == a
 
 
+@pytest.mark.slow
 def test_synthetic_w2_through_the_real_pipeline_has_the_stated_mean(tmp_path, tokenizer):
     from data import encode_all, load_conversations
 
@@ -82,6 +83,7 @@ def tiny_results(tmp_path_factory):
     return results, out
 
 
+@pytest.mark.slow
 def test_results_files_hold_one_row_per_system_workload_rank(tiny_results):
     results, out = tiny_results
     saved = json.loads((out / "tiny.json").read_text())
@@ -104,6 +106,7 @@ def test_results_files_hold_one_row_per_system_workload_rank(tiny_results):
     assert (ours["trainable_params"], ours["total_params"]) == (hf["trainable_params"], hf["total_params"])
 
 
+@pytest.mark.slow
 def test_tokens_counted_are_the_non_pad_tokens_of_the_batches(tiny_results, tmp_path, tokenizer):
     """Recount, from the batches themselves, the real tokens each run saw (bench.py already checks train.py's
     own count against its replay; this checks the replay and the baseline's counting)."""
@@ -141,6 +144,7 @@ def test_tokens_counted_are_the_non_pad_tokens_of_the_batches(tiny_results, tmp_
     assert 0 < packed["padding_fraction"] < 1
 
 
+@pytest.mark.slow
 def test_combine_merges_stage_results(tiny_results, tmp_path):
     results, out = tiny_results
     a = {**results, "rows": [r for r in results["rows"] if r["system"] == "this"], "command": "a"}
@@ -188,6 +192,7 @@ def test_variants_are_typed_train_settings_run_last_and_cannot_change_the_batche
                     ("this[cg]", "W2-padded", 64)]
 
 
+@pytest.mark.slow
 def test_shapes_benchmark_counts_each_runs_parameters_and_refuses_unknown_variants(tmp_path):
     from bench import shape_bench
     from tinyllama.config import LlamaConfig as Config

@@ -5,6 +5,7 @@ step counts per run, the longer packed rows, and the report's ratios against the
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -20,7 +21,8 @@ from helpers import TINY
 from lora import LoRAConfig
 from tinyllama import LlamaConfig
 
-pytest.importorskip("peft")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="needs peft, the baseline: pip install -e .[test]")
 
 
 def _documents(vocab: int, seed: int = 0) -> list[Example]:
@@ -117,6 +119,7 @@ def test_hf_baseline_trains_on_packed_rows_and_times_its_first_step():
 
 # ---- Liger-Kernel ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_hf_liger_is_skipped_on_a_cpu_with_a_note(tmp_path):
     res = bench.main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--workloads", "W1,W2-packed",
                       "--systems", "hf-liger", "--focus-rank", "4", "--no-decode", "--out-dir", str(tmp_path),
@@ -206,6 +209,7 @@ def test_longer_packed_rows_hold_as_many_tokens_per_batch():
     assert not wl.baseline_workload(works["W2-padded"]).group_by_length
 
 
+@pytest.mark.slow
 def test_rows_longer_than_the_context_cut_each_conversation_there(tmp_path, monkeypatch):
     """train.py packs rows longer than the model's context with every conversation cut at the context; the
     benchmark's replay of its batches (checked against train.py's own token count) must cut them the same way."""

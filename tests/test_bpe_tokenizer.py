@@ -143,6 +143,7 @@ def test_tokenizer_config_problems_are_clear_errors(tmp_path, folders):
 # Against transformers' AutoTokenizer
 
 
+@pytest.mark.slow
 def test_sentencepiece_folder_matches_transformers(tmp_path):
     folder = _sentencepiece_folder(tmp_path / "llama2")
     ours, hf = load_tokenizer(folder), _hf(folder)

@@ -103,6 +103,7 @@ def _run_chat(*args, stdin=None):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_one_shot_prints_the_answer_and_stops_at_the_marker(tmp_path, tokenizer):
     folder = _rigged_checkpoint(tmp_path, tokenizer)
     result = _run_chat("--model", folder, "--prompt", "hi", "--max-new-tokens", 40)
@@ -110,6 +111,7 @@ def test_cli_one_shot_prints_the_answer_and_stops_at_the_marker(tmp_path, tokeni
     assert result.stdout == "Hello!\n"
 
 
+@pytest.mark.slow
 def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer):
     path = hf_checkpoint(tmp_path / "random", seed=11, **SMALL_32K)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")

@@ -215,6 +215,7 @@ def test_train_refuses_bad_sources_before_any_work(argv, message, monkeypatch):
         train.train(train.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_a_local_file_evaluates_on_its_held_out_share_without_the_hub(tmp_path, tiny_ckpt, monkeypatch):
     pytest.importorskip("transformers")
     import train

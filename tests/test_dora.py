@@ -12,6 +12,7 @@ import torch
 import lora
 from helpers import (
     TINY,
+    LazyModule,
     compare_gradients,
     forward_and_reference,
     hf_checkpoint,
@@ -25,7 +26,7 @@ from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = LazyModule("peft")
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CASES = {
@@ -59,6 +60,7 @@ def _loss_backward(model, ids, labels):
     return loss_sum / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_dora_adapter_loads_with_same_logits_and_gradients(tmp_path, case):
     config = CASES[case]
@@ -204,6 +206,7 @@ def test_weight_norm_is_float32_under_autocast():
     torch.testing.assert_close(norm.double(), exact, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("targets", [CASES["mlp"].targets, ALL])
 def test_trainable_counts_equal_pefts(targets):
     from training.report import parameter_table
@@ -225,6 +228,7 @@ LORA_TABLE = {4: (2_027_520, 1_102_075_904), 16: (8_110_080, 1_108_158_464),
 MAGNITUDES = 22 * (5632 + 5632 + 2048)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", sorted(LORA_TABLE))
 def test_counts_on_the_real_tinyllama_shape(rank):
     with torch.device("meta"):

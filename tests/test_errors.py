@@ -146,16 +146,19 @@ def test_out_is_a_file(tmp_path, tiny_ckpt):
 
 # ---- warnings that do not stop the run ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_alpha_defaults_to_the_rank(tmp_path, tiny_ckpt):
     train.main(args(tiny_ckpt, tmp_path))
     assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 4.0
 
 
+@pytest.mark.slow
 def test_a_warmup_longer_than_the_run_is_reported(tmp_path, tiny_ckpt, capsys):
     train.main(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--warmup", "50", "--lr", "1e-3"))
     assert "--warmup 50 is longer than the run (1 steps): the learning rate peaks at 2e-05" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tiny_ckpt):
     # alpha 1e30: the loss stays finite (B starts at 0) but the gradient overflows; clipping would make every
     # update zero and the run would end "successfully" having learned nothing.
@@ -164,6 +167,7 @@ def test_an_infinite_gradient_norm_stops_the_run_before_any_update(tmp_path, tin
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_a_run_that_learned_nothing_or_blew_up_its_weights_says_so_in_the_summary(tmp_path, tiny_ckpt, capsys):
     summary = train.main(args(tiny_ckpt, tmp_path, GUANACO_SAMPLE, "--steps", "6", "--lr", "1e8", "--warmup", "0"))
     said = capsys.readouterr().out
@@ -223,6 +227,7 @@ def test_chat_on_cuda_without_a_gpu(tiny_ckpt, capsys):
     assert "asked for CUDA, but this machine has no usable GPU" in message
 
 
+@pytest.mark.slow
 def test_chat_with_broken_files_names_them(tmp_path, tiny_ckpt, capsys):
     train.main(args(tiny_ckpt, tmp_path))
     capsys.readouterr()

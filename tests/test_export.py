@@ -90,6 +90,7 @@ def test_the_folder_holds_a_whole_checkpoint_with_the_tokenizer_settings_written
     assert not list(exported.out.parent.glob(".merged.*")), "a temporary folder was left behind"
 
 
+@pytest.mark.slow
 def test_transformers_tokenizer_gives_the_project_ids_on_every_guanaco_row(exported, tokenizer):
     hf = transformers.AutoTokenizer.from_pretrained(exported.out)
     assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0) and len(hf) == tokenizer.vocab_size
@@ -127,6 +128,7 @@ def test_a_dora_adapter_exports_to_the_same_logits(exported, tmp_path, tokenizer
         torch.testing.assert_close(hf_model(out)(ids).logits, model(ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_pipeline_greedy_text_equals_the_project_chat_answer(exported, tokenizer, prompt):
     expected = answer(exported.model, tokenizer, prompt, max_new_tokens=16)
@@ -147,6 +149,7 @@ def test_chat_opens_the_export_without_a_tokenizer_flag(exported, tokenizer, cap
 
 # ---- the base's own files -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_base_with_its_own_tokenizer_files_keeps_them_byte_for_byte(exported, tmp_path, tokenizer):
     # What transformers 5 itself saves for this tokenizer: tokenizer.json and a tokenizer_config.json of its own.
     saved = tmp_path / "saved"
@@ -168,6 +171,7 @@ def test_a_base_with_its_own_tokenizer_files_keeps_them_byte_for_byte(exported, 
         assert hf(row)["input_ids"] == tokenizer.encode(row), row[:60]
 
 
+@pytest.mark.slow
 def test_an_export_from_a_hub_base_carries_its_tokenizer_and_generation_files(exported, tmp_path, monkeypatch,
                                                                                tokenizer):
     import huggingface_hub
@@ -210,6 +214,7 @@ def test_an_export_from_a_hub_base_carries_its_tokenizer_and_generation_files(ex
     assert [hf(row)["input_ids"] for row in _rows()] == [tokenizer.encode(row) for row in _rows()]
 
 
+@pytest.mark.slow
 def test_the_default_base_is_the_one_the_adapter_records(exported, tmp_path, tokenizer):
     other = _base(tmp_path / "other", seed=5)
     ids = _ids(tokenizer, n_rows=1)
@@ -278,6 +283,7 @@ def test_save_model_removes_weight_files_an_earlier_save_left_behind(exported, t
 
 # ---- the command line, and what it never does -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_writes_the_dtype_and_shards_asked_for(exported, tmp_path):
     out = tmp_path / "bf16"
     result = subprocess.run([sys.executable, "-m", "tinyllama.export", "--adapter", str(exported.adapter),

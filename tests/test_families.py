@@ -16,13 +16,23 @@ from safetensors import safe_open
 
 import lora
 import train
-from helpers import TINY, hf_checkpoint, hf_greedy, hf_model, lm_batch, our_name, peft_lora_model, randomize_lora_b
+from helpers import (
+    TINY,
+    LazyModule,
+    hf_checkpoint,
+    hf_greedy,
+    hf_model,
+    lm_batch,
+    our_name,
+    peft_lora_model,
+    randomize_lora_b,
+)
 from lora import LoRAConfig
 from tinyllama import LlamaConfig, causal_lm_loss, generate, generate_batch, load_model, save_model
 from tinyllama.model import num_parameters, rope_cos_sin, rope_inv_freq
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = LazyModule("peft")
 
 # Llama 3's scaling with a short original context, so the tiny model's sequences run well beyond it.
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -98,6 +108,7 @@ def test_logits_match_transformers(tmp_path, name):
         torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_lora_gradients_equal_pefts(tmp_path, name):
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)
@@ -124,6 +135,7 @@ def test_lora_gradients_equal_pefts(tmp_path, name):
     assert compared == 2 * len(config.targets) * TINY["num_hidden_layers"]
 
 
+@pytest.mark.slow
 def test_greedy_generation_beyond_the_original_context_equals_transformers(tmp_path):
     # KV-cache decoding at positions 50..89 with llama3 scaling (original context 64): the cache's positions and
     # the scaled frequencies must agree with transformers' generate, one prompt at a time and left-padded.

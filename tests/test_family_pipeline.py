@@ -62,6 +62,7 @@ def family(request, tmp_path_factory):
     return request.param, _model_folder(tmp_path_factory.mktemp(request.param), request.param)
 
 
+@pytest.mark.slow
 def test_trains_on_guanaco_with_a_held_out_eval_and_writes_samples(tmp_path, family):
     name, folder = family
     summary, rows = run(tmp_path, folder, steps=4, eval_data="auto", eval_every=2, samples=True, lr=2e-2)
@@ -83,6 +84,7 @@ def test_trains_on_guanaco_with_a_held_out_eval_and_writes_samples(tmp_path, fam
     assert config["base_model_name_or_path"] == str(folder)
 
 
+@pytest.mark.slow
 def test_chat_and_export_read_the_folder_as_transformers_does(tmp_path, family, capsys):
     name, folder = family
     tokenizer = load_tokenizer(folder)
@@ -106,6 +108,7 @@ def test_chat_and_export_read_the_folder_as_transformers_does(tmp_path, family, 
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_qlora_with_dora_trains_and_its_adapter_loads_on_the_unquantised_base(tmp_path, family):
     name, folder = family
     summary, _ = run(tmp_path, folder, steps=2, quantize="nf4", double_quant=True, dora=True, max_len=64)

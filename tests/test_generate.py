@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import lora
-from helpers import TINY, hf_checkpoint, hf_greedy, hf_model, randomize_lora_b, rig_cycle
+from helpers import TINY, LazyModule, hf_checkpoint, hf_greedy, hf_model, randomize_lora_b, rig_cycle
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig, load_model
 from tinyllama.generation import Decoder, StopStrings, generate, generate_batch, sample
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = LazyModule("peft")
 
 CONFIGS = {
     "gqa": {},
@@ -32,6 +32,7 @@ def _reference_greedy(model, prompt, n):
     return ids[len(prompt):]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_equals_transformers_generate(tmp_path, name):
     path = hf_checkpoint(tmp_path / name, seed=2, **CONFIGS[name])
@@ -41,6 +42,7 @@ def test_greedy_equals_transformers_generate(tmp_path, name):
     assert len({tuple(e) for e in expected}) == len(PROMPTS), "degenerate reference: every prompt gave the same"
 
 
+@pytest.mark.slow
 def test_greedy_with_adapter_equals_peft_generate(tmp_path):
     path = hf_checkpoint(tmp_path / "base", seed=3)
     config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=lora.ALL_TARGETS)
@@ -65,6 +67,7 @@ def test_greedy_with_adapter_equals_peft_generate(tmp_path):
     assert [generate(ours, p, 24) for p in PROMPTS] == [hf_greedy(ref, p, 24) for p in PROMPTS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_cached_logits_equal_full_recomputation_at_every_step(name):
     torch.manual_seed(6)
@@ -88,6 +91,7 @@ def test_cached_logits_equal_full_recomputation_at_every_step(name):
         decoder.step(tokens)
 
 
+@pytest.mark.slow
 def test_batch_of_different_lengths_equals_each_prompt_alone():
     torch.manual_seed(7)
     model = Llama(LlamaConfig(**TINY)).eval()
@@ -102,6 +106,7 @@ def test_batch_of_different_lengths_equals_each_prompt_alone():
     assert [generate(model, p, 20, eos_id=eos) for p in PROMPTS] == cut
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(8)
     model = Llama(LlamaConfig(**TINY)).eval()
@@ -115,6 +120,7 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone():
     assert a != _reference_greedy(model, PROMPTS[0], 30), "sampling at temperature 1.5 looked greedy"
 
 
+@pytest.mark.slow
 def test_temperature_zero_and_top_k_one_are_greedy():
     torch.manual_seed(9)
     model = Llama(LlamaConfig(**TINY)).eval()

@@ -10,6 +10,7 @@ import torch
 import lora
 from helpers import (
     TINY,
+    LazyModule,
     compare_gradients,
     forward_and_reference,
     hf_checkpoint,
@@ -23,7 +24,7 @@ from lora.layer import LoRALinear
 from tinyllama import Llama, LlamaConfig, causal_lm_loss, load_model, reference_loss, save_model
 
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+peft = LazyModule("peft")
 
 REFERENCE_TABLE = {  # rank: (trainable, total) from the reference table, MLP targets
     4: (2_027_520, 1_102_075_904),
@@ -34,6 +35,7 @@ REFERENCE_TABLE = {  # rank: (trainable, total) from the reference table, MLP ta
 REFERENCE_PERCENT = {4: 0.18, 16: 0.73, 64: 2.86, 256: 10.55}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", sorted(REFERENCE_TABLE))
 def test_counts_on_the_real_tinyllama_shape_match_the_reference_table(rank):
     with torch.device("meta"):
@@ -64,6 +66,7 @@ CASES = {
 BASES = {"attention_gqa": dict(rope_theta=500000.0), "all_rslora": dict(rope_theta=1000.0)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_adapter_loads_with_same_logits_loss_and_gradients(tmp_path, case):
     config = CASES[case]

@@ -12,7 +12,7 @@ from helpers import GUANACO_SAMPLE, adapter_weights, hf_checkpoint, randomize_lo
 from lora import LoRAConfig
 from tinyllama import load_model, save_model
 from tinyllama.config import LlamaConfig
-from tinyllama.lora_mlp import dropout_masks, fuse_gate_up, lora_mlp
+from tinyllama.lora_mlp import dropout_masks, fuse_gate_up, fused_lora_mlp
 from tinyllama.model import MLP
 from tinyllama.runtime import RuntimePlan, apply_plan
 
@@ -44,7 +44,7 @@ def test_the_function_equals_the_formula_with_the_same_masks(p):
     assert fuse_gate_up(mlp)
     x = torch.randn(3, 5, 32, requires_grad=True)
     torch.manual_seed(1)
-    y = lora_mlp(mlp, x)
+    y = fused_lora_mlp(mlp, x)
     torch.manual_seed(1)  # the masks the function drew, drawn again
     masks = [None if m is None else m.view(3, 5, -1) for m in dropout_masks(x.reshape(15, 32), 48, p)]
     assert (masks[0] is None) == (p == 0) and (p == 0 or not torch.equal(masks[0], masks[1]))
@@ -113,6 +113,7 @@ def test_gradient_checkpointing_replays_the_fused_dropout_masks(hf_tiny):
         torch.testing.assert_close(b, a)
 
 
+@pytest.mark.slow
 def test_train_py_with_the_fused_mlp_trains_like_the_plain_one(tmp_path):
     ckpt = hf_checkpoint(tmp_path / "model", vocab_size=32000, hidden_size=32, intermediate_size=64)
     (ckpt / "tokenizer.model").write_bytes(GUANACO_SAMPLE.with_name("tokenizer.model").read_bytes())

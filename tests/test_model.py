@@ -25,6 +25,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(tmp_path, name):
     path = hf_checkpoint(tmp_path / name, seed=1, **CONFIGS[name])

@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import lora
-from helpers import TINY, hf_checkpoint, hf_model, randomize_lora_b, run
+from helpers import TINY, LazyModule, hf_checkpoint, hf_model, randomize_lora_b, run
 from lora import ALL_TARGETS, LoRAConfig
 from lora.layer import LoRALinear
 from tinyllama import LlamaConfig, causal_lm_loss, load_model
@@ -37,7 +37,7 @@ from tinyllama.quant import (
 )
 from tinyllama.runtime import plan_runtime
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the NF4 reference (pip install -e .[test])")
+bnb = LazyModule("bitsandbytes", reason="bitsandbytes is the NF4 reference (pip install -e .[test])")
 from bitsandbytes import functional as bnb_f  # noqa: E402
 from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
 
@@ -87,6 +87,7 @@ def test_code_tables_are_bitsandbytes():
     assert torch.equal(dynamic_code(), bnb_f.create_dynamic_map(signed=True))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tinyllama_mlp_shape_is_bit_identical_to_bitsandbytes(dtype, double_quant):
@@ -190,6 +191,7 @@ def checkpoint(tmp_path):
     return hf_checkpoint(tmp_path / "base", intermediate_size=192)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "qdora"])
 def test_lora_on_nf4_equals_lora_on_the_dequantised_dense_model(checkpoint, double_quant, dora):
@@ -253,6 +255,7 @@ def dense_tensors_alive(shapes) -> int:
                and t.device.type == "cpu" and t.is_floating_point() and tuple(t.shape) in shapes)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("builder", ["load_model", "random_model"])
 def test_projections_are_quantised_one_at_a_time(checkpoint, monkeypatch, builder):
     config = LlamaConfig.from_json(checkpoint / "config.json")
@@ -339,9 +342,10 @@ def train(model, batches, steps=4):
     return losses
 
 
+@pytest.mark.slow
 def test_nf4_trains_as_the_dequantised_model_and_its_adapter_loads_in_peft(checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    peft = LazyModule("peft")
     torch.manual_seed(5)
     model = load_model(checkpoint, lora_config=ADAPTER, quantize="nf4", double_quant=True)
     dense = dense_twin(model, checkpoint)
@@ -374,6 +378,7 @@ def test_nf4_trains_as_the_dequantised_model_and_its_adapter_loads_in_peft(check
         assert_close(reloaded.eval()(ids), model(ids), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_nf4_lora_layer_compiles_as_one_graph():
     torch.manual_seed(6)
     layer = randomize_lora_b(LoRALinear(64, 96, ADAPTER))
@@ -418,6 +423,7 @@ def test_gradient_checkpointing_recomputes_the_same_gradients(checkpoint, monkey
     assert len(calls) == TINY["num_hidden_layers"]  # every layer went through checkpointing
 
 
+@pytest.mark.slow
 def test_train_py_trains_qlora_and_qdora_counting_the_quantised_weights_as_parameters(checkpoint, tmp_path):
     data = dict(data="random:16", max_len=32)  # the checkpoint has no tokenizer
     dense, _ = run(tmp_path, checkpoint, name="dense", targets=",".join(ALL_TARGETS), **data)

@@ -55,6 +55,7 @@ def assert_latest_loads(out):
 
 # ---- a fresh run never destroys another run -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_fresh_run_into_a_folder_holding_another_run_is_refused_and_touches_nothing(tmp_path, tiny_ckpt):
     run(tmp_path, tiny_ckpt, "out", steps=6, save_every=2)
     before = snapshot(tmp_path / "out")
@@ -63,6 +64,7 @@ def test_a_fresh_run_into_a_folder_holding_another_run_is_refused_and_touches_no
     assert snapshot(tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_earlier_run_and_latest_always_loads(tmp_path, tiny_ckpt, latest_always_loads):
     # The older run is longer, so its checkpoints have higher step numbers than the new run's: pruning must keep
     # the newest run's checkpoints, not the highest-numbered ones in the folder.
@@ -80,6 +82,7 @@ def test_overwrite_replaces_the_earlier_run_and_latest_always_loads(tmp_path, ti
 
 # ---- resuming from an earlier checkpoint starts a branch; nothing is deleted ----------------------------------
 
+@pytest.mark.slow
 def test_resuming_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path, tiny_ckpt, latest_always_loads):
     out = tmp_path / "out"
     common = dict(steps=8, save_every=2, keep_checkpoints=0, dropout=0.1)
@@ -102,6 +105,7 @@ def test_resuming_from_an_earlier_checkpoint_moves_the_later_ones_aside(tmp_path
     assert json.loads((aside / "summary.json").read_text())["steps"] == 8
 
 
+@pytest.mark.slow
 def test_pruning_in_a_resumed_branch_keeps_its_own_newest_checkpoints(tmp_path, tiny_ckpt, latest_always_loads):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=8, save_every=2, keep_checkpoints=2)  # leaves 6 and 8
@@ -113,6 +117,7 @@ def test_pruning_in_a_resumed_branch_keeps_its_own_newest_checkpoints(tmp_path, 
     assert run_folder.is_checkpoint(aside / "checkpoint-8")  # the old branch's step 8, not the new one
 
 
+@pytest.mark.slow
 def test_a_crash_while_saving_a_checkpoint_leaves_latest_valid(tmp_path, tiny_ckpt, monkeypatch):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=6, save_every=2, keep_checkpoints=0)
@@ -132,6 +137,7 @@ def test_a_crash_while_saving_a_checkpoint_leaves_latest_valid(tmp_path, tiny_ck
 
 # ---- the final adapter is written whole ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_crash_while_saving_the_final_adapter_leaves_the_previous_one_whole(tmp_path, tiny_ckpt, monkeypatch):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
@@ -162,6 +168,7 @@ def test_replace_dir_swaps_a_whole_folder(tmp_path):
 
 # ---- a full disk ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_inside_torch_save_ends_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_ckpt,
                                                                                            monkeypatch):
     out = tmp_path / "out"
@@ -178,6 +185,7 @@ def test_a_full_disk_inside_torch_save_ends_with_a_message_and_keeps_the_last_ch
     assert_latest_loads(out)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_the_adapter_ends_with_a_message(tmp_path, tiny_ckpt, monkeypatch):
     import errno
 
@@ -219,6 +227,7 @@ def _die_holding_the_lock(out):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_lock_whose_holder_was_killed_is_free_and_the_lock_file_stays(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     killed = multiprocessing.get_context("fork").Process(target=_die_holding_the_lock, args=(out,))
@@ -246,6 +255,7 @@ def _race_for_the_lock(out, barrier, journal):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "after a killed holder"])
 def test_racing_processes_never_hold_the_lock_together(tmp_path, stale):
     ctx = multiprocessing.get_context("fork")
@@ -282,6 +292,7 @@ def test_lock_refuses_an_unwritable_folder_before_anything_loads(tmp_path, tiny_
 
 # ---- resume -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=3, save_every=3)
@@ -292,6 +303,7 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, tiny_ckpt
         assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_one_row_per_step_and_sums_up_the_whole_run(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     common = dict(steps=6, save_every=3, keep_checkpoints=0, dropout=0.1, eval_data=str(GUANACO_SAMPLE),
@@ -315,6 +327,7 @@ def test_a_resumed_run_keeps_one_row_per_step_and_sums_up_the_whole_run(tmp_path
     assert summary["tokens_per_s"] * summary["training_time_s"] == pytest.approx(tokens, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resume_with_changed_settings_says_what_changed(tmp_path, tiny_ckpt, capsys):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
@@ -326,6 +339,7 @@ def test_a_resume_with_changed_settings_says_what_changed(tmp_path, tiny_ckpt, c
         assert change in said
 
 
+@pytest.mark.slow
 def test_a_checkpoint_whose_state_would_run_code_is_refused(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
@@ -386,6 +400,7 @@ def test_a_folder_holding_names_no_run_wrote_is_refused_even_with_overwrite(tmp_
     assert snapshot(out) == {**before, ".lock": (out / ".lock").read_bytes()}  # the lock it took to look, only
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0, tensorboard=False)
@@ -412,6 +427,7 @@ def test_the_model_folder_or_one_holding_weights_is_never_an_output_folder(tmp_p
     assert snapshot(model) == before and (tmp_path / "weights" / "model.safetensors").read_bytes() == b"weights"
 
 
+@pytest.mark.slow
 def test_overwrite_refuses_a_symlink_where_the_run_wrote_a_folder_and_removes_nothing(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
@@ -424,6 +440,7 @@ def test_overwrite_refuses_a_symlink_where_the_run_wrote_a_folder_and_removes_no
     assert snapshot(out) == before and snapshot(elsewhere) == kept
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice_that_works(tmp_path, tiny_ckpt,
                                                                                     monkeypatch):
     with monkeypatch.context() as m:
@@ -439,6 +456,7 @@ def test_a_run_killed_before_its_first_checkpoint_is_refused_with_advice_that_wo
 
 # ---- a kill while the final adapter is written: --resume finishes the run ---------------------------------------
 
+@pytest.mark.slow
 def test_a_kill_while_writing_the_final_adapter_is_finished_by_resume(tmp_path, tiny_ckpt, monkeypatch):
     out = tmp_path / "out"
     full, _ = run(tmp_path, tiny_ckpt, "full", steps=4, save_every=2)
@@ -468,6 +486,7 @@ def test_a_kill_while_writing_the_final_adapter_is_finished_by_resume(tmp_path, 
 
 # ---- latest names a complete checkpoint at every point of a resume ------------------------------------------------
 
+@pytest.mark.slow
 def test_latest_names_a_complete_checkpoint_at_every_point_of_a_resume(tmp_path, tiny_ckpt, monkeypatch):
     base = tmp_path / "base"
     run(tmp_path, tiny_ckpt, "base", steps=8, save_every=2, keep_checkpoints=0)
@@ -508,6 +527,7 @@ def test_latest_names_a_complete_checkpoint_at_every_point_of_a_resume(tmp_path,
 
 # ---- trusting what a checkpoint says --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_path, tiny_ckpt):
     run(tmp_path, tiny_ckpt, "victim", steps=4, save_every=2, keep_checkpoints=0)
     run(tmp_path, tiny_ckpt, "shared", steps=2, save_every=2)
@@ -529,6 +549,7 @@ def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_pat
     (lambda s: {**s, "totals": {**s["totals"], "tokens": "many"}}, "totals 'tokens' is 'many'"),
     (lambda s: [s], "expected a JSON object, found list"),
 ])
+@pytest.mark.slow
 def test_a_trainer_state_that_is_not_ours_is_refused_before_the_folder_is_touched(tmp_path, tiny_ckpt, change,
                                                                                   problem):
     out = tmp_path / "out"
@@ -570,6 +591,7 @@ def test_an_optimizer_state_that_does_not_fit_the_parameters_is_named(damage, pr
     assert problem in run_folder.optimizer_state_problem(state, optimizer, 2)
 
 
+@pytest.mark.slow
 def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_path, tiny_ckpt):
     # Loaded as it was, a too-short exp_avg made the fused CPU AdamW write out of bounds (a segfault).
     out = tmp_path / "out"
@@ -588,6 +610,7 @@ def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_pat
         run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out / "checkpoint-2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dora", [False, True])
 def test_resuming_with_the_other_kind_of_adapter_names_the_flag(tmp_path, tiny_ckpt, dora):
     run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2, dora=dora)
@@ -603,6 +626,7 @@ def test_resuming_with_the_other_kind_of_adapter_names_the_flag(tmp_path, tiny_c
 
 # ---- a full disk names the file ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(tmp_path, tiny_ckpt, monkeypatch):
     import errno
 

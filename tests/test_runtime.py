@@ -38,8 +38,9 @@ def test_working_fast_paths_pass_their_check_and_leave_the_grads_alone():
     assert all(p.grad is None for p in model.parameters())  # the first training step starts from nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broken", ["raises", "wrong numbers"])
-@pytest.mark.parametrize("path,function", [("varlen", "varlen_attention"), ("fused_mlp", "lora_mlp")])
+@pytest.mark.parametrize("path,function", [("varlen", "varlen_attention"), ("fused_mlp", "fused_lora_mlp")])
 def test_a_broken_fast_path_is_turned_off_with_one_line_or_stops_a_strict_run(monkeypatch, path, function, broken):
     real = getattr(model_module, function)
     monkeypatch.setattr(model_module, function, raises if broken == "raises" else off_by_a_tenth(real))
@@ -54,10 +55,11 @@ def test_a_broken_fast_path_is_turned_off_with_one_line_or_stops_a_strict_run(mo
         check_fast_paths(lora_model(), FAST, said.append, strict=True)
 
 
+@pytest.mark.slow
 def test_train_py_runs_the_plain_path_when_a_fast_path_is_wrong_and_strict_refuses(tmp_path, tiny_ckpt, monkeypatch,
                                                                                   capsys):
     _, plain = run(tmp_path, tiny_ckpt, "plain", fused_mlp=False)
-    monkeypatch.setattr(model_module, "lora_mlp", off_by_a_tenth(model_module.lora_mlp))
+    monkeypatch.setattr(model_module, "fused_lora_mlp", off_by_a_tenth(model_module.fused_lora_mlp))
     _, fallback = run(tmp_path, tiny_ckpt, "fallback", fused_mlp=True)
     assert "warning: the fast path fused_mlp failed its start-up check" in capsys.readouterr().out
     assert train_losses(fallback) == train_losses(plain)  # the wrong kernel never ran a step
@@ -76,7 +78,7 @@ def test_paths_that_cannot_run_are_refused_once_each_naming_the_flag():
                      fused_mlp=True)
     monkeypatch = pytest.MonkeyPatch()
     with monkeypatch.context() as m:
-        m.setattr("tinyllama.runtime.VARLEN_KERNEL", None)
+        m.setattr("tinyllama.runtime.varlen_kernel", lambda: None)
         assert plan_problems(cuda, varlen=True)[0].startswith("--varlen: torch")
         assert plan_problems(cpu, varlen=True) == []  # a CPU runs packed segments on the plain path
 

@@ -25,11 +25,13 @@ def test_every_shape_has_a_published_total():
     assert SHAPES.keys() == PUBLISHED_TOTALS.keys()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_shape_has_the_published_parameter_count(name):
     assert num_parameters(named_shape(name)) == PUBLISHED_TOTALS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_transformers_builds_the_same_shape_from_its_config_json(name):
     transformers = pytest.importorskip("transformers")
@@ -49,6 +51,7 @@ def test_model_config_reads_shape_names_config_files_and_folders(tmp_path):
         named_shape("llama-9b")
 
 
+@pytest.mark.slow
 def test_dry_run_prints_a_7b_table(capsys):
     rows = train.train(train.TrainConfig(model="llama-2-7b", dry_run=True))["rows"]
     out = capsys.readouterr().out
@@ -59,6 +62,7 @@ def test_dry_run_prints_a_7b_table(capsys):
         for r in (4, 16, 64, 256)]
 
 
+@pytest.mark.slow
 def test_a_shape_trains_from_random_weights_and_a_shape_without_a_tokenizer_is_refused(tmp_path):
     settings = dict(model="smollm2-1.7b", random_init=True, data="random:4", eval_data="none", steps=1,
                     batch_size=1, grad_accum=1, max_len=8, rank=2, samples=False, out=str(tmp_path / "run"))

@@ -35,6 +35,7 @@ def assert_same(got, want):
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # stored as float32
 
 
+@pytest.mark.slow
 def test_event_files_hold_every_logged_step_and_scalar(tmp_path, tiny_ckpt):
     _, rows = run(tmp_path, tiny_ckpt, steps=4, log_every=2, eval_every=2, eval_data=str(GUANACO_SAMPLE),
                   tensorboard=True)
@@ -45,6 +46,7 @@ def test_event_files_hold_every_logged_step_and_scalar(tmp_path, tiny_ckpt):
     assert_same(scalars(tmp_path / "run" / "tensorboard"), want)
 
 
+@pytest.mark.slow
 def test_resuming_from_an_earlier_checkpoint_shows_each_step_once(tmp_path, tiny_ckpt):
     run(tmp_path, tiny_ckpt, steps=4, save_every=2, keep_checkpoints=3, tensorboard=True)
     run(tmp_path, tiny_ckpt, steps=4, resume=str(tmp_path / "run" / "checkpoint-2"), tensorboard=True)

@@ -33,6 +33,7 @@ def test_overfits_a_few_sequences_when_lora_has_the_capacity(tmp_path):
     assert losses[-1] < losses[0] / 3, f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+@pytest.mark.slow
 def test_grad_accumulation_weights_tokens_not_micro_batches(tmp_path, tiny_ckpt):
     # 8x1 and 2x4 see the same 8 conversations per step; the micro-batches have very different labelled-token
     # counts, so a mean of per-micro-batch means would give a different gradient (norm and direction).
@@ -76,6 +77,7 @@ def test_lr_schedules_by_hand():
         assert (train.lr_at(0, cfg, 4), train.lr_at(3, cfg, 4)) == pytest.approx(want, rel=1e-9, abs=0), schedule
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, tiny_ckpt):
     common = dict(schedule="constant", dropout=0.1, steps=6, save_every=3)
     _, full = run(tmp_path, tiny_ckpt, "full", **common)
@@ -86,6 +88,7 @@ def test_resume_continues_exactly(tmp_path, tiny_ckpt):
     assert_same_adapters(tmp_path / "full", tmp_path / "half", rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tiny_ckpt):
     common = dict(schedule="cosine", warmup=2, dropout=0.1, steps=6, save_every=3, keep_checkpoints=0)
     _, full = run(tmp_path, tiny_ckpt, "full", **common)
@@ -161,6 +164,7 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
         train.train(train.parse_args(argv))
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_reference_table_without_downloading(capsys):
     summary = train.train(train.parse_args(["--rank", "64", "--dry-run"]))
     out = capsys.readouterr().out
@@ -168,6 +172,7 @@ def test_dry_run_prints_the_reference_table_without_downloading(capsys):
     assert [r["trainable_params"] for r in summary["rows"]] == [2_027_520, 8_110_080, 32_440_320, 129_761_280]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_names_the_step_keeping_the_last_checkpoint(tmp_path, tiny_ckpt):
     # An absurd learning rate blows the adapter up after the first update.
     with pytest.raises(train.TrainingError, match=r"at step (\d+).*checkpoint-1") as e:
@@ -180,6 +185,7 @@ def test_nan_loss_stops_and_names_the_step_keeping_the_last_checkpoint(tmp_path,
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_nan_read_a_step_late_still_leaves_the_weights_of_the_last_good_step(tmp_path, tiny_ckpt, monkeypatch):
     # With no checkpoint due, the host reads a step's loss only after the next step is queued; the device-side
     # flag must have skipped the bad step's update and every later one.
@@ -204,6 +210,7 @@ def test_nan_read_a_step_late_still_leaves_the_weights_of_the_last_good_step(tmp
         assert torch.equal(got[k], v), k
 
 
+@pytest.mark.slow
 def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
     import peft
     import transformers
@@ -219,6 +226,7 @@ def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
         assert (ours(ids) - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_summary_reports_the_reference_table_columns_of_the_run(tmp_path, tiny_ckpt, tokenizer):
     out = tmp_path / "summary"
     summary, rows = run(tmp_path, tiny_ckpt, "summary", steps=2, eval_data=str(GUANACO_SAMPLE), eval_every=1)
@@ -276,6 +284,7 @@ def test_dropping_the_mask_of_right_padded_batches_changes_nothing(tiny_ckpt, to
     assert not is_right_padded(left)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses_and_adapter(tmp_path, tiny_ckpt, monkeypatch):
     # Dropout on: recomputation must replay the same dropout masks (checkpoint restores the RNG state).
     import tinyllama.model
@@ -303,6 +312,7 @@ def test_attention_kernel_preference_sets_sdpa_order_and_only_inside():
     assert torch._C._get_sdp_priority_order() == before and torch.backends.cuda.flash_sdp_enabled()
 
 
+@pytest.mark.slow
 def test_attention_kernel_preference_changes_no_numbers(tmp_path, tiny_ckpt):
     # The preferred SDPA kernel (flash on CPU too) against the plain math kernel: same losses and adapter.
     _, fast = run(tmp_path, tiny_ckpt, "flash", steps=2, sdpa_backends="flash,math")

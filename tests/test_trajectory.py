@@ -3,13 +3,16 @@ project and transformers + peft must follow the same loss curve to float32 preci
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 
-pytest.importorskip("peft")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None,
+                                reason="needs peft, the baseline: pip install -e .[test]")
 
 
+@pytest.mark.slow
 def test_this_project_and_transformers_peft_follow_the_same_loss_curve(tmp_path):
     from bench import trajectory
 

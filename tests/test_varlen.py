@@ -98,6 +98,7 @@ def test_without_segments_the_documents_would_see_each_other(hf_tiny):
     assert (right - wrong).abs().max() > 1e-2
 
 
+@pytest.mark.slow
 def test_train_py_packed_with_varlen_trains_like_the_dense_mask(tmp_path):
     ckpt = hf_checkpoint(tmp_path / "model", vocab_size=32000, hidden_size=32, intermediate_size=64)
     (ckpt / "tokenizer.model").write_bytes(TOKENIZER_PATH.read_bytes())
@@ -110,9 +111,9 @@ def test_train_py_packed_with_varlen_trains_like_the_dense_mask(tmp_path):
 
 @pytest.mark.cuda
 def test_cuda_varlen_flash_attention_matches_the_dense_mask(hf_tiny):
-    from tinyllama.runtime import VARLEN_KERNEL
+    from tinyllama.runtime import varlen_kernel
 
-    if VARLEN_KERNEL is None and CUDA.type == "cuda":
+    if varlen_kernel() is None and CUDA.type == "cuda":
         pytest.fail("this torch has no torch.nn.attention.varlen: packed rows fall back to the dense mask")
     batch, _ = packed_batch(max_len=64)
     batch = {k: v.to(CUDA) for k, v in batch.items()}
@@ -130,6 +131,7 @@ def test_cuda_varlen_flash_attention_matches_the_dense_mask(hf_tiny):
         torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3)
 
 
+@pytest.mark.slow
 def test_packed_rows_may_be_longer_than_the_context_with_each_conversation_cut_at_it(tmp_path):
     import train
     from training import parallel

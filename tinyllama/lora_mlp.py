@@ -3,7 +3,7 @@
     y = down(silu(gate(x)) * up(x)),   each projection  W x + s * B(A(dropout(x)))
 
 What the plain autograd graph keeps for backward, per layer: x twice (each dropout output), both x·A products,
-the gate and up outputs, silu(gate), the product h, h again after down's dropout, and h·A. `LoRAMLP` keeps x,
+the gate and up outputs, silu(gate), the product h, h again after down's dropout, and h·A. `FusedLoRAMLP` keeps x,
 the gate and up pre-activations and the dropout masks (a byte a value, none without dropout), and recomputes
 the rest in backward, in the manner of unsloth's `LoRA_MLP`. Gate and up read the same x: with the two base
 weights stored as one [2 * intermediate, hidden] tensor (`fuse_gate_up`; the modules' `weight`s become views of
@@ -64,7 +64,7 @@ def _drop(t: torch.Tensor, mask, p: float) -> torch.Tensor:
     return t if mask is None else t * mask / (1 - p)
 
 
-class LoRAMLP(torch.autograd.Function):
+class FusedLoRAMLP(torch.autograd.Function):
     """x [N, hidden] (all tensors in the compute dtype) -> y [N, hidden]; gradients for x and the six LoRA
     matrices only (the base weights are frozen)."""
 
@@ -139,8 +139,8 @@ class LoRAMLP(torch.autograd.Function):
         return dx, None, None, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down, None, None, None
 
 
-def lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-    """`mlp(x)` through `LoRAMLP` (`mlp`: a `tinyllama.model.MLP` with LoRA on all three projections and gate/up
+def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
+    """`mlp(x)` through `FusedLoRAMLP` (`mlp`: a `tinyllama.model.MLP` with LoRA on all three projections and gate/up
     fused). Under autocast the computation runs in the autocast dtype, as the plain path's matmuls do."""
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     dtype = (torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type)
@@ -151,6 +151,6 @@ def lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor:
     masks = dropout_masks(x2, down.in_features, p)
     adapters = [t.weight.to(dtype) for m in (gate, up, down) for t in (m.lora_A, m.lora_B)]
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRAMLP.apply(x2, mlp.gate_up_weight.to(dtype), down.weight.to(dtype), *adapters,
+        y = FusedLoRAMLP.apply(x2, mlp.gate_up_weight.to(dtype), down.weight.to(dtype), *adapters,
                           (gate.scaling, up.scaling, down.scaling), p, masks)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -29,8 +29,8 @@ from lora.config import LoRAConfig
 from lora.layer import LoRALinear
 
 from .config import LlamaConfig
-from .lora_mlp import lora_mlp
-from .runtime import VARLEN_KERNEL, RuntimePlan
+from .lora_mlp import fused_lora_mlp
+from .runtime import RuntimePlan, varlen_kernel
 
 
 class RMSNorm(nn.Module):
@@ -159,12 +159,12 @@ class Attention(nn.Module):
 def varlen_attention(q, k, v, segments: Segments) -> torch.Tensor:
     """Causal attention within each segment: q [B, H, T, D], k/v [B, KV, T, D] -> [B, T, H * D].
 
-    On CUDA, flash attention over the concatenated segments (`runtime.VARLEN_KERNEL`, grouped k/v read in place);
+    On CUDA, flash attention over the concatenated segments (`runtime.varlen_kernel`, grouped k/v read in place);
     elsewhere `varlen_plain`, the same thing one segment at a time through SDPA.
     """
     B, H, T, D = q.shape
     q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (q, k, v))
-    kernel = VARLEN_KERNEL if q.is_cuda else None
+    kernel = varlen_kernel() if q.is_cuda else None
     y = kernel(q, k, v, segments) if kernel is not None else varlen_plain(q, k, v, segments.cu_seqlens)
     return y.reshape(B, T, H * D)
 
@@ -203,7 +203,7 @@ class MLP(nn.Module):
     def forward(self, x, fused: bool = False):
         if fused and self.gate_up_weight is not None and all(m.active and not m.merged for m in (
                 self.gate_proj, self.up_proj, self.down_proj)):
-            return lora_mlp(self, x)
+            return fused_lora_mlp(self, x)
         return self.plain(x)
 
     def plain(self, x):

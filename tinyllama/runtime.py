@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -72,9 +73,11 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def _varlen_kernel():
+@functools.cache
+def varlen_kernel():
     """torch's varlen flash attention, called as the installed version spells it (its signature has changed
-    between releases); None where there is none."""
+    between releases); None where there is none. Looked up on first use: importing it imports torch._dynamo
+    (about 2 s), which a CPU run never needs."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -93,9 +96,6 @@ def _varlen_kernel():
     return kernel
 
 
-VARLEN_KERNEL = _varlen_kernel()  # what `model.varlen_attention` calls on CUDA
-
-
 @dataclass(frozen=True)
 class RuntimePlan:
     """How the model runs: decided once by `plan_runtime`, given to the model by `apply_plan`. The defaults are
@@ -105,7 +105,7 @@ class RuntimePlan:
     packing: bool = False  # packed rows (data.batching) instead of length-grouped padded batches
     sdpa_backends: str = "default"  # SDPA's kernels in order of preference (`sdpa_context`)
     gqa_in_place: bool = True  # unmasked attention reads grouped k/v heads in place (SDPA enable_gqa)
-    varlen: bool = False  # packed rows as segments through `VARLEN_KERNEL` instead of a dense block mask
+    varlen: bool = False  # packed rows as segments through `varlen_kernel()` instead of a dense block mask
     fused_mlp: bool = False  # the LoRA MLP as one autograd function (`tinyllama.lora_mlp`)
     compile_scope: str | None = None  # torch.compile: "layers" (each decoder layer), "model", or None (eager)
     compile_mode: str = "default"
@@ -140,7 +140,7 @@ def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool =
     if fused_mlp and unfusable:
         problems.append(f"--fused-mlp with {unfusable} is not supported (the fused LoRA MLP computes plain LoRA on "
                         "dense weights); leave --fused-mlp out and the MLP runs on the plain path")
-    if varlen and device.type == "cuda" and VARLEN_KERNEL is None:
+    if varlen and device.type == "cuda" and varlen_kernel() is None:
         problems.append(f"--varlen: torch {torch.__version__} has no varlen flash attention "
                         "(torch.nn.attention.varlen); leave --varlen out and packed rows use a dense mask")
     return problems
@@ -166,7 +166,7 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
         device=device, dtype=dtype, packing=default_packing(device) if packing is None else packing,
         sdpa_backends=sdpa_backends,
         gqa_in_place=in_place == repeated,
-        varlen=cuda and VARLEN_KERNEL is not None if varlen is None else varlen,
+        varlen=cuda and varlen_kernel() is not None if varlen is None else varlen,
         fused_mlp=cuda and mlp_lora and not dora and not quantized if fused_mlp is None else fused_mlp,
         compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
 
