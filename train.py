@@ -209,8 +209,9 @@ def train(cfg: TrainConfig) -> dict:
         bad = torch.zeros((), device=device)  # set on the device by a non-finite step; see training.step
         skip_updates_when(optimizer, bad)
         pending = None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         for step in range(run.start_step, run.total_steps):
-            queued = queue_step(run, cfg, proc, step, bad)
+            queued = queue_step(run, cfg, proc, step, bad, params)
             if pending is not None:  # the previous step's numbers, read now that this step is queued
                 finish_step(pending, run, cfg.log_every, proc, out, progress)
             pending, done, lr = queued, queued.step, queued.lr
@@ -238,11 +239,12 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, bad: torch.Tensor) -> QueuedStep:
-    """Optimizer step `step` (0-based): its `grad_accum` micro-batches forward and backward, the gradients summed
-    over processes, clipped, AdamW. Queued on the device, nothing read back (`finish_step` reads it later)."""
+def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, bad: torch.Tensor,
+               params: list[torch.Tensor]) -> QueuedStep:
+    """Optimizer step `step` (0-based): its `grad_accum` micro-batches forward and backward, the gradients of
+    `params` (the optimizer's) summed over processes, clipped, AdamW. Queued on the device, nothing read back
+    (`finish_step` reads it later)."""
     model, optimizer, device = run.model, run.optimizer, proc.device
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     lr = lr_at(step, cfg, run.total_steps)
     for group in optimizer.param_groups:
         group["lr"] = lr

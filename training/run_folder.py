@@ -53,7 +53,8 @@ RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.pn
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only
-CHECKPOINT_FILES = (STATE, OPTIMIZER, "adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # lora.save_adapter's (and its README.md)
+CHECKPOINT_FILES = (STATE, OPTIMIZER, *ADAPTER_FILES)
 LOCK = ".lock"
 MANIFEST = ".run-manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")  # a model folder's, never a run's
@@ -226,7 +227,7 @@ def continues_in(checkpoint: Path | None, out: Path) -> bool:
 def is_finished(out: Path, steps: int) -> bool:
     """Whether `out` holds a run's final adapter and the summary of a run of `steps` steps."""
     adapter = out / "adapter"
-    complete = all((adapter / name).is_file() for name in CHECKPOINT_FILES[2:])
+    complete = all((adapter / name).is_file() for name in ADAPTER_FILES)
     return complete and _json_or_empty(out / "summary.json").get("steps") == steps
 
 
