@@ -1,20 +1,24 @@
-"""Chat with TinyLlama (and a LoRA adapter) in the guanaco format: a terminal chat, or a one-shot answer.
+"""Chat with a model (and a LoRA adapter) in the chat template it was trained with: a terminal chat, or a
+one-shot answer.
 
     python chat.py --adapter runs/r64/adapter                     # interactive; /reset, /exit
     python chat.py --adapter runs/r64/adapter --prompt "Hi!"      # one answer on stdout, scriptable
+    python chat.py --adapter runs/r64/adapter --system "Answer in French."
 
 The model is `--model`, else the base the adapter records (`base_model_name_or_path` in its adapter_config.json,
-as `make export` reads it), else TinyLlama_v1.1 from the Hub (`DEFAULT_MODEL`).
+as `make export` reads it), else TinyLlama_v1.1 from the Hub (`DEFAULT_MODEL`). The template is
+`--chat-template`, else the adapter's `chat_template.jinja` (what training used; an adapter without one was
+trained on guanaco), else the model's own template, else guanaco.
 
-Each user message becomes `### Human: {message}### Assistant:` after the earlier turns, tokenized exactly as
-training tokenized conversations; the answer streams as it is generated and ends at EOS, at the next
-`### Human:` (not shown), or after `--max-new-tokens`; the oldest exchanges are dropped when the conversation
-and the answer would not fit the model's context length. All of that is `data.dialogue` (`answer`,
-`fit_history`); this command parses its arguments, loads the model and runs the terminal. Status messages go to
-stderr, so stdout holds only the answers.
+Each user message is put after the earlier turns (and `--system`) through the template, tokenized exactly as
+training tokenized conversations; the answer streams as it is generated and ends at EOS or the template's end of
+turn, at guanaco's `### Human:` (not shown), or after `--max-new-tokens`; the oldest exchanges are dropped when
+the conversation and the answer would not fit the model's context length. All of that is `data.dialogue`
+(`answer`, `fit_history`); this command parses its arguments, loads the model and runs the terminal. Status
+messages go to stderr, so stdout holds only the answers.
 
-Deliberately left out: system prompts, other chat templates, and keeping the KV cache between turns (each turn
-re-reads the kept history: one prefill, cheap next to the answer).
+Deliberately left out: keeping the KV cache between turns (each turn re-reads the kept history: one prefill,
+cheap next to the answer).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from data.dialogue import answer, fit_history
 from tinyllama.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from tinyllama.export import load_adapted, resolve_base
 from tinyllama.runtime import DTYPES, apply_plan, plan_runtime, resolve_device, resolve_dtype
+from tinyllama.templates import adapter_template
 from tinyllama.tokenizer import load_tokenizer
 
 
@@ -54,6 +59,11 @@ def _parse(argv):
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json, or a folder holding one "
                    "(default: the model folder's)")
     p.add_argument("--prompt", help="answer this one message and exit, instead of chatting")
+    p.add_argument("--system", help="a system prompt before the conversation (the template must have a system "
+                   "role; guanaco has none)")
+    p.add_argument("--chat-template", metavar="SPEC", help="a built-in (guanaco, chatml, llama2, llama3, zephyr, "
+                   "mistral), model (the model's own) or a .jinja file (default: the adapter's chat_template.jinja, "
+                   "else the model's, else guanaco)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -85,6 +95,7 @@ def main(argv=None) -> int:
     try:
         model, folder = load(args.model, args.adapter, args.merge, device, dtype)
         tokenizer = load_tokenizer(args.tokenizer or folder)
+        template = adapter_template(args.chat_template, args.adapter, folder, tokenizer)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
     plan = plan_runtime(model.config, device, dtype, lora_config=model.lora_config)  # as training runs it
     apply_plan(model, plan)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
+                    top_p=args.top_p, seed=args.seed, template=template, system=args.system)
     context = model.config.context_length
 
     if args.prompt is not None:
@@ -130,7 +141,8 @@ def main(argv=None) -> int:
             print("(history cleared)", file=sys.stderr)
             continue
         try:
-            turns, _ = fit_history(tokenizer, history + [message], args.max_new_tokens, context)
+            turns, _ = fit_history(tokenizer, history + [message], args.max_new_tokens, context, template,
+                                   args.system)
             dropped = (len(history) + 1 - len(turns)) // 2
             if dropped:
                 print(f"(dropped the {dropped} oldest exchange(s) to fit the context)", file=sys.stderr)
@@ -144,7 +156,7 @@ def main(argv=None) -> int:
             print("(interrupted; this exchange is not kept)", file=sys.stderr)
             continue
         _write("\n")
-        # An empty reply cannot be a turn of a guanaco conversation; such an exchange is not kept.
+        # An empty reply cannot be a turn of a conversation; such an exchange is not kept.
         history = turns + [reply] if reply else turns[:-1]
     return 0
 

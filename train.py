@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import lora
-from data import BatchStream, eval_batches, load_train_eval
+from data import BatchStream, eval_batches, load_template, load_train_eval
 from lora import LoRAConfig
 from tinyllama import load_model, load_tokenizer
 from tinyllama.checkpoint import HubUnavailable, model_config, random_model, resolve_checkpoint
@@ -110,11 +110,30 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
                 f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model only "
                 f"{config.vocab_size:,} embeddings, so ids past {config.vocab_size - 1} have none; pass the "
                 "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
+    template = None
+    if tokenizer is not None:
+        # The model's own template sits beside its tokenizer files.
+        tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
+        if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+            tokenizer_dir = tokenizer_dir.parent
+        try:
+            template = load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer)
+            end = template.end_of_turn_token(tokenizer)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
+        if end is None:
+            raise TrainingError(
+                f"the chat template {template.name} ends an assistant turn with no special token that the tokenizer "
+                f"{tokenizer.path} has (chatml's <|im_end|>, llama3's <|eot_id|> are text to a Llama 2 tokenizer), "
+                "so the model would never learn where a reply ends. Pick a template this tokenizer can end a turn "
+                "with: guanaco, llama2, zephyr and mistral end with its EOS")
+        turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
+        log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
     n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
     example_len = min(cfg.max_len, config.max_position_embeddings)  # the row length, or less in packed rows
     train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
                                                     vocab_size=config.vocab_size, seed=cfg.seed, n_random=n_random,
-                                                    log=log)
+                                                    template=template, train_on=cfg.train_on, log=log)
     stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
                          group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
                          rank=proc.rank, world_size=proc.world)
@@ -167,7 +186,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     log(f"runs as: {plan.describe()}")
     return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,
                start_step, totals, training_flops_per_token(model.config, lora_config, cfg.max_len),
-               measure_matmul_peak(device, dtype))
+               measure_matmul_peak(device, dtype), template)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -229,7 +248,7 @@ def train(cfg: TrainConfig) -> dict:
                 progress.note(f"step {done}: eval loss {run.totals.eval_loss:.4f}, ppl {run.totals.eval_ppl:.2f}")
             if save_now:
                 run_folder.save_checkpoint(
-                    out, done, lambda folder: lora.save_adapter(model, folder, base_model=cfg.model), optimizer,
+                    out, done, lambda folder: save_adapter(run, cfg, folder), optimizer,
                     {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
                      "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
         progress.close()
@@ -278,6 +297,12 @@ def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, ba
     return QueuedStep(step + 1, numbers, timer, lr, n_tokens, n_labelled, run.stream.epoch)
 
 
+def save_adapter(run: Run, cfg: TrainConfig, folder: Path, card=None) -> None:
+    """The adapter in PEFT's format, with the chat template its conversations were rendered with."""
+    lora.save_adapter(run.model, folder, base_model=cfg.model, card=card,
+                      chat_template=None if run.template is None else run.template.source)
+
+
 def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) -> dict:
     """The summary of the whole run; the main process writes the final adapter (with its model card), summary.json,
     loss.png and the samples."""
@@ -290,14 +315,13 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     if proc.main:
         card = report.model_card(cfg, run.totals, run.total_steps, command_line(cfg))
         run_folder.claim(out, "adapter", "summary.json")
-        run_folder.write_dir(out / "adapter", lambda folder: lora.save_adapter(model, folder, base_model=cfg.model,
-                                                                               card=card))
+        run_folder.write_dir(out / "adapter", lambda folder: save_adapter(run, cfg, folder, card))
         run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         report.print_summary(summary, log)
         report.plot_losses(out)
         if cfg.samples and run.tokenizer is not None:
             apply_plan(model, dataclasses.replace(run.plan, compile_scope=None))  # generation's shapes grow
-            report.show_samples(model, run.tokenizer, out, log)
+            report.show_samples(model, run.tokenizer, out, log, run.template)
     return summary
 
 

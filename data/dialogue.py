@@ -1,17 +1,19 @@
-"""The guanaco conversation as the model continues it: turns -> prompt ids, and the reply, streamed and cut at
-the next marker.
+"""A conversation as the model continues it: turns -> prompt ids through a chat template, and the reply,
+streamed and cut where the template ends a turn.
 
     turns, ids = fit_history(tokenizer, ["hi", "Hello!", "how are you"], max_new_tokens, context_length)
-    reply = answer(model, tokenizer, ["hi", "Hello!", "how are you"], on_text=print)
+    reply = answer(model, tokenizer, ["hi", "Hello!", "how are you"], template=load_template("llama3"),
+                   system="Answer briefly.", on_text=print)
 
-A conversation to answer is a list of strings, human, assistant, ..., human (one string is one human turn). Its
-prompt is exactly what training put before a reply (`data.encode_prompt`: BOS first, EOS after every earlier
-reply), so the model continues as it learned to. The reply ends at EOS, at the next `### Human:` (not
-returned), or after `max_new_tokens`; the oldest exchanges are dropped when the conversation and the reply would
-not fit the model's context length.
+A conversation to answer is a list of strings, user, assistant, ..., user (one string is one user turn), and an
+optional system prompt. Its prompt is the template's text with its generation prompt (`data.encode_prompt`),
+cut as training cut it, so the model continues as it learned to; the template defaults to guanaco. The reply
+ends at EOS or the template's end-of-turn token (`data.end_of_turn_ids`), at a stop string the template names
+(guanaco's `### Human:`, not returned), or after `max_new_tokens`; the oldest exchanges are dropped when the
+conversation and the reply would not fit the model's context length (the system prompt is kept).
 
-Deliberately left out: system prompts, other chat templates, keeping the KV cache between turns (each turn
-re-reads the kept history: one prefill, cheap next to the answer), and the terminal (`chat.py`).
+Deliberately left out: keeping the KV cache between turns (each turn re-reads the kept history: one prefill,
+cheap next to the answer), and the terminal (`chat.py`).
 """
 
 from __future__ import annotations
@@ -19,33 +21,35 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from tinyllama.generation import StopStrings, generate
+from tinyllama.templates import GUANACO_MARKERS, Template, load_template
 
-from .encoding import encode_prompt
-from .guanaco import ASSISTANT, HUMAN, MARKERS, Turn, check_conversation
+from .encoding import encode_prompt, end_of_turn_ids
+from .guanaco import ASSISTANT, HUMAN, SYSTEM, Turn, check_conversation
 
-# A reply ends where the model starts the next human turn. It never holds "### Assistant:" either (training
-# conversations cannot: data.guanaco refuses markers inside turns), and one that did could not be kept in the
-# history, so that ends a reply too.
-STOP_STRINGS = (MARKERS[HUMAN], MARKERS[ASSISTANT])
+# Guanaco's: a reply ends where the model starts the next human turn. It never holds "### Assistant:" either
+# (training conversations cannot: the guanaco template refuses markers inside turns), and one that did could not
+# be kept in the history, so that ends a reply too.
+STOP_STRINGS = GUANACO_MARKERS
 
 
-def conversation(turns: str | Sequence[str]) -> list[Turn]:
-    """`turns` (alternating human, assistant, ..., human; one string is one human turn), each stripped of
-    surrounding whitespace, as a guanaco conversation: `data.encode_prompt(conversation(turns), tokenizer)` are
-    the ids the model continues. Raises BadRow (a ValueError) for an even number of turns, an empty turn or a
-    marker inside one."""
+def conversation(turns: str | Sequence[str], system: str | None = None) -> list[Turn]:
+    """`turns` (alternating user, assistant, ..., user; one string is one user turn), each stripped of
+    surrounding whitespace, after an optional system prompt: `data.encode_prompt(conversation(turns), tokenizer,
+    template)` are the ids the model continues. Raises BadRow (a ValueError) for an even number of turns or an
+    empty turn; the template refuses what it cannot render (guanaco: a marker inside a turn, a system prompt)."""
     texts = [turns] if isinstance(turns, str) else list(turns)
-    conv = [Turn(HUMAN if i % 2 == 0 else ASSISTANT, t.strip()) for i, t in enumerate(texts)]
-    check_conversation(conv, last=HUMAN)
+    conv = [Turn(SYSTEM, system.strip())] if system else []
+    conv += [Turn(HUMAN if i % 2 == 0 else ASSISTANT, t.strip()) for i, t in enumerate(texts)]
+    check_conversation(conv, last=HUMAN, markers=False)
     return conv
 
 
-def fit_history(tokenizer, turns: str | Sequence[str], max_new_tokens: int,
-                context_len: int) -> tuple[list[str], list[int]]:
+def fit_history(tokenizer, turns: str | Sequence[str], max_new_tokens: int, context_len: int,
+                template: Template | None = None, system: str | None = None) -> tuple[list[str], list[int]]:
     """Drop the oldest exchanges until the prompt plus `max_new_tokens` fits `context_len`; (turns, ids)."""
-    turns = [t.text for t in conversation(turns)]
+    turns = [t.text for t in conversation(turns) if t.role != SYSTEM]
     while True:
-        ids = encode_prompt(conversation(turns), tokenizer)
+        ids = encode_prompt(conversation(turns, system), tokenizer, template)
         if len(ids) + max_new_tokens <= context_len:
             return turns, ids
         if len(turns) == 1:
@@ -95,16 +99,21 @@ class TextStream:
 
 
 def answer(model, tokenizer, history_or_prompt: str | Sequence[str], max_new_tokens: int = 256, *,
-           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-           seed: int | None = None, on_text: Callable[[str], None] | None = None) -> str:
-    """The model's reply to a prompt (or to the last human turn of `[human, assistant, ..., human]`).
+           template: Template | None = None, system: str | None = None, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           on_text: Callable[[str], None] | None = None) -> str:
+    """The model's reply to a prompt (or to the last user turn of `[user, assistant, ..., user]`), through
+    `template` (default guanaco) after an optional `system` prompt.
 
-    Greedy by default. Stops at EOS, at `### Human:` (cut off, not returned) or after `max_new_tokens`; the
-    oldest exchanges are dropped if the conversation would not fit the context. `on_text` receives the reply
-    piece by piece as it is generated. Returns the reply with surrounding whitespace stripped.
+    Greedy by default. Stops at EOS or the template's end of turn, at a stop string of the template (guanaco's
+    `### Human:`, cut off, not returned) or after `max_new_tokens`; the oldest exchanges are dropped if the
+    conversation would not fit the context. `on_text` receives the reply piece by piece as it is generated.
+    Returns the reply with surrounding whitespace stripped.
     """
-    _, ids = fit_history(tokenizer, history_or_prompt, max_new_tokens, model.config.context_length)
-    stream = TextStream(tokenizer, STOP_STRINGS, on_text)
+    template = (template or load_template("guanaco")).bind(tokenizer)
+    _, ids = fit_history(tokenizer, history_or_prompt, max_new_tokens, model.config.context_length, template,
+                         system)
+    stream = TextStream(tokenizer, template.stop_strings, on_text)
     generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-             stop=stream.stop, eos_id=tokenizer.eos_id, on_token=stream.push)
+             stop=stream.stop, eos_id=end_of_turn_ids(tokenizer, template), on_token=stream.push)
     return stream.finish().strip()

@@ -1,54 +1,56 @@
-"""Conversations -> token ids and labels for causal-LM fine-tuning.
+"""Conversations -> token ids and labels for causal-LM fine-tuning, through a chat template.
 
-One sequence per conversation: BOS, then the guanaco text of every turn, with EOS after each assistant reply:
+    ids, labels = encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+                                  tokenizer, load_template("llama3"))
+
+One sequence per conversation: the template's text (`data.templates`), encoded as transformers encodes it, so
+training sees exactly what transformers, vLLM and llama.cpp will feed the model. With the default `guanaco`
+template and Llama's tokenizer that is
 
     <s>### Human: q1### Assistant: a1</s>### Human: q2### Assistant: a2</s>
 
-Labels are aligned with input_ids (the loss shifts them): the tokens of each reply and its EOS are labelled,
-everything else (BOS, markers, human turns) is -100.
+Labels are aligned with input_ids (the loss shifts them). Labelled: each assistant turn's content (with the spaces
+the template writes right before it, which tokenizers glue to its first word) and the text after it up to and
+including the first special token there, the template's end of turn (`</s>`, `<|eot_id|>`, `<|im_end|>`).
+Nothing else: no BOS, header, system or user text. `train_on="last"` labels the final assistant turn only.
 
-How the label boundaries are found. SentencePiece tokenizes a marker differently depending on what precedes it
-(a fresh `### Human:` starts with `▁###`, one glued to a reply starts with `##`,`#`), so searching token ids for a
-template is unreliable. Instead the text is cut into segments at the label boundaries and each segment is
-tokenized on its own:
+How the boundaries are found. Rendering prefixes of a conversation is not enough (Mistral v0.3's template moves
+the system message into the last user turn, so a prefix renders differently from the whole). Instead the
+conversation is rendered twice: as it is, and with each message's content replaced by a sentinel. The sentinels'
+places say where each content sits; putting the contents back must give the real text exactly (a template that
+changes a message's text is refused, counted). A template that writes a reply twice or not at all is refused too.
 
-    "### Human: q1### Assistant:" | " a1" | EOS | "### Human: q2### Assistant:" | " a2" | EOS
-
-The first segment is tokenized as the start of a text (with SentencePiece's dummy-prefix space, as
-`tokenizer.encode(text)` does). Every later segment is tokenized *as it appears inside a longer text*: we encode
-"\n" + segment and drop the tokens of "\n". That works because "\n" is a byte-fallback piece that merges with
-nothing, so what follows it is tokenized exactly as after any other character, without a dummy prefix.
-A byte-level BPE tokenizer.json (Llama 3, SmolLM2) has no dummy prefix, and its pre-tokenizer regex makes "\n"
-a word of its own before any segment (segments never start with whitespace), so the same code holds for it.
-
-Consequences, checked by the tests:
-- decode(input_ids) is exactly the guanaco text (decode drops BOS/EOS, and no segment gains or loses a space);
-- the labelled tokens of each reply decode to exactly that reply (its leading "▁" is the space after "Assistant:",
-  which SentencePiece's decode drops at the start of a text and byte-level BPE's keeps);
-- the ids, EOS aside, equal `tokenizer.encode(guanaco_text)` of the whole row, except where the tokenizer would
-  merge the end of a reply with the next marker (a reply ending in "C#" gives "####"; with Llama 3's regex any
-  punctuation does: "." and "###" make ".###"); there a token boundary has to exist anyway, since EOS goes
-  there. The boundary after "### Assistant:" can never merge: no Llama piece has "▁" after another character,
-  and the BPE regexes start a new word at a space.
-- the prompt tokens equal what `encode_prompt` gives at inference, so generation sees what training saw.
-
-A tokenizer whose `bos_id` is None (SmolLM2's puts nothing before a text) gives sequences that start with the
-first marker. Deliberately left out: chat templates other than guanaco's, a system prompt, and a pad token
-(batching masks padding instead; see data.batching).
+How the ids are made. The rendered text is cut at the template's special tokens (each one id; text inside a
+message is never read as a special token, so data cannot smuggle in an end token) and at the label boundaries.
+Each piece of text is encoded on its own: the piece at the very start with `tokenizer.encode` (SentencePiece's
+dummy-prefix space), every later one with `tokenizer.encode_inside` (as it is tokenized after other text or a
+special token). Consequences, checked by the tests against transformers:
+- the ids equal `tokenizer(rendered, add_special_tokens=False)`'s (`encode_rendered` here), with special tokens
+  as single ids and BOS only where the template writes one, except where the tokenizer would merge across a
+  label boundary (a reply ending in "C#" before "### Human:" gives "####"; with Llama 3's regex any punctuation
+  does). A token boundary has to exist there, so the ids differ; `python -m data.stats` counts such rows;
+- the labelled tokens of each reply decode to that reply and its end of turn;
+- `encode_prompt` gives the ids training put before a reply (where the template renders a conversation and its
+  prefixes alike), so generation sees what training saw.
 """
 
 from __future__ import annotations
 
+import array
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from tinyllama.loss import IGNORE_INDEX  # the loss defines what "no label" is
+from tinyllama.templates import LayoutError, Template, TemplateRefused, load_template, special_pattern
 
-from .guanaco import ASSISTANT, HUMAN, MARKERS, BadRow, Turn, check_conversation
+from .guanaco import ASSISTANT, HUMAN, BadRow, Turn, check_conversation
 
-_CONTEXT = "\n"  # see the module docstring: a separator that never merges with what follows
+ASSISTANT_ONLY, LAST = "assistant", "last"  # --train-on
+TRAIN_ON = (ASSISTANT_ONLY, LAST)
+ROLES = {"system": "system", HUMAN: "user", "user": "user", ASSISTANT: "assistant"}
+SPECIAL_TEXT = "special-token text in a message (encoded as plain text)"  # a counted note, not a skip
 
 
 @dataclass
@@ -74,6 +76,7 @@ class EncodeReport:
     examples: int = 0
     truncated: int = 0  # kept, cut to max_len
     skipped: Counter = field(default_factory=Counter)  # reason -> conversations not turned into an example
+    notes: Counter = field(default_factory=Counter)  # kept, but worth knowing (SPECIAL_TEXT)
     tokens: int = 0
     labelled: int = 0
 
@@ -82,44 +85,120 @@ class EncodeReport:
              f"{self.truncated} truncated, {sum(self.skipped.values())} skipped")
         if self.skipped:
             s += " (" + ", ".join(f"{k}: {v}" for k, v in self.skipped.items()) + ")"
+        if self.notes:
+            s += "; " + ", ".join(f"{k}: {v}" for k, v in self.notes.items())
         return s + f"; {self.tokens} tokens, {self.labelled} labelled"
 
 
-def _context_prefix(tokenizer) -> list[int]:
-    return tokenizer.encode(_CONTEXT, bos=False)
-
-
-def _encode_inside(tokenizer, text: str, prefix: list[int]) -> list[int]:
-    """Tokens of `text` as it is tokenized in the middle of a longer text (no dummy-prefix space)."""
-    ids = tokenizer.encode(_CONTEXT + text, bos=False)
-    if ids[:len(prefix)] != prefix:
-        raise ValueError(f"tokenizer merged {_CONTEXT!r} with the text that follows it ({text[:20]!r}); the "
-                         "segment-wise tokenization in data.encoding assumes it never does")
-    return ids[len(prefix):]
-
-
-def segments(conversation: list[Turn]) -> list[tuple[str, bool]]:
-    """(text, labelled) pieces whose concatenation is the guanaco text; an EOS follows each labelled one."""
+def to_messages(conversation) -> list[dict]:
+    """A conversation as chat templates take it, [{"role": "system"|"user"|"assistant", "content": str}]: from
+    Turns (`data.guanaco`, human -> user) or from message dicts (roles human/user, gpt/assistant, system)."""
     out = []
-    for turn in conversation:
-        if turn.role == HUMAN:
-            out.append((f"{MARKERS[HUMAN]} {turn.text}{MARKERS[ASSISTANT]}", False))
-        else:
-            out.append((f" {turn.text}", True))
+    for i, m in enumerate(conversation):
+        role, content = (m.role, m.text) if isinstance(m, Turn) else (m.get("role"), m.get("content"))
+        if role == "gpt":
+            role = ASSISTANT
+        if role not in ROLES:
+            raise BadRow("unknown role", f"message {i + 1} has role {role!r}; expected system, user or assistant")
+        if not isinstance(content, str):
+            raise BadRow("content is not text", f"message {i + 1} ({role}) has {type(content).__name__} content")
+        out.append({"role": ROLES[role], "content": content})
     return out
 
 
-def _encode_full(conversation: list[Turn], tokenizer) -> tuple[list[int], list[int]]:
-    prefix = _context_prefix(tokenizer)
-    ids = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, (text, labelled) in enumerate(segments(conversation)):
-        seg = tokenizer.encode(text, bos=False) if i == 0 else _encode_inside(tokenizer, text, prefix)
-        if labelled:
-            seg = seg + [tokenizer.eos_id]
-        ids += seg
-        labels += seg if labelled else [IGNORE_INDEX] * len(seg)
+def _layout(messages: list[dict], template: Template, labelled: set[int], add_generation_prompt: bool):
+    """`template.layout`, its refusals as BadRow; every labelled reply must be in the text exactly once."""
+    try:
+        text, spans = template.layout(messages, add_generation_prompt)
+    except TemplateRefused as e:
+        reason = e.reason if len(e.reason) <= 80 else e.reason[:77] + "..."
+        raise BadRow(f"refused by the chat template ({reason})") from None
+    except LayoutError as e:
+        raise BadRow(e.reason, e.detail) from None
+    seen = Counter(i for _, _, i in spans)
+    wrong = [i for i in sorted(labelled) if seen[i] != 1]
+    if wrong:
+        raise BadRow("template renders a reply twice or not at all",
+                     f"assistant message {wrong[0] + 1} appears {seen[wrong[0]]} times")
+    return text, spans
+
+
+def _label_ranges(text: str, spans, labelled: set[int], template: Template, pattern) -> list[tuple[int, int]]:
+    """The labelled character ranges of `text`: each labelled reply, with the spaces the template writes right
+    before it (tokenizers glue them to its first word), through the template's end-of-turn token."""
+    ranges = []
+    for k, (start, end, i) in enumerate(spans):
+        if i not in labelled:
+            continue
+        if k > 0 and spans[k - 1][2] is None:
+            while start > spans[k - 1][0] and text[start - 1] == " ":
+                start -= 1
+        eot = template.end_of_turn(text, spans, k, pattern)
+        ranges.append((start, end if eot is None else eot[1]))
+    return ranges
+
+
+def _encode_layout(text: str, spans, labelled: set[int], template: Template, tokenizer):
+    """(ids, labels): `text` cut at the special tokens the template wrote (never those inside a message) and at
+    the label boundaries, each piece encoded on its own (see the module docstring)."""
+    pattern = special_pattern(tokenizer)
+    special = [] if pattern is None else [m.span() for s, e, i in spans if i is None
+                                          for m in pattern.finditer(text, s, e)]
+    ranges = _label_ranges(text, spans, labelled, template, pattern)
+    bounds = sorted({0, len(text), *(x for r in ranges for x in r), *(x for r in special for x in r)})
+    special_at = dict(special)
+    cuts = list(zip(bounds, bounds[1:], strict=False))
+    inside = [text[a:b] for a, b in cuts if a > 0 and special_at.get(a) != b]
+    encoded = iter(tokenizer.encode_inside_all(inside) if inside else [])
+    ids, labels = [], []
+    r = 0  # the first labelled range that does not end before the current piece
+    for a, b in cuts:
+        while r < len(ranges) and ranges[r][1] <= a:
+            r += 1
+        if special_at.get(a) == b:
+            piece = [tokenizer.special_tokens[text[a:b]]]
+        else:
+            piece = tokenizer.encode(text[a:b], bos=False) if a == 0 else next(encoded)
+        ids += piece
+        labels += piece if r < len(ranges) and ranges[r][0] <= a else [IGNORE_INDEX] * len(piece)
     return ids, labels
+
+
+def _labelled_messages(messages: list[dict], train_on: str) -> set[int]:
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return set(replies[-1:] if train_on == LAST else replies)
+
+
+def _check_trainable(messages: list[dict]) -> None:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise BadRow("no assistant turn", "the conversation does not end with an assistant reply")
+    empty = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()), None)
+    if empty is not None:
+        raise BadRow("empty turn", f"message {empty + 1} (assistant) has no text")
+
+
+def _long_tensor(xs: list[int]) -> torch.Tensor:
+    """torch.tensor(xs, dtype=torch.long), through an int64 array: a few times faster for a list of ints."""
+    return torch.frombuffer(array.array("q", xs), dtype=torch.long) if xs else torch.zeros(0, dtype=torch.long)
+
+
+def _bound(template: Template | None, tokenizer) -> Template:
+    return (template or load_template("guanaco")).bind(tokenizer)
+
+
+def encode_full(conversation, tokenizer, template: Template, train_on: str = ASSISTANT_ONLY):
+    """(input_ids, labels) of a whole conversation (Turns or message dicts ending with an assistant reply),
+    through `template` bound to `tokenizer`. Raises BadRow (a ValueError) with a countable `reason` for a
+    conversation that cannot be trained on."""
+    if conversation and isinstance(conversation[0], Turn):
+        check_conversation(conversation, markers=False)  # the templates check markers and roles their own way
+    messages = to_messages(conversation)
+    _check_trainable(messages)
+    labelled = _labelled_messages(messages, train_on)
+    text, spans = _layout(messages, template, labelled, add_generation_prompt=False)
+    return _encode_layout(text, spans, labelled, template, tokenizer)
 
 
 def _truncate(ids: list[int], labels: list[int], max_len: int | None) -> tuple[list[int], list[int]]:
@@ -132,49 +211,77 @@ def _truncate(ids: list[int], labels: list[int], max_len: int | None) -> tuple[l
         raise NoLabelledTokens(f"no assistant token within max_len={max_len}: the first reply starts at "
                                f"token {first}")
     ids, labels = ids[:max_len], labels[:max_len]
-    # Trailing unlabelled tokens (a cut-off human turn) carry no loss and no earlier token attends to them.
+    # Trailing unlabelled tokens (a cut-off user turn) carry no loss and no earlier token attends to them.
     while labels[-1] == IGNORE_INDEX:
         ids.pop()
         labels.pop()
     return ids, labels
 
 
-def encode(conversation: list[Turn], tokenizer, max_len: int | None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation, truncated to `max_len` tokens (the start is kept).
+def encode_messages(messages, tokenizer, template: Template | None = None, max_len: int | None = None, *,
+                    train_on: str = ASSISTANT_ONLY) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation through `template` (default guanaco), truncated to `max_len`
+    tokens (the start is kept; trailing unlabelled tokens, a cut-off user turn, are dropped).
 
-    After truncation, trailing unlabelled tokens (the cut-off start of a human turn) are dropped. Raises
-    NoLabelledTokens when no assistant token is left, and BadRow (a ValueError) for a conversation that is not
-    human/assistant alternating or has an empty turn.
+    Raises NoLabelledTokens when no assistant token is left, and BadRow (a ValueError) with a countable `reason`
+    for a conversation that cannot be trained on (see `encode_full`).
     """
-    check_conversation(conversation)
-    ids, labels = _encode_full(conversation, tokenizer)
+    ids, labels = encode_full(messages, tokenizer, _bound(template, tokenizer), train_on)
     return _truncate(ids, labels, max_len)
 
 
-def encode_prompt(conversation: list[Turn], tokenizer) -> list[int]:
-    """Ids for generating the next assistant reply: `conversation` ends with the human turn to answer.
-
-    Exactly the tokens training put before that reply, so the model continues as it learned to.
-    """
-    check_conversation(conversation, last=HUMAN)
-    # Encode with a placeholder reply and cut it off: the prompt tokens do not depend on the reply.
-    ids, labels = _encode_full(list(conversation) + [Turn(ASSISTANT, "x")], tokenizer)
-    last_prompt_end = max(i for i, x in enumerate(labels) if x == IGNORE_INDEX) + 1
-    return ids[:last_prompt_end]
+def encode(conversation: list[Turn], tokenizer, max_len: int | None,
+           template: Template | None = None) -> tuple[list[int], list[int]]:
+    """`encode_messages` of Turns (`data.guanaco`), which must alternate human/assistant after an optional
+    system turn."""
+    return encode_messages(conversation, tokenizer, template, max_len)
 
 
-def encode_all(conversations, tokenizer, max_len: int | None) -> tuple[list[Example], EncodeReport]:
-    """Encode every conversation; returns the examples and a report counting truncated and skipped ones."""
+def encode_prompt(conversation, tokenizer, template: Template | None = None) -> list[int]:
+    """Ids for generating the next assistant reply: `conversation` (Turns or message dicts) ends with the user
+    turn to answer. The template's text with its generation prompt, cut as training cuts it (at every earlier
+    reply), so the model continues as it learned to."""
+    if conversation and isinstance(conversation[0], Turn):
+        check_conversation(conversation, last=HUMAN, markers=False)
+    messages = to_messages(conversation)
+    if not messages or messages[-1]["role"] != "user":
+        raise BadRow("no human turn to answer", "a conversation to answer ends with a user turn")
+    template = _bound(template, tokenizer)
+    earlier = _labelled_messages(messages, ASSISTANT_ONLY)
+    text, spans = _layout(messages, template, earlier, add_generation_prompt=True)
+    return _encode_layout(text, spans, earlier, template, tokenizer)[0]
+
+
+def encode_rendered(text: str, tokenizer) -> list[int]:
+    """The ids of a whole rendered text, special tokens as single ids and no label cuts: what transformers'
+    `tokenizer(text, add_special_tokens=False)` gives (also for special-token text inside messages)."""
+    return _encode_layout(text, [(0, len(text), None)], set(), _bound(None, tokenizer), tokenizer)[0]
+
+
+def end_of_turn_ids(tokenizer, template: Template | None = None) -> list[int]:
+    """The ids that end an assistant turn in `template` (default guanaco): EOS, and the template's own end token
+    where it writes another. Generation stops at them."""
+    return _bound(template, tokenizer).end_of_turn_ids(tokenizer)
+
+
+def encode_all(conversations, tokenizer, max_len: int | None, template: Template | None = None, *,
+               train_on: str = ASSISTANT_ONLY) -> tuple[list[Example], EncodeReport]:
+    """Encode every conversation through `template` (default guanaco); returns the examples and a report
+    counting truncated and skipped ones, and those with special-token text in a message (kept as text)."""
+    template = _bound(template, tokenizer)
+    pattern = special_pattern(tokenizer)
     report = EncodeReport(max_len=max_len)
     examples = []
     for conv in conversations:
         report.conversations += 1
         try:
-            check_conversation(conv)
-        except BadRow as e:  # loaders never produce these; a hand-built list might
-            report.skipped[f"invalid conversation ({e.reason})"] += 1
+            ids, labels = encode_full(conv, tokenizer, template, train_on)
+        except BadRow as e:  # the template's refusals; loaders never give the other reasons, a hand-built list might
+            refused = e.reason.startswith("refused by") or e.reason.startswith("template ")
+            report.skipped[e.reason if refused else f"invalid conversation ({e.reason})"] += 1
             continue
-        ids, labels = _encode_full(conv, tokenizer)
+        if pattern is not None and any(pattern.search(t.text if isinstance(t, Turn) else t["content"]) for t in conv):
+            report.notes[SPECIAL_TEXT] += 1
         truncated = max_len is not None and len(ids) > max_len
         try:
             ids, labels = _truncate(ids, labels, max_len)
@@ -184,7 +291,6 @@ def encode_all(conversations, tokenizer, max_len: int | None) -> tuple[list[Exam
         report.truncated += truncated
         report.examples += 1
         report.tokens += len(ids)
-        report.labelled += sum(x != IGNORE_INDEX for x in labels)
-        examples.append(Example(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long),
-                                truncated))
+        report.labelled += len(labels) - labels.count(IGNORE_INDEX)
+        examples.append(Example(_long_tensor(ids), _long_tensor(labels), truncated))
     return examples, report

@@ -7,9 +7,10 @@ the next `### Human:`. Only those two exact markers split turns: markdown headin
 Parsing and validation are one step: `parse_guanaco` either returns a conversation that can be trained on
 (alternating turns, human first, ending with an assistant reply, no empty turn) or raises `BadRow` with a short
 `reason` the loader counts. `check_conversation` is the one rule for turns, also for a conversation the model is
-to continue (`data.dialogue`), which ends with the human turn to answer. Deliberately left out: reading files and
-reporting (see `data.sources`), tokenization (see `data.encoding`), and any repair beyond the one documented in
-`parse_guanaco_with_notes`.
+to continue (`data.dialogue`), which ends with the human turn to answer, and for the other file formats
+(`data.formats`), whose conversations may open with a system turn. Guanaco text has no system role: `render`
+refuses one. Deliberately left out: reading files and reporting (see `data.sources`), tokenization (see
+`data.encoding`), and any repair beyond the one documented in `parse_guanaco_with_notes`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-HUMAN, ASSISTANT = "human", "assistant"
-MARKERS = {HUMAN: "### Human:", ASSISTANT: "### Assistant:"}
+SYSTEM, HUMAN, ASSISTANT = "system", "human", "assistant"
+ROLES = (SYSTEM, HUMAN, ASSISTANT)
+MARKERS = {HUMAN: "### Human:", ASSISTANT: "### Assistant:"}  # guanaco text has no system marker
 _ROLE_OF_MARKER = {m: r for r, m in MARKERS.items()}
 _SPLIT = re.compile("(" + "|".join(re.escape(m) for m in MARKERS.values()) + ")")
 
@@ -29,12 +31,12 @@ WHITESPACE = "whitespace around turns normalised"
 
 @dataclass(frozen=True)
 class Turn:
-    role: str  # "human" or "assistant"
+    role: str  # "system", "human" or "assistant"
     text: str  # stripped of surrounding whitespace; render() puts back exactly one space after the marker
 
     def __post_init__(self):
-        if self.role not in MARKERS:
-            raise ValueError(f"Turn role must be 'human' or 'assistant', got {self.role!r}")
+        if self.role not in ROLES:
+            raise ValueError(f"Turn role must be 'system', 'human' or 'assistant', got {self.role!r}")
 
 
 class BadRow(ValueError):
@@ -47,30 +49,40 @@ class BadRow(ValueError):
 
 
 def render(conversation: list[Turn]) -> str:
-    """The guanaco text of a conversation: `### Human: q### Assistant: a` per turn, nothing between turns."""
+    """The guanaco text of a conversation: `### Human: q### Assistant: a` per turn, nothing between turns.
+
+    Raises ValueError for a system turn: guanaco text has no marker for one."""
+    for i, t in enumerate(conversation):
+        if t.role == SYSTEM:
+            raise ValueError(f"turn {i + 1} is a system turn, which guanaco text (### Human: / ### Assistant:) "
+                             "cannot hold; drop the system turn, or use a chat template with a system role")
     return "".join(f"{MARKERS[t.role]} {t.text}" for t in conversation)
 
 
-def check_conversation(conversation: list[Turn], last: str = ASSISTANT) -> None:
-    """Raise BadRow unless the turns alternate human/assistant, start with human and end with `last`: an
-    assistant reply for a conversation to train on, the human turn to answer for one to continue
-    (`data.dialogue`)."""
+def check_conversation(conversation: list[Turn], last: str = ASSISTANT, markers: bool = True) -> None:
+    """Raise BadRow unless the turns are an optional system turn, then human/assistant alternating, human
+    first, ending with `last`: an assistant reply for a conversation to train on, the human turn to answer for
+    one to continue (`data.dialogue`). No turn may be empty. `markers`: also refuse a turn that contains
+    `### Human:` or `### Assistant:` (guanaco rows and OASST trees; the other formats' text may hold them)."""
     if not conversation:
         raise BadRow("empty text", "no turns")
+    start = 1 if conversation[0].role == SYSTEM else 0
     for i, turn in enumerate(conversation):
-        expected = HUMAN if i % 2 == 0 else ASSISTANT
+        expected = SYSTEM if i < start else HUMAN if (i - start) % 2 == 0 else ASSISTANT
         if turn.role != expected:
-            raise BadRow("turns out of order", f"turn {i + 1} is {turn.role}, expected {expected}")
+            why = "a system turn may only come first" if turn.role == SYSTEM else f"expected {expected}"
+            raise BadRow("turns out of order", f"turn {i + 1} is {turn.role}, {why}")
         if not turn.text.strip():
             raise BadRow("empty turn", f"turn {i + 1} ({turn.role}) has no text")
-        for marker in MARKERS.values():
+        for marker in MARKERS.values() if markers else ():
             # A marker inside a turn would re-split differently once rendered (and teach the model to emit it).
             if marker in turn.text:
                 raise BadRow("marker inside a turn", f"turn {i + 1} ({turn.role}) contains {marker!r}")
     if conversation[-1].role != last:
         if last == HUMAN:
             raise BadRow("no human turn to answer", "a conversation to answer ends with a human turn (human, "
-                         f"assistant, ..., human: an odd number of turns), got {len(conversation)} turns")
+                         f"assistant, ..., human: an odd number of turns after any system turn), got "
+                         f"{len(conversation)} turns")
         raise BadRow("no assistant turn", "the conversation does not end with an assistant reply")
 
 

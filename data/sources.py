@@ -5,10 +5,13 @@ row quietly: every row is either used or skipped with a counted reason, and the 
 (`N rows read, K skipped (reason: count, ...)`) and kept on the result as `.report`. With `strict=True` the
 first bad row raises instead, naming its file and row.
 
-Local files: `.jsonl` (or `.jsonl.gz`), detected by content: rows with a `text` field are guanaco rows; rows
-with a `prompt` message object are OASST1 message trees (see `data.oasst`). `.parquet`: rows with a `text`
-column (how the Hub serves datasets converted to Parquet), read in row batches through pyarrow, the optional
-extra `pip install -e .[parquet]`; each row goes through the same parsing and counting as a `.jsonl` row.
+Local files: `.jsonl` (or `.jsonl.gz`), one format per file, detected from its first row: guanaco `text` rows,
+OASST1 message trees (see `data.oasst`), `messages` (trl / OpenAI), ShareGPT `conversations`, Alpaca
+`instruction`/`output`, or `prompt`/`completion` rows (see `data.formats`, which parses a row of each).
+`.parquet` (how the Hub serves datasets converted to Parquet): the same formats but OASST trees, detected from
+the columns (`text`, `messages`, `conversations`, `instruction` + `output`, `prompt` + `completion`), of which
+only those are read, in row batches through pyarrow, the optional extra `pip install -e .[parquet]`; each row
+goes through the same parsing and counting as a `.jsonl` row. `report.format` names the format.
 
 `load_train_eval(data, eval_data, ...)` is `train.py`'s `--data` / `--eval-data`: comma-separated sources, each
 optionally weighted (`a.jsonl:2,train`), encoded into training examples; and the evaluation examples, by
@@ -17,12 +20,14 @@ is trained on. The held-out conversations are a function of `--seed` and the dat
 data-parallel rank and every resumed leg of a run holds out the same ones.
 
 Deliberately left out: the `datasets` library (one `hf_hub_download` per file is all the Hub part needs),
-streaming, reading from URLs, OASST trees in Parquet, and formats other than these.
+streaming, reading from URLs, OASST trees in Parquet, several formats in one file, and formats other than
+these.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import math
@@ -36,9 +41,9 @@ import numpy as np
 
 from tinyllama.checkpoint import HubUnavailable
 
-from . import oasst
-from .encoding import encode_all
-from .guanaco import BadRow, Turn, parse_guanaco_with_notes
+from . import formats, oasst
+from .encoding import ASSISTANT_ONLY, encode_all
+from .guanaco import BadRow, Turn
 from .synthetic import random_examples
 
 HUB_REPO = "timdettmers/openassistant-guanaco"
@@ -56,7 +61,7 @@ PARQUET_BATCH_ROWS = 1024
 @dataclass
 class LoadReport:
     source: str = ""
-    format: str = ""  # "guanaco" or "oasst"
+    format: str = ""  # one of data.formats.FORMATS: "guanaco", "oasst", "messages", "sharegpt", ...
     rows: int = 0  # non-blank lines (or Parquet rows) read
     conversations: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> rows skipped
@@ -97,7 +102,7 @@ def hub_file(split: str, *, cache_dir=None, local_files_only: bool = False) -> P
         raise HubUnavailable(
             f"could not get split {split!r} of the guanaco dataset: downloading {filename} from the Hugging Face "
             f"dataset {HUB_REPO} failed ({type(e).__name__}: {e}). Without network access, pass a local file "
-            f"instead: a guanaco .jsonl (one {{\"text\": ...}} per line) or an OASST trees .jsonl, or put the file "
+            f"instead: a .jsonl or .parquet of {formats.ACCEPTED}, or put the file "
             "in the Hugging Face cache beforehand (HF_HOME) on a machine that has access; HF_HUB_OFFLINE=1 "
             "then uses the cache without network retries.") from e
 
@@ -140,21 +145,28 @@ def _unreadable_gzip(path: Path):
 
 
 def _parquet_rows(path: Path):
-    """(row number, {"text": value}) of each row, read a batch of rows at a time."""
+    """(the file's format, an iterator of (row number, {column: value}) of each row, read a batch of rows at a
+    time, with only the columns of that format)."""
     pq = require_pyarrow()
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow's errors name no file
         raise ValueError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
     columns = file.schema_arrow.names
-    if "text" not in columns:
-        raise ValueError(f"{path} has no `text` column (its columns: {', '.join(columns) or 'none'}); expected "
-                         "guanaco rows, one conversation in a `text` column per row")
-    n = 0
-    for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=["text"]):
-        for text in batch.column(0).to_pylist():
-            n += 1
-            yield n, {"text": text}
+    found = formats.parquet_format(columns)
+    if found is None:
+        raise ValueError(f"{path} has no `text` column (its columns: {', '.join(columns) or 'none'}) nor any other "
+                         "conversation column; expected one of: `text` (guanaco rows), `messages`, `conversations` "
+                         "(ShareGPT), `instruction` and `output` (Alpaca), `prompt` and `completion`")
+    fmt, read = found
+
+    def rows():
+        n = 0
+        for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=read):
+            for row in batch.to_pylist():  # struct columns come back as dicts, list columns as lists
+                n += 1
+                yield n, row
+    return fmt, rows()
 
 
 def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool = False, verbose: bool = True,
@@ -174,12 +186,16 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
         if not path.is_file():
             raise FileNotFoundError(
                 f"{split_or_path!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an existing file; "
-                "pass a split name or the path of a guanaco / OASST trees .jsonl file or a .parquet file")
+                f"pass a split name or the path of a .jsonl or .parquet file of {formats.ACCEPTED}")
         source = str(path)
     report = LoadReport(source=source)
     parquet = is_parquet(path)
+    if parquet:  # the columns decide the format
+        report.format, rows = _parquet_rows(path)
+    else:
+        rows = _jsonl_rows(path)
     conversations = []
-    for number, raw in (_parquet_rows(path) if parquet else _jsonl_rows(path)):
+    for number, raw in rows:
         report.rows += 1
         try:
             convs, notes = _row_conversations(raw, report, all_threads)
@@ -197,7 +213,7 @@ def load_conversations(split_or_path, *, strict: bool = False, all_threads: bool
         report.notes.update(notes)
     report.conversations = len(conversations)
     if report.rows == 0:
-        raise ValueError(f"{source}: no rows; expected one conversation per row in its text column" if parquet
+        raise ValueError(f"{source}: no rows; expected one conversation per row" if parquet
                          else f"{source}: no rows (the file is empty or holds only blank lines); expected one JSON "
                          "object per line")
     if verbose:
@@ -274,8 +290,8 @@ def source_problems(spec: str, flag: str = "--data") -> list[str]:
             continue
         if not Path(source.name).expanduser().is_file():
             problems.append(f"{flag} {source.name!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an "
-                            "existing file (guanaco or OASST trees .jsonl, or .parquet with a text column); "
-                            "commas separate sources")
+                            f"existing file (a .jsonl or .parquet of {formats.ACCEPTED}); commas separate "
+                            "sources")
         elif is_parquet(source.name):
             try:
                 require_pyarrow()
@@ -311,7 +327,8 @@ def weighted(examples: list, weight: float, rng: np.random.Generator) -> list:
 
 
 def load_train_eval(data: str, eval_data: str, tokenizer, max_len: int, *, vocab_size: int | None = None,
-                    seed: int = 0, n_random: int = 64, log=print) -> tuple[list, list]:
+                    seed: int = 0, n_random: int = 64, template=None, train_on: str = ASSISTANT_ONLY,
+                    log=print) -> tuple[list, list]:
     """(training examples, evaluation examples) for `--data` and `--eval-data`, every step reported to `log`.
 
     `data`: comma-separated sources (`parse_sources`), or the benchmark workload `random[:N]` (N sequences of
@@ -327,13 +344,15 @@ def load_train_eval(data: str, eval_data: str, tokenizer, max_len: int, *, vocab
         n = int(data.partition(":")[2]) if ":" in data else n_random
         train, held_out = random_examples(n, max_len, vocab_size, seed), None
     else:
-        train, held_out = _training_examples(parse_sources(data), tokenizer, max_len, seed, auto, log)
+        encode = functools.partial(encode_all, tokenizer=tokenizer, max_len=max_len, template=template,
+                                   train_on=train_on)
+        train, held_out = _training_examples(parse_sources(data), encode, seed, auto, log)
     if eval_data.lower() == NONE:
         return train, []
     if is_random(eval_data) or (auto and held_out is None):
         return train, train[:RANDOM_EVAL]
     conversations = held_out if auto else [c for s in parse_sources(eval_data, weights=False) for c in _load(s, log)]
-    examples, encoded = encode_all(conversations, tokenizer, max_len)
+    examples, encoded = encode_all(conversations, tokenizer, max_len, template, train_on=train_on)
     log(f"eval: {len(conversations)} conversations -> {len(examples)} examples ({encoded})")
     if not examples:
         raise ValueError("no usable evaluation examples (see the report above); pass --eval-data FILE, or "
@@ -341,8 +360,7 @@ def load_train_eval(data: str, eval_data: str, tokenizer, max_len: int, *, vocab
     return train, examples
 
 
-def _training_examples(sources: list[Source], tokenizer, max_len: int, seed: int, hold: bool,
-                       log) -> tuple[list, list]:
+def _training_examples(sources: list[Source], encode, seed: int, hold: bool, log) -> tuple[list, list]:
     """(training examples of all sources, weighted; the conversations held out for evaluation when `hold`:
     a share of each local file, and the guanaco test split when a split is trained on)."""
     train, held_out = [], []
@@ -356,7 +374,7 @@ def _training_examples(sources: list[Source], tokenizer, max_len: int, seed: int
             bound = ", at least 1" if raw < 1 else f", at most {HOLDOUT_MAX}" if raw > HOLDOUT_MAX else ""
             log(f"eval: held out {len(held)} of {n} conversations of {source.name} ({HOLDOUT_PERCENT}%{bound}, "
                 f"seed {seed})")
-        examples, encoded = encode_all(conversations, tokenizer, max_len)
+        examples, encoded = encode(conversations)
         used = weighted(examples, source.weight, np.random.default_rng([seed, 1, i]))
         times = "" if source.weight == 1 else f", weight {source.weight:g} -> {len(used)} examples"
         log(f"data {source.name}: {len(conversations)} conversations -> {len(examples)} examples{times} "
@@ -410,8 +428,8 @@ def _refuse_json_array(path: Path) -> None:
 
 
 def _row_conversations(raw, report: LoadReport, all_threads: bool) -> tuple[list[list[Turn]], list[str]]:
-    """The conversations of one row of a file (raw bytes of a JSON line, or a Parquet row's dict), guanaco or
-    OASST trees as the file's first row decides, and the fix-ups made."""
+    """The conversations of one row of a file (raw bytes of a JSON line, or a Parquet row's dict), in the format
+    the file's first row decides (`data.formats`), and the fix-ups made."""
     if isinstance(raw, bytes):
         try:
             line = raw.decode("utf-8")
@@ -424,25 +442,15 @@ def _row_conversations(raw, report: LoadReport, all_threads: bool) -> tuple[list
     else:
         obj = raw
     if not report.format:  # the first valid object decides the format of the file
-        report.format = "oasst" if oasst.is_tree(obj) else "guanaco"
-        if not oasst.is_tree(obj) and isinstance(obj, dict) and "parent_id" in obj and "text" in obj:
+        report.format = formats.detect_format(obj)
+        if report.format == formats.GUANACO and isinstance(obj, dict) and "parent_id" in obj and "text" in obj:
             raise ValueError(
                 f"{report.source} looks like the flat OASST message export (messages linked by parent_id); "
                 "only the nested trees export (*.trees.jsonl) is supported")
-    if all_threads and report.format != "oasst":
-        raise ValueError(f"{report.source}: all_threads=True applies to OASST message trees, but this file "
-                         "holds guanaco rows (one conversation each)")
-    if report.format == "oasst":
-        if all_threads:
-            return oasst.all_threads(obj)
-        conv, notes = oasst.best_thread(obj)
-        return [conv], notes
-    if not isinstance(obj, dict) or "text" not in obj:
-        raise BadRow("missing text field", f"expected an object with a `text` field, got {_short(obj)}")
-    conv, notes = parse_guanaco_with_notes(obj["text"])
+    if all_threads:
+        if report.format != formats.OASST:
+            raise ValueError(f"{report.source}: all_threads=True applies to OASST message trees, but this file "
+                             f"holds {report.format} rows (one conversation each)")
+        return oasst.all_threads(obj)
+    conv, notes = formats.parse_row(report.format, obj)
     return [conv], notes
-
-
-def _short(obj) -> str:
-    s = json.dumps(obj, ensure_ascii=False)
-    return s if len(s) <= 60 else s[:57] + "..."

@@ -1,9 +1,12 @@
-"""`python -m data.stats PATH_OR_SPLIT [--max-len N] [--batch-size B]`: what a data file holds and costs.
+"""`python -m data.stats PATH_OR_SPLIT [--max-len N] [--batch-size B] [--chat-template SPEC] [--speed N]`: what
+a data file holds and costs.
 
-Prints rows read and skipped (with reasons), turns, token lengths (p50/p90/p99/max, before truncation), how many
-conversations max_len truncates or drops, and the padding fraction of each batching mode for one epoch: padded
-(shuffled), padded with length grouping, and packed (whose efficiency is 1 - padding). `dataset_stats` returns the
-same numbers as a dict for benchmarks.
+Prints rows read and skipped (with reasons, and the file's format), turns, token lengths (p50/p90/p99/max, before
+truncation) through the chat template, how many conversations max_len truncates or drops, how many differ from
+transformers' encoding of the whole rendered text (a merge across a label boundary, see data.encoding), and the
+padding fraction of each batching mode for one epoch: padded (shuffled), padded with length grouping, and packed
+(whose efficiency is 1 - padding). `dataset_stats` returns the same numbers as a dict for benchmarks. `--speed N`
+times encoding N conversations (the file's, repeated) with the template and with guanaco.
 
 Works offline for a local file: the tokenizer defaults to the repository's copy of the Llama 2 / TinyLlama
 `tokenizer.model` (assets/, byte-identical to TinyLlama's). Deliberately left out: plots, per-language
@@ -14,29 +17,36 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from tinyllama.templates import BUILTINS, load_template
 from tinyllama.tokenizer import load_tokenizer
 
 from .batching import BatchStream, padding_fraction, plan_packing
-from .encoding import _encode_full, encode_all
-from .guanaco import render
+from .encoding import encode_all, encode_full, encode_rendered, to_messages
+from .guanaco import BadRow
 from .sources import load_conversations
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
 
-def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed: int = 0) -> dict:
+def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed: int = 0, template=None,
+                  train_on: str = "assistant") -> dict:
+    template = (template or load_template("guanaco")).bind(tokenizer)
     n_turns = sum(len(c) for c in conversations)
     full_lengths, merged = [], 0
     for conv in conversations:
-        ids, _ = _encode_full(conv, tokenizer)
+        try:
+            ids, _ = encode_full(conv, tokenizer, template, train_on)
+        except BadRow:  # counted by encode_all below
+            continue
         full_lengths.append(len(ids))
-        # Where segment-wise tokenization differs from tokenizing the whole row (see data.encoding).
-        merged += [i for i in ids if i != tokenizer.eos_id] != tokenizer.encode(render(conv))
-    examples, report = encode_all(conversations, tokenizer, max_len)
+        # Where piece-wise tokenization differs from tokenizing the whole text (see data.encoding).
+        merged += ids != encode_rendered(template.render(to_messages(conv)), tokenizer)
+    examples, report = encode_all(conversations, tokenizer, max_len, template, train_on=train_on)
     lengths = np.array(full_lengths) if full_lengths else np.zeros(1)
     out = {
         "conversations": len(conversations),
@@ -69,11 +79,11 @@ def format_stats(s: dict) -> str:
         f"conversations: {s['conversations']}, turns: {s['turns']} ({s['multi_turn']} multi-turn conversations)",
         f"tokens per conversation (before truncation): p50 {s['tokens_p50']:.0f}, p90 {s['tokens_p90']:.0f}, "
         f"p99 {s['tokens_p99']:.0f}, max {s['tokens_max']}",
-        f"max_len {s['max_len']}: {s['truncated']} truncated, {s['skipped']} skipped (no assistant token left); "
+        f"max_len {s['max_len']}: {s['truncated']} truncated, {s['skipped']} skipped; "
         f"{s['examples']} examples, {s['tokens']} tokens, {s['labelled_tokens']} labelled "
         f"({pct(s['labelled_tokens'] / max(s['tokens'], 1))})",
-        f"tokenization: {s['boundary_merges']} conversations differ from whole-row tokenization "
-        "(a reply end merged with the next marker)",
+        f"tokenization: {s['boundary_merges']} conversations differ from the encoding of the whole rendered text "
+        "(a token merged across a label boundary, or special-token text inside a message)",
         f"padding fraction at batch size {s['batch_size']}, one epoch: padded {pct(s['padding_padded'])}, "
         f"padded+grouped {pct(s['padding_padded_grouped'])}, packed {pct(s['padding_packed'])} "
         f"({s.get('packed_rows', 0)} rows; packing efficiency {pct(s['packing_efficiency'])})",
@@ -89,17 +99,42 @@ def main(argv=None) -> int:
     p.add_argument("--all-threads", action="store_true", help="OASST trees: every thread, not the best one")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
                    help="tokenizer.model / tokenizer.json, or a model folder")
+    p.add_argument("--chat-template", metavar="SPEC", help=f"a built-in ({', '.join(BUILTINS)}), model (the "
+                   "--tokenizer folder's own) or a .jinja file (default: the folder's own, else guanaco)")
+    p.add_argument("--train-on", default="assistant", choices=["assistant", "last"])
+    p.add_argument("--speed", type=int, default=0, metavar="N",
+                   help="also time encoding N conversations (the file's, repeated) with the template and guanaco")
     args = p.parse_args(argv)
     source = Path(args.source) if Path(args.source).is_file() else args.source
     try:
         tokenizer = load_tokenizer(args.tokenizer)
+        folder = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None
+        template = load_template(args.chat_template, folder, tokenizer)
         conversations = load_conversations(source, all_threads=args.all_threads, verbose=False)
     except (ImportError, OSError, RuntimeError, ValueError) as e:  # messages for people (ImportError: an extra)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(conversations.report)
-    print(format_stats(dataset_stats(conversations, tokenizer, args.max_len, args.batch_size, args.seed)))
+    print(f"chat template: {template.name}")
+    print(format_stats(dataset_stats(conversations, tokenizer, args.max_len, args.batch_size, args.seed, template,
+                                     args.train_on)))
+    if args.speed:
+        for t in (template, load_template("guanaco", tokenizer=tokenizer)):
+            print(f"encoding speed ({t.name}): {encode_speed(conversations, tokenizer, t, args.speed):,.0f} "
+                  "conversations/s")
     return 0
+
+
+def encode_speed(conversations, tokenizer, template, n: int = 10_000) -> float:
+    """Conversations per second `encode_all` turns into examples: `n` of them (the given ones, repeated), the
+    best of three runs."""
+    many = [conversations[i % len(conversations)] for i in range(n)]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        encode_all(many, tokenizer, None, template)
+        best = min(best, time.perf_counter() - start)
+    return n / best
 
 
 if __name__ == "__main__":

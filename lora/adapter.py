@@ -39,6 +39,7 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
+TEMPLATE_NAME = "chat_template.jinja"  # data.templates.ADAPTER_FILE
 CARD_MARKER = "<!-- Written by lora.save_adapter"  # a README.md without it is not ours to replace
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose adapter_config.json we write key for key
 
@@ -97,8 +98,10 @@ class ModelCard:
 
 
 def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama/TinyLlama_v1.1",
-                 card: ModelCard | None = None) -> Path:
-    """Write `adapter_model.safetensors`, `adapter_config.json` and a `README.md` model card into `out_dir`.
+                 card: ModelCard | None = None, chat_template: str | None = None) -> Path:
+    """Write `adapter_model.safetensors`, `adapter_config.json` and a `README.md` model card into `out_dir`, and
+    `chat_template.jinja` when given the template training rendered conversations with (beside the adapter,
+    as transformers saves a tokenizer's template: adapter_config.json may hold only keys PEFT knows).
 
     `base_model` becomes `base_model_name_or_path`, as PEFT writes it: the Hub repo id for a base from the Hub,
     a local checkpoint folder as given. A README.md this function did not write is never replaced: the save is
@@ -128,6 +131,8 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama
     # PEFT's layout exactly: indent 2, keys sorted, no newline at the end.
     files.write_text(out / CONFIG_NAME, json.dumps(peft_config, indent=2, sort_keys=True))
     files.write_text(readme, _card_text(config, base_model, card))
+    if chat_template is not None:
+        files.write_text(out / TEMPLATE_NAME, chat_template)
     return out
 
 

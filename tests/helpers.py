@@ -334,3 +334,42 @@ def _save_tokenizer(folder, tk, config: dict):
     tk.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+# Special tokens of each family's tokenizer.json, as the chat templates in tests/assets/chat_templates write them.
+# EOS as the base models name it: Llama 3's and Qwen's end a text with a token their instruct templates do not
+# end a turn with (<|eot_id|>, <|im_end|>), so the export has to add the template's to generation's end ids.
+CHAT_FAMILIES = {
+    "llama2": dict(special=["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", unk="<unk>"),
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"], bos="<|begin_of_text|>",
+                   eos="<|end_of_text|>"),
+    "chatml": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|endoftext|>"),
+    "mistral": dict(special=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]",
+                             "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]"],
+                    bos="<s>", eos="</s>", unk="<unk>"),
+}
+
+
+def chat_family_tokenizer(folder, family: str):
+    """A byte-level BPE tokenizer.json (Llama 3's pre-tokenizer) carrying `family`'s special tokens
+    (`CHAT_FAMILIES`), a BOS added by its post-processor where the family has one, and a tokenizer_config.json
+    naming them as the family's does."""
+    from tokenizers import Regex, pre_tokenizers, processors  # the [bpe] extra
+
+    spec = CHAT_FAMILIES[family]
+    tk = _train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                    spec["special"])
+    steps = [processors.ByteLevel(trim_offsets=False)]
+    if spec["bos"]:
+        bos = tk.token_to_id(spec["bos"])
+        steps.append(processors.TemplateProcessing(single=f"{spec['bos']} $A:0",
+                                                   pair=f"{spec['bos']} $A:0 {spec['bos']} $B:1",
+                                                   special_tokens=[(spec["bos"], bos)]))
+    tk.post_processor = processors.Sequence(steps)
+    config = {"bos_token": spec["bos"], "eos_token": spec["eos"], "clean_up_tokenization_spaces": False,
+              "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast"}
+    if spec.get("unk"):
+        config["unk_token"] = spec["unk"]
+    return _save_tokenizer(folder, tk, config)

@@ -89,9 +89,17 @@ def test_a_reply_that_merges_with_the_next_marker(tokenizer):
 class CharTokenizer:
     """One id per character, no dummy prefix: makes the sequence layout readable."""
     bos_id, eos_id = 1, 2
+    bos_token, eos_token, unk_token = "<s>", "</s>", None
+    special_tokens = {"<s>": 1, "</s>": 2}
 
     def encode(self, text, bos=True, eos=False):
         return [self.bos_id] * bos + [ord(c) for c in text] + [self.eos_id] * eos
+
+    def encode_inside(self, text):
+        return self.encode(text, bos=False)
+
+    def encode_inside_all(self, texts):
+        return [self.encode_inside(t) for t in texts]
 
 
 def test_layout_with_a_character_tokenizer():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import chat
 import lora
+from data import load_template
 from data.dialogue import STOP_STRINGS, answer
 from helpers import (
     GUANACO_SAMPLE,
@@ -78,8 +79,8 @@ def exported(tmp_path_factory):
 
 def test_the_folder_holds_a_whole_checkpoint_with_the_tokenizer_settings_written(exported):
     assert sorted(p.name for p in exported.out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.model",
-        "tokenizer_config.json"]
+        "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+        "special_tokens_map.json", "tokenizer.model", "tokenizer_config.json"]
     assert (exported.out / "tokenizer.model").read_bytes() == TOKENIZER_PATH.read_bytes()
     # The base's dtype, the default: float32, recorded as such.
     assert json.loads((exported.out / "config.json").read_text())["torch_dtype"] == "float32"
@@ -161,8 +162,11 @@ def test_a_base_with_its_own_tokenizer_files_keeps_them_byte_for_byte(exported, 
     (base / "generation_config.json").unlink()  # and none of these: the config's BOS and EOS ids are written
 
     out = export_merged(exported.adapter, tmp_path / "merged", base)
-    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.model", "tokenizer.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
+    # tokenizer_config.json gains the adapter's chat template (guanaco: it records none), nothing else changes.
+    config, base_config = (json.loads((f / "tokenizer_config.json").read_text()) for f in (out, base))
+    assert config == {**base_config, "chat_template": load_template("guanaco", tokenizer=tokenizer).source}
     assert not (out / "special_tokens_map.json").exists()  # the base's tokenizer files are a set: none added
     generation = transformers.GenerationConfig.from_pretrained(out)
     assert (generation.bos_token_id, generation.eos_token_id) == (1, 2)
@@ -206,8 +210,10 @@ def test_an_export_from_a_hub_base_carries_its_tokenizer_and_generation_files(ex
 
     assert sorted(p.name for p in fetched.iterdir()) == sorted(
         p.name for p in repo.iterdir() if p.name not in ("README.md", "pytorch_model.bin"))
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer.model", "special_tokens_map.json"):
         assert (out / name).read_bytes() == (repo / name).read_bytes(), name
+    config, base_config = (json.loads((f / "tokenizer_config.json").read_text()) for f in (out, repo))
+    assert config == {**base_config, "chat_template": load_template("guanaco", tokenizer=tokenizer).source}
     assert json.loads((out / "generation_config.json").read_text()) == json.loads(
         (repo / "generation_config.json").read_text())
     hf = transformers.AutoTokenizer.from_pretrained(out)
@@ -329,7 +335,7 @@ def test_overwrite_replaces_an_earlier_export_whole_and_the_result_loads(exporte
     before = snapshot(out)
     assert main(["--adapter", str(exported.adapter), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "already holds an export (config.json, generation_config.json, model-00001-of-" in err
+    assert "already holds an export (chat_template.jinja, config.json, generation_config.json, model-00001-of-" in err
     assert "pass --overwrite (make export: OVERWRITE=1) to replace it" in err
     assert snapshot(out) == before
 

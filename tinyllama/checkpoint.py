@@ -235,6 +235,12 @@ def _materialize_lora(model: Llama, device) -> None:
             module.reset_lora_parameters()
 
 
+def default_generation_config(config) -> dict:
+    """generation_config.json for a model that ships none: its config's BOS and EOS ids."""
+    ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, *,
                max_shard_size: int | str = MAX_SHARD_SIZE, generation_config: dict | None = None) -> Path:
     """Write a Hugging Face-format folder of the base weights, as `transformers`' `save_pretrained` lays it out.
@@ -285,7 +291,6 @@ def save_model(model: Llama, out_dir: str | os.PathLike, dtype: torch.dtype | No
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if generation_config is None:
-        ids = {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
-        generation_config = {k: v for k, v in ids.items() if v is not None}
+        generation_config = default_generation_config(model.config)
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     return out

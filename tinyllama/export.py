@@ -13,10 +13,16 @@ files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp
   the base's config.json records (`torch_dtype`, or transformers 5's `dtype`), else float32, which rounds
   nothing.
 - Tokenizer: the base's own files, copied byte for byte; generation settings: the base's generation_config.json,
-  else its BOS and EOS ids. A base with a `tokenizer.model` but no `tokenizer_config.json` (what `save_model`
+  else its BOS and EOS ids.
+  A base with a `tokenizer.model` but no `tokenizer_config.json` (what `save_model`
   writes, or an older download) gets `tokenizer_config.json` and `special_tokens_map.json` written as TinyLlama
   ships them: `LlamaTokenizer`, BOS added, no EOS, `legacy=False`. Without them transformers 5 builds a tokenizer
   that adds no BOS, and its ids are not the ones the model was trained on.
+- Chat template: the one the adapter was trained with (its `chat_template.jinja`; guanaco for an adapter without
+  one), written as `chat_template` into `tokenizer_config.json` and as `chat_template.jinja`, so
+  `apply_chat_template`, `pipeline` given messages and llama.cpp's converter (which stores it in the GGUF for
+  `llama-server`'s chat endpoint) render conversations as training did. The template's end-of-turn token joins
+  `eos_token_id` in generation_config.json, so generation stops where training ended a turn.
 - Written whole or not at all: built in `.OUT.tmp` beside OUT, then swapped in. OUT must be new, empty, or (with
   `--overwrite`) hold only files an export writes: `config.json`, `generation_config.json`, `model.safetensors`,
   `model-NNNNN-of-NNNNN.safetensors` shards, `model.safetensors.index.json` and the tokenizer files
@@ -47,6 +53,7 @@ from .checkpoint import (
     TOKENIZER_FILES,
     WEIGHTS_INDEX,
     HubUnavailable,
+    default_generation_config,
     load_model,
     resolve_checkpoint,
     save_model,
@@ -54,7 +61,8 @@ from .checkpoint import (
 from .files import write_dir
 from .model import Llama
 from .runtime import DTYPES
-from .tokenizer import Tokenizer, write_tokenizer_config
+from .templates import ADAPTER_FILE, adapter_template
+from .tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
 
 GENERATION_CONFIG = "generation_config.json"
 # Every file an export writes, and so all that --overwrite may replace: OUT is swapped in whole, so a folder
@@ -82,14 +90,19 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     tokenizer_files = _tokenizer_files(folder)
     # Read now, so a broken tokenizer.model is reported as such, not as a failed write.
     sentencepiece = None if "tokenizer_config.json" in tokenizer_files else Tokenizer(folder / "tokenizer.model")
+    tokenizer = sentencepiece or load_tokenizer(folder)
+    template = adapter_template(None, adapter_dir, folder, tokenizer)
     dtype = dtype or default_dtype(folder)
 
     config = adapter.config
     log(f"merging {adapter_dir} into {base} ({'DoRA, ' if config.use_dora else ''}r={config.rank}, "
         f"alpha={config.alpha:g}, {', '.join(config.targets)})")
     model = load_adapted(folder, adapter, merge=True, dtype=torch.float32)
-    generation_path = folder / GENERATION_CONFIG  # without one, save_model writes the config's BOS and EOS ids
-    generation_config = json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file() else None
+    generation_path = folder / GENERATION_CONFIG
+    generation_config = (json.loads(generation_path.read_text(encoding="utf-8")) if generation_path.is_file()
+                         else default_generation_config(model.config))
+    generation_config = _with_end_ids(generation_config, template.end_of_turn_ids(tokenizer))
+    log(f"chat template: {template.name}; generation ends at ids {generation_config.get('eos_token_id')}")
 
     def write(tmp: Path) -> None:
         save_model(model, tmp, dtype, max_shard_size=max_shard_size, generation_config=generation_config)
@@ -97,10 +110,30 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
             shutil.copyfile(folder / name, tmp / name)
         if sentencepiece is not None:
             write_tokenizer_config(sentencepiece, tmp, model.config.max_position_embeddings)
+        _write_chat_template(tmp, template.source)
 
     write_dir(out, write)
     log(f"wrote {out} ({str(dtype).removeprefix('torch.')}): {', '.join(sorted(p.name for p in out.iterdir()))}")
     return out
+
+
+def _with_end_ids(generation_config: dict, end_ids: list[int]) -> dict:
+    """`generation_config` with every id of `end_ids` among its `eos_token_id`s (an int stays an int when
+    nothing is added)."""
+    eos = generation_config.get("eos_token_id")
+    have = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = have + [i for i in end_ids if i not in have]
+    return {**generation_config, "eos_token_id": ids[0] if len(ids) == 1 else ids}
+
+
+def _write_chat_template(folder: Path, source: str) -> None:
+    """The template into tokenizer_config.json (what transformers 4 and llama.cpp's converter read) and
+    chat_template.jinja (what transformers 5 writes and reads first), the same text in both."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["chat_template"] = source
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (folder / ADAPTER_FILE).write_text(source, encoding="utf-8")
 
 
 def resolve_base(adapter: lora.AdapterFile, base: str | os.PathLike | None = None) -> tuple[str, Path]:

@@ -1,8 +1,15 @@
 """The model's tokenizer: Llama 2 / TinyLlama's SentencePiece model, or a byte-level BPE `tokenizer.json`.
 
 `load_tokenizer(folder)` picks the kind from the files a model folder holds; both classes have one interface
-(`encode(text, bos, eos)`, `decode(ids)`, `id_to_piece(i)`, `bos_id`, `eos_id`, `vocab_size`, `path`), which is
+(`encode(text, bos, eos)`, `encode_inside(text)`, `decode(ids)`, `id_to_piece(i)`, `bos_id`, `eos_id`,
+`vocab_size`, `path`, and for chat templates `special_tokens` and `bos_token`/`eos_token`/`unk_token`), which is
 all that the data encoding, generation and the commands use.
+
+Text is always encoded as plain text: "</s>" or "<|eot_id|>" written in a message stays characters, so data
+cannot smuggle in an end token. Special tokens reach the ids only where a chat template writes them:
+`data.templates` cuts a rendered conversation at the `special_tokens` strings and encodes the text between them
+with `encode` (at the start of the text) or `encode_inside` (anywhere after), which together give what
+transformers' `tokenizer(rendered, add_special_tokens=False)` gives.
 
 - `Tokenizer`: `tokenizer.model` through `sentencepiece`, a thin, explicit wrapper.
 - `BPETokenizer`: `tokenizer.json` (Llama 3, SmolLM2) through the `tokenizers` library, an optional extra
@@ -13,8 +20,9 @@ all that the data encoding, generation and the commands use.
 beside a SentencePiece `tokenizer.model` (the merged export, `tinyllama.export`, needs them), so transformers
 tokenises as `Tokenizer` does.
 
-No pad token is invented: batches pad with any id and mask it out. Deliberately left out: chat templates,
-token offsets, and any tokenizer.json behaviour beyond encoding and decoding plain text.
+No pad token is invented: batches pad with any id and mask it out. Deliberately left out: rendering chat
+templates (`data.templates`), token offsets, and any tokenizer.json behaviour beyond encoding and decoding
+plain text and naming its special tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import json
 from pathlib import Path
 
 import sentencepiece as spm
+
+_CONTEXT = "\n"  # see Tokenizer.encode_inside
 
 
 class Tokenizer:
@@ -45,12 +55,39 @@ class Tokenizer:
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         self.vocab_size: int = self.sp.get_piece_size()
+        # The control pieces transformers' LlamaTokenizer matches in a rendered chat: <unk>, <s>, </s>.
+        self.bos_token, self.eos_token, self.unk_token = (self._piece(i) for i in (self.bos_id, self.eos_id,
+                                                                                    self.sp.unk_id()))
+        self.special_tokens: dict[str, int] = {self.sp.id_to_piece(i): i for i in
+                                               (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
+        self._inside_prefix = self.sp.encode(_CONTEXT, out_type=int)
+
+    def _piece(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i) if i >= 0 else None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode takes one str, got {type(text).__name__}; encode a list item by item")
         ids = self.sp.encode(text, out_type=int)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_inside(self, text: str) -> list[int]:
+        """The ids of `text` as it is tokenized after other text or a special token: without the dummy-prefix
+        space SentencePiece puts at the start of a text (what transformers' LlamaTokenizer does with
+        `legacy=False`, as TinyLlama ships it). Encodes "\n" + text and drops the "\n": a byte-fallback piece
+        that merges with nothing, so what follows it is tokenized as after any other character."""
+        return self.encode_inside_all([text])[0]
+
+    def encode_inside_all(self, texts: list[str]) -> list[list[int]]:
+        """`encode_inside` of each text."""
+        n = len(self._inside_prefix)
+        # One text at a time: SentencePiece's batch call starts threads, slower for the few short pieces here.
+        out = [self.sp.encode(_CONTEXT + t, out_type=int) for t in texts]
+        for ids, text in zip(out, texts, strict=True):
+            if ids[:n] != self._inside_prefix:
+                raise ValueError(f"{self.path} merged {_CONTEXT!r} with the text that follows it ({text[:20]!r}); "
+                                 "encode_inside assumes it never does")
+        return [ids[n:] for ids in out]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -91,18 +128,24 @@ class BPETokenizer:
         except Exception as e:  # the Rust side raises a plain Exception for a malformed file
             raise ValueError(f"{path} is not a tokenizer.json the tokenizers library can read ({e})") from None
         self.backend.encode_special_tokens = True
-        self.eos_id: int = self._eos_id()
-        self.bos_id: int | None = self._added_bos()
-        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
-
-    def _eos_id(self) -> int:
         config_path = self.path.parent / "tokenizer_config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"no tokenizer_config.json beside {self.path}: it names the EOS token; pass the "
                                     "folder with the tokenizer files that came with the model")
-        token = json.loads(config_path.read_text(encoding="utf-8")).get("eos_token")
-        if isinstance(token, dict):  # {"__type": "AddedToken", "content": "</s>", ...}
-            token = token.get("content")
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        # What a chat template sees as bos_token etc. (transformers' special_tokens_map), named even where the
+        # post-processor adds no BOS (SmolLM2).
+        self.bos_token, self.eos_token, self.unk_token = (_token_text(config.get(k)) for k in
+                                                          ("bos_token", "eos_token", "unk_token"))
+        self.eos_id: int = self._eos_id(config_path)
+        self.bos_id: int | None = self._added_bos()
+        self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
+        # Every added token, as transformers matches them in a rendered chat (<|eot_id|>, <|im_end|>, ...).
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in
+                                               self.backend.get_added_tokens_decoder().items()}
+
+    def _eos_id(self, config_path: Path) -> int:
+        token = self.eos_token
         if token is None:
             raise ValueError(f"{config_path} names no eos_token; a tokenizer needs one (each reply ends with it and "
                              "generation stops at it)")
@@ -129,11 +172,25 @@ class BPETokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
 
+    def encode_inside(self, text: str) -> list[int]:
+        """`encode(text, bos=False)`: byte-level BPE has no dummy prefix, so text is tokenized the same at the
+        start and after other text (the pre-tokenizer starts a word at the boundary either way)."""
+        return self.encode(text, bos=False)
+
+    def encode_inside_all(self, texts: list[str]) -> list[list[int]]:
+        """`encode_inside` of each text, in one call into the tokenizers library."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def id_to_piece(self, i: int) -> str:
         return self.backend.id_to_token(int(i))
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json names it: a string, or {"__type": "AddedToken", "content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | BPETokenizer:

@@ -177,13 +177,14 @@ def plot_losses(out: Path) -> None:
     plt.close(fig)
 
 
-def show_samples(model, tokenizer, out: Path, log, max_new_tokens: int = 96) -> None:
-    """Answers of the base and the fine-tuned model to fixed prompts, side by side (also samples.md)."""
+def show_samples(model, tokenizer, out: Path, log, template=None, max_new_tokens: int = 96) -> None:
+    """Answers of the base and the fine-tuned model to fixed prompts through the training's chat template, side
+    by side (also samples.md)."""
     lines = ["# Base vs fine-tuned (greedy)", ""]
     for prompt in SAMPLE_PROMPTS:
         with lora.disabled(model):
-            base = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
-        tuned = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+            base = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens, template=template)
+        tuned = answer(model, tokenizer, prompt, max_new_tokens=max_new_tokens, template=template)
         lines += [f"## {prompt}", "", "**base:** " + base.strip(), "", "**fine-tuned:** " + tuned.strip(), ""]
     text = "\n".join(lines)
     run_folder.claim(out, "samples.md")

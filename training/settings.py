@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from data.encoding import TRAIN_ON
 from data.sources import AUTO, NONE, is_random, source_problems
 from lora import LoRAConfig
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
@@ -29,6 +30,7 @@ from tinyllama.runtime import (
     resolve_device,
 )
 from tinyllama.shapes import SHAPES
+from tinyllama.templates import BUILTINS, MODEL
 
 from . import report, run_folder
 
@@ -87,8 +89,9 @@ class TrainConfig:
     # What to train
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub repo id or local HF checkpoint folder"})
     data: str = field(default="train", metadata={
-        "help": "training data: a guanaco split (train, test) or a local .jsonl (guanaco rows or OASST trees) or "
-                ".parquet (a text column; pip install -e .[parquet]); commas separate several sources, and "
+        "help": "training data: a guanaco split (train, test) or a local .jsonl, .jsonl.gz or .parquet (pip install "
+                "-e .[parquet]) of guanaco text rows, OASST trees, messages, ShareGPT, Alpaca or prompt-completion "
+                "rows (detected per file); commas separate several sources, and "
                 "SOURCE:W uses one W times (a.jsonl:2,train; 0.5: a seeded half); 'random[:N]' = N random token "
                 "sequences, every position labelled (benchmark workload)"})
     eval_data: str = field(default="auto", metadata={
@@ -120,6 +123,13 @@ class TrainConfig:
     batch_size: int = field(default=4, metadata={"help": "micro-batch size per process"})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
     max_len: int = field(default=1024, metadata={"help": "tokens per row: longer conversations are cut"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": f"how conversations become text: a built-in ({', '.join(BUILTINS)}), {MODEL} (the model's own, "
+                "from its tokenizer_config.json or chat_template.jinja) or a .jinja file; default: the model's own "
+                "where it has one, else guanaco. Saved beside the adapter and written into the export"})
+    train_on: str = field(default="assistant", metadata={
+        "help": "assistant: the loss falls on every assistant turn (and its end-of-turn token); last: on the "
+                "final assistant turn only"})
     steps: int = field(default=0, metadata={"help": "optimizer steps (0: use --epochs)"})
     epochs: float = field(default=1.0, metadata={"help": "passes over --data when --steps is 0 (fractions "
                                                      "allowed)"})
@@ -217,6 +227,7 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    need(cfg.train_on in TRAIN_ON, f"--train-on must be one of {', '.join(TRAIN_ON)}, got {cfg.train_on!r}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {cfg.grad_clip}")
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
@@ -288,6 +299,10 @@ def input_problems(cfg: TrainConfig) -> list[str]:
             need(too_long is None, too_long)
     for flag, source in (("--data", cfg.data), ("--eval-data", cfg.eval_data)):
         problems += source_problems(source, flag)
+    spec = cfg.chat_template
+    need(spec is None or spec in BUILTINS or spec == MODEL or Path(spec).expanduser().is_file(),
+         f"--chat-template {spec!r} is neither a built-in ({', '.join(BUILTINS)}), nor {MODEL!r} (the model's "
+         "own template), nor an existing .jinja file")
     return problems
 
 

@@ -206,4 +206,5 @@ class Run:
     totals: Totals
     flops_per_token: float
     peak_flops: float
+    template: object | None = None  # data.Template the conversations were rendered with (None: random data)
     metrics: report.Metrics | None = None  # set once the output folder is ready

@@ -1,0 +1,276 @@
+"""Chat templates rendered and encoded exactly as transformers does, with the real templates of Llama 2 and 3.x,
+Mistral, TinyLlama-Chat, SmolLM2 and Qwen2.5 (tests/assets/chat_templates, sources in SOURCES.md), each with the
+SentencePiece tokenizer and with a byte-level BPE tokenizer.json carrying the family's special tokens. The labels
+are checked against character ranges found independently here, mapped through transformers' own offsets.
+(Runs of spaces are left out of the texts: SentencePiece and transformers split them differently, a known
+difference unrelated to templates; see docs/models-and-tokenizers.md.)"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data import IGNORE_INDEX, BadRow, encode_all, encode_messages, encode_prompt, encode_rendered, load_template
+from data.encoding import SPECIAL_TEXT, end_of_turn_ids
+from tests.helpers import CHAT_FAMILIES, TOKENIZER_PATH, chat_family_tokenizer
+from tinyllama.templates import BUILTINS, TemplateRefused
+from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+ASSETS = Path(__file__).parent / "assets" / "chat_templates"
+# Each real template, and the family whose special tokens it writes.
+REAL = {
+    "llama-2-chat": "llama2", "llama-3.1-instruct": "llama3", "llama-3.2-instruct": "llama3",
+    "mistral-7b-instruct-v0.1": "mistral", "mistral-7b-instruct-v0.3": "mistral",
+    "tinyllama-1.1b-chat-v1.0": "llama2", "smollm2-instruct": "chatml", "qwen2.5-instruct": "chatml",
+}
+BUILTIN_FAMILY = {"guanaco": "llama2", "chatml": "chatml", "llama2": "llama2", "llama3": "llama3",
+                  "zephyr": "llama2", "mistral": "mistral"}
+SYSTEM = {"role": "system", "content": "You are a terse assistant"}
+CONVERSATIONS = {
+    "one exchange": [{"role": "user", "content": "Hi there"},
+                     {"role": "assistant", "content": "Hello, how can I help"}],
+    "system and two exchanges": [
+        SYSTEM, {"role": "user", "content": "What is 2+2"}, {"role": "assistant", "content": "It is four"},
+        {"role": "user", "content": "And 3+3"}, {"role": "assistant", "content": "Six, of course"}],
+    "three exchanges, code and languages": [
+        {"role": "user", "content": "Write a loop in Python"},
+        {"role": "assistant", "content": "for i in range(3):\n\tprint(i)"},
+        {"role": "user", "content": "¿Y en español? 你好"}, {"role": "assistant", "content": "Claro: un bucle"},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome"}],
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """tokenizer folder per kind: "sp" (the real Llama 2 tokenizer.model with TinyLlama's tokenizer_config.json)
+    and "bpe-FAMILY"."""
+    root = tmp_path_factory.mktemp("chat_tokenizers")
+    sp = root / "sp"
+    sp.mkdir()
+    shutil.copyfile(TOKENIZER_PATH, sp / "tokenizer.model")
+    write_tokenizer_config(Tokenizer(sp / "tokenizer.model"), sp, 2048)
+    out = {"sp": sp}
+    for family in CHAT_FAMILIES:
+        out[f"bpe-{family}"] = chat_family_tokenizer(root / family, family)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizers(folders):
+    return {kind: (load_tokenizer(f), transformers.AutoTokenizer.from_pretrained(f)) for kind, f in folders.items()}
+
+
+def _cases():
+    for name, family in REAL.items():
+        for kind in ("sp", f"bpe-{family}"):
+            yield pytest.param(str(ASSETS / f"{name}.jinja"), kind, id=f"{name}-{kind}")
+    for name, family in BUILTIN_FAMILY.items():
+        for kind in ("sp", f"bpe-{family}"):
+            yield pytest.param(name, kind, id=f"builtin-{name}-{kind}")
+
+
+def _hf_render(hf, template, messages, add_generation_prompt):
+    try:
+        return hf.apply_chat_template(messages, chat_template=template.source, tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError from raise_exception
+        return e
+
+
+def _expected_labels(text, messages, hf, ids_offsets, special_tokens) -> list[bool]:
+    """Per token of transformers' encoding: whether it overlaps a reply (with the spaces right before it) or the
+    first special token after it (before the next message's text): found by searching the text here."""
+    ranges, at = [], 0
+    for i, m in enumerate(messages):
+        if m["content"] not in text[at:]:
+            continue  # a template may drop a message (Mistral v0.3 drops the system one)
+        start = text.index(m["content"], at)
+        end = at = start + len(m["content"])
+        if m["role"] != "assistant":
+            continue
+        while start > 0 and text[start - 1] == " ":
+            start -= 1
+        following = [text.find(x["content"], end) for x in messages[i + 1:] if x["content"] in text[end:]]
+        stop = min(following, default=len(text))
+        hits = [(text.find(t, end), t) for t in special_tokens if 0 <= text.find(t, end) < stop]
+        if hits:
+            first, token = min(hits)
+            end = first + len(token)
+        ranges.append((start, end))
+    return [any(a < e and s < b for s, e in ranges) for a, b in ids_offsets]
+
+
+@pytest.mark.parametrize("spec, kind", list(_cases()))
+def test_render_ids_and_labels_equal_transformers(spec, kind, tokenizers):
+    tokenizer, hf = tokenizers[kind]
+    template = load_template(spec, tokenizer=tokenizer)
+    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    checked = 0
+    for messages in CONVERSATIONS.values():
+        for generation, msgs in ((False, messages), (True, messages[:-1])):
+            expected = _hf_render(hf, template, msgs, generation)
+            if isinstance(expected, Exception):  # refused by the template: refused here too
+                with pytest.raises(TemplateRefused):
+                    template.render(msgs, generation)
+                continue
+            assert template.render(msgs, generation) == expected
+            hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
+            assert encode_rendered(expected, tokenizer) == hf_ids["input_ids"]
+            if generation:
+                assert encode_prompt(msgs, tokenizer, template) == hf_ids["input_ids"]
+                continue
+            ids, labels = encode_messages(msgs, tokenizer, template)
+            assert ids == hf_ids["input_ids"]  # BOS only where the template writes it, special tokens as one id
+            assert [x != IGNORE_INDEX for x in labels] == _expected_labels(
+                expected, msgs, hf, hf_ids["offset_mapping"], specials)
+            assert all(x in (IGNORE_INDEX, i) for x, i in zip(labels, ids, strict=True))
+            checked += 1
+    assert checked >= 2  # at least the conversations without a system message were trained on
+
+
+def test_the_end_of_turn_token_is_labelled_and_nothing_else_of_the_template(tokenizers):
+    tokenizer, _ = tokenizers["bpe-llama3"]
+    template = load_template(str(ASSETS / "llama-3.1-instruct.jinja"), tokenizer=tokenizer)
+    ids, labels = encode_messages(CONVERSATIONS["system and two exchanges"], tokenizer, template)
+    eot = tokenizer.special_tokens["<|eot_id|>"]
+    runs = tokenizer.backend.decode([i for i, x in zip(ids, labels, strict=True) if x != IGNORE_INDEX],
+                                    skip_special_tokens=False)
+    assert runs == "It is four<|eot_id|>Six, of course<|eot_id|>"
+    assert ids[0] == tokenizer.bos_id and ids.count(tokenizer.bos_id) == 1 and labels[0] == IGNORE_INDEX
+    assert ids.count(eot) == 5 and [x for x in labels if x == eot] == [eot, eot]  # system, 2 users unlabelled
+    # Generation ends at the base's EOS and at the template's end of turn.
+    assert end_of_turn_ids(tokenizer, template) == [tokenizer.special_tokens["<|end_of_text|>"], eot]
+
+
+def test_train_on_last_labels_the_final_reply_only(tokenizers):
+    tokenizer, _ = tokenizers["sp"]
+    template = load_template("zephyr", tokenizer=tokenizer)
+    messages = CONVERSATIONS["three exchanges, code and languages"]
+    ids, every = encode_messages(messages, tokenizer, template)
+    _, last = encode_messages(messages, tokenizer, template, train_on="last")
+    labelled = [i for i, x in enumerate(last) if x != IGNORE_INDEX]
+    assert tokenizer.decode([ids[i] for i in labelled]) == "You are welcome"
+    assert ids[labelled[-1]] == tokenizer.eos_id and labelled == list(range(labelled[0], len(ids) - 1))
+    assert every[labelled[0]:] == last[labelled[0]:]  # the final reply is labelled alike
+    earlier = tokenizer.decode([ids[i] for i, x in enumerate(every[:labelled[0]]) if x != IGNORE_INDEX])
+    assert earlier == "for i in range(3):\n\tprint(i)Claro: un bucle"  # and only there do they differ
+
+
+def test_mistral_v03_moves_the_system_message_and_the_labels_follow(tokenizers):
+    """Rendering prefixes would put the system message elsewhere: the layout comes from the whole conversation."""
+    tokenizer, hf = tokenizers["bpe-mistral"]
+    template = load_template(str(ASSETS / "mistral-7b-instruct-v0.3.jinja"), tokenizer=tokenizer)
+    messages = CONVERSATIONS["system and two exchanges"]
+    prompt = template.render(messages[:-1], add_generation_prompt=True)
+    assert "[INST] You are a terse assistant\n\nAnd 3+3[/INST]" in prompt  # in the last user turn
+    assert SYSTEM["content"] not in template.render(messages)  # dropped when an assistant turn ends it
+    ids, labels = encode_messages(messages, tokenizer, template)
+    text = tokenizer.backend.decode([i for i, x in zip(ids, labels, strict=True) if x != IGNORE_INDEX],
+                                    skip_special_tokens=False)
+    assert text == " It is four</s> Six, of course</s>"
+
+
+def test_builtins_render_as_the_real_templates(tokenizers):
+    tokenizer, _ = tokenizers["sp"]
+    pairs = {"llama2": "llama-2-chat", "zephyr": "tinyllama-1.1b-chat-v1.0", "mistral": "mistral-7b-instruct-v0.3",
+             "chatml": "smollm2-instruct"}
+    for builtin, real in pairs.items():
+        ours = load_template(builtin, tokenizer=tokenizer)
+        theirs = load_template(str(ASSETS / f"{real}.jinja"), tokenizer=tokenizer)
+        for messages in CONVERSATIONS.values():
+            if builtin == "chatml" and messages[0]["role"] != "system":
+                continue  # SmolLM2 adds its own default system message
+            for generation, msgs in ((False, messages), (True, messages[:-1])):
+                assert ours.render(msgs, generation) == theirs.render(msgs, generation), (builtin, msgs)
+    llama3, real = load_template("llama3"), load_template(str(ASSETS / "llama-3.1-instruct.jinja"))
+    head = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: " \
+           "26 Jul 2024\n\n"
+    messages = CONVERSATIONS["one exchange"]
+    assert real.render(messages).replace(head + "<|eot_id|>", "") == llama3.render(messages)
+
+
+def test_guanaco_is_todays_encoding_for_every_tokenizer_kind(tokenizers):
+    """The default template gives the ids the project trained on before templates: BOS (where the tokenizer
+    adds one), then the guanaco text as one text, EOS after each reply."""
+    for kind, (tokenizer, hf) in tokenizers.items():
+        template = load_template("guanaco", tokenizer=tokenizer)
+        messages = CONVERSATIONS["three exchanges, code and languages"]
+        guanaco = "".join(f"### {'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+        ids, _ = encode_messages(messages, tokenizer, template)
+        assert [i for i in ids if i != tokenizer.eos_id] == tokenizer.encode(guanaco), kind
+        assert ids.count(tokenizer.eos_id) == 3
+        rendered = hf.apply_chat_template(messages, chat_template=template.source, tokenize=False)
+        assert hf(rendered, add_special_tokens=False)["input_ids"] == ids, kind
+
+
+def test_refusals_and_edits_are_counted_not_trained_on(tokenizers):
+    tokenizer, _ = tokenizers["sp"]
+    messages = CONVERSATIONS["one exchange"]
+    out_of_order = [messages[1], messages[0], messages[1]]
+    marker = [{"role": "user", "content": "say ### Human: hi"}, messages[1]]
+    edits = load_template("llama2").__class__("upper", "{% for m in messages %}{{ m['content'] | upper }}"
+                                              "{{ eos_token }}{% endfor %}")
+    examples, report = encode_all([messages, out_of_order], tokenizer, None, load_template("llama2"))
+    assert len(examples) == 1 and report.skipped == {
+        "refused by the chat template (Conversation roles must alternate user/assistant/user/assistant/...)": 1}
+    _, report = encode_all([messages, marker], tokenizer, None, load_template("guanaco"))
+    assert report.skipped == {
+        "refused by the chat template (a turn holds a guanaco marker (### Human: or ### Assistant:))": 1}
+    _, report = encode_all([messages], tokenizer, None, edits)
+    assert report.skipped == {"template changes message text": 1}
+    with pytest.raises(BadRow, match="no assistant turn"):
+        encode_messages(messages[:1], tokenizer)
+
+
+def test_special_token_text_inside_a_message_stays_text(tokenizers):
+    tokenizer, hf = tokenizers["bpe-chatml"]
+    template = load_template("chatml", tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "What does <|im_end|> mean"}, {"role": "assistant", "content": "A stop"}]
+    ids, _ = encode_messages(messages, tokenizer, template)
+    end = tokenizer.special_tokens["<|im_end|>"]
+    assert ids.count(end) == 2  # the template's two, not the one written in the question
+    assert hf(template.render(messages), add_special_tokens=False)["input_ids"].count(end) == 3  # transformers'
+    _, report = encode_all([messages], tokenizer, None, template)
+    assert report.notes == {SPECIAL_TEXT: 1} and report.examples == 1
+
+
+def test_generation_blocks_render_their_body(tokenizers):
+    tokenizer, hf = tokenizers["bpe-chatml"]
+    source = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+              "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+              "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}")
+    path = Path(hf.name_or_path) / "generation.jinja"
+    path.write_text(source)
+    template = load_template(str(path), tokenizer=tokenizer)
+    messages = CONVERSATIONS["one exchange"]
+    assert template.render(messages) == hf.apply_chat_template(messages, chat_template=source, tokenize=False)
+    ids, labels = encode_messages(messages, tokenizer, template)
+    assert tokenizer.backend.decode([i for i, x in zip(ids, labels, strict=True) if x != IGNORE_INDEX],
+                                    skip_special_tokens=False) == "Hello, how can I help<|im_end|>"
+
+
+def test_model_template_comes_from_the_folder(folders, tmp_path):
+    import json
+
+    folder = tmp_path / "chat_model"
+    shutil.copytree(folders["bpe-chatml"], folder)
+    assert load_template(None, folder).name == "guanaco"  # no template: guanaco
+    with pytest.raises(ValueError, match="no chat template"):
+        load_template("model", folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    source = (ASSETS / "qwen2.5-instruct.jinja").read_text()
+    config["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": source}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_template(None, folder).source == source and load_template(None, folder).name == "model"
+    (folder / "chat_template.jinja").write_text(BUILTINS["chatml"])  # transformers 5's file comes first
+    assert load_template("model", folder).source == BUILTINS["chatml"]
+    with pytest.raises(ValueError, match="neither a built-in"):
+        load_template("chatmll", folder)
+    (folder / "broken.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        load_template(str(folder / "broken.jinja"))

@@ -1,0 +1,395 @@
+"""Chat templates: how a conversation becomes the text a model is trained on and later chats in.
+
+    template = load_template("llama3")                  # a built-in, "model", or a path to a .jinja file
+    text = template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+A template is Jinja source, rendered exactly as transformers' `apply_chat_template(..., tokenize=False)` renders
+it: a sandboxed environment with `trim_blocks` and `lstrip_blocks`, the loop-control extension, a `{% generation
+%}` block that renders its body, `raise_exception`, `strftime_now`, a `tojson` that does not escape HTML, and the
+variables `messages`, `tools` (none), `documents` (none), `add_generation_prompt` and the tokenizer's
+`bos_token`, `eos_token` and `unk_token`. jinja2 comes with torch, so this adds no dependency.
+
+`load_template(spec, model_dir=None, tokenizer=None)`:
+- a built-in name (`BUILTINS`): `guanaco` (the project's `### Human: …### Assistant: …</s>`, the default for a
+  model without a template), `chatml`, `llama2`, `llama3` (3.0's format, no date block), `zephyr`
+  (TinyLlama-1.1B-Chat), `mistral` (Mistral Instruct v0.3 without tools: a system message goes into the last
+  user turn, as Mistral's own template puts it);
+- `model`: the model folder's own, from `chat_template.jinja` or `tokenizer_config.json`'s `chat_template` (the
+  one named `default` where it holds several);
+- a path to a `.jinja` file (the adapter's `chat_template.jinja` is one).
+
+`bind(tokenizer)` fills in the tokenizer's special tokens and, for `guanaco`, writes the start the tokenizer
+needs to give today's exact ids: `{{ bos_token }}` only where the tokenizer adds a BOS (SmolLM2's adds none),
+followed by a space where SentencePiece would put its dummy prefix (transformers encodes the text after a
+special token without one; the space stands for it, so `<s> ### Human:` is BOS, `▁###`, ...).
+
+Deliberately left out: tools and documents (a row with tool messages is refused when loaded), rendering
+`continue_final_message`, and templates that need a variable transformers does not pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .tokenizer import load_tokenizer
+
+MODEL = "model"
+ADAPTER_FILE = "chat_template.jinja"  # beside the adapter, as transformers 5 saves a tokenizer's template
+# The markers guanaco text splits on; one inside a turn would re-split differently (and teach the model to emit
+# it), so the template refuses such a turn.
+GUANACO_MARKERS = ("### Human:", "### Assistant:")
+
+_GUANACO_BODY = """\
+{%- for message in messages -%}
+{%- if '### Human:' in message['content'] or '### Assistant:' in message['content'] -%}
+{{- raise_exception('a turn holds a guanaco marker (### Human: or ### Assistant:)') -}}
+{%- endif -%}
+{%- if message['role'] == 'user' -%}
+{{- '### Human: ' + message['content'] -}}
+{%- elif message['role'] == 'assistant' -%}
+{{- '### Assistant: ' + message['content'] + eos_token -}}
+{%- else -%}
+{{- raise_exception('the guanaco format has no ' + message['role'] + ' turn') -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '### Assistant:' -}}{%- endif -%}
+"""
+
+BUILTINS = {
+    "guanaco": "{{- bos_token + ' ' }}" + _GUANACO_BODY,  # `bind` adapts the start to the tokenizer
+    "chatml": """\
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}
+""",
+    "llama2": """\
+{%- if messages[0]['role'] == 'system' -%}
+{%- set system_message = messages[0]['content'] -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}
+{%- endif -%}
+{%- set content = message['content'] -%}
+{%- if loop.index0 == 0 and system_message is defined -%}
+{%- set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + content -%}
+{%- endif -%}
+{%- if message['role'] == 'user' -%}
+{{- bos_token + '[INST] ' + content.strip() + ' [/INST]' -}}
+{%- elif message['role'] == 'assistant' -%}
+{{- ' ' + content.strip() + ' ' + eos_token -}}
+{%- endif -%}
+{%- endfor -%}
+""",
+    "llama3": """\
+{%- for message in messages -%}
+{%- if loop.first -%}{{- bos_token -}}{%- endif -%}
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}
+""",
+    "zephyr": """\
+{%- for message in messages -%}
+{%- if message['role'] not in ['system', 'user', 'assistant'] -%}
+{{- raise_exception('the zephyr format has no ' + message['role'] + ' turn') -}}
+{%- endif -%}
+{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}
+""",
+    "mistral": """\
+{%- if messages[0]['role'] == 'system' -%}
+{%- set system_message = messages[0]['content'] -%}
+{%- set loop_messages = messages[1:] -%}
+{%- else -%}
+{%- set loop_messages = messages -%}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in loop_messages -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+{{- raise_exception('After the optional system message, conversation roles must alternate '
+                    'user/assistant/user/assistant/...') -}}
+{%- endif -%}
+{%- if message['role'] == 'user' -%}
+{%- if loop.last and system_message is defined -%}
+{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' -}}
+{%- else -%}
+{{- '[INST] ' + message['content'] + '[/INST]' -}}
+{%- endif -%}
+{%- else -%}
+{{- ' ' + message['content'] | trim + eos_token -}}
+{%- endif -%}
+{%- endfor -%}
+""",
+}
+
+
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: no tokenizer or template gives them meaning
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class TemplateRefused(ValueError):
+    """The template's `raise_exception` refused a conversation; `reason` is its message."""
+
+    def __init__(self, message: str):
+        super().__init__(f"the chat template refused the conversation: {message}")
+        self.reason = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A chat template: its Jinja `source`, its `name` (a built-in, "model" or a path) and the special tokens
+    it is rendered with (`bind` sets them from a tokenizer)."""
+
+    name: str
+    source: str
+    bos_token: str | None = "<s>"
+    eos_token: str | None = "</s>"
+    unk_token: str | None = "<unk>"
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Text that ends a reply besides the end-of-turn tokens: guanaco's markers (also when the template was
+        read back from an adapter's chat_template.jinja)."""
+        return GUANACO_MARKERS if _GUANACO_BODY in self.source else ()
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The text of `messages` ([{"role", "content"}, ...]), as transformers' `apply_chat_template(messages,
+        tokenize=False, add_generation_prompt=...)` gives it. Raises TemplateRefused for `raise_exception`."""
+        special = {k: v for k in ("bos_token", "eos_token", "unk_token") if (v := getattr(self, k)) is not None}
+        template, globals_ = _compiled(self.source)
+        context = {**globals_, **special, "messages": messages, "tools": None, "documents": None,
+                   "add_generation_prompt": add_generation_prompt}
+        try:
+            # Template.render's work, without merging the environment's globals anew for every conversation.
+            return "".join(template.root_render_func(template.environment.context_class(
+                template.environment, context, template.name, template.blocks, globals_)))
+        except jinja2.TemplateError as e:
+            if isinstance(e, _Raised):
+                raise TemplateRefused(e.message) from None
+            hint = ("; the tokenizer names none of it in tokenizer_config.json" if isinstance(e, jinja2.UndefinedError)
+                    and "_token" in str(e) else "")
+            raise ValueError(f"chat template {self.name!r} failed to render: {type(e).__name__}: {e}{hint}") from None
+
+    def layout(self, messages: list[dict], add_generation_prompt: bool = False):
+        """(the rendered text, [(start, end, message index or None)]): the parts of the text in order, each a
+        message's content or text the template wrote around them.
+
+        Found by rendering twice: as it is, and with each content replaced by a sentinel (once per sequence of
+        roles, cached); the sentinels say where each content sits, and putting the contents back must give the
+        real text exactly (else LayoutError: a template that edits content). Rendering prefixes would not do:
+        Mistral v0.3's template moves the system message into the last user turn, so a prefix renders
+        differently from the whole."""
+        text = self.render(messages, add_generation_prompt)
+        roles = tuple(m["role"] for m in messages)
+        layout = _marked_layout(self, roles, add_generation_prompt)
+        pieces = [messages[p]["content"] if isinstance(p, int) else p for p in layout]
+        if "".join(pieces) != text:  # a layout that depends on the contents: find it for these
+            layout = _marked_layout.__wrapped__(self, roles, add_generation_prompt, messages)
+            pieces = [messages[p]["content"] if isinstance(p, int) else p for p in layout]
+        if "".join(pieces) != text:
+            raise LayoutError("template changes message text", "the messages put into the template's layout do "
+                              "not give its text (a template that trims or edits content, on content with "
+                              "surrounding whitespace?)")
+        spans, at = [], 0
+        for p, piece in zip(layout, pieces, strict=True):
+            spans.append((at, at + len(piece), p if isinstance(p, int) else None))
+            at += len(piece)
+        return text, spans
+
+    def end_of_turn(self, text: str, spans, k: int, pattern) -> tuple[int, int] | None:
+        """Where the special token that ends the message of `spans[k]` sits in `text` (the first one the template
+        writes right after it, before the next message), or None."""
+        if k + 1 >= len(spans) or spans[k + 1][2] is not None or pattern is None:
+            return None
+        found = pattern.search(text, spans[k + 1][0], spans[k + 1][1])
+        return None if found is None else found.span()
+
+    def end_of_turn_token(self, tokenizer) -> str | None:
+        """The special token this template ends an assistant turn with for `tokenizer` (</s>, <|eot_id|>,
+        <|im_end|>), or None where it writes none the tokenizer has (chatml's <|im_end|> with Llama 2's)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        text, spans = self.bind(tokenizer).layout(probe)
+        k = next(k for k, (_, _, i) in enumerate(spans) if i == 1)
+        end = self.end_of_turn(text, spans, k, special_pattern(tokenizer))
+        return None if end is None else text[end[0]:end[1]]
+
+    def end_of_turn_ids(self, tokenizer) -> list[int]:
+        """The tokenizer's EOS, and the special token this template ends an assistant turn with where that is
+        another (<|eot_id|>, <|im_end|>): generation stops at any of them."""
+        token = self.end_of_turn_token(tokenizer)
+        end = None if token is None else tokenizer.special_tokens[token]
+        return [tokenizer.eos_id] + ([end] if end is not None and end != tokenizer.eos_id else [])
+
+    def bind(self, tokenizer) -> Template:
+        """This template with `tokenizer`'s special tokens (and, for guanaco, the start it needs; see above)."""
+        source = self.source
+        if self.name == "guanaco" and source == BUILTINS["guanaco"]:
+            source = _guanaco_start(tokenizer) + _GUANACO_BODY
+        return dataclasses.replace(self, source=source, bos_token=tokenizer.bos_token,
+                                   eos_token=tokenizer.eos_token, unk_token=tokenizer.unk_token)
+
+
+@functools.lru_cache(maxsize=256)
+def _marked_layout(template: Template, roles: tuple[str, ...], add_generation_prompt: bool,
+                   messages: list[dict] | None = None) -> tuple[str | int, ...]:
+    """The template's text for messages of these roles with each content a sentinel, as pieces: template text,
+    or a message's index. Cached by roles; `Template.layout` checks that it fits each conversation's text and
+    renders it anew (with the messages' other keys) where it does not."""
+    marked = [{**(messages[i] if messages else {"role": r}), "content": _SENTINEL.format(i)}
+              for i, r in enumerate(roles)]
+    parts = _SENTINEL_RE.split(template.render(marked, add_generation_prompt))
+    return tuple(int(p) if k % 2 else p for k, p in enumerate(parts) if k % 2 or p)
+
+
+def special_pattern(tokenizer) -> re.Pattern | None:
+    """One regex for all of the tokenizer's special tokens, longest first (cached on the tokenizer)."""
+    cached = tokenizer.__dict__.get("_special_re", False)
+    if cached is False:
+        tokens = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        cached = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        tokenizer._special_re = cached
+    return cached
+
+
+def _guanaco_start(tokenizer) -> str:
+    if tokenizer.bos_id is None:
+        return ""
+    dummy_prefix = tokenizer.encode("a", bos=False) != tokenizer.encode_inside("a")
+    return "{{- bos_token + ' ' }}" if dummy_prefix else "{{- bos_token }}"
+
+
+class LayoutError(ValueError):
+    """A template whose text cannot be split back into its messages; `reason` is a short, countable category."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class _Raised(jinja2.TemplateError):
+    pass
+
+
+def _raise_exception(message):
+    raise _Raised(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # Jinja's own tojson escapes HTML characters; transformers' does not.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it to mark assistant text;
+    the labels here come from the messages themselves, see data.encoding)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+@functools.cache
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str) -> tuple[jinja2.Template, dict]:
+    """The compiled template and the globals every render starts from."""
+    try:
+        template = _environment().from_string(source)
+        return template, dict(template.globals)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+
+
+def model_template(model_dir) -> str | None:
+    """The chat template a model folder ships: `chat_template.jinja` (what transformers 5 writes), else the
+    `chat_template` of `tokenizer_config.json` (a string, or a list of {name, template}: the `default` one).
+    None when it has neither."""
+    folder = Path(model_dir)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def default_spec(model_dir) -> str:
+    """`--chat-template`'s default: the model's own template where it has one, else guanaco."""
+    return MODEL if model_dir is not None and model_template(model_dir) is not None else "guanaco"
+
+
+def load_template(spec: str | None = None, model_dir=None, tokenizer=None) -> Template:
+    """The template `spec` names: a built-in (`BUILTINS`), `model` (the one `model_dir` ships), or a path to a
+    .jinja file; None means `default_spec(model_dir)`. Bound to `tokenizer` (else to `model_dir`'s tokenizer,
+    else Llama's <s> and </s>). Raises ValueError naming what to pass instead."""
+    spec = default_spec(model_dir) if spec is None else spec
+    if spec in BUILTINS:
+        template = Template(spec, BUILTINS[spec])
+    elif spec == MODEL:
+        source = model_template(model_dir) if model_dir is not None else None
+        if source is None:
+            where = f"{model_dir} has" if model_dir is not None else "no model folder was given, so there is"
+            raise ValueError(f"--chat-template model: {where} no chat template (chat_template.jinja, or "
+                             f"chat_template in tokenizer_config.json); pick one of {', '.join(BUILTINS)}, or "
+                             "pass a .jinja file")
+        template = Template(MODEL, source)
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--chat-template {spec!r} is neither a built-in ({', '.join(BUILTINS)}), nor "
+                             f"{MODEL!r} (the model's own), nor an existing .jinja file")
+        template = Template(str(path), path.read_text(encoding="utf-8"))
+    _compiled(template.source)  # a syntax error is reported now, naming the template
+    if tokenizer is None and model_dir is not None and _has_tokenizer(model_dir):
+        tokenizer = load_tokenizer(model_dir)
+    return template.bind(tokenizer) if tokenizer is not None else template
+
+
+def adapter_template(spec: str | None, adapter_dir, model_dir, tokenizer) -> Template:
+    """The template to chat with an adapter in: `spec` if given, else the adapter's `chat_template.jinja`
+    (what its training used), else guanaco for an adapter without one (trained before templates travelled),
+    else (no adapter) the model's default (`default_spec`)."""
+    if spec is None and adapter_dir is not None:
+        recorded = Path(adapter_dir) / ADAPTER_FILE
+        spec = str(recorded) if recorded.is_file() else "guanaco"
+    return load_template(spec, model_dir, tokenizer)
+
+
+def _has_tokenizer(folder) -> bool:
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.model", "tokenizer.json"))
