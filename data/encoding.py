@@ -3,22 +3,23 @@
     ids, labels = encode_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
                                   tokenizer, load_template("llama3"))
 
-One sequence per conversation: the template's text (`data.templates`), encoded as transformers encodes it, so
-training sees exactly what transformers, vLLM and llama.cpp will feed the model. With the default `guanaco`
-template and Llama's tokenizer that is
+One sequence per conversation: the template's text (`tinyllama.templates`), encoded as transformers encodes it,
+so training sees exactly what transformers, vLLM and llama.cpp will feed the model. With the default `guanaco`
+template and Llama's tokenizer that is BOS, then
 
-    <s>### Human: q1### Assistant: a1</s>### Human: q2### Assistant: a2</s>
+    ### Human: q1### Assistant: a1</s>### Human: q2### Assistant: a2</s>
 
 Labels are aligned with input_ids (the loss shifts them). Labelled: each assistant turn's content (with the spaces
 the template writes right before it, which tokenizers glue to its first word) and the text after it up to and
 including the first special token there, the template's end of turn (`</s>`, `<|eot_id|>`, `<|im_end|>`).
 Nothing else: no BOS, header, system or user text. `train_on="last"` labels the final assistant turn only.
 
-How the boundaries are found. Rendering prefixes of a conversation is not enough (Mistral v0.3's template moves
-the system message into the last user turn, so a prefix renders differently from the whole). Instead the
-conversation is rendered twice: as it is, and with each message's content replaced by a sentinel. The sentinels'
-places say where each content sits; putting the contents back must give the real text exactly (a template that
-changes a message's text is refused, counted). A template that writes a reply twice or not at all is refused too.
+How the boundaries are found (`Template.layout`). Rendering prefixes of a conversation is not enough (Mistral
+v0.3's template moves the system message into the last user turn, so a prefix renders differently from the
+whole). Instead the conversation is rendered as it is, and with each message's content replaced by a sentinel
+(once per sequence of roles). The sentinels' places say where each content sits; putting the contents back must
+give the real text exactly (a template that changes a message's text is refused, counted). A template that writes
+a reply twice or not at all is refused too.
 
 How the ids are made. The rendered text is cut at the template's special tokens (each one id; text inside a
 message is never read as a special token, so data cannot smuggle in an end token) and at the label boundaries.
@@ -27,8 +28,10 @@ dummy-prefix space), every later one with `tokenizer.encode_inside` (as it is to
 special token). Consequences, checked by the tests against transformers:
 - the ids equal `tokenizer(rendered, add_special_tokens=False)`'s (`encode_rendered` here), with special tokens
   as single ids and BOS only where the template writes one, except where the tokenizer would merge across a
-  label boundary (a reply ending in "C#" before "### Human:" gives "####"; with Llama 3's regex any punctuation
-  does). A token boundary has to exist there, so the ids differ; `python -m data.stats` counts such rows;
+  label boundary. A reply ends at a special token, so that can happen only at its start, where a template glues
+  it to the header without a space or newline, or at its end with a template whose end of turn is text to this
+  tokenizer (which training refuses). A token boundary has to exist there, so the ids differ; `python -m
+  data.stats` counts such rows;
 - the labelled tokens of each reply decode to that reply and its end of turn;
 - `encode_prompt` gives the ids training put before a reply (where the template renders a conversation and its
   prefixes alike), so generation sees what training saw.

@@ -39,7 +39,7 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CARD_NAME = "README.md"
-TEMPLATE_NAME = "chat_template.jinja"  # data.templates.ADAPTER_FILE
+TEMPLATE_NAME = "chat_template.jinja"  # tinyllama.templates.ADAPTER_FILE
 CARD_MARKER = "<!-- Written by lora.save_adapter"  # a README.md without it is not ours to replace
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose adapter_config.json we write key for key
 

@@ -119,8 +119,14 @@ def test_the_model_template_is_the_default(tmp_path):
     config["chat_template"] = load_template("chatml").source
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     data = _messages_file(tmp_path / "chats.jsonl", system=True)
-    run(tmp_path, folder, data=str(data), steps=1)
+    _, every = run(tmp_path, folder, data=str(data), steps=1)
     assert (tmp_path / "run" / "adapter" / ADAPTER_FILE).read_text() == config["chat_template"]
+    # --train-on last: the same batch of 4 conversations, each labelling only its final reply, "You are welcome"
+    # and <|im_end|>.
+    _, last = run(tmp_path, folder, "last", data=str(data), steps=1, train_on="last")
+    tokenizer = load_tokenizer(folder)
+    reply = len(tokenizer.encode("You are welcome", bos=False)) + 1
+    assert last[0]["labelled"] == 4 * reply < every[0]["labelled"]
 
 
 @pytest.mark.slow

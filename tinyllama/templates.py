@@ -18,8 +18,12 @@ variables `messages`, `tools` (none), `documents` (none), `add_generation_prompt
   one named `default` where it holds several);
 - a path to a `.jinja` file (the adapter's `chat_template.jinja` is one).
 
+`Template.layout` says where each message's content sits in the rendered text (`data.encoding` labels the
+replies from it), and `end_of_turn_token` which special token the template ends an assistant turn with (the
+label's end, and where generation stops; the export adds it to generation_config.json).
+
 `bind(tokenizer)` fills in the tokenizer's special tokens and, for `guanaco`, writes the start the tokenizer
-needs to give today's exact ids: `{{ bos_token }}` only where the tokenizer adds a BOS (SmolLM2's adds none),
+needs to give the project's guanaco ids: `{{ bos_token }}` only where the tokenizer adds a BOS (SmolLM2's adds none),
 followed by a space where SentencePiece would put its dummy prefix (transformers encodes the text after a
 special token without one; the space stands for it, so `<s> ### Human:` is BOS, `▁###`, ...).
 

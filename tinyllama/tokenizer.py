@@ -7,7 +7,7 @@ all that the data encoding, generation and the commands use.
 
 Text is always encoded as plain text: "</s>" or "<|eot_id|>" written in a message stays characters, so data
 cannot smuggle in an end token. Special tokens reach the ids only where a chat template writes them:
-`data.templates` cuts a rendered conversation at the `special_tokens` strings and encodes the text between them
+`data.encoding` cuts a rendered conversation at the `special_tokens` strings and encodes the text between them
 with `encode` (at the start of the text) or `encode_inside` (anywhere after), which together give what
 transformers' `tokenizer(rendered, add_special_tokens=False)` gives.
 
@@ -21,7 +21,7 @@ beside a SentencePiece `tokenizer.model` (the merged export, `tinyllama.export`,
 tokenises as `Tokenizer` does.
 
 No pad token is invented: batches pad with any id and mask it out. Deliberately left out: rendering chat
-templates (`data.templates`), token offsets, and any tokenizer.json behaviour beyond encoding and decoding
+templates (`tinyllama.templates`), token offsets, and any tokenizer.json behaviour beyond encoding and decoding
 plain text and naming its special tokens.
 """
 
