@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from tinyllama.runtime import (
     resolve_dtype,
 )
 from tinyllama.shapes import SHAPES
-from training import TrainingError, parallel, report, run_folder
+from training import TrainingError, fsdp, parallel, report, run_folder
 from training.settings import (
     TrainConfig,
     command_line,
@@ -110,25 +111,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
                 f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} tokens but the model only "
                 f"{config.vocab_size:,} embeddings, so ids past {config.vocab_size - 1} have none; pass the "
                 "model's own tokenizer with --tokenizer, or a model whose vocab_size covers it")
-    template = None
-    if tokenizer is not None:
-        # The model's own template sits beside its tokenizer files.
-        tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
-        if tokenizer_dir is not None and not tokenizer_dir.is_dir():
-            tokenizer_dir = tokenizer_dir.parent
-        try:
-            template = load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer)
-            end = template.end_of_turn_token(tokenizer)
-        except ValueError as e:
-            raise TrainingError(str(e)) from e
-        if end is None:
-            raise TrainingError(
-                f"the chat template {template.name} ends an assistant turn with no special token that the tokenizer "
-                f"{tokenizer.path} has (chatml's <|im_end|>, llama3's <|eot_id|> are text to a Llama 2 tokenizer), "
-                "so the model would never learn where a reply ends. Pick a template this tokenizer can end a turn "
-                "with: guanaco, llama2, zephyr and mistral end with its EOS")
-        turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
-        log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
+    template = None if tokenizer is None else chat_template(cfg, folder, tokenizer, log)
     n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
     example_len = min(cfg.max_len, config.max_position_embeddings)  # the row length, or less in packed rows
     train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
@@ -154,9 +137,54 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
 
+    model, plan = build_model(cfg, lora_config, proc, folder, config, resume_from)
+    param_bytes = int(parallel.all_reduce_max(torch.tensor(fsdp.local_bytes(model), dtype=torch.float64,
+                                                           device=device)).item())
+    params = [p for p in model.parameters() if p.requires_grad]
+    # AdamW over the LoRA weights only (fp32 weights and state, whatever the base dtype; sharded as they are
+    # under --fsdp). Fused: it alone can skip an update on the device (`skip_updates_when`).
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    totals = Totals()
+    if resume_from:
+        saved = run_folder.load_optimizer_state(resume_from, optimizer, start_step)
+        optimizer.load_state_dict(fsdp.shard_optimizer_state(saved, params))
+        stream.load_state_dict(state["stream"])
+        totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
+        log(f"resumed from {resume_from} at step {start_step}")
+    return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,
+               start_step, totals, training_flops_per_token(model.config, lora_config, cfg.max_len),
+               measure_matmul_peak(device, dtype), template, param_bytes)
+
+
+def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
+    """`--chat-template` (default: the model's own, from beside its tokenizer files, else guanaco), refused
+    when the tokenizer has no special token to end a turn with."""
+    tokenizer_dir = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer_dir is not None and not tokenizer_dir.is_dir():
+        tokenizer_dir = tokenizer_dir.parent
+    try:
+        template = load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer)
+        end = template.end_of_turn_token(tokenizer)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
+    if end is None:
+        raise TrainingError(
+            f"the chat template {template.name} ends an assistant turn with no special token that the tokenizer "
+            f"{tokenizer.path} has (chatml's <|im_end|>, llama3's <|eot_id|> are text to a Llama 2 tokenizer), "
+            "so the model would never learn where a reply ends. Pick a template this tokenizer can end a turn "
+            "with: guanaco, llama2, zephyr and mistral end with its EOS")
+    turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
+    log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
+    return template
+
+
+def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, folder: Path | None, config,
+                resume_from: Path | None):
+    """The model with LoRA built in (base frozen), the checkpoint's adapter loaded when resuming, run as its
+    RuntimePlan says (fast paths checked), then sharded under --fsdp; (model, plan)."""
+    log, device = proc.log, proc.device
+    dtype = resolve_dtype(cfg.dtype, device)
     quantize = None if cfg.quantize == "none" else cfg.quantize
-    # The model, with LoRA built in (base frozen); AdamW over the LoRA weights only (fp32 weights and state,
-    # whatever the base dtype). Fused: it alone can skip an update on the device (`skip_updates_when`).
     if cfg.random_init:
         model = random_model(config, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
                              double_quant=cfg.double_quant)
@@ -165,15 +193,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
                            double_quant=cfg.double_quant)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    totals = Totals()
     if resume_from:
-        lora.load_adapter(model, resume_from)
-        optimizer.load_state_dict(run_folder.load_optimizer_state(resume_from, optimizer, start_step))
-        stream.load_state_dict(state["stream"])
-        totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
-        log(f"resumed from {resume_from} at step {start_step}")
+        lora.load_adapter(model, resume_from)  # whole, before any sharding
     plan = plan_runtime(model.config, device, dtype, lora_config=lora_config, quantized=quantize is not None,
                         packing=cfg.packing, fused_mlp=cfg.fused_mlp, varlen=cfg.varlen,
                         sdpa_backends=cfg.sdpa_backends, compile_scope=cfg.compile_scope if cfg.compile else None,
@@ -184,9 +205,11 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         raise TrainingError(str(e)) from e
     apply_plan(model, plan)
     log(f"runs as: {plan.describe()}")
-    return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,
-               start_step, totals, training_flops_per_token(model.config, lora_config, cfg.max_len),
-               measure_matmul_peak(device, dtype), template)
+    if cfg.fsdp != "none":
+        mesh = fsdp.mesh_for(cfg.fsdp, device, proc.world, cfg.fsdp_shard_size)
+        fsdp.shard(model, mesh)
+        log(f"sharded with FSDP2 over a {'x'.join(map(str, mesh.shape))} mesh ({', '.join(mesh.mesh_dim_names)})")
+    return model, plan
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -199,7 +222,7 @@ def train(cfg: TrainConfig) -> dict:
         shape = cfg.model if cfg.model in SHAPES or Path(cfg.model).exists() else "TinyLlama-1.1B shape"
         return report.parameter_table(model_config(cfg.model), lora_config, sorted({4, 16, 64, 256, cfg.rank}),
                                       shape, print)
-    proc = parallel.start(cfg.device, cfg.dist_timeout)
+    proc = parallel.start(cfg.device, cfg.dist_timeout, group=cfg.fsdp != "none")
     log, device = proc.log, proc.device
     resume_from = run_folder.find_checkpoint(cfg.resume) if cfg.resume else None
     out = Path(cfg.out) if cfg.out else resume_from.parent if resume_from else Path(f"runs/rank{cfg.rank}")
@@ -236,21 +259,25 @@ def train(cfg: TrainConfig) -> dict:
             pending, done, lr = queued, queued.step, queued.lr
             evaluate_now = (cfg.eval_every and done % cfg.eval_every == 0 or done == run.total_steps) \
                 and run.eval_examples
-            save_now = cfg.save_every and (done % cfg.save_every == 0 or done == run.total_steps) and proc.main
+            save_now = cfg.save_every and (done % cfg.save_every == 0 or done == run.total_steps)
             if evaluate_now or save_now or done == run.total_steps:  # checked before anything is evaluated or saved
                 finish_step(pending, run, cfg.log_every, proc, out, progress)
                 pending = None
             if evaluate_now:
                 batches = eval_batches(run.eval_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing)
-                run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, batches, run.plan)
+                with parallel.peers_answer():
+                    run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, batches, run.plan,
+                                                                         lockstep=cfg.fsdp != "none")
                 run.metrics.write({"step": done, "split": "eval", "loss": run.totals.eval_loss,
                                    "ppl": run.totals.eval_ppl, "lr": lr, "tokens_per_s": None})
                 progress.note(f"step {done}: eval loss {run.totals.eval_loss:.4f}, ppl {run.totals.eval_ppl:.2f}")
-            if save_now:
-                run_folder.save_checkpoint(
-                    out, done, lambda folder: save_adapter(run, cfg, folder), optimizer,
-                    {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
-                     "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
+            if save_now:  # every process gathers its shards (under --fsdp); the main one writes
+                tensors, optimizer_state = adapter_tensors(run), fsdp.full_optimizer_state(optimizer)
+                if proc.main:
+                    run_folder.save_checkpoint(
+                        out, done, functools.partial(save_adapter, run, cfg, tensors=tensors), optimizer_state,
+                        {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
+                         "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
         progress.close()
         run.metrics.close()
         summary = finish_run(run, cfg, proc, out)
@@ -279,16 +306,22 @@ def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, ba
 
     timer = Timer(device)
     loss_total = torch.zeros((), device=device)
-    for i, batch in enumerate(micro):
-        if cfg.dropout:
-            torch.manual_seed(dropout_seed(cfg.seed, step, i * proc.world + proc.rank))
-        with run.plan.forward():
-            loss_sum, _ = batch_loss(model, batch)
-        (loss_sum / n_labelled).backward()
-        loss_total += loss_sum.detach()
-    parallel.all_reduce_grads(params)
-    loss_total = parallel.all_reduce_sum(loss_total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)  # the norm, clipped or not
+    sharded = cfg.fsdp != "none"
+    with parallel.peers_answer() if sharded else contextlib.nullcontext():
+        for i, batch in enumerate(micro):
+            if cfg.dropout:
+                torch.manual_seed(dropout_seed(cfg.seed, step, i * proc.world + proc.rank))
+            if sharded:  # reduce the gradients once, after the step's last micro-batch
+                model.set_requires_gradient_sync(i == len(micro) - 1)
+            with run.plan.forward():
+                loss_sum, _ = batch_loss(model, batch)
+            (loss_sum / n_labelled).backward()
+            loss_total += loss_sum.detach()
+        if not sharded:  # FSDP has reduce-scattered them already
+            parallel.all_reduce_grads(params)
+        loss_total = parallel.all_reduce_sum(loss_total)
+        # The norm, clipped or not; over the sharded gradients, a collective gathers it whole.
+        grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
     numbers = torch.stack([loss_total, grad_norm.to(loss_total.dtype)])
     torch.maximum(bad, (~torch.isfinite(numbers)).any().to(bad.dtype), out=bad)
     optimizer.step()  # skipped on the device if `bad`
@@ -297,9 +330,15 @@ def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, ba
     return QueuedStep(step + 1, numbers, timer, lr, n_tokens, n_labelled, run.stream.epoch)
 
 
-def save_adapter(run: Run, cfg: TrainConfig, folder: Path, card=None) -> None:
-    """The adapter in PEFT's format, with the chat template its conversations were rendered with."""
-    lora.save_adapter(run.model, folder, base_model=cfg.model, card=card,
+def adapter_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The adapter's tensors whole (gathered from every process's shards under --fsdp: all of them call it)."""
+    return {k: fsdp.full(v).detach() for k, v in lora.adapter_state_dict(run.model).items()}
+
+
+def save_adapter(run: Run, cfg: TrainConfig, folder: Path, tensors: dict, card=None) -> None:
+    """The adapter in PEFT's format (`tensors`: `adapter_tensors(run)`), with the chat template its
+    conversations were rendered with."""
+    lora.save_adapter(run.model, folder, base_model=cfg.model, card=card, tensors=tensors,
                       chat_template=None if run.template is None else run.template.source)
 
 
@@ -308,18 +347,22 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     loss.png and the samples."""
     model, log = run.model, proc.log
     trainable, total = lora.count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    tensors = adapter_tensors(run)  # every process: under --fsdp a collective
     summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                              flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=proc.device,
-                             world=proc.world, out=out, largest_weight=report.largest_weight(params))
+                             world=proc.world, out=out, largest_weight=report.largest_weight(tensors.values()),
+                             param_bytes=run.param_bytes)
     if proc.main:
         card = report.model_card(cfg, run.totals, run.total_steps, command_line(cfg))
         run_folder.claim(out, "adapter", "summary.json")
-        run_folder.write_dir(out / "adapter", lambda folder: save_adapter(run, cfg, folder, card))
+        run_folder.write_dir(out / "adapter", lambda folder: save_adapter(run, cfg, folder, tensors, card))
         run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         report.print_summary(summary, log)
         report.plot_losses(out)
-        if cfg.samples and run.tokenizer is not None:
+        if cfg.samples and run.tokenizer is not None and cfg.fsdp != "none":
+            log("samples: not generated under --fsdp (one process cannot run the sharded model alone); "
+                "python chat.py --adapter OUT/adapter answers the same prompts")
+        elif cfg.samples and run.tokenizer is not None:
             apply_plan(model, dataclasses.replace(run.plan, compile_scope=None))  # generation's shapes grow
             report.show_samples(model, run.tokenizer, out, log, run.template)
     return summary

@@ -3,6 +3,7 @@
 from .adapter import (
     AdapterFile,
     ModelCard,
+    adapter_state_dict,
     count_parameters,
     disabled,
     load_adapter,
@@ -17,4 +18,4 @@ from .layer import LoRALinear
 
 __all__ = ["LoRAConfig", "LoRALinear", "MLP_TARGETS", "ATTENTION_TARGETS", "ALL_TARGETS", "count_parameters",
            "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_file", "AdapterFile", "merge",
-           "lora_layers", "disabled", "ModelCard"]
+           "lora_layers", "disabled", "ModelCard", "adapter_state_dict"]

@@ -98,10 +98,13 @@ class ModelCard:
 
 
 def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama/TinyLlama_v1.1",
-                 card: ModelCard | None = None, chat_template: str | None = None) -> Path:
+                 card: ModelCard | None = None, chat_template: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `adapter_model.safetensors`, `adapter_config.json` and a `README.md` model card into `out_dir`, and
     `chat_template.jinja` when given the template training rendered conversations with (beside the adapter,
     as transformers saves a tokenizer's template: adapter_config.json may hold only keys PEFT knows).
+    `tensors`: the adapter's tensors under PEFT's names when the model holds only shards of them (gathered by
+    the caller); default `adapter_state_dict(model)`.
 
     `base_model` becomes `base_model_name_or_path`, as PEFT writes it: the Hub repo id for a base from the Hub,
     a local checkpoint folder as given. A README.md this function did not write is never replaced: the save is
@@ -125,7 +128,7 @@ def save_adapter(model, out_dir: str | os.PathLike, base_model: str = "TinyLlama
         "target_modules": sorted(config.targets), "use_rslora": config.use_rslora,
         "use_dora": config.use_dora,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or adapter_state_dict(model)).items()}
     # Write then rename, so a crash mid-save never leaves a half-written adapter under the real name.
     files.write_file(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     # PEFT's layout exactly: indent 2, keys sorted, no newline at the end.

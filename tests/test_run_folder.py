@@ -366,10 +366,10 @@ def test_pruning_never_removes_a_checkpoint_newer_than_the_one_written(tmp_path)
         (folder / "adapter_config.json").write_text("{}")
         (folder / "adapter_model.safetensors").write_bytes(b"")
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    run_folder.save_checkpoint(tmp_path, 100, adapter, optimizer, {}, keep=1)
+    optimizer_state = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).state_dict()
+    run_folder.save_checkpoint(tmp_path, 100, adapter, optimizer_state, {}, keep=1)
     for step in (1, 2, 3):
-        run_folder.save_checkpoint(tmp_path, step, adapter, optimizer, {}, keep=1)
+        run_folder.save_checkpoint(tmp_path, step, adapter, optimizer_state, {}, keep=1)
         assert run_folder.find_checkpoint(tmp_path).name == f"checkpoint-{step}"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-100", "checkpoint-3"]
 

@@ -17,6 +17,7 @@ from data import BatchStream, eval_batches, load_examples
 from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, run, train_losses
 from tinyllama import load_model, reference_loss
 from tinyllama.runtime import RuntimePlan, sdpa_context
+from training import run_folder
 from training.step import batch_loss, evaluate, is_right_padded, prepare
 
 pytest.importorskip("transformers")
@@ -353,17 +354,18 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
-def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["data parallel", "fsdp"])
+def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp_path, tiny_ckpt, sharding):
     import signal
     import time
 
     out = tmp_path / "ddp"
     args = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
             "--max-len", "128", "--steps", "100000", "--batch-size", "2", "--grad-accum", "1", "--log-every", "1",
-            "--no-samples", "--dist-timeout", "5", "--out", str(out)]
+            "--no-samples", "--dist-timeout", "5", "--save-every", "1", "--out", str(out), *sharding]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_port", "29518", "train.py", *args], cwd=ROOT, env=env,
+                            "--master_port", str(29518 + bool(sharding)), "train.py", *args], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -387,3 +389,6 @@ def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp
     assert waited < 5 + 20, f"rank 0 was still waiting {waited:.0f} s after its peer stopped"
     assert job.returncode != 0
     assert "another process stopped answering within --dist-timeout" in stderr, stderr[-3000:]
+    checkpoint = run_folder.find_checkpoint(out)  # what --resume continues from: whole and readable
+    assert checkpoint is not None and run_folder.read_state(checkpoint)["step"] >= 1
+    assert run_folder.resume_problems(str(out), lora.read_adapter_config(checkpoint)) == []

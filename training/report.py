@@ -127,7 +127,7 @@ def health_warnings(t, largest: float) -> list[str]:
 
 
 def summary(t, *, trainable: int, total: int, steps: int, flops_per_token: float, peak_flops: float,
-            device: torch.device, world: int, out: Path, largest_weight: float) -> dict:
+            device: torch.device, world: int, out: Path, largest_weight: float, param_bytes: int = 0) -> dict:
     """summary.json: the reference table's columns and what else describes the whole run (`t`: its Totals)."""
     per_s = (lambda n: n / t.seconds) if t.seconds else (lambda n: None)
     return {
@@ -137,7 +137,8 @@ def summary(t, *, trainable: int, total: int, steps: int, flops_per_token: float
         "mfu": per_s(t.tokens * flops_per_token / peak_flops / world) if t.seconds else None,
         "peak_flops": peak_flops, "peak_gib": peak_memory_gib(device), "first_loss": t.first_loss,
         "last_loss": t.last_loss, "eval_loss": t.eval_loss, "eval_ppl": t.eval_ppl,
-        "device": device_name(device), "world_size": world, "out": str(out),
+        "device": device_name(device), "world_size": world, "param_bytes_per_process": param_bytes,
+        "out": str(out),
         "warnings": health_warnings(t, largest_weight),
     }
 

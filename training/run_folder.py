@@ -342,12 +342,13 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return p / name if is_checkpoint(p / name) else None
 
 
-def save_checkpoint(out: Path, step: int, save_adapter, optimizer, state: dict, keep: int) -> Path:
-    """checkpoint-{step}: adapter (`save_adapter(folder)`), optimizer state and `state` (JSON), written whole;
-    then `latest`, then the listed checkpoints past the newest `keep` (0: keep all) that are older than it."""
+def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, state: dict, keep: int) -> Path:
+    """checkpoint-{step}: adapter (`save_adapter(folder)`), optimizer state (a full `state_dict()`, gathered
+    under --fsdp) and `state` (JSON), written whole; then `latest`, then the listed checkpoints past the newest
+    `keep` (0: keep all) that are older than it."""
     def write(folder: Path) -> None:
         save_adapter(folder)
-        torch.save(optimizer.state_dict(), folder / OPTIMIZER)
+        torch.save(optimizer_state, folder / OPTIMIZER)
         (folder / STATE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
 
     claim(out, f"checkpoint-{step}", "latest")

@@ -33,6 +33,7 @@ from tinyllama.shapes import SHAPES
 from tinyllama.templates import BUILTINS, MODEL
 
 from . import report, run_folder
+from .fsdp import MODES as FSDP_MODES
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,6 +58,9 @@ def parse_settings(cls, argv=None, description: str = ""):
         flag, help_, kind = "--" + f.name.replace("_", "-"), f.metadata.get("help", " "), setting_type(cls, f.name)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        elif "const" in f.metadata:  # `--flag` alone means `--flag CONST`
+            parser.add_argument(flag, type=kind, default=f.default, nargs="?", const=f.metadata["const"],
+                                help=help_)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_)
     return cls(**vars(parser.parse_args(argv)))
@@ -176,6 +180,14 @@ class TrainConfig:
     strict_fast_paths: bool = field(default=False, metadata={
         "help": "stop with an error when a fast path (--varlen, --fused-mlp, grouped k/v in place) fails its "
                 "start-up check against its plain path, instead of turning it off with a warning"})
+    fsdp: str = field(default="none", metadata={
+        "const": "full",
+        "help": "shard the model over the torchrun processes with FSDP2: --fsdp (full: every process holds "
+                "1/world of the base, the adapter and AdamW's state), --fsdp hybrid (HSDP: shard within a "
+                "node, replicate across nodes); none: plain data parallel (every process holds the whole model)"})
+    fsdp_shard_size: int = field(default=0, metadata={
+        "help": "with --fsdp hybrid: processes per shard group (default 0: the processes of one node, torchrun's "
+                "LOCAL_WORLD_SIZE)"})
     dist_timeout: float = field(default=300.0, metadata={
         "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
@@ -258,6 +270,10 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     if device is not None:
         problems += plan_problems(device, dora=cfg.dora, quantized=cfg.quantize != "none", fused_mlp=cfg.fused_mlp,
                                   varlen=cfg.varlen)
+    need(cfg.fsdp in FSDP_MODES, f"--fsdp must be one of {', '.join(FSDP_MODES)}, got {cfg.fsdp!r}")
+    need(not (cfg.fsdp != "none" and cfg.compile), "--compile with --fsdp is not supported; pick one")
+    need(cfg.fsdp_shard_size >= 0, f"--fsdp-shard-size must be >= 0, got {cfg.fsdp_shard_size}")
+    need(not cfg.fsdp_shard_size or cfg.fsdp == "hybrid", "--fsdp-shard-size applies to --fsdp hybrid; add that")
     need(not (cfg.compile and cfg.grad_checkpointing),
          "--compile with --grad-checkpointing is not supported; pick one")
     need(cfg.compile_scope in COMPILE_SCOPES,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tinyllama.loss import causal_lm_loss, label_positions
+from tinyllama.loss import IGNORE_INDEX, causal_lm_loss, label_positions
 from tinyllama.runtime import RuntimePlan, peak_memory_gib
 
 from . import TrainingError, parallel, report, run_folder
@@ -164,11 +164,17 @@ class Totals:
         self.last_loss = row["loss"]
 
 
-def evaluate(model, batches, plan) -> tuple[float, float]:
+def evaluate(model, batches, plan, lockstep: bool = False) -> tuple[float, float]:
     """Loss and perplexity over `batches` (each process its share of the eval set, summed over processes), run as
-    `plan` (a runtime.RuntimePlan) says."""
+    `plan` (a runtime.RuntimePlan) says. `lockstep` (a sharded model, whose every forward pass is a collective):
+    a process with fewer batches than another runs forward passes over one unlabelled token until they match."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=plan.device)
+    batches = list(batches)
+    if lockstep:
+        most = int(parallel.all_reduce_max(torch.tensor(float(len(batches)), device=plan.device)).item())
+        empty = {"input_ids": torch.zeros(1, 1, dtype=torch.long), "labels": torch.full((1, 1), IGNORE_INDEX)}
+        batches += [empty] * (most - len(batches))
     with torch.no_grad(), plan.forward():
         for batch in batches:
             loss_sum, n = batch_loss(model, prepare(batch, plan.device))
@@ -207,4 +213,5 @@ class Run:
     flops_per_token: float
     peak_flops: float
     template: object | None = None  # data.Template the conversations were rendered with (None: random data)
+    param_bytes: int = 0  # parameters and buffers held by the largest process (after sharding, under --fsdp)
     metrics: report.Metrics | None = None  # set once the output folder is ready
