@@ -180,35 +180,42 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
 
 def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, folder: Path | None, config,
                 resume_from: Path | None):
-    """The model with LoRA built in (base frozen), the checkpoint's adapter loaded when resuming, run as its
-    RuntimePlan says (fast paths checked), then sharded under --fsdp; (model, plan)."""
+    """The model with LoRA built in (base frozen; under --fsdp loaded straight into its shards), the checkpoint's
+    adapter loaded when resuming, run as its RuntimePlan says (fast paths checked); (model, plan)."""
     log, device = proc.log, proc.device
     dtype = resolve_dtype(cfg.dtype, device)
     quantize = None if cfg.quantize == "none" else cfg.quantize
-    if cfg.random_init:
+    mesh = fsdp.mesh_for(cfg.fsdp, device, proc.world, cfg.fsdp_shard_size) if cfg.fsdp != "none" else None
+    if mesh is not None and not cfg.random_init:  # no process ever holds the whole base
+        model = fsdp.load_sharded(folder, mesh, dtype=dtype, device=device, lora_config=lora_config,
+                                  quantize=quantize, double_quant=cfg.double_quant)
+    elif cfg.random_init:
         model = random_model(config, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
                              double_quant=cfg.double_quant)
     else:
         model = load_model(folder, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
                            double_quant=cfg.double_quant)
+    if mesh is not None and not fsdp.is_sharded(model):
+        fsdp.shard(model, mesh)
+    if mesh is not None:
+        log(f"sharded with FSDP2 over a {'x'.join(map(str, mesh.shape))} mesh ({', '.join(mesh.mesh_dim_names)})")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     if resume_from:
-        lora.load_adapter(model, resume_from)  # whole, before any sharding
+        lora.load_adapter(model, resume_from, copy=fsdp.copy_into)
     plan = plan_runtime(model.config, device, dtype, lora_config=lora_config, quantized=quantize is not None,
                         packing=cfg.packing, fused_mlp=cfg.fused_mlp, varlen=cfg.varlen,
                         sdpa_backends=cfg.sdpa_backends, compile_scope=cfg.compile_scope if cfg.compile else None,
-                        compile_mode=cfg.compile_mode)
+                        compile_mode=cfg.compile_mode, sharded=mesh is not None)
+    checked = model if mesh is None else fsdp.check_stand_in(
+        model.config, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
+        double_quant=cfg.double_quant)
     try:
-        plan = check_fast_paths(model, plan, log, strict=cfg.strict_fast_paths)
+        plan = check_fast_paths(checked, plan, log, strict=cfg.strict_fast_paths)
     except FastPathError as e:
         raise TrainingError(str(e)) from e
     apply_plan(model, plan)
     log(f"runs as: {plan.describe()}")
-    if cfg.fsdp != "none":
-        mesh = fsdp.mesh_for(cfg.fsdp, device, proc.world, cfg.fsdp_shard_size)
-        fsdp.shard(model, mesh)
-        log(f"sharded with FSDP2 over a {'x'.join(map(str, mesh.shape))} mesh ({', '.join(mesh.mesh_dim_names)})")
     return model, plan
 
 

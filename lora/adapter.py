@@ -72,9 +72,11 @@ def lora_layers(model) -> dict[str, LoRALinear]:
 
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total), counted as the reference table does: over `model.parameters()`, trainable = requires_grad;
-    a module that keeps its frozen weight outside its parameters (a quantised projection, `tinyllama.quant`) counts
-    as the weights it stands for, which it states as `quantized_weight_count`."""
-    params = list(model.parameters())
+    a module that keeps its frozen weight in another form (a quantised projection, `tinyllama.quant`) counts as
+    the weights it stands for, which it states as `quantized_weight_count`, and its storage not at all (it may be
+    parameters, so that FSDP shards it)."""
+    storage = {id(t) for m in model.modules() if hasattr(m, "quantized_weight_count") for t in m.storage().values()}
+    params = [p for p in model.parameters() if id(p) not in storage]
     quantized = sum(getattr(m, "quantized_weight_count", 0) for m in model.modules())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
@@ -303,12 +305,13 @@ def _projections(target_modules, path: Path) -> tuple[tuple[str, ...], int | Non
     return tuple(sorted(everywhere | by_layer.keys())), n
 
 
-def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile):
+def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile, copy=None):
     """Load a PEFT-format LoRA adapter (its folder, or its `read_adapter_file` already read) into a model built
     with a matching `LoRAConfig`.
 
     Rank, target modules and every tensor shape must match; alpha, rsLoRA and dropout are taken from the
-    adapter (they define how its weights are meant to be scaled).
+    adapter (they define how its weights are meant to be scaled). `copy(parameter, tensor)` puts each saved
+    tensor into its parameter (default `Tensor.copy_`; `training.fsdp` keeps only this process's shard).
     """
     if isinstance(adapter_dir, AdapterFile):
         adapter, adapter_dir = adapter_dir, adapter_dir.folder
@@ -351,7 +354,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile):
                          f"unexpected {unexpected[:10]}, shape mismatches {bad_shapes[:10]}")
     with torch.no_grad():
         for k, p in own.items():
-            p.copy_(tensors[k])
+            (copy or torch.Tensor.copy_)(p, tensors[k].to(p.device))
     for layer in lora_layers(model).values():
         layer.scaling = saved.scaling
         if hasattr(layer.lora_dropout, "p"):

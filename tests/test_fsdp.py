@@ -66,6 +66,17 @@ def whole_batch(tmp_path_factory, tiny_ckpt):
 REORDERED = dict(rtol=1e-3, atol=1e-4)
 
 
+def _planned(ckpt, world, **kwargs):
+    import torch
+
+    import lora
+    from tinyllama.checkpoint import model_config
+    from training.fsdp import planned_param_bytes
+
+    return planned_param_bytes(model_config(str(ckpt)), lora.LoRAConfig(rank=4, alpha=8.0), world=world,
+                               dtype=torch.float32, **kwargs)
+
+
 def _assert_same_run(folder, reference, **tolerance):
     reference, _, rows = reference
     got = metrics(folder)
@@ -87,6 +98,8 @@ def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tmp_path, tiny_ckp
     sharded = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["param_bytes_per_process"]
     whole = single[1]["param_bytes_per_process"]
     assert 0 < sharded <= 0.6 * whole, (sharded, whole)
+    # The README's table is computed from the shapes: the same computation gives what was measured here.
+    assert [_planned(tiny_ckpt, world) for world in (1, 2)] == [whole, sharded]
 
 
 @pytest.mark.slow
@@ -110,3 +123,18 @@ def test_checkpoints_resume_with_another_number_of_processes(tmp_path, tiny_ckpt
                      str(whole_batch[0] / "checkpoint-2"), port=29532, dropout=0.0)
     assert "over a 1x2 mesh (replicate, shard)" in proc.stdout
     assert_same_adapters(whole_batch[0], tmp_path / "hsdp12", **REORDERED)
+
+
+@pytest.mark.slow
+def test_fsdp_qlora_two_processes_equal_one(tmp_path, tiny_ckpt):
+    """The NF4 base sharded too: its packed weights and scales are frozen parameters FSDP shards and gathers."""
+    import json
+
+    _, rows = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, quantize="nf4", **_settings(tmp_path))
+    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", "--quantize", "nf4", port=29535)
+    _assert_same_run(tmp_path / "fsdp", (tmp_path / "single", None, rows))
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "fsdp")]
+    assert summaries[0]["total_params"] == summaries[1]["total_params"]  # the storage is not counted as weights
+    assert summaries[1]["param_bytes_per_process"] <= 0.6 * summaries[0]["param_bytes_per_process"]
+    assert [_planned(tiny_ckpt, world, quantize=True) for world in (1, 2)] == [
+        s["param_bytes_per_process"] for s in summaries]

@@ -16,6 +16,7 @@ from tinyllama.shapes import SHAPES, named_shape
 # Totals of the published safetensors checkpoints (tied embeddings counted once).
 PUBLISHED_TOTALS = {
     "tinyllama-1.1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
     "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
     "mistral-7b-v0.3": 7_248_023_552, "smollm2-1.7b": 1_711_376_384,
 }

@@ -171,13 +171,39 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
     config = LlamaConfig.from_json(config_path)
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    wanted = {k for k in expected if ".lora_" not in k}
+    projections = {name for name, m in model.named_modules() if is_projection(name, m)} if quantize else set()
+    state, quantized = {}, {}
+    for key, tensor in read_weights(folder, config):
+        module_name = key.removesuffix(".weight")
+        if module_name in projections:
+            quantized[module_name] = nf4_quantize(floating(tensor).to(device), double_quant=double_quant)
+            del tensor
+        else:
+            state[key] = tensor.to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    for name, weight in quantized.items():
+        replace_module(model, name, quantized_module(model.get_submodule(name), weight, dtype))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _materialize_lora(model, device)
+    return model
+
+
+def floating(tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint tensor as `nf4_quantize` takes it: float32, bfloat16 and float16 as stored, others float32."""
+    return tensor if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else tensor.float()
+
+
+def read_weights(folder: Path, config: LlamaConfig):
+    """(key, tensor) of each base weight of the checkpoint in `folder`, as stored, on the CPU, one at a time, so
+    a caller keeps only what it needs of each (a quantised copy, a shard). After the last one, raises ValueError
+    naming every missing, unexpected and mis-shaped key."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Llama(config).state_dict().items()}
+    wanted = set(expected)
     if config.tie_word_embeddings:
         wanted.discard("lm_head.weight")  # shares embed_tokens.weight
-
-    projections = {name for name, m in model.named_modules() if is_projection(name, m)} if quantize else set()
-    state, quantized, unexpected, mismatched = {}, {}, [], []
+    seen, unexpected, mismatched = set(), [], []
     for file in _weight_files(folder):
         try:
             f = safe_open(str(file), framework="pt", device="cpu")
@@ -195,16 +221,9 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
                 if shape != tuple(expected[key]):
                     mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[key])}")
                     continue
-                module_name = key.removesuffix(".weight")
-                if module_name in projections:
-                    tensor = f.get_tensor(key)
-                    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                        tensor = tensor.float()
-                    quantized[module_name] = nf4_quantize(tensor.to(device), double_quant=double_quant)
-                    del tensor
-                else:
-                    state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
-    missing = sorted(wanted - state.keys() - {f"{name}.weight" for name in quantized})
+                seen.add(key)
+                yield key, f.get_tensor(key)
+    missing = sorted(wanted - seen)
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:20]}{' …' if len(missing) > 20 else ''}")
@@ -214,14 +233,6 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
         raise ValueError(f"checkpoint {folder} does not fit its config.json: " + "; ".join(problems))
-
-    model.load_state_dict(state, strict=False, assign=True)
-    for name, weight in quantized.items():
-        replace_module(model, name, quantized_module(model.get_submodule(name), weight, dtype))
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    _materialize_lora(model, device)
-    return model
 
 
 def _materialize_lora(model: Llama, device) -> None:

@@ -275,6 +275,21 @@ class NF4Storage:
         return NF4Weight(self.weight_packed, self.weight_absmax, self.weight_shape, self.block_size,
                          self.weight_code, self.weight_offset, self.weight_nested_absmax, self.weight_nested_code)
 
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The tensors that hold the quantised weight (buffers; frozen parameters once `storage_as_parameters`
+        made them shardable), by attribute name."""
+        return {f"weight_{n}": t for n in _BUFFERS if (t := getattr(self, f"weight_{n}")) is not None}
+
+    def storage_as_parameters(self) -> None:
+        """Make the per-weight tensors (packed values and block scales) frozen parameters instead of buffers, so
+        that FSDP, which shards parameters only, shards them (`training.fsdp`); the 16- and 256-entry code
+        tables and the offset stay buffers."""
+        for name in ("weight_packed", "weight_absmax", "weight_nested_absmax"):
+            t = self._buffers.get(name)
+            if t is not None:  # None (no double quantisation) stays a buffer of None
+                del self._buffers[name]
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+
     @property
     def quantized_weight_count(self) -> int:
         """How many weights the module stands for beyond its parameters (`lora.count_parameters` counts them)."""
@@ -285,7 +300,7 @@ class NF4Storage:
         return nf4_dequantize(self.nf4_weight(), dtype or self.compute_dtype)
 
     def __getattr__(self, name: str):
-        if name == "weight" and "weight_packed" in self.__dict__.get("_buffers", {}):
+        if name == "weight" and any("weight_packed" in self.__dict__.get(d, {}) for d in ("_buffers", "_parameters")):
             raise AttributeError(
                 f"{type(self).__name__} keeps its frozen weight in NF4 (buffers weight_packed, weight_absmax, ...), "
                 "not as a dense `weight`: use .dequantize(dtype) for a dense copy, or load the model without "

@@ -133,13 +133,13 @@ def default_packing(device: torch.device) -> bool:
 
 
 def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool = False,
-                  fused_mlp: bool | None = None, varlen: bool | None = None) -> list[str]:
+                  fused_mlp: bool | None = None, varlen: bool | None = None, sharded: bool = False) -> list[str]:
     """Why the asked-for paths cannot run, one line each (train.py's flags named); [] when they can."""
     problems = []
-    unfusable = "--dora" if dora else "--quantize nf4" if quantized else None
+    unfusable = "--dora" if dora else "--quantize nf4" if quantized else "--fsdp" if sharded else None
     if fused_mlp and unfusable:
         problems.append(f"--fused-mlp with {unfusable} is not supported (the fused LoRA MLP computes plain LoRA on "
-                        "dense weights); leave --fused-mlp out and the MLP runs on the plain path")
+                        "dense, whole weights); leave --fused-mlp out and the MLP runs on the plain path")
     if varlen and device.type == "cuda" and varlen_kernel() is None:
         problems.append(f"--varlen: torch {torch.__version__} has no varlen flash attention "
                         "(torch.nn.attention.varlen); leave --varlen out and packed rows use a dense mask")
@@ -149,11 +149,14 @@ def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool =
 def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_config=None, quantized: bool = False,
                  packing: bool | None = None, fused_mlp: bool | None = None, varlen: bool | None = None,
                  sdpa_backends: str = DEFAULT_SDPA_BACKENDS, compile_scope: str | None = None,
-                 compile_mode: str = "default") -> RuntimePlan:
+                 compile_mode: str = "default", sharded: bool = False) -> RuntimePlan:
     """Decide how a model of `config` runs on `device` (the table in the module docstring); None: the default
-    there. Raises ValueError, a line per problem (`plan_problems`), for paths that cannot run."""
+    there. `sharded`: the model is sharded with FSDP (`training.fsdp`), so no fused MLP (its fused gate/up
+    weight is built from whole weights). Raises ValueError, a line per problem (`plan_problems`), for paths
+    that cannot run."""
     dora = lora_config is not None and lora_config.use_dora
-    problems = plan_problems(device, dora=dora, quantized=quantized, fused_mlp=fused_mlp, varlen=varlen)
+    problems = plan_problems(device, dora=dora, quantized=quantized, fused_mlp=fused_mlp, varlen=varlen,
+                             sharded=sharded)
     if problems:
         raise ValueError("; ".join(problems))
     cuda = device.type == "cuda"
@@ -167,7 +170,7 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
         sdpa_backends=sdpa_backends,
         gqa_in_place=in_place == repeated,
         varlen=cuda and varlen_kernel() is not None if varlen is None else varlen,
-        fused_mlp=cuda and mlp_lora and not dora and not quantized if fused_mlp is None else fused_mlp,
+        fused_mlp=cuda and mlp_lora and not (dora or quantized or sharded) if fused_mlp is None else fused_mlp,
         compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
 
 
@@ -193,9 +196,11 @@ def _compile(model, scope: str | None, mode: str) -> None:
             layer.compile(mode=mode)
         else:
             layer._compiled_call_impl = None  # what nn.Module.compile sets
-    model.__dict__.pop("hidden_states", None)
+    if getattr(model, "_compiled_hidden_states", False):
+        del model.hidden_states, model._compiled_hidden_states  # the method again (FSDP's wrapper is left alone)
     if scope == "model":
         model.hidden_states = torch.compile(model.hidden_states, mode=mode)
+        model._compiled_hidden_states = True
 
 
 def sdpa_context(spec: str):

@@ -24,6 +24,8 @@ SHAPES: dict[str, dict] = {
                        num_attention_heads=32, num_key_value_heads=32),
     "llama-2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                         num_attention_heads=40, num_key_value_heads=40),
+    "llama-2-70b": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8),
     "llama-3.2-1b": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, head_dim=64, tie_word_embeddings=True,
                          rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),

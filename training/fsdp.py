@@ -14,6 +14,9 @@
 What FSDP is told, and why:
 - No parameter casting (`param_dtype=None`): the compute dtype is autocast's, as without FSDP (the base is
   already stored in it, the LoRA weights stay float32, NF4 stays uint8); gradients are reduced in float32.
+- An NF4 base (`--quantize nf4`, FSDP-QLoRA): its packed weights and block scales become frozen parameters
+  (`NF4Storage.storage_as_parameters`), since FSDP shards parameters only; each projection is all-gathered in
+  its 4-bit form and dequantised as without FSDP.
 - Gradients are summed, not averaged (`set_gradient_divide_factor(1.0)`): each process's loss is already
   divided by the labelled-token count of the whole optimizer step over all processes (`train.queue_step`), so
   the sum is what one process accumulating the same micro-batches computes.
@@ -59,6 +62,9 @@ def mesh_for(mode: str, device: torch.device, world: int, shard_size: int = 0) -
 def shard(model, mesh: DeviceMesh) -> None:
     """Shard `model` (a tinyllama Llama) over `mesh` in place, as the module docstring says."""
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    for module in model.modules():  # NF4 bases (QLoRA): their packed weights and scales are sharded too
+        if hasattr(module, "storage_as_parameters"):
+            module.storage_as_parameters()
     layers = list(model.model.layers)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
@@ -70,6 +76,77 @@ def shard(model, mesh: DeviceMesh) -> None:
     for module in [*layers, model]:  # each FSDP module sets its own reduction
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+
+
+def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.device, lora_config=None,
+                 quantize: str | None = None, double_quant: bool = False):
+    """The checkpoint in `folder` loaded straight into its shards: the model is built and sharded on `meta`,
+    each process allocates only its shards, and each weight is read, quantised if asked (one dense projection at
+    a time, as `load_model` does), and copied into the shard it owns. The LoRA tensors get PEFT's
+    initialisation with the same random draws as `load_model`'s, so a sharded run starts where one process
+    would. No process ever holds the whole base."""
+    import math
+
+    from tinyllama.checkpoint import floating, read_weights
+    from tinyllama.config import LlamaConfig
+    from tinyllama.model import Llama
+    from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
+
+    config = LlamaConfig.from_json(folder / "config.json")
+    with torch.device("meta"):
+        model = Llama(config, lora_config=lora_config)
+        for name, module in list(model.named_modules()):
+            if quantize and is_projection(name, module):
+                weight = nf4_quantize(torch.empty(module.out_features, module.in_features), double_quant=double_quant)
+                replace_module(model, name, quantized_module(module, weight, dtype))
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    shard(model, mesh)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for key, tensor in read_weights(folder, config):
+            module_name = key.removesuffix(".weight")
+            module = model.get_submodule(module_name)
+            if hasattr(module, "storage"):  # an NF4 projection: quantise the whole, keep its shards
+                weight = nf4_quantize(floating(tensor).to(device), double_quant=double_quant)
+                for field, target in module.storage().items():
+                    copy_into(target, getattr(weight, field.removeprefix("weight_")))
+            else:
+                copy_into(model.get_parameter(key), tensor.to(device=device, dtype=dtype))
+            del tensor
+        for module in model.modules():  # PEFT's init, in load_model's order
+            if hasattr(module, "reset_lora_parameters"):
+                a = torch.empty(module.lora_A.weight.shape, dtype=torch.float32, device=device)
+                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                copy_into(module.lora_A.weight, a)
+                copy_into(module.lora_B.weight, torch.zeros(module.lora_B.weight.shape, device=device))
+    return model
+
+
+def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy the part of `full` that this process owns into `target` (a sharded DTensor, or a plain tensor)."""
+    if isinstance(target, DTensor):
+        full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
+        target = target.to_local()
+    target.copy_(full)
+
+
+def check_stand_in(config, *, dtype: torch.dtype, device: torch.device, lora_config=None,
+                   quantize: str | None = None, double_quant: bool = False):
+    """A one-layer model of `config`'s shape with random weights, for `runtime.check_fast_paths`: the check
+    compares each fast path with its plain path on one layer, and no process holds a sharded model's layer
+    whole. Made with its own random generator, so the training's draws are those of one process."""
+    import dataclasses
+
+    from tinyllama.checkpoint import random_model
+
+    small = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256, bos_token_id=None, eos_token_id=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return random_model(small, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
+                            double_quant=double_quant)
 
 
 def is_sharded(model) -> bool:
@@ -85,6 +162,38 @@ def local_bytes(model) -> int:
     """Bytes of this process's parameters and buffers: its shards of sharded parameters, all of the rest."""
     tensors = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     return sum(t.numel() * t.element_size() for t in [*tensors, *model.buffers()])
+
+
+def planned_param_bytes(config, lora_config, *, world: int = 1, dtype: torch.dtype = torch.bfloat16,
+                        quantize: bool = False, double_quant: bool = False) -> int:
+    """What `local_bytes` gives for the largest of `world` processes under --fsdp (world 1: one process, no
+    sharding), computed from the shapes alone (the model on `meta`): the base in `dtype`, or its decoder
+    projections in NF4 (packed values and block scales, sharded; code tables on every process), the LoRA
+    weights in float32. FSDP splits each tensor's first dimension in `world` equal parts, the first largest."""
+    from tinyllama.model import Llama  # the shapes only; nothing is allocated
+    from tinyllama.quant import is_projection
+
+    with torch.device("meta"):
+        model = Llama(config, lora_config=lora_config)
+    projections = {n for n, m in model.named_modules() if is_projection(n, m)} if quantize else set()
+
+    def local(rows: int, row_bytes: float) -> float:
+        return -(-rows // world) * row_bytes
+
+    total = 0.0
+    for name, p in model.named_parameters():
+        if name.removesuffix(".weight") in projections:
+            n = p.numel()
+            blocks = -(-n // 64)
+            total += local(-(-n // 2), 1)  # packed: two 4-bit values a byte
+            if double_quant:  # uint8 scales, a float32 scale per 256 of them, 16 + 256 codes and an offset
+                total += local(blocks, 1) + local(-(-blocks // 256), 4) + (16 + 256 + 1) * 4
+            else:  # float32 scales, 16 codes
+                total += local(blocks, 4) + 16 * 4
+            continue
+        element = 4 if p.requires_grad else dtype.itemsize  # LoRA (and DoRA) tensors are float32
+        total += local(p.shape[0], p[0].numel() * element) if p.dim() else p.numel() * element
+    return int(total)
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:

@@ -269,9 +269,11 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     need(not cfg.double_quant or cfg.quantize != "none", "--double-quant applies to --quantize nf4; add that")
     if device is not None:
         problems += plan_problems(device, dora=cfg.dora, quantized=cfg.quantize != "none", fused_mlp=cfg.fused_mlp,
-                                  varlen=cfg.varlen)
+                                  varlen=cfg.varlen, sharded=cfg.fsdp != "none")
     need(cfg.fsdp in FSDP_MODES, f"--fsdp must be one of {', '.join(FSDP_MODES)}, got {cfg.fsdp!r}")
     need(not (cfg.fsdp != "none" and cfg.compile), "--compile with --fsdp is not supported; pick one")
+    need(not (cfg.fsdp != "none" and cfg.dora), "--dora with --fsdp is not supported (DoRA's magnitude starts as "
+         "the norms of whole base rows, which no process holds); use plain data parallel for DoRA")
     need(cfg.fsdp_shard_size >= 0, f"--fsdp-shard-size must be >= 0, got {cfg.fsdp_shard_size}")
     need(not cfg.fsdp_shard_size or cfg.fsdp == "hybrid", "--fsdp-shard-size applies to --fsdp hybrid; add that")
     need(not (cfg.compile and cfg.grad_checkpointing),
