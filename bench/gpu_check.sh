@@ -20,7 +20,7 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,trajectory,profile)
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,fsdp,trajectory,profile)
 # and their expected time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
@@ -44,6 +44,8 @@
 #   shapes        bench.shape_bench: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
 #                 (bf16 + checkpointing, NF4 + checkpointing, + double quant), micro-batch 4 x 1024, 12
 #                 steps each, random weights: tokens/s and peak GiB                                 ~60-100 s
+#   fsdp          W1 and W2-packed rank 64 [48 steps each], plain and --fsdp on one process (NCCL, bf16
+#                 over sharded parameters): tokens/s and peak GiB side by side                    ~30-45 s
 #   trajectory    bench.trajectory: 100 steps of W2, this project vs transformers + peft (twice)  ~70 s
 #   profile       bench.profile_step: where a W1 rank-64 step's time goes (systems:
 #                 GPU_CHECK_PROFILE_SYSTEMS, default '--systems this')                            ~30 s
@@ -68,7 +70,7 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,fsdp,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -186,6 +188,10 @@ stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 
   --variant "dora:dora=true" --variant "qdora:quantize=nf4;dora=true" --variant-workloads W1 \
   --run-steps "$QLORA_STEPS" --no-decode --out-dir "$WORK" --name qlora
 stage shapes 150 "0" "$PY" -m bench.shape_bench "${SHAPES[@]}" --out "$WORK/shapes"
+# --fsdp on one process: NCCL, bf16 autocast over FSDP2's parameters, and its tokens/s beside the plain path's.
+stage fsdp 90 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 --workloads W1,W2-packed \
+  --systems this --variant "fsdp:fsdp=full" --variant-workloads W1,W2-packed --run-steps "$QLORA_STEPS" \
+  --no-decode --out-dir "$WORK" --name fsdp
 stage trajectory 120 "0" "$PY" -m bench.trajectory ${TRAJECTORY[@]+"${TRAJECTORY[@]}"} --out "$WORK/trajectory"
 stage profile 90 "0" "$PY" -m bench.profile_step "${PROFILE[@]}" --rank 64 $PROFILE_SYSTEMS --out "$WORK/profile"
 # This project alone, for a session whose baselines come from an earlier `train` stage: the rank table, W2,

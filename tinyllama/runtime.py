@@ -17,7 +17,7 @@ is what a CPU runs and what `RuntimePlan()` is):
 | attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
 | grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
 | packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
-| LoRA MLP (`fused_mlp`) | one autograd function, gate/up one weight (not DoRA, not NF4) | the modules | the modules |
+| LoRA MLP (`fused_mlp`) | one function, gate/up one weight (not DoRA, NF4, FSDP) | the modules | the modules |
 | torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
 
 The forward pass reads only its arguments and the plan (`Llama.plan`, or a `plan=` argument). The one change

@@ -1,7 +1,8 @@
 """Sharding across processes with PyTorch's own FSDP2 (`--fsdp`), for models one GPU cannot hold.
 
-    mesh = shard(model, proc, "full")          # each decoder layer, then the root, over all processes
-    tensors = full_state(adapter_tensors)      # on every process (a collective); rank 0 writes them
+    mesh = mesh_for("full", device, world)                     # or "hybrid"
+    model = load_sharded(folder, mesh, dtype=..., device=...)  # built on meta, each weight into its shards
+    state = full_optimizer_state(optimizer)                    # on every process (a collective); rank 0 writes
 
 `shard` calls `torch.distributed.fsdp.fully_shard` on each decoder layer and then on the whole model, over a
 `DeviceMesh`:
@@ -26,10 +27,14 @@ What FSDP is told, and why:
 - Each layer prefetches the next one's all-gather in the forward pass and the previous one's in the backward,
   so communication overlaps compute. Gradients are reduced once per optimizer step, after its last micro-batch.
 
-Gathering: adapters and checkpoints hold full tensors, the same files as a single process writes, so a
-checkpoint resumes with any number of processes, with or without `--fsdp`. Only LoRA tensors and their AdamW
-state are gathered, never the base. Deliberately left out: CPU offload, `torch.compile` under FSDP, and tensor
-or pipeline parallelism.
+Loading (`load_sharded`): the model is built and sharded on `meta`, each process allocates only its shards, and
+each checkpoint weight is read one at a time, quantised if asked, and copied into the part this process owns, so
+no process holds the whole base. Gathering: adapters and checkpoints hold full tensors, the same files as a
+single process writes, so a checkpoint resumes with any number of processes, with or without `--fsdp`. Only
+LoRA tensors and their AdamW state are gathered, never the base. `planned_param_bytes` computes, from the shapes
+alone, what `local_bytes` measures (the README's table). The start-up check of the fast paths runs on a
+one-layer stand-in (`check_stand_in`), since no process holds a layer whole. Deliberately left out: CPU offload,
+`torch.compile`, the fused MLP and DoRA under FSDP, and tensor or pipeline parallelism.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each process runs the whole loop on its slice of every global batch; the only communication is one all-reduce
 of the labelled-token count and one of the flat LoRA gradients per optimizer step (they are small: no bucketing
-or overlap needed), so `DistributedDataParallel` would add machinery and nothing else.
+or overlap needed), so `DistributedDataParallel` would add machinery and nothing else. Sharding the model
+instead (`--fsdp`) is `training.fsdp`; it uses the process group, the timeouts and the sums here.
 """
 
 from __future__ import annotations
