@@ -153,7 +153,7 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         log(f"resumed from {resume_from} at step {start_step}")
     return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,
                start_step, totals, training_flops_per_token(model.config, lora_config, cfg.max_len),
-               measure_matmul_peak(device, dtype), template, param_bytes)
+               measure_matmul_peak(device, dtype), template, param_bytes, evaluates=bool(eval_examples))
 
 
 def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
@@ -264,8 +264,10 @@ def train(cfg: TrainConfig) -> dict:
             if pending is not None:  # the previous step's numbers, read now that this step is queued
                 finish_step(pending, run, cfg.log_every, proc, out, progress)
             pending, done, lr = queued, queued.step, queued.lr
+            # Every process evaluates, its share possibly empty (fewer held-out examples than processes): the
+            # sums over processes are collectives that all must join.
             evaluate_now = (cfg.eval_every and done % cfg.eval_every == 0 or done == run.total_steps) \
-                and run.eval_examples
+                and run.evaluates
             save_now = cfg.save_every and (done % cfg.save_every == 0 or done == run.total_steps)
             if evaluate_now or save_now or done == run.total_steps:  # checked before anything is evaluated or saved
                 finish_step(pending, run, cfg.log_every, proc, out, progress)
@@ -279,7 +281,8 @@ def train(cfg: TrainConfig) -> dict:
                                    "ppl": run.totals.eval_ppl, "lr": lr, "tokens_per_s": None})
                 progress.note(f"step {done}: eval loss {run.totals.eval_loss:.4f}, ppl {run.totals.eval_ppl:.2f}")
             if save_now:  # every process gathers its shards (under --fsdp); the main one writes
-                tensors, optimizer_state = adapter_tensors(run), fsdp.full_optimizer_state(optimizer)
+                with parallel.peers_answer():
+                    tensors, optimizer_state = adapter_tensors(run), fsdp.full_optimizer_state(optimizer)
                 if proc.main:
                     run_folder.save_checkpoint(
                         out, done, functools.partial(save_adapter, run, cfg, tensors=tensors), optimizer_state,
@@ -354,7 +357,8 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     loss.png and the samples."""
     model, log = run.model, proc.log
     trainable, total = lora.count_parameters(model)
-    tensors = adapter_tensors(run)  # every process: under --fsdp a collective
+    with parallel.peers_answer():
+        tensors = adapter_tensors(run)  # every process: under --fsdp a collective
     summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                              flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=proc.device,
                              world=proc.world, out=out, largest_weight=report.largest_weight(tensors.values()),

@@ -111,11 +111,13 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     data = tmp_path / "sixteen.jsonl"
     data.write_text("\n".join((rows * 2)[:16]) + "\n")
     clip, lr = 0.005, 5e-2
-    args = ["--model", str(tiny_ckpt), "--data", str(data), "--eval-data", "none", "--rank", "4",
-            "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(clip),
+    # One held-out conversation (2% of 16, at least 1): the second process's share of it is empty, and it still
+    # joins the evaluation's sums.
+    args = ["--model", str(tiny_ckpt), "--data", str(data), "--eval-data", "auto", "--eval-every", "2", "--rank",
+            "4", "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(clip),
             "--dropout", "0.3", "--lr", str(lr), "--warmup", "0", "--max-len", "128", "--steps", "3",
             "--no-group-by-length", "--log-every", "1", "--no-samples"]
-    common = dict(data=str(data), dropout=0.3, grad_clip=clip, lr=lr)
+    common = dict(data=str(data), dropout=0.3, grad_clip=clip, lr=lr, eval_data="auto", eval_every=2)
     _, single = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, **common)
     _, shared = run(tmp_path, tiny_ckpt, "shared", batch_size=4, **common)  # one mask stream
     assert shared[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-3)  # the masks matter
@@ -127,9 +129,13 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = metrics(tmp_path / "ddp")
     assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-5)
-    assert [r["grad_norm"] for r in ddp] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+    evals = [[r for r in rows if r["split"] == "eval"] for rows in (ddp, single)]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [2, 3]
+    assert [r["loss"] for r in evals[0]] == pytest.approx([r["loss"] for r in evals[1]], rel=1e-5)
+    norms = [[r["grad_norm"] for r in rows if r["split"] == "train"] for rows in (ddp, single)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert_same_adapters(tmp_path / "single", tmp_path / "ddp", atol=1e-5)
-    assert min(r["grad_norm"] for r in single) > 3 * clip  # the logged norm is the one before clipping
+    assert min(norms[1]) > 3 * clip  # the logged norm is the one before clipping
 
 
 @pytest.mark.parametrize("argv,message", [

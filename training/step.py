@@ -214,4 +214,5 @@ class Run:
     peak_flops: float
     template: object | None = None  # data.Template the conversations were rendered with (None: random data)
     param_bytes: int = 0  # parameters and buffers held by the largest process (after sharding, under --fsdp)
+    evaluates: bool = False  # the run has evaluation examples (this process's share, eval_examples, may be empty)
     metrics: report.Metrics | None = None  # set once the output folder is ready
