@@ -6,7 +6,7 @@ ALPHA ?= $(RANK)
 MODEL ?=
 ARGS ?=
 
-.PHONY: setup lint test test-fast train smoke params bench chat export clean
+.PHONY: setup lint test test-fast train smoke params plan bench chat export clean
 
 setup: .venv/.installed
 
@@ -37,6 +37,9 @@ smoke: setup
 
 params: setup
 	$(PY) train.py --rank $(RANK) --dry-run $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+# The same: the parameter table and the plan of one step (e.g. ARGS="--device cuda --quantize nf4 --fit-memory 24GiB").
+plan: params
 
 BASELINE ?=
 BENCH_ARGS ?=

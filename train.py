@@ -44,7 +44,7 @@ from tinyllama.runtime import (
     resolve_dtype,
 )
 from tinyllama.shapes import SHAPES
-from training import TrainingError, fsdp, parallel, report, run_folder
+from training import TrainingError, fsdp, parallel, plan, report, run_folder
 from training.settings import (
     TrainConfig,
     command_line,
@@ -219,6 +219,28 @@ def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Proces
     return model, plan
 
 
+def dry_run(cfg: TrainConfig, lora_config: LoRAConfig) -> dict:
+    """--dry-run: the parameter table, then the plan of one optimizer step (and, with --fit-memory, the
+    largest micro-batch that fits); nothing is loaded or downloaded beyond a config.json."""
+    config = model_config(cfg.model)
+    shape = cfg.model if cfg.model in SHAPES or Path(cfg.model).exists() else "TinyLlama-1.1B shape"
+    table = report.parameter_table(config, lora_config, sorted({4, 16, 64, 256, cfg.rank}), shape, print)
+    if cfg.fit_memory:
+        budget = plan.parse_bytes(cfg.fit_memory)
+        size, step = plan.fit_batch_size(cfg, lora_config, config, budget, world=cfg.plan_world)
+        print(plan.format_plan(step))
+        print(f"fits {cfg.fit_memory}: --batch-size {size}" if size else
+              f"does not fit {cfg.fit_memory}: one row of {cfg.max_len} tokens plans "
+              f"{step['peak_bytes'] / plan.GIB:.2f} GiB, the largest part {plan.largest_part(step)}")
+        step["fit_memory"] = {"budget_bytes": budget, "batch_size": size}
+    else:
+        step = plan.plan_step(cfg, lora_config, config, world=cfg.plan_world)
+        print(plan.format_plan(step))
+    if cfg.plan_json:
+        run_folder.write_text(Path(cfg.plan_json), json.dumps(step, indent=2) + "\n")
+    return {**table, "plan": step}
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig) -> dict:
@@ -226,9 +248,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg = with_machine_defaults(cfg)
     lora_config = validate(cfg)
     if cfg.dry_run:
-        shape = cfg.model if cfg.model in SHAPES or Path(cfg.model).exists() else "TinyLlama-1.1B shape"
-        return report.parameter_table(model_config(cfg.model), lora_config, sorted({4, 16, 64, 256, cfg.rank}),
-                                      shape, print)
+        return dry_run(cfg, lora_config)
     proc = parallel.start(cfg.device, cfg.dist_timeout, group=cfg.fsdp != "none")
     log, device = proc.log, proc.device
     resume_from = run_folder.find_checkpoint(cfg.resume) if cfg.resume else None

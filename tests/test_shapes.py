@@ -54,7 +54,7 @@ def test_model_config_reads_shape_names_config_files_and_folders(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_prints_a_7b_table(capsys):
-    rows = train.train(train.TrainConfig(model="llama-2-7b", dry_run=True))["rows"]
+    rows = train.train(train.TrainConfig(model="llama-2-7b", dry_run=True, max_len=32, batch_size=1))["rows"]
     out = capsys.readouterr().out
     assert "llama-2-7b" in out
     # LoRA on the MLP: 32 layers x rank x (gate + up + down) x (in + out) = 32 x r x 3 x (4096 + 11008)

@@ -173,7 +173,7 @@ def test_bad_arguments_are_refused_before_any_work(argv, message, monkeypatch):
 
 @pytest.mark.slow
 def test_dry_run_prints_the_reference_table_without_downloading(capsys):
-    summary = train.train(train.parse_args(["--rank", "64", "--dry-run"]))
+    summary = train.train(train.parse_args(["--rank", "64", "--dry-run", "--max-len", "32", "--batch-size", "1"]))
     out = capsys.readouterr().out
     assert "32,440,320" in out and "1,132,488,704" in out and "2.86%" in out
     assert [r["trainable_params"] for r in summary["rows"]] == [2_027_520, 8_110_080, 32_440_320, 129_761_280]

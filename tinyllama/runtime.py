@@ -225,6 +225,8 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
     """
     if device.type != "cuda":
         return "cpu", "cpu"
+    if not torch.cuda.is_available():  # a plan for CUDA made without one (training.plan): do not guess
+        return "unknown", "unchecked"
     try:
         from torch.backends.cuda import (
             SDPAParams,

@@ -192,7 +192,14 @@ class TrainConfig:
         "help": "seconds a data-parallel process waits for the others before the job stops with an error"})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of errors (or TRAIN_DEBUG=1)"})
     samples: bool = field(default=True, metadata={"help": "print base vs fine-tuned answers at the end"})
-    dry_run: bool = field(default=False, metadata={"help": "print the parameter table and exit"})
+    dry_run: bool = field(default=False, metadata={
+        "help": "print the parameter table and the plan of one optimizer step (memory by part, saved activations "
+                "and FLOPs per token; traced on fake tensors, nothing loaded) and exit"})
+    plan_json: str = field(default="", metadata={"help": "with --dry-run: also write the plan to this JSON file"})
+    fit_memory: str = field(default="", metadata={
+        "help": "with --dry-run: the largest --batch-size whose planned peak fits this much memory per process "
+                "(24GiB, 80GB, ...)"})
+    plan_world: int = field(default=1, metadata={"help": "with --dry-run --fsdp: processes to plan for"})
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -216,6 +223,15 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
         raise SystemExit("train.py: invalid settings:" + ("\n  " if len(problems) > 1 else " ")
                          + "\n  ".join(problems))
     return lora_config
+
+
+def _size_problem(text: str) -> str | None:
+    from .plan import parse_bytes  # here, not at the top: plan imports the model code, settings stay light
+    try:
+        parse_bytes(text)
+    except ValueError as e:
+        return f"--fit-memory: {e}"
+    return None
 
 
 def _checker():
@@ -260,7 +276,7 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     try:
         device = resolve_device(cfg.device)
         need(device.type in ("cpu", "cuda"), f"--device must be cpu or cuda[:N], got {cfg.device!r}")
-        need(device.type != "cuda" or torch.cuda.is_available(),
+        need(device.type != "cuda" or torch.cuda.is_available() or cfg.dry_run,  # a plan for CUDA needs none
              f"--device {cfg.device} asked for CUDA but torch.cuda.is_available() is False")
     except RuntimeError as e:
         problems.append(f"--device {cfg.device!r}: {e}")
@@ -274,6 +290,8 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     need(not (cfg.fsdp != "none" and cfg.compile), "--compile with --fsdp is not supported; pick one")
     need(not (cfg.fsdp != "none" and cfg.dora), "--dora with --fsdp is not supported (DoRA's magnitude starts as "
          "the norms of whole base rows, which no process holds); use plain data parallel for DoRA")
+    need(cfg.plan_world >= 1, f"--plan-world must be >= 1, got {cfg.plan_world}")
+    need(not cfg.fit_memory or _size_problem(cfg.fit_memory) is None, _size_problem(cfg.fit_memory))
     need(cfg.fsdp_shard_size >= 0, f"--fsdp-shard-size must be >= 0, got {cfg.fsdp_shard_size}")
     need(not cfg.fsdp_shard_size or cfg.fsdp == "hybrid", "--fsdp-shard-size applies to --fsdp hybrid; add that")
     need(not (cfg.compile and cfg.grad_checkpointing),

@@ -1,0 +1,102 @@
+"""The plan of one optimizer step (training.plan): traced on fake tensors, it must say what the real step does.
+Saved-activation bytes are measured on the real CPU step with the same saved-tensor hooks and compared; the
+parts, the JSON and --fit-memory's answer are checked against their definitions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import lora
+import train
+from tinyllama.checkpoint import random_model
+from tinyllama.config import LlamaConfig
+from tinyllama.runtime import apply_plan, plan_runtime
+from training.plan import PARTS, labelled_batch, measure_step, parse_bytes, plan_step
+from training.settings import TrainConfig
+
+CONFIG = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+VARIANTS = {
+    "plain MLP": dict(),
+    "fused MLP": dict(fused_mlp=True),
+    "NF4": dict(quantize="nf4"),
+    "DoRA": dict(dora=True),
+    "gradient checkpointing": dict(grad_checkpointing=True),
+}
+
+
+def _lora(settings) -> lora.LoRAConfig:
+    return lora.LoRAConfig(rank=8, alpha=16.0, dropout=0.05, use_dora=settings.get("dora", False))
+
+
+@pytest.mark.slow  # traces a step: about a second
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_planned_activations_are_what_the_real_step_saves(name):
+    settings = VARIANTS[name]
+    cfg = TrainConfig(device="cpu", batch_size=2, max_len=64, **settings)
+    lora_config = _lora(settings)
+    planned = plan_step(cfg, lora_config, CONFIG)
+    # The real step, on real tensors, measured with the same hooks.
+    torch.manual_seed(0)
+    model = random_model(CONFIG, lora_config=lora_config, quantize=cfg.quantize if cfg.quantize != "none" else None)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    plan = plan_runtime(CONFIG, torch.device("cpu"), torch.float32, lora_config=lora_config,
+                        quantized=cfg.quantize != "none", fused_mlp=cfg.fused_mlp)
+    apply_plan(model, plan)
+    measured = measure_step(model, labelled_batch(2, 64), plan)
+    assert measured["activations"] > 0
+    assert planned["activation_bytes_per_token"] == pytest.approx(measured["activations"] / (2 * 64), rel=0.05)
+    assert planned["parts"]["activations"] == pytest.approx(measured["activations"], rel=0.05)
+    assert planned["peak_bytes"] == sum(planned["parts"].values()) and set(planned["parts"]) == set(PARTS)
+
+
+@pytest.mark.slow  # traces a step: about a second
+def test_the_fused_mlp_and_checkpointing_save_less_than_the_plain_path():
+    saved = {name: plan_step(TrainConfig(device="cpu", batch_size=2, max_len=64, **VARIANTS[name]),
+                             _lora(VARIANTS[name]), CONFIG)["activation_bytes_per_token"]
+             for name in ("plain MLP", "fused MLP", "gradient checkpointing")}
+    assert saved["gradient checkpointing"] < saved["fused MLP"] < saved["plain MLP"]
+
+
+@pytest.mark.slow  # traces a step: about a second
+def test_parts_follow_the_lora_and_weight_sizes():
+    cfg = TrainConfig(device="cpu", batch_size=1, max_len=32)
+    plan = plan_step(cfg, _lora({}), CONFIG)
+    lora_params = 2 * 8 * (3 * (128 + 352))  # 2 layers, rank 8, gate/up (128 -> 352) and down (352 -> 128)
+    assert plan["parts"]["lora_weights"] == plan["parts"]["gradients"] == 4 * lora_params
+    assert plan["parts"]["adamw"] == 8 * lora_params
+    base = sum(p.numel() for n, p in random_model(CONFIG).named_parameters())
+    assert plan["parts"]["weights"] == 4 * base  # float32 on a CPU
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GiB") == 24 * 2 ** 30 and parse_bytes("80GB") == 80 * 10 ** 9
+    assert parse_bytes("512 MiB") == 512 * 2 ** 20 and parse_bytes("1000") == 1000
+    for bad in ("", "GiB", "-1GiB", "3 apples", "nanGB"):
+        with pytest.raises(ValueError, match="is not a size"):
+            parse_bytes(bad)
+
+
+@pytest.mark.slow
+def test_dry_run_writes_the_plan_and_fits_a_memory(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    base = ["--dry-run", "--device", "cuda", "--max-len", "128", "--plan-json", str(out)]
+    summary = train.main(base)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(summary["plan"]))
+    assert {"peak_bytes", "activation_bytes_per_token", "flops_per_token", "parts"} <= saved.keys()
+    assert saved["dtype"] == "bfloat16" and "fused_mlp" in saved["paths"]  # planned for CUDA without one
+    assert "plan of one optimizer step" in capsys.readouterr().out
+    # --fit-memory: the answer's plan fits, one row more does not.
+    budget = saved["peak_bytes"] + 3 * (saved["parts"]["activations"] // 4)
+    summary = train.main([*base, "--fit-memory", str(budget)])
+    size = summary["plan"]["fit_memory"]["batch_size"]
+    assert size >= 4 and summary["plan"]["peak_bytes"] <= budget
+    cfg = train.parse_args([*base, "--batch-size", str(size + 1)])
+    bigger = plan_step(dataclasses.replace(cfg, plan_json=""), lora.LoRAConfig(rank=64, alpha=64.0, dropout=0.05),
+                       train.model_config(cfg.model))
+    assert bigger["peak_bytes"] > budget
