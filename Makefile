@@ -45,6 +45,7 @@ BASELINE ?=
 BENCH_ARGS ?=
 bench: setup
 	$(PY) -m bench.bench $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
+	$(if $(filter hf,$(BASELINE)),$(PY) -m bench.activation_bench)
 
 ADAPTER ?=
 chat: setup

@@ -269,3 +269,23 @@ def test_every_target_line_says_met_not_met_or_not_measured_and_why():
     cpu = "\n".join(tables.target_checks(_results(rows, "cpu", "cpu")))
     assert "- not measured (a GPU target at the full shape; this run: cpu, cpu shape): W1 rank 64 >= 120,000" in cpu
     assert "- not measured (no W1 run at rank 64 of hf-eager)" in cpu
+
+
+@pytest.mark.slow
+def test_activation_bench_measures_both_stacks_alike(monkeypatch):
+    """bench.activation_bench on a small width: the fused MLP saves less than the plain one, which saves less
+    than transformers + peft, and all three do about the same work (FLOPs within 10% at this small width; within
+    1% at TinyLlama's, where the fused MLP's extra LoRA products and transformers' extra elementwise work are
+    negligible)."""
+    from bench import activation_bench as ab
+
+    monkeypatch.setattr(ab, "CONFIG", dict(ab.CONFIG, vocab_size=512, hidden_size=128, intermediate_size=352,
+                                           num_attention_heads=4, num_key_value_heads=2))
+    monkeypatch.setattr(ab, "LENGTH", 64)
+    rows = {"plain": ab.ours(fused=False), "fused": ab.ours(fused=True), "hf": ab.transformers_peft()}
+    saved = {k: r["saved_bytes_per_token_per_layer"] for k, r in rows.items()}
+    assert saved["fused"] < saved["plain"] < saved["hf"]
+    flops = [r["flops_per_token"] for r in rows.values()]
+    assert max(flops) / min(flops) < 1.1
+    assert all(r["aten_ops"] > 50 for r in rows.values())
+    assert "| transformers + peft | " in ab.table({"transformers + peft": rows["hf"]})

@@ -9,7 +9,7 @@ The step is traced, not guessed: a model of `config`'s shape is built on fake te
 step (`tinyllama.loss.causal_lm_loss`), in the dtype and on the paths `--device` would run (`RuntimePlan`: the
 fused MLP, packing, gradient checkpointing, NF4, DoRA). Traced on the CPU kernels, which save what CUDA's save
 for attention (the output and its log-sum-exp, no [T, T] probabilities); a CUDA plan is traced there too, on a
-machine without a GPU.
+machine without a GPU, with dropout run as CUDA runs it (a bool mask, where the CPU keeps one in bf16).
 
 Parts of the peak, per process (`PARTS`), in bytes:
 - `weights`: the frozen base (bf16, or NF4 projections), sharded under --fsdp (`training.fsdp.planned_param_bytes`);
@@ -29,13 +29,15 @@ constant covers them, see docs/will-it-fit.md), and torch.compile's fusions (pla
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tinyllama.flops import training_flops_per_token
 from tinyllama.loss import IGNORE_INDEX, causal_lm_loss, label_positions
@@ -90,6 +92,15 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
+# The flop counter knows CUDA's attention kernels but not the CPU's, which take the same arguments first.
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        flop_registry[torch.ops.aten._scaled_dot_product_flash_attention].__wrapped__,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        flop_registry[torch.ops.aten._scaled_dot_product_flash_attention_backward].__wrapped__,
+}
+
+
 def labelled_batch(batch_size: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, labels, label_index) of a micro-batch of full rows whose every position is labelled (the
     first predicts nothing of its own): what the plan is traced on, and the tests measure on."""
@@ -104,7 +115,7 @@ def measure_step(model, batch, plan) -> dict:
     pass through `model` (real or fake tensors) run as `plan` says; `batch`: `labelled_batch`'s."""
     ids, labels, index = batch
     exclude = [*model.parameters(), *model.buffers()]
-    with FlopCounterMode(display=False) as flops, _LargestOutput() as largest:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as flops, _LargestOutput() as largest:
         with SavedTensors(exclude) as saved, plan.forward():
             loss, _ = causal_lm_loss(model, ids, labels, label_index=index)
         loss.backward()
@@ -130,6 +141,26 @@ def fake_model(config, lora_config, dtype: torch.dtype, quantize: bool = False, 
     return model
 
 
+@contextlib.contextmanager
+def _dropout_as_on(device: torch.device):
+    """Dropout as `device` runs it: CUDA's fused kernel (`native_dropout`) keeps a bool mask for the backward
+    pass, the CPU's keeps one in the input's dtype, twice the bytes in bf16. A CUDA plan traced on the CPU
+    runs the CUDA way."""
+    if device.type != "cuda":
+        yield
+        return
+    original = F.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        return torch.native_dropout(x, p, training)[0] if training and p > 0 else x
+
+    F.dropout = dropout
+    try:
+        yield
+    finally:
+        F.dropout = original
+
+
 def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device | None = None) -> dict:
     """The plan of one optimizer step of `cfg` (a TrainConfig) on a model of `config`, per process of `world`
     (sharded with --fsdp), for `device` (default: --device's). See the module docstring."""
@@ -145,7 +176,7 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
                            fused_mlp=cfg.fused_mlp, varlen=cfg.varlen, sharded=sharded)
     traced = dataclasses.replace(runtime, device=torch.device("cpu"))
     batch = labelled_batch(cfg.batch_size, cfg.max_len)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.random.fork_rng():
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.random.fork_rng(), _dropout_as_on(device):
         model = fake_model(config, lora_config, dtype, quantize, cfg.double_quant)
         model.train()
         apply_plan(model, traced)
