@@ -20,7 +20,7 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,fsdp,trajectory,profile)
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile)
 # and their expected time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
@@ -44,6 +44,8 @@
 #   shapes        bench.shape_bench: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
 #                 (bf16 + checkpointing, NF4 + checkpointing, + double quant), micro-batch 4 x 1024, 12
 #                 steps each, random weights: tokens/s and peak GiB                                 ~60-100 s
+#   plancheck     bench.plan_check: the memory plan beside the measured peak, 4 steps each of the defaults
+#                 (fused MLP), the plain MLP, NF4, NF4 + checkpointing, W1 rank 64               ~30-40 s
 #   fsdp          W1 and W2-packed rank 64 [48 steps each], plain and --fsdp on one process (NCCL, bf16
 #                 over sharded parameters): tokens/s and peak GiB side by side                    ~30-45 s
 #   trajectory    bench.trajectory: 100 steps of W2, this project vs transformers + peft (twice)  ~70 s
@@ -70,7 +72,7 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,fsdp,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -91,6 +93,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   TRAJECTORY=(--steps 6)
   QLORA_STEPS=${GPU_CHECK_QLORA_STEPS:-this*=3}
   SHAPES=(--device cpu --tiny --steps 2 --warmup-steps 1 --max-len 64)
+  PLANCHECK=(--device cpu --shape tiny --steps 2)
   DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
@@ -103,6 +106,7 @@ elif [ "$MODE" = "gpu" ]; then
   TRAJECTORY=()
   QLORA_STEPS=${GPU_CHECK_QLORA_STEPS:-this*=48}
   SHAPES=(--device cuda)
+  PLANCHECK=(--device cuda --shape full --steps 4)
   DECODE_ARGS="--full"
   if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
@@ -188,6 +192,8 @@ stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 
   --variant "dora:dora=true" --variant "qdora:quantize=nf4;dora=true" --variant-workloads W1 \
   --run-steps "$QLORA_STEPS" --no-decode --out-dir "$WORK" --name qlora
 stage shapes 150 "0" "$PY" -m bench.shape_bench "${SHAPES[@]}" --out "$WORK/shapes"
+# The memory plan (training.plan) beside the measured peak for the current defaults, the fused MLP and NF4.
+stage plancheck 120 "0" "$PY" -m bench.plan_check "${PLANCHECK[@]}" --out "$WORK/plan_check"
 # --fsdp on one process: NCCL, bf16 autocast over FSDP2's parameters, and its tokens/s beside the plain path's.
 stage fsdp 90 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 --workloads W1,W2-packed \
   --systems this --variant "fsdp:fsdp=full" --variant-workloads W1,W2-packed --run-steps "$QLORA_STEPS" \

@@ -117,3 +117,35 @@ def test_planned_flops_agree_with_the_flop_counter_on_the_traced_step():
                              _lora({}), config)
     assert checkpointed["flops_per_token"] == plan["flops_per_token"]
     assert 1.2 < checkpointed["traced_flops_per_token"] / plan["traced_flops_per_token"] < 1.5
+
+
+@pytest.mark.slow
+def test_fsdp_plans_per_process():
+    from training.fsdp import planned_param_bytes
+
+    cfg = TrainConfig(device="cpu", batch_size=1, max_len=32)
+    one = plan_step(cfg, _lora({}), CONFIG)
+    two = plan_step(dataclasses.replace(cfg, fsdp="full"), _lora({}), CONFIG, world=2)
+    assert two["world"] == 2 and one["world"] == 1
+    # Weights and LoRA state as FSDP shards them (the README's bytes per process) ...
+    assert two["parts"]["weights"] + two["parts"]["lora_weights"] == planned_param_bytes(
+        CONFIG, _lora({}), world=2, dtype=torch.float32)
+    assert two["parts"]["adamw"] == 2 * two["parts"]["lora_weights"] < one["parts"]["adamw"]
+    # ... and two whole layers in flight: the one running, gathered, and the next, prefetched.
+    layer = random_model(dataclasses.replace(CONFIG, num_hidden_layers=1), lora_config=_lora({})).model.layers[0]
+    assert two["parts"]["transient"] == one["parts"]["transient"] + 2 * sum(
+        p.numel() * p.element_size() for p in layer.parameters())
+    assert two["parts"]["activations"] == one["parts"]["activations"]
+
+
+@pytest.mark.slow
+def test_plan_check_runs_every_configuration_beside_its_plan(tmp_path):
+    from bench.plan_check import CONFIGS, check
+
+    rows = check("cpu", "tiny", 1, tmp_path)
+    assert [r["config"] for r in rows] == list(CONFIGS)
+    assert all(r["measured_gib"] is None and r["error"] is None for r in rows)  # a CPU measures no peak
+    nf4, plain = (next(r for r in rows if r["config"] == name) for name in ("NF4", "plain MLP"))
+    assert nf4["parts_gib"]["weights"] < plain["parts_gib"]["weights"]
+    assert json.loads((tmp_path / "plan_check.json").read_text()) == rows
+    assert "| NF4 + checkpointing | n/a |" in (tmp_path / "plan_check.md").read_text()

@@ -18,13 +18,15 @@ Parts of the peak, per process (`PARTS`), in bytes:
   once, parameters and views of them left out (what `torch.autograd.graph.saved_tensors_hooks` sees);
 - `transient`: the largest tensor any single operation of the forward or backward pass creates beyond those
   (the cross-entropy's logits chunk, an MLP intermediate), which must fit beside them; with gradient
-  checkpointing also one layer's activations, which its backward pass recomputes.
+  checkpointing also one layer's activations, which its backward pass recomputes; under --fsdp also two whole
+  layers' weights (the one running, gathered, and the next one, prefetched).
 `peak_bytes` is their sum: the moment the backward pass starts, with every activation saved and one more
 buffer in flight. `activation_bytes_per_token` divides `activations` by the micro-batch's tokens; FLOPs per
 token are `tinyllama.flops.training_flops_per_token`, checked against `torch.utils.flop_counter` on the trace.
 
-Deliberately left out: the CUDA caching allocator's fragmentation and cuBLAS/flash workspaces (a calibrated
-constant covers them, see docs/will-it-fit.md), and torch.compile's fusions (planned eagerly).
+Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to +10%, on the safe side.
+Deliberately left out: the CUDA caching allocator's fragmentation and cuBLAS/flash workspaces (not needed to
+stay on the safe side so far), and torch.compile's fusions (planned eagerly).
 """
 
 from __future__ import annotations
@@ -187,6 +189,9 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
         step = measure_step(model, fake_batch, traced)
     if cfg.grad_checkpointing:
         step["transient"] += max(whole - step["activations"], 0) // config.num_hidden_layers
+    if sharded:  # FSDP gathers a layer whole before it runs, and prefetches the next one meanwhile
+        layer = model.model.layers[0]
+        step["transient"] += 2 * sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora_bytes = math.ceil(lora_params / world) * 4
     weights = planned_param_bytes(config, lora_config, world=world if sharded else 1, dtype=dtype,
