@@ -24,7 +24,9 @@ Parts of the peak, per process (`PARTS`), in bytes:
 buffer in flight. `activation_bytes_per_token` divides `activations` by the micro-batch's tokens; FLOPs per
 token are `tinyllama.flops.training_flops_per_token`, checked against `torch.utils.flop_counter` on the trace.
 
-Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to +10%, on the safe side.
+PyTorch's `torch.distributed._tools.mem_tracker.MemTracker` was the first choice for the parts; it registers a
+gradient hook on every parameter, which a frozen base parameter refuses, so the parts come from the shapes and the
+saved-tensor hooks instead. Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to +10%, on the safe side.
 Deliberately left out: the CUDA caching allocator's fragmentation and cuBLAS/flash workspaces (not needed to
 stay on the safe side so far), and torch.compile's fusions (planned eagerly).
 """
