@@ -25,8 +25,9 @@ buffer in flight. `activation_bytes_per_token` divides `activations` by the micr
 token are `tinyllama.flops.training_flops_per_token`, checked against `torch.utils.flop_counter` on the trace.
 
 PyTorch's `torch.distributed._tools.mem_tracker.MemTracker` was the first choice for the parts; it registers a
-gradient hook on every parameter, which a frozen base parameter refuses, so the parts come from the shapes and the
-saved-tensor hooks instead. Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to +10%, on the safe side.
+gradient hook on every parameter, which a frozen base parameter refuses, so the parts come from the shapes and
+the saved-tensor hooks instead. Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to
++10%, on the safe side.
 Deliberately left out: the CUDA caching allocator's fragmentation and cuBLAS/flash workspaces (not needed to
 stay on the safe side so far), and torch.compile's fusions (planned eagerly).
 """
@@ -82,7 +83,7 @@ class SavedTensors:
 
 
 class _LargestOutput(TorchDispatchMode):
-    """The largest tensor an operation returns (bytes), and the storages every output lives in."""
+    """The largest tensor (bytes) any operation returns while active."""
 
     def __init__(self):
         super().__init__()
