@@ -44,7 +44,8 @@ from tinyllama.runtime import (
     resolve_dtype,
 )
 from tinyllama.shapes import SHAPES
-from training import TrainingError, fsdp, parallel, plan, report, run_folder
+from training import TrainingError, fsdp, parallel, report, run_folder
+from training.plan import GIB, fit_batch_size, format_plan, largest_part, parse_bytes, plan_step
 from training.settings import (
     TrainConfig,
     command_line,
@@ -189,14 +190,12 @@ def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Proces
     if mesh is not None and not cfg.random_init:  # no process ever holds the whole base
         model = fsdp.load_sharded(folder, mesh, dtype=dtype, device=device, lora_config=lora_config,
                                   quantize=quantize, double_quant=cfg.double_quant)
-    elif cfg.random_init:
-        model = random_model(config, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
-                             double_quant=cfg.double_quant)
     else:
-        model = load_model(folder, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
-                           double_quant=cfg.double_quant)
-    if mesh is not None and not fsdp.is_sharded(model):
-        fsdp.shard(model, mesh)
+        load = functools.partial(random_model, config) if cfg.random_init else functools.partial(load_model, folder)
+        model = load(dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
+                     double_quant=cfg.double_quant)
+        if mesh is not None:
+            fsdp.shard(model, mesh)
     if mesh is not None:
         log(f"sharded with FSDP2 over a {'x'.join(map(str, mesh.shape))} mesh ({', '.join(mesh.mesh_dim_names)})")
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -226,16 +225,16 @@ def dry_run(cfg: TrainConfig, lora_config: LoRAConfig) -> dict:
     shape = cfg.model if cfg.model in SHAPES or Path(cfg.model).exists() else "TinyLlama-1.1B shape"
     table = report.parameter_table(config, lora_config, sorted({4, 16, 64, 256, cfg.rank}), shape, print)
     if cfg.fit_memory:
-        budget = plan.parse_bytes(cfg.fit_memory)
-        size, step = plan.fit_batch_size(cfg, lora_config, config, budget, world=cfg.plan_world)
-        print(plan.format_plan(step))
+        budget = parse_bytes(cfg.fit_memory)
+        size, step = fit_batch_size(cfg, lora_config, config, budget, world=cfg.plan_world)
+        print(format_plan(step))
         print(f"fits {cfg.fit_memory}: --batch-size {size}" if size else
               f"does not fit {cfg.fit_memory}: one row of {cfg.max_len} tokens plans "
-              f"{step['peak_bytes'] / plan.GIB:.2f} GiB, the largest part {plan.largest_part(step)}")
+              f"{step['peak_bytes'] / GIB:.2f} GiB, the largest part {largest_part(step)}")
         step["fit_memory"] = {"budget_bytes": budget, "batch_size": size}
     else:
-        step = plan.plan_step(cfg, lora_config, config, world=cfg.plan_world)
-        print(plan.format_plan(step))
+        step = plan_step(cfg, lora_config, config, world=cfg.plan_world)
+        print(format_plan(step))
     if cfg.plan_json:
         run_folder.write_text(Path(cfg.plan_json), json.dumps(step, indent=2) + "\n")
     return {**table, "plan": step}
@@ -337,7 +336,7 @@ def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, ba
     timer = Timer(device)
     loss_total = torch.zeros((), device=device)
     sharded = cfg.fsdp != "none"
-    with parallel.peers_answer() if sharded else contextlib.nullcontext():
+    with parallel.peers_answer():  # FSDP's collectives run inside the model
         for i, batch in enumerate(micro):
             if cfg.dropout:
                 torch.manual_seed(dropout_seed(cfg.seed, step, i * proc.world + proc.rank))

@@ -149,3 +149,23 @@ def test_plan_check_runs_every_configuration_beside_its_plan(tmp_path):
     assert nf4["parts_gib"]["weights"] < plain["parts_gib"]["weights"]
     assert json.loads((tmp_path / "plan_check.json").read_text()) == rows
     assert "| NF4 + checkpointing | n/a |" in (tmp_path / "plan_check.md").read_text()
+
+
+def test_saved_tensors_counts_each_storage_once_and_leaves_weights_out():
+    """The counter the plan and the measurements share, against what autograd is known to save: a frozen linear
+    layer saves only its weight (the input's gradient needs nothing else), which is left out; x * x saves x
+    twice, counted once; exp saves its output, a view of y here."""
+    from training.plan import SavedTensors
+
+    layer = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    with SavedTensors(layer.parameters()) as saved:
+        layer(x)
+    assert saved.bytes == 0
+    with SavedTensors() as saved:
+        y = x * x
+        _ = y.t().exp()  # exp saves its output: a new storage
+    assert saved.bytes == x.numel() * 4 + y.numel() * 4
+    with SavedTensors() as saved:
+        layer(x)
+    assert saved.bytes == layer.weight.numel() * 4  # not excluded: counted

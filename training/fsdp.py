@@ -39,12 +39,19 @@ one-layer stand-in (`check_stand_in`), since no process holds a layer whole. Del
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from tinyllama.checkpoint import floating, random_model, read_weights
+from tinyllama.config import LlamaConfig
+from tinyllama.model import Llama
+from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
 
 from . import TrainingError
 
@@ -90,13 +97,6 @@ def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.
     a time, as `load_model` does), and copied into the shard it owns. The LoRA tensors get PEFT's
     initialisation with the same random draws as `load_model`'s, so a sharded run starts where one process
     would. No process ever holds the whole base."""
-    import math
-
-    from tinyllama.checkpoint import floating, read_weights
-    from tinyllama.config import LlamaConfig
-    from tinyllama.model import Llama
-    from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
-
     config = LlamaConfig.from_json(folder / "config.json")
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
@@ -144,18 +144,10 @@ def check_stand_in(config, *, dtype: torch.dtype, device: torch.device, lora_con
     """A one-layer model of `config`'s shape with random weights, for `runtime.check_fast_paths`: the check
     compares each fast path with its plain path on one layer, and no process holds a sharded model's layer
     whole. Made with its own random generator, so the training's draws are those of one process."""
-    import dataclasses
-
-    from tinyllama.checkpoint import random_model
-
     small = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256, bos_token_id=None, eos_token_id=None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return random_model(small, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
                             double_quant=double_quant)
-
-
-def is_sharded(model) -> bool:
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -175,9 +167,6 @@ def planned_param_bytes(config, lora_config, *, world: int = 1, dtype: torch.dty
     sharding), computed from the shapes alone (the model on `meta`): the base in `dtype`, or its decoder
     projections in NF4 (packed values and block scales, sharded; code tables on every process), the LoRA
     weights in float32. FSDP splits each tensor's first dimension in `world` equal parts, the first largest."""
-    from tinyllama.model import Llama  # the shapes only; nothing is allocated
-    from tinyllama.quant import is_projection
-
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
     projections = {n for n, m in model.named_modules() if is_projection(n, m)} if quantize else set()

@@ -46,6 +46,11 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tinyllama.flops import training_flops_per_token
 from tinyllama.loss import IGNORE_INDEX, causal_lm_loss, label_positions
+from tinyllama.model import Llama
+from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
+from tinyllama.runtime import apply_plan, plan_runtime, resolve_dtype
+
+from .fsdp import planned_param_bytes
 
 PARTS = ("weights", "lora_weights", "gradients", "adamw", "activations", "transient")
 GIB = 2 ** 30
@@ -131,9 +136,6 @@ def measure_step(model, batch, plan) -> dict:
 def fake_model(config, lora_config, dtype: torch.dtype, quantize: bool = False, double_quant: bool = False):
     """The model as `load_model` builds it (base in `dtype` or NF4 projections, LoRA in float32), on the fake
     tensors of the active FakeTensorMode: every shape and dtype, no values."""
-    from tinyllama.model import Llama
-    from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
-
     model = Llama(config, lora_config=lora_config)
     for name, p in model.named_parameters():
         if ".lora_" not in name:
@@ -169,10 +171,6 @@ def _dropout_as_on(device: torch.device):
 def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device | None = None) -> dict:
     """The plan of one optimizer step of `cfg` (a TrainConfig) on a model of `config`, per process of `world`
     (sharded with --fsdp), for `device` (default: --device's). See the module docstring."""
-    from tinyllama.runtime import apply_plan, plan_runtime, resolve_dtype
-
-    from .fsdp import planned_param_bytes
-
     device = device or torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     quantize = cfg.quantize != "none"

@@ -34,6 +34,7 @@ from tinyllama.templates import BUILTINS, MODEL
 
 from . import report, run_folder
 from .fsdp import MODES as FSDP_MODES
+from .plan import parse_bytes
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -225,15 +226,6 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
     return lora_config
 
 
-def _size_problem(text: str) -> str | None:
-    from .plan import parse_bytes  # here, not at the top: plan imports the model code, settings stay light
-    try:
-        parse_bytes(text)
-    except ValueError as e:
-        return f"--fit-memory: {e}"
-    return None
-
-
 def _checker():
     problems = []
 
@@ -291,7 +283,11 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     need(not (cfg.fsdp != "none" and cfg.dora), "--dora with --fsdp is not supported (DoRA's magnitude starts as "
          "the norms of whole base rows, which no process holds); use plain data parallel for DoRA")
     need(cfg.plan_world >= 1, f"--plan-world must be >= 1, got {cfg.plan_world}")
-    need(not cfg.fit_memory or _size_problem(cfg.fit_memory) is None, _size_problem(cfg.fit_memory))
+    if cfg.fit_memory:
+        try:
+            parse_bytes(cfg.fit_memory)
+        except ValueError as e:
+            problems.append(f"--fit-memory: {e}")
     need(cfg.fsdp_shard_size >= 0, f"--fsdp-shard-size must be >= 0, got {cfg.fsdp_shard_size}")
     need(not cfg.fsdp_shard_size or cfg.fsdp == "hybrid", "--fsdp-shard-size applies to --fsdp hybrid; add that")
     need(not (cfg.compile and cfg.grad_checkpointing),
