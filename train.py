@@ -14,7 +14,8 @@ uses: `training.step` (a step's parts, and why the host never waits for the GPU)
 on this machine: `RuntimePlan`).
 
 Deliberately left out: full fine-tuning, mixed LoRA ranks per layer, fp16 loss scaling (bf16 needs none),
-FSDP/tensor parallelism (a 1.1B frozen base fits on one GPU; data parallel is enough).
+tensor and pipeline parallelism (FSDP2 with `--fsdp` shards a base too large for one GPU; the adapters are small
+enough that nothing else needs splitting).
 """
 
 from __future__ import annotations
