@@ -38,15 +38,15 @@ from tinyllama import load_model, load_tokenizer
 from tinyllama.checkpoint import HubUnavailable, model_config, random_model, resolve_checkpoint
 from tinyllama.flops import measure_matmul_peak, training_flops_per_token
 from tinyllama.runtime import (
-    FastPathError,
     apply_plan,
-    check_fast_paths,
     plan_runtime,
     resolve_dtype,
 )
 from tinyllama.shapes import SHAPES
+from tinyllama.startup_check import FastPathError, check_fast_paths
 from training import TrainingError, fsdp, parallel, report, run_folder
 from training.plan import GIB, fit_batch_size, format_plan, largest_part, parse_bytes, plan_step
+from training.run_folder import Totals
 from training.settings import (
     TrainConfig,
     command_line,
@@ -60,7 +60,6 @@ from training.step import (
     QueuedStep,
     Run,
     Timer,
-    Totals,
     batch_loss,
     evaluate,
     finish_step,

@@ -3,7 +3,7 @@
     python -m bench.fast_path_check            # the TinyLlama-1.1B shape, random weights, LoRA r=64 on the MLP
     python -m bench.fast_path_check --shape tiny --device cpu --fused-mlp --varlen   # the same checks on a CPU
 
-What `train.py` does at start-up (`tinyllama.runtime.check_fast_paths`), with every line shown: which fast paths
+What `train.py` does at start-up (`tinyllama.startup_check.check_fast_paths`), with every line shown: which fast paths
 the plan picked here, and for each whether it matched its plain path on one layer in the plan's dtype. Exit status
 1 when one failed (it would be turned off in training).
 """
@@ -18,7 +18,8 @@ import torch
 from lora import LoRAConfig
 from tinyllama.checkpoint import random_model
 from tinyllama.config import LlamaConfig
-from tinyllama.runtime import check_fast_paths, plan_runtime, resolve_device, resolve_dtype
+from tinyllama.runtime import plan_runtime, resolve_device, resolve_dtype
+from tinyllama.startup_check import check_fast_paths
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)

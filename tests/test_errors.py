@@ -17,7 +17,7 @@ import torch
 import chat
 import train
 from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
-from training.step import Totals
+from training.run_folder import Totals
 
 pytest.importorskip("transformers")
 

@@ -11,7 +11,8 @@ from helpers import TINY, randomize_lora_b, run, train_losses
 from lora import LoRAConfig
 from tinyllama import Llama, LlamaConfig
 from tinyllama import model as model_module
-from tinyllama.runtime import FastPathError, RuntimePlan, check_fast_paths, plan_problems, plan_runtime
+from tinyllama.runtime import RuntimePlan, plan_problems, plan_runtime
+from tinyllama.startup_check import FastPathError, check_fast_paths
 from training import TrainingError
 
 FAST = RuntimePlan(varlen=True, fused_mlp=True, gqa_in_place=True)

@@ -2,7 +2,7 @@
 
     device, dtype = resolve_device("auto"), resolve_dtype("auto", device)
     plan = plan_runtime(model.config, device, dtype, lora_config=model.lora_config)  # decided and checked once
-    plan = check_fast_paths(model, plan, log)  # each fast path once beside its plain path; a failing one is off
+    plan = check_fast_paths(model, plan, log)  # tinyllama.startup_check: each fast path beside its plain path
     apply_plan(model, plan)        # the model's plan; the fused gate/up weight and torch.compile, if planned
     with plan.forward():           # bf16 autocast on a bf16 model, and the attention kernels in order of preference
         logits = model(ids)
@@ -30,10 +30,8 @@ tensor. Moving or casting the model afterwards gives the views storage of their 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
-import math
 import os
 from dataclasses import dataclass
 
@@ -249,93 +247,3 @@ def attention_kernels(device, dtype, spec: str, config) -> tuple[str, str]:
             return next(name for name in order if checks[name](params))
 
     return first(config.num_attention_heads, False), first(config.num_key_value_heads, True)
-
-
-# ---- the plan proves itself: each fast path once beside its plain path ------------------------------------------
-
-class FastPathError(RuntimeError):
-    """A fast path failed its start-up check and `strict` asked for an error instead of the plain path."""
-
-
-SEGMENT_LENGTHS = (9, 8, 7)  # the packed row the check runs: three short segments
-
-
-def check_fast_paths(model, plan: RuntimePlan, log, strict: bool = False) -> RuntimePlan:
-    """Run each fast path `plan` picked once beside its plain path, on the model's first layer, a packed row of a
-    few short segments, in the plan's dtype: forward output and the gradients of the input and of the layer's
-    trainable weights. A path that raises or disagrees beyond the dtype's tolerance is turned off (one line to
-    `log`; FastPathError with `strict`). Returns the plan to run, to give to `apply_plan`. Milliseconds: one layer,
-    run eagerly (the plan's compile is applied afterwards)."""
-    apply_plan(model, dataclasses.replace(plan, compile_scope=None))
-    failed = {}
-    for name in FAST_PATHS:
-        if getattr(plan, name) and (name != "gqa_in_place" or _grouped(model.config)):
-            error, problem = _fast_path_error(model, plan, name)
-            if problem is None:
-                log(f"fast path {name}: checked against its plain path on one layer (largest difference "
-                    f"{error:.2g} of the values' scale)")
-                continue
-            message = f"the fast path {name} failed its start-up check ({problem})"
-            if strict:
-                raise FastPathError(f"{message}; --strict-fast-paths makes this an error: leave it out to run "
-                                    "the plain path instead")
-            log(f"warning: {message}: turned off, running its plain path")
-            failed[name] = False
-    return dataclasses.replace(plan, **failed)
-
-
-def _grouped(config) -> bool:
-    return config.num_key_value_heads != config.num_attention_heads
-
-
-def _fast_path_error(model, plan: RuntimePlan, name: str) -> tuple[float, str | None]:
-    """(largest relative difference, why the fast path `name` of `plan` fails, or None) against its plain path
-    on the model's first layer."""
-    plain = dataclasses.replace(plan, **dict.fromkeys(FAST_PATHS, False))  # each path checked on its own
-    fast = dataclasses.replace(plain, **{name: True})
-    try:
-        fast_out = _first_layer(model, fast, packed=name == "varlen")
-    except Exception as e:  # a kernel that does not run here, whatever it raises
-        return math.inf, f"{type(e).__name__}: {e}"
-    plain_out = _first_layer(model, plain, packed=name == "varlen")
-    tolerance = 2e-2 if plan.dtype == torch.bfloat16 else 1e-4  # what the tests allow the fast paths
-    largest = 0.0
-    for what, fast, ref in zip(("output", "input gradient", "weight gradients"), fast_out, plain_out, strict=True):
-        error = ((fast - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
-        if not error <= tolerance:  # NaN too
-            return error, f"its {what} differs from the plain path's by {error:.3g} of their scale, past {tolerance:g}"
-        largest = max(largest, error)
-    return largest, None
-
-
-def _first_layer(model, plan: RuntimePlan, packed: bool) -> tuple[torch.Tensor, ...]:
-    """(output, input gradient, flat trainable-weight gradients) of the first decoder layer under `plan`, in eval
-    mode (no dropout), on one row of `SEGMENT_LENGTHS` (packed) or one sequence of the same length."""
-    from .model import rope_cos_sin  # model.py imports this module
-
-    layer, config = model.model.layers[0], model.config
-    T = sum(SEGMENT_LENGTHS)
-    starts = torch.tensor([0, *SEGMENT_LENGTHS], device=plan.device).cumsum(0).to(torch.int32)
-    position_ids = (torch.cat([torch.arange(n) for n in SEGMENT_LENGTHS]) if packed else torch.arange(T))[None]
-    position_ids = position_ids.to(plan.device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(1, T, config.hidden_size, generator=generator).to(plan.device, plan.dtype).requires_grad_()
-    weights = [p for p in layer.parameters() if p.requires_grad]
-    saved = [p.grad for p in weights]
-    was_training = layer.training
-    layer.eval()
-    try:
-        with plan.forward():
-            cos, sin = rope_cos_sin(config, position_ids, plan.dtype)
-            attn = model.attention_inputs(1, T, 0, None, starts if packed else None, None, plan, plan.device)
-            y = layer(x, cos, sin, attn, None, plan.fused_mlp)
-        for p in weights:
-            p.grad = None
-        (y.float() * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
-        grads = torch.cat([p.grad.float().flatten() for p in weights if p.grad is not None] or
-                          [torch.zeros(1, device=plan.device)])
-        return y.detach().float(), x.grad.float(), grads
-    finally:
-        layer.train(was_training)
-        for p, g in zip(weights, saved, strict=True):
-            p.grad = g

@@ -141,7 +141,7 @@ def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
 
 def check_stand_in(config, *, dtype: torch.dtype, device: torch.device, lora_config=None,
                    quantize: str | None = None, double_quant: bool = False):
-    """A one-layer model of `config`'s shape with random weights, for `runtime.check_fast_paths`: the check
+    """A one-layer model of `config`'s shape with random weights, for `startup_check.check_fast_paths`: the check
     compares each fast path with its plain path on one layer, and no process holds a sharded model's layer
     whole. Made with its own random generator, so the training's draws are those of one process."""
     small = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256, bos_token_id=None, eos_token_id=None)

@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,10 +18,8 @@ from tinyllama import Llama
 from tinyllama.runtime import device_name, peak_memory_gib
 
 from . import run_folder
-
-if TYPE_CHECKING:  # settings.py and step.py import this module
-    from .settings import TrainConfig
-    from .step import Totals
+from .run_folder import Totals
+from .settings import TrainConfig
 
 SAMPLE_PROMPTS = [
     "What is the difference between a list and a tuple in Python?",
@@ -32,15 +29,6 @@ SAMPLE_PROMPTS = [
 
 
 TENSORBOARD_DIR = "tensorboard"
-
-
-def require_tensorboard() -> None:
-    """Fail before anything is loaded when --tensorboard cannot work (the package is an optional extra)."""
-    try:
-        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package itself)
-    except ImportError as e:
-        raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with "
-                          "pip install -e .[tensorboard], or leave --tensorboard out") from None
 
 
 class Metrics:
@@ -104,7 +92,7 @@ def parameter_table(config, lora_config, ranks, shape: str, log) -> dict:
 # A healthy adapter's weights stay near 1 in size (A starts within +-1/sqrt(in_features), B at 0, DoRA's
 # magnitudes near the base rows' norms); far past this bound, the updates were far too large.
 LARGEST_SANE_WEIGHT = 100.0
-# Steps in a row with the same loss (training.step.FLAT_LOSS) that mean the model stopped learning.
+# Steps in a row with the same loss (training.run_folder.FLAT_LOSS) that mean the model stopped learning.
 STUCK_STEPS = 3
 
 

@@ -33,6 +33,7 @@ import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -385,6 +386,33 @@ def resume_problems(resume: str, lora_config: lora.LoRAConfig | None) -> list[st
     return [f"--resume {resume}: {message}" for wrong, message in found if wrong]
 
 
+# Two steps see different batches, so their losses differ unless the model's output no longer depends on its input.
+FLAT_LOSS = 1e-5
+
+
+@dataclass
+class Totals:
+    """What the summary reports about the whole run; saved in checkpoints (`trainer_state.json`'s "totals", checked
+    by `read_state`), so a resumed run continues them."""
+    seconds: float = 0.0
+    tokens: int = 0
+    labelled: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    eval_ppl: float | None = None
+    flat_steps: int = 0  # how many of the last steps had the loss of the step before (report.health_warnings)
+
+    def add(self, row: dict) -> None:
+        self.seconds += row["step_s"]
+        self.tokens += int(row["tokens"])
+        self.labelled += int(row["labelled"])
+        self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
+        flat = self.last_loss is not None and abs(row["loss"] - self.last_loss) <= FLAT_LOSS * abs(self.last_loss)
+        self.flat_steps = self.flat_steps + 1 if flat else 0
+        self.last_loss = row["loss"]
+
+
 # What trainer_state.json holds: the key, its type, and whether a checkpoint must have it.
 STATE_KEYS = {"step": (int, True), "stream": (dict, True), "config": (dict, True), "totals": (dict, False)}
 
@@ -404,8 +432,6 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def _state_problem(state, checkpoint: Path) -> str | None:
-    from .step import Totals  # here, not at the top: an import cycle (step.py imports this module)
-
     if not isinstance(state, dict):
         return f"expected a JSON object, found {type(state).__name__}"
     for key, (kind, required) in STATE_KEYS.items():

@@ -32,7 +32,7 @@ from tinyllama.runtime import (
 from tinyllama.shapes import SHAPES
 from tinyllama.templates import BUILTINS, MODEL
 
-from . import report, run_folder
+from . import run_folder
 from .fsdp import MODES as FSDP_MODES
 from .plan import parse_bytes
 
@@ -307,13 +307,22 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
+def require_tensorboard() -> None:
+    """Fail before anything is loaded when --tensorboard cannot work (the package is an optional extra)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package itself)
+    except ImportError as e:
+        raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with "
+                          "pip install -e .[tensorboard], or leave --tensorboard out") from None
+
+
 def input_problems(cfg: TrainConfig) -> list[str]:
     """The output folder, extras, model, tokenizer and data: what is missing or does not fit."""
     problems, need = _checker()
     need(not cfg.out or not Path(cfg.out).is_file(), f"--out {cfg.out} is a file; expected a folder")
     if cfg.tensorboard:
         try:
-            report.require_tensorboard()
+            require_tensorboard()
         except ImportError as e:
             problems.append(str(e))
     model_path = Path(cfg.model)

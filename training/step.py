@@ -22,6 +22,7 @@ from tinyllama.loss import IGNORE_INDEX, causal_lm_loss, label_positions
 from tinyllama.runtime import RuntimePlan, peak_memory_gib
 
 from . import TrainingError, parallel, report, run_folder
+from .run_folder import Totals
 
 # What of a batch goes to the model (the rest is for the loss or for counting: `document_ids` marks the padding
 # of packed rows on the host; the model reads packed rows from `cu_seqlens`).
@@ -136,32 +137,6 @@ def read_step(q: QueuedStep, out: Path | None = None) -> dict:
     return {"step": q.step, "split": "train", "loss": loss, "lr": q.lr, "tokens_per_s": q.n_tokens / seconds,
             "labelled_tokens_per_s": q.n_labelled / seconds, "step_s": seconds, "grad_norm": norm,
             "epoch": q.epoch, "tokens": q.n_tokens, "labelled": q.n_labelled}
-
-
-# Two steps see different batches, so their losses differ unless the model's output no longer depends on its input.
-FLAT_LOSS = 1e-5
-
-
-@dataclass
-class Totals:
-    """What the summary reports about the whole run; saved in checkpoints, so a resumed run continues them."""
-    seconds: float = 0.0
-    tokens: int = 0
-    labelled: int = 0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    eval_loss: float | None = None
-    eval_ppl: float | None = None
-    flat_steps: int = 0  # how many of the last steps had the loss of the step before (report.health_warnings)
-
-    def add(self, row: dict) -> None:
-        self.seconds += row["step_s"]
-        self.tokens += int(row["tokens"])
-        self.labelled += int(row["labelled"])
-        self.first_loss = row["loss"] if self.first_loss is None else self.first_loss
-        flat = self.last_loss is not None and abs(row["loss"] - self.last_loss) <= FLAT_LOSS * abs(self.last_loss)
-        self.flat_steps = self.flat_steps + 1 if flat else 0
-        self.last_loss = row["loss"]
 
 
 def evaluate(model, batches, plan, lockstep: bool = False) -> tuple[float, float]:
