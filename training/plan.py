@@ -15,7 +15,9 @@ Parts of the peak, per process (`PARTS`), in bytes:
 - `weights`: the frozen base (bf16, or NF4 projections), sharded under --fsdp (`training.fsdp.planned_param_bytes`);
 - `lora_weights`, `gradients`, `adamw`: the adapter in float32, its gradients, AdamW's two moments;
 - `activations`: what autograd saves for the backward pass during one micro-batch's forward pass, each storage
-  once, parameters and views of them left out (what `torch.autograd.graph.saved_tensors_hooks` sees);
+  once (what `torch.autograd.graph.saved_tensors_hooks` sees), the model's parameters and views of them left
+  out: the frozen base and also the adapter's own matrices, which are saved as they are (in float32, no copy)
+  and held once, in `lora_weights`; a copy such as an autocast cast of them is new memory and is counted;
 - `transient`: the largest tensor any single operation of the forward or backward pass creates beyond those
   (the cross-entropy's logits chunk, an MLP intermediate), which must fit beside them; with gradient
   checkpointing also one layer's activations, which its backward pass recomputes; under --fsdp also two whole
@@ -62,7 +64,8 @@ def _storage_key(t: torch.Tensor) -> int:
 
 class SavedTensors:
     """Counts what autograd saves for backward while active: each storage once (a tensor and its views are one),
-    the tensors of `exclude` (a model's parameters and buffers, and so its frozen weights) left out."""
+    the tensors of `exclude` left out (the plan passes all of a model's parameters and buffers: the trainable
+    ones too, which the plan counts elsewhere)."""
 
     def __init__(self, exclude=()):
         self.exclude = {_storage_key(t) for t in exclude}
