@@ -73,9 +73,10 @@ from training.step import (
 def dropout_seed(seed: int, step: int, slot: int) -> int:
     """The seed of the dropout masks of one micro-batch: slot = micro-batch index * world size + rank.
 
-    A function of where the micro-batch sits in the global batch, not of which process runs it: every rank
-    draws its own masks, K processes equal one process accumulating K micro-batches, and a resumed run draws
-    the masks the uninterrupted one would have, with no RNG state in the checkpoint.
+    A function of where the micro-batch sits in the optimizer step's rows (`BatchStream` deals slot s the step's
+    rows [s * batch_size, (s + 1) * batch_size)), not of which process runs it: every rank draws its own masks,
+    K processes equal one process accumulating K micro-batches, and a resumed run, on any split with the same
+    --batch-size, draws the masks the uninterrupted one would have, with no RNG state in the checkpoint.
     """
     return int(np.random.SeedSequence([seed, step, slot]).generate_state(1)[0])
 
@@ -118,10 +119,10 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
                                                     vocab_size=config.vocab_size, seed=cfg.seed, n_random=n_random,
                                                     template=template, train_on=cfg.train_on, log=log)
-    stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing,
-                         group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed,
-                         rank=proc.rank, world_size=proc.world)
-    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.batches_per_epoch / cfg.grad_accum))
+    stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, grad_accum=cfg.grad_accum,
+                         packing=cfg.packing, group_by_length=cfg.group_by_length and not cfg.packing,
+                         seed=cfg.seed, rank=proc.rank, world_size=proc.world)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.steps_per_epoch))
     if cfg.warmup > total_steps:
         log(f"warning: --warmup {cfg.warmup} is longer than the run ({total_steps} steps): the learning rate "
             f"peaks at {lr_at(total_steps - 1, cfg, total_steps):.3g} and never reaches --lr {cfg.lr:g}")
@@ -134,6 +135,11 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         raise TrainingError(f"{resume_from} is at step {start_step} and this run has {total_steps} steps: it is "
                             f"already complete, and nothing was changed. To train further, resume with --steps N "
                             f"(N > {start_step}) or more --epochs.")
+    if resume_from:  # before the model loads: a split that cannot continue the data order is refused at once
+        try:
+            stream.load_state_dict(state["stream"], saved_grad_accum=state["config"].get("grad_accum"))
+        except ValueError as e:
+            raise TrainingError(f"--resume {resume_from}: {e}") from e
     changes = run_folder.changed_settings(state.get("config", {}), dataclasses.asdict(cfg))
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
@@ -149,7 +155,6 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     if resume_from:
         saved = run_folder.load_optimizer_state(resume_from, optimizer, start_step)
         optimizer.load_state_dict(fsdp.shard_optimizer_state(saved, params))
-        stream.load_state_dict(state["stream"])
         totals = Totals(**state.get("totals", {}))  # the summary describes the whole run, not this leg
         log(f"resumed from {resume_from} at step {start_step}")
     return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,

@@ -13,9 +13,12 @@ A batch is a dict of tensors whose keys other than `labels` are keyword argument
   No label is ever predicted across a document boundary: position t predicts labels[t + 1], and the first token
   of every example is BOS, labelled -100 (`pack_row` checks it).
 
-`BatchStream` is the training iterator: infinite, epoch e is shuffled with seed + e, its position (epoch, batch
-index) is a small state dict, and with world_size K each rank takes its slice of a global batch, so K ranks of
-batch B see exactly what one process of batch B*K sees. `eval_batches` goes through every example once, in order.
+`BatchStream` is the training iterator: infinite, epoch e is shuffled with seed + e, and the unit it deals is one
+optimizer step's rows (batch_size x grad_accum x world_size): each step's rows are chosen first, then split into
+micro-batches and ranks. So the rows of a step, and the position in the stream (epoch, step: a small state dict),
+are the same for every split of the same rows per step, and a checkpoint resumes on any such split (2 ranks of
+batch B, or 1 rank of batch B accumulating 2 micro-batches, or 1 rank of batch 2B). `eval_batches` goes through
+every example once, in order.
 
 Packing is planned once (best-fit decreasing, the tightest simple packing) and the packed rows are shuffled each
 epoch, so the number of batches per epoch is fixed. The examples that share a row therefore share it in every
@@ -33,7 +36,7 @@ import torch
 from .encoding import IGNORE_INDEX
 
 PAD_DOCUMENT = -1
-_MEGABATCH = 50  # length grouping sorts windows of 50 global batches: enough to pair similar lengths, still random
+_MEGABATCH = 50  # length grouping sorts windows of 50 optimizer steps: enough to pair similar lengths, still random
 
 
 # ---------------------------------------------------------------------------------------------- padding mode
@@ -153,21 +156,24 @@ class BatchStream:
     """Infinite, deterministic, resumable iterator over micro-batches of `examples` (see the module docstring).
 
     An *item* is one example (padding mode) or one packed row (packing mode). Epoch e orders the items with
-    seed + e; the items of an epoch are cut into global batches of batch_size * world_size consecutive items
-    (an incomplete last one is dropped, a different one each epoch), and rank r takes items
-    [r * batch_size, (r + 1) * batch_size) of each global batch.
+    seed + e; the items of an epoch are cut into optimizer steps of rows_per_step = batch_size * grad_accum *
+    world_size consecutive items (an incomplete last one is dropped, a different one each epoch). Within a step,
+    micro-batch i of rank r takes the batch_size items of slot i * world_size + r: slot s holds the step's items
+    [s * batch_size, (s + 1) * batch_size), whichever rank runs it (`train.dropout_seed` keys masks by slot).
+    Iterating yields this rank's micro-batches; grad_accum of them make one optimizer step.
     """
 
-    def __init__(self, examples, batch_size: int, max_len: int, *, packing: bool = False,
+    def __init__(self, examples, batch_size: int, max_len: int, *, grad_accum: int = 1, packing: bool = False,
                  group_by_length: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
                  pad_id: int = 0):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
-                             f"rank={rank}, world_size={world_size}")
+        if batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
+                             f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, "
+                             f"world_size={world_size}")
         if packing and group_by_length:
             raise ValueError("group_by_length has nothing to do with packing: every packed row is max_len long")
         self.examples = examples
-        self.batch_size, self.max_len, self.packing = batch_size, max_len, packing
+        self.batch_size, self.grad_accum, self.max_len, self.packing = batch_size, grad_accum, max_len, packing
         self.group_by_length, self.seed, self.rank, self.world_size = group_by_length, seed, rank, world_size
         self.pad_id = pad_id
         self.lengths = [len(e) for e in examples]
@@ -178,39 +184,43 @@ class BatchStream:
         self.rows = plan_packing(self.lengths, max_len) if packing else None
         self.row_segments = segments_per_row(self.rows) if packing else None  # fixes cu_seqlens' length
         self.n_items = len(self.rows) if packing else len(examples)
-        self.global_batch_size = batch_size * world_size
-        self.batches_per_epoch = self.n_items // self.global_batch_size
-        if self.batches_per_epoch == 0:
+        self.rows_per_step = batch_size * grad_accum * world_size
+        self.steps_per_epoch = self.n_items // self.rows_per_step
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum  # this rank's micro-batches
+        if self.steps_per_epoch == 0:
             kind = "packed rows" if packing else "examples"
-            raise ValueError(f"{self.n_items} {kind} do not fill one global batch of {self.global_batch_size} "
-                             f"(batch_size {batch_size} x world_size {world_size}); use a smaller batch size")
-        self.epoch, self.index = 0, 0  # position of the next batch
+            raise ValueError(f"{self.n_items} {kind} do not fill one optimizer step of {self.rows_per_step} "
+                             f"(batch_size {batch_size} x grad_accum {grad_accum} x world_size {world_size}); "
+                             "use a smaller batch size or fewer accumulation steps")
+        self.epoch, self.index = 0, 0  # position of this rank's next micro-batch
         self._order_epoch, self._order = None, None
 
     # -- order ------------------------------------------------------------------------------------------------
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """Item indices of an epoch, cut to whole global batches; identical on every rank."""
+        """Item indices of an epoch, cut to whole optimizer steps; identical on every rank and for every split of
+        the same rows per step."""
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n_items, generator=g).tolist()
-        keep = self.batches_per_epoch * self.global_batch_size
+        keep = self.steps_per_epoch * self.rows_per_step
         if not self.group_by_length:
             return perm[:keep]
-        # Sort windows of the shuffled order by length so a batch holds similar lengths, then shuffle the batches:
-        # a different order every epoch, but little padding.
-        window = self.global_batch_size * _MEGABATCH
+        # Sort windows of the shuffled order by length so a step (and so each of its micro-batches, consecutive
+        # in it) holds similar lengths, then shuffle the steps: a different order every epoch, but little padding.
+        window = self.rows_per_step * _MEGABATCH
         grouped = []
         for s in range(0, len(perm), window):
             grouped += sorted(perm[s:s + window], key=lambda i: -self.lengths[i])
-        batches = [grouped[s:s + self.global_batch_size] for s in range(0, keep, self.global_batch_size)]
-        return [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+        steps = [grouped[s:s + self.rows_per_step] for s in range(0, keep, self.rows_per_step)]
+        return [i for b in torch.randperm(len(steps), generator=g).tolist() for i in steps[b]]
 
     def batch_items(self, epoch: int, index: int, rank: int | None = None) -> list[int]:
         """The items of this rank's (or `rank`'s) micro-batch `index` in `epoch`."""
         if self._order_epoch != epoch:
             self._order_epoch, self._order = epoch, self.epoch_order(epoch)
         r = self.rank if rank is None else rank
-        start = index * self.global_batch_size + r * self.batch_size
+        step, i = divmod(index, self.grad_accum)
+        start = step * self.rows_per_step + (i * self.world_size + r) * self.batch_size
         return self._order[start:start + self.batch_size]
 
     def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
@@ -232,21 +242,54 @@ class BatchStream:
         return batch
 
     def state_dict(self) -> dict:
-        """The position of the next batch, plus what must match for it to mean the same thing on resume."""
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_items": self.n_items,
-                "global_batch_size": self.global_batch_size, "packing": self.packing,
+        """The position of the next optimizer step, plus what must match for it to mean the same thing on resume.
+
+        Only between optimizer steps: the position counts whole steps, so that any split of the same rows per
+        step (`rows_per_step`) continues from it."""
+        step, rest = divmod(self.index, self.grad_accum)
+        if rest:
+            raise ValueError(f"the data stream is {rest} micro-batches into an optimizer step of {self.grad_accum}; "
+                             "its position can be saved only between optimizer steps")
+        return {"epoch": self.epoch, "epoch_step": step, "seed": self.seed, "n_items": self.n_items,
+                "rows_per_step": self.rows_per_step, "packing": self.packing,
                 "group_by_length": self.group_by_length}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, saved_grad_accum: int | None = None) -> None:
+        """Continue from `state` (a `state_dict`). `saved_grad_accum`, the saved run's accumulation, reads a
+        state written before positions counted optimizer steps (see `_steps_state`)."""
+        if "rows_per_step" not in state:
+            state = _steps_state(state, saved_grad_accum)
         mine = self.state_dict()
-        diff = {k: (state.get(k), mine[k]) for k in mine if k not in ("epoch", "index") and state.get(k) != mine[k]}
+        if state.get("rows_per_step") != self.rows_per_step:
+            raise ValueError(self._split_problem(state.get("rows_per_step")))
+        diff = {k: (state.get(k), mine[k]) for k in mine if k not in ("epoch", "epoch_step")
+                and state.get(k) != mine[k]}
         if diff:
-            raise ValueError("cannot resume this data stream: the saved position belongs to a different setup "
+            raise ValueError("cannot resume this data stream: the saved position belongs to a different setup ("
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
-                             + "; use the same data, max_len, seed and global batch size (batch_size x world_size)")
-        if not 0 <= state["index"] < self.batches_per_epoch:
-            raise ValueError(f"saved batch index {state['index']} is outside 0..{self.batches_per_epoch - 1}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+                             + "); use the same data, max_len, seed, packing and length grouping")
+        epoch, step = state.get("epoch"), state.get("epoch_step")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(step, int) and 0 <= step < self.steps_per_epoch):
+            raise ValueError(f"cannot resume this data stream: the saved position, epoch {epoch!r} step {step!r}, "
+                             f"is not an epoch >= 0 and a step in 0..{self.steps_per_epoch - 1}")
+        self.epoch, self.index = epoch, step * self.grad_accum
+
+    def _split_problem(self, saved) -> str:
+        """Why a position saved at `saved` rows per optimizer step cannot continue here, and a split that can."""
+        processes = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        now = f"{self.rows_per_step} (--batch-size {self.batch_size} x --grad-accum {self.grad_accum} x {processes})"
+        if not isinstance(saved, int) or isinstance(saved, bool) or saved < 1:
+            return (f"cannot resume this data stream: its rows per optimizer step are {saved!r}, expected a "
+                    "positive integer")
+        if saved % self.world_size:
+            fix = f"run on a number of processes that divides {saved}"
+        else:  # the largest micro-batch up to this run's that splits the step evenly: it fits in memory
+            per_process = saved // self.world_size
+            size = max(d for d in range(1, min(self.batch_size, per_process) + 1) if per_process % d == 0)
+            fix = f"on {processes}, --batch-size {size} --grad-accum {per_process // size}"
+        return (f"cannot resume this data stream: the checkpoint's optimizer steps took {saved} rows each, this "
+                f"run's take {now}. Any split of {saved} rows per step (--batch-size x --grad-accum x processes) "
+                f"continues it: {fix}")
 
     # -- accounting -------------------------------------------------------------------------------------------
 
@@ -257,6 +300,33 @@ class BatchStream:
             return padding_fraction(self.lengths, [self.rows[i] for i in order], self.max_len)
         return padding_fraction(self.lengths, [order[s:s + self.batch_size]
                                                for s in range(0, len(order), self.batch_size)])
+
+
+def _steps_state(state: dict, grad_accum: int | None) -> dict:
+    """A position saved before the stream dealt whole optimizer steps, as the step position it is, or an error.
+
+    Those states count micro-batches of `global_batch_size` (batch_size x world_size) from an epoch cut into such
+    batches, with steps of `grad_accum` of them that could run on into the next epoch. The rest of that run's
+    order is the one dealt now only where the epoch holds whole steps of both units (then both drop the same
+    tail) and, with length grouping, the grouping unit was the step already (grad_accum 1)."""
+    if not all(isinstance(state.get(k), int) for k in ("index", "global_batch_size", "n_items")) \
+            or state["global_batch_size"] < 1:
+        return state  # not such a state either: refused by the checks that follow, naming what differs
+    if not isinstance(grad_accum, int) or grad_accum < 1:
+        raise ValueError("cannot resume this data stream: its position was saved by an earlier version, which "
+                         "counted micro-batches, and the grad_accum it ran with is unknown")
+    unit, index, n_items = state["global_batch_size"], state["index"], state["n_items"]
+    same_order = ((n_items // unit) % grad_accum == 0 and index % grad_accum == 0
+                  and not (state.get("group_by_length") and grad_accum > 1))
+    if not same_order:
+        raise ValueError(
+            f"cannot resume this data stream: its position was saved by an earlier version that cut each epoch of "
+            f"{n_items} rows into micro-batches of {unit} (batch_size x world_size), with grad_accum {grad_accum}"
+            + (" and length grouping" if state.get("group_by_length") else "")
+            + "; this version deals whole optimizer steps, and would not continue that run's order of the "
+            "epoch. Resume it with the version of train.py that wrote it, or start a new run")
+    rest = {k: v for k, v in state.items() if k not in ("index", "global_batch_size")}
+    return {**rest, "epoch_step": index // grad_accum, "rows_per_step": unit * grad_accum}
 
 
 def eval_batches(examples, batch_size: int, max_len: int, *, packing: bool = False, rank: int = 0,

@@ -1,5 +1,6 @@
 """data.batching: padding and packing are exact (checked through a tiny model), the stream is deterministic,
-resumable and data-parallel, and length grouping reduces padding."""
+resumable and data-parallel, deals each optimizer step the same rows however it is split, and length grouping
+reduces padding."""
 
 from __future__ import annotations
 
@@ -230,21 +231,89 @@ def test_stream_resumes_exactly_from_its_state(packing, group):
     a = BatchStream(examples, 3, 64, **kw)
     take(a, a.batches_per_epoch + 2)  # into the second epoch
     state = json.loads(json.dumps(a.state_dict()))  # plain data: goes into any checkpoint
-    assert (state["epoch"], state["index"]) == (1, 2)
+    assert (state["epoch"], state["epoch_step"]) == (1, 2)
     expected = take(a, a.batches_per_epoch + 1)
     b = BatchStream(examples, 3, 64, **kw)
     b.load_state_dict(state)
     assert same_batches(take(b, a.batches_per_epoch + 1), expected)
 
 
-def test_resume_refuses_a_different_setup_but_allows_another_world_size():
+def test_resume_refuses_a_different_setup_but_allows_any_split_of_the_same_step():
     examples = synthetic([10] * 40)
     state = BatchStream(examples, 4, 16, seed=0).state_dict()
-    for other in (dict(seed=1), dict(batch_size=2), dict(packing=True)):
+    for other in (dict(seed=1), dict(packing=True), dict(group_by_length=True)):
         s = BatchStream(examples, **{"batch_size": 4, "max_len": 16, **other})
         with pytest.raises(ValueError, match="cannot resume"):
             s.load_state_dict(state)
-    BatchStream(examples, 2, 16, rank=1, world_size=2).load_state_dict(state)  # same global batch of 4
+    for batch_size, grad_accum, world_size in [(2, 1, 2), (2, 2, 1), (1, 2, 2), (1, 4, 1)]:  # 4 rows a step
+        BatchStream(examples, batch_size, 16, grad_accum=grad_accum, rank=world_size - 1,
+                    world_size=world_size).load_state_dict(state)
+    # Another number of rows per step: what was saved, what is now, and the largest micro-batch up to this run's
+    # that makes the saved step (or the processes that can).
+    refusals = {(2, 1, 1): "--batch-size 2 --grad-accum 2", (3, 1, 1): "--batch-size 2 --grad-accum 2",
+                (8, 1, 1): "--batch-size 4 --grad-accum 1", (1, 1, 3): "number of processes that divides 4"}
+    for (batch_size, grad_accum, world_size), fix in refusals.items():
+        now = BatchStream(examples, batch_size, 16, grad_accum=grad_accum, world_size=world_size)
+        with pytest.raises(ValueError) as refused:
+            now.load_state_dict(state)
+        processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+        assert (f"optimizer steps took 4 rows each, this run's take {batch_size * grad_accum * world_size} "
+                f"(--batch-size {batch_size} x --grad-accum {grad_accum} x {processes})") in str(refused.value)
+        assert fix in str(refused.value)
+
+
+def test_a_position_saved_in_micro_batches_resumes_where_the_order_is_the_same():
+    # An earlier version saved the index of the next micro-batch of batch_size x world_size rows, and cut the
+    # epoch into such micro-batches. 42 examples in micro-batches of 2 are 21: 7 whole steps of 3 (the same epoch
+    # as steps of 6), 10 steps of 2 and one left over (an epoch whose last step ran on into the next).
+    examples = synthetic([10] * 42)
+    legacy = {"epoch": 1, "index": 6, "seed": 0, "n_items": 42, "global_batch_size": 2, "packing": False,
+              "group_by_length": False}
+    s = BatchStream(examples, 2, 16, grad_accum=3)
+    s.load_state_dict(legacy, saved_grad_accum=3)
+    assert s.state_dict() == {**{k: v for k, v in legacy.items() if k not in ("index", "global_batch_size")},
+                              "epoch_step": 2, "rows_per_step": 6}
+    perm = torch.randperm(42, generator=torch.Generator().manual_seed(0 + 1)).tolist()  # that version's epoch 1
+    assert unpadded(next(s)) == [examples[i].input_ids.tolist() for i in perm[12:14]]
+    refusals = [(legacy, 2, "with grad_accum 2;"), ({**legacy, "group_by_length": True}, 3, "and length grouping"),
+                (legacy, None, "the grad_accum it ran with is unknown")]
+    for state, accum, reason in refusals:
+        with pytest.raises(ValueError, match="saved by an earlier version") as refused:
+            BatchStream(examples, 2, 16, grad_accum=accum or 3).load_state_dict(state, saved_grad_accum=accum)
+        assert reason in str(refused.value)
+
+
+# batch, accumulation, ranks
+SPLITS_OF_12 = [(12, 1, 1), (6, 2, 1), (3, 4, 1), (3, 2, 2), (2, 6, 1), (2, 3, 2), (1, 4, 3), (4, 1, 3)]
+
+
+def _rows(batch, packing):
+    return [tuple(r.tolist()) for r in batch["input_ids"]] if packing else [tuple(r) for r in unpadded(batch)]
+
+
+@pytest.mark.parametrize("packing,group", [(False, False), (False, True), (True, False)])
+def test_every_split_of_the_same_rows_per_step_deals_each_step_the_same_rows(packing, group):
+    # 70 examples (fewer packed rows): 70 is no multiple of any split's micro-batch rows (batch x ranks), so a
+    # stream cut into micro-batches would keep a different tail of each epoch, and length grouping by
+    # micro-batch would put other rows together. Dealt by optimizer step, the step's rows are the split's to
+    # share out only: a checkpoint of one split resumes on another, and the step's gradient is the same.
+    random.seed(9)
+    examples = synthetic([random.randint(2, 40) for _ in range(70)])
+    kw = dict(packing=packing, group_by_length=group, seed=4)
+    streams = {split: [BatchStream(examples, split[0], 64, grad_accum=split[1], rank=r, world_size=split[2], **kw)
+                       for r in range(split[2])] for split in SPLITS_OF_12}
+    assert {ranks[0].steps_per_epoch for ranks in streams.values()} == {streams[12, 1, 1][0].n_items // 12}
+    n_steps = streams[12, 1, 1][0].steps_per_epoch + 2  # into the next epoch
+    # Per step, its micro-batches in slot order: micro-batch i of rank r is slot i * ranks + r.
+    dealt = {split: [[next(s) for _ in range(split[1]) for s in ranks] for _ in range(n_steps)]
+             for split, ranks in streams.items()}
+    whole = [sorted(_rows(step[0], packing)) for step in dealt[12, 1, 1]]
+    for split, steps in dealt.items():
+        assert [sorted(r for b in step for r in _rows(b, packing)) for step in steps] == whole, split
+    # The same micro-batch size deals each slot the same rows, whichever rank runs it: the dropout masks keyed by
+    # slot (train.dropout_seed) are then the same too.
+    for a, b in [((2, 6, 1), (2, 3, 2)), ((3, 4, 1), (3, 2, 2))]:
+        assert all(same_batches(x, y) for x, y in zip(dealt[a], dealt[b], strict=True)), (a, b)
 
 
 @pytest.mark.parametrize("packing,group", [(False, False), (False, True), (True, False)])
@@ -284,8 +353,8 @@ def test_length_grouping_reduces_padding_and_keeps_epochs_shuffled():
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_an_epoch_of_length_grouped_batches_holds_every_kept_example_exactly_once(world_size):
-    # 437 examples: several sorting windows of 50 global batches, and a remainder (437 mod 4 = 1, mod 8 = 5) that
-    # no whole global batch holds, dropped. Every other example comes exactly once per epoch, over all ranks.
+    # 437 examples: several sorting windows of 50 optimizer steps, and a remainder (437 mod 4 = 1, mod 8 = 5) that
+    # no whole step holds, dropped. Every other example comes exactly once per epoch, over all ranks.
     random.seed(8)
     examples = synthetic([random.randint(2, 60) for _ in range(437)])  # example i: BOS, then 3 + i repeated
     ranks = [BatchStream(examples, 4, 64, group_by_length=True, seed=2, rank=r, world_size=world_size)
@@ -306,7 +375,7 @@ def test_an_epoch_of_length_grouped_batches_holds_every_kept_example_exactly_onc
 
 def test_stream_refuses_bad_setups():
     examples = synthetic([10] * 5)
-    with pytest.raises(ValueError, match="do not fill one global batch"):
+    with pytest.raises(ValueError, match="do not fill one optimizer step"):
         BatchStream(examples, 4, 16, world_size=2)
     with pytest.raises(ValueError, match="longer than max_len=8"):
         BatchStream(examples, 2, 8)

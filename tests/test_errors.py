@@ -50,7 +50,7 @@ def model_copy(tiny_ckpt, tmp_path, *skip) -> Path:
     ("\n\n   \n", "no rows (the file is empty or holds only blank lines)"),
     (json.dumps([{"text": "### Human: hi### Assistant: hello"}]), "holds a JSON array; expected JSON Lines"),
     (json.dumps([{"text": "### Human: hi### Assistant: hello"}], indent=2), "holds a JSON array"),
-    ("\n".join(GUANACO_SAMPLE.read_text().splitlines()[:1]) + "\n", "do not fill one global batch"),
+    ("\n".join(GUANACO_SAMPLE.read_text().splitlines()[:1]) + "\n", "do not fill one optimizer step"),
 ])
 def test_bad_data_files(tmp_path, tiny_ckpt, content, expected):
     data = tmp_path / "data.jsonl"

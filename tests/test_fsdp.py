@@ -1,6 +1,6 @@
 """--fsdp on 2 gloo processes (CPU): the same training as one process accumulating the same micro-batches
-(dropout on, a clip that fires), checkpoints that resume with another number of processes, HSDP on both 2-process
-meshes, and the bytes each process holds."""
+(dropout on, a clip that fires), checkpoints that resume with another number of processes and any split of the
+same rows per step, HSDP on both 2-process meshes, and the bytes each process holds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ CLIP, LR = 0.005, 5e-2
 def _data(tmp_path):
     rows = GUANACO_SAMPLE.read_text().splitlines()
     data = tmp_path / "seventeen.jsonl"
-    # One conversation held out for evaluation, 16 trained on: 4 global batches of 4, one epoch, cut alike by
+    # One conversation held out for evaluation, 16 trained on: 4 optimizer steps of 4 rows, one epoch, cut alike by
     # every setting compared.
     data.write_text("\n".join((rows * 2)[:17]) + "\n")
     return data
@@ -57,9 +57,17 @@ def single(tmp_path_factory, tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, tiny_ckpt):
+    """What `single` runs, on two FSDP processes of --batch-size 2 side by side."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    proc = _torchrun(tmp, tiny_ckpt, "fsdp", "--fsdp", port=29531)
+    return tmp / "fsdp", proc
+
+
+@pytest.fixture(scope="module")
 def whole_batch(tmp_path_factory, tiny_ckpt):
-    """Without dropout: one process taking each global batch of 4 at once, as a resumed leg with another
-    number of processes does (the data stream's position counts global batches)."""
+    """Without dropout: one process taking each step's 4 rows at once, as a resumed leg with another number of
+    processes may (the data stream's position counts optimizer steps, whatever their split)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     summary, rows = run(tmp, tiny_ckpt, "whole", batch_size=4, **_settings(tmp, dropout=0.0))
     return tmp / "whole", summary, rows
@@ -70,7 +78,7 @@ def whole_batch(tmp_path_factory, tiny_ckpt):
 # fails by 2e-5 on one weight of 0.23). Losses and norms agree to 1e-5 and 1e-4, and a clip applied to each
 # process's part instead of the sum moves the losses by ~1e-4 (see test_train's data-parallel test).
 SHARDED = dict(rtol=1e-4, atol=1e-5)
-# A global batch summed in another order (4 rows at once on one process, or 2 + 2 over two) differs more.
+# A step's rows summed in another order (4 rows at once on one process, or 2 + 2 over two) differs more.
 REORDERED = dict(rtol=1e-3, atol=1e-4)
 
 
@@ -98,15 +106,15 @@ def _assert_same_run(folder, reference, **tolerance):
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tmp_path, tiny_ckpt, single):
+def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single, two_processes):
     import json
 
-    proc = _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", port=29531)
+    folder, proc = two_processes
     assert "sharded with FSDP2 over a 2 mesh (shard)" in proc.stdout
-    _assert_same_run(tmp_path / "fsdp", single)
+    _assert_same_run(folder, single)
     for step in (2, 4):  # checkpoints hold the whole adapter and optimizer state, as one process writes them
-        assert_same_adapters(single[0] / f"checkpoint-{step}", tmp_path / "fsdp" / f"checkpoint-{step}", **SHARDED)
-    sharded = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["param_bytes_per_process"]
+        assert_same_adapters(single[0] / f"checkpoint-{step}", folder / f"checkpoint-{step}", **SHARDED)
+    sharded = json.loads((folder / "summary.json").read_text())["param_bytes_per_process"]
     whole = single[1]["param_bytes_per_process"]
     assert 0 < sharded <= 0.6 * whole, (sharded, whole)
     # The README's table is computed from the shapes: the same computation gives what was measured here.
@@ -129,11 +137,21 @@ def test_checkpoints_resume_with_another_number_of_processes(tmp_path, tiny_ckpt
     run(tmp_path, tiny_ckpt, "resumed", batch_size=4, resume=str(tmp_path / "fsdp" / "checkpoint-2"),
         **_settings(tmp_path, dropout=0.0))
     assert_same_adapters(whole_batch[0], tmp_path / "resumed", **REORDERED)
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_on_another_split_of_the_same_rows_per_step(tmp_path, tiny_ckpt, single, two_processes):
+    """2 processes of --batch-size 2 -> 1 process of --batch-size 2 --grad-accum 2, and back: 4 rows a step, each
+    micro-batch the same rows in the same slot of the step, so even with dropout on (the masks are keyed by slot)
+    the resumed run reaches the uninterrupted one's adapter."""
+    run(tmp_path, tiny_ckpt, "one", batch_size=2, grad_accum=2, resume=str(two_processes[0] / "checkpoint-2"),
+        **_settings(tmp_path))
+    _assert_same_run(tmp_path / "one", single)
     # 1 plain process -> 2 processes, HSDP on a 1 x 2 mesh (both processes one shard group, one replica).
     proc = _torchrun(tmp_path, tiny_ckpt, "hsdp12", "--fsdp", "hybrid", "--resume",
-                     str(whole_batch[0] / "checkpoint-2"), port=29532, dropout=0.0)
+                     str(single[0] / "checkpoint-2"), port=29532)
     assert "over a 1x2 mesh (replicate, shard)" in proc.stdout
-    assert_same_adapters(whole_batch[0], tmp_path / "hsdp12", **REORDERED)
+    _assert_same_run(tmp_path / "hsdp12", single)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from data import BatchStream, eval_batches, load_examples
 from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, run, train_losses
 from tinyllama import load_model, reference_loss
 from tinyllama.runtime import RuntimePlan, sdpa_context
-from training import run_folder
+from training import TrainingError, run_folder
 from training.step import batch_loss, evaluate, is_right_padded, prepare
 
 pytest.importorskip("transformers")
@@ -101,10 +101,39 @@ def test_resume_from_a_mid_run_checkpoint_with_a_decaying_schedule(tmp_path, tin
 
 
 @pytest.mark.slow
+def test_a_checkpoint_resumes_on_any_split_of_its_rows_per_step(tmp_path, tiny_ckpt):
+    # 11 conversations, 4 rows a step: 2 steps an epoch, so checkpoint-3 is in the middle of the second epoch.
+    # No dropout: a micro-batch of another size would draw other masks (train.dropout_seed).
+    common = dict(schedule="cosine", warmup=1, steps=4, save_every=3, keep_checkpoints=0)
+    _, full = run(tmp_path, tiny_ckpt, "full", batch_size=4, grad_accum=1, **common)
+    checkpoint = tmp_path / "full" / "checkpoint-3"
+    state = run_folder.read_state(checkpoint)
+    assert {k: state["stream"][k] for k in ("epoch", "epoch_step", "rows_per_step")} == \
+        {"epoch": 1, "epoch_step": 1, "rows_per_step": 4}
+    # The same 4 rows a step as 2 micro-batches of 2: the step's rows, and so its gradient, are the same.
+    _, resumed = run(tmp_path, tiny_ckpt, "split", batch_size=2, grad_accum=2, **common, resume=str(checkpoint))
+    assert train_losses(resumed) == pytest.approx(train_losses(full), rel=1e-5)
+    assert_same_adapters(tmp_path / "full", tmp_path / "split", atol=1e-5)
+    # 2 rows a step would continue another order: refused before the model loads, with a split that works.
+    with pytest.raises(TrainingError) as refused:
+        run(tmp_path, tiny_ckpt, "other", batch_size=2, grad_accum=1, **common, resume=str(checkpoint))
+    assert "optimizer steps took 4 rows each, this run's take 2 (--batch-size 2 x --grad-accum 1 x 1 process)" \
+        in str(refused.value) and "--batch-size 2 --grad-accum 2" in str(refused.value)
+    # A checkpoint of the earlier version, which counted micro-batches of batch_size x processes rows, resumes
+    # where its epoch holds whole steps of both (here: grad_accum 1, trivially).
+    legacy = {k: v for k, v in state["stream"].items() if k not in ("epoch_step", "rows_per_step")}
+    state["stream"] = {**legacy, "index": 1, "global_batch_size": 4}
+    (checkpoint / run_folder.STATE).write_text(json.dumps(state))
+    _, resumed = run(tmp_path, tiny_ckpt, "legacy", batch_size=4, grad_accum=1, **common, resume=str(checkpoint))
+    assert train_losses(resumed) == train_losses(full)
+    assert_same_adapters(tmp_path / "full", tmp_path / "legacy", rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     # Dropout on: each rank draws its own masks, those one process accumulating the same two micro-batches
     # draws (`train.dropout_seed`), so the runs agree; with one shared stream they could not. 16 rows: both
-    # settings cut the epoch into the same global batches. Clipping fires at every step (the norms are several
+    # settings cut the epoch into the same steps. Clipping fires at every step (the norms are several
     # times the clip): it must act on the summed gradient, after the all-reduce, as in the single process. A high
     # lr, so that a different update shows in the losses (clipping each rank's part moves them by ~1e-4).
     rows = GUANACO_SAMPLE.read_text().splitlines()
