@@ -23,7 +23,9 @@ a reply twice or not at all is refused too.
 
 How the ids are made. The rendered text is cut at the template's special tokens (each one id; text inside a
 message is never read as a special token, so data cannot smuggle in an end token) and at the label boundaries.
-Each piece of text is encoded on its own: the piece at the very start with `tokenizer.encode` (SentencePiece's
+A special token the tokenizer marks `lstrip` / `rstrip` swallows the whitespace beside it, as in transformers
+(Phi-3's `<|end|>` and the newline after it are one id); that whitespace is in no token and no label. Each piece
+of text is encoded on its own: the piece at the very start with `tokenizer.encode` (SentencePiece's
 dummy-prefix space), every later one with `tokenizer.encode_inside` (as it is tokenized after other text or a
 special token). Consequences, checked by the tests against transformers:
 - the ids equal `tokenizer(rendered, add_special_tokens=False)`'s (`encode_rendered` here), with special tokens
@@ -141,29 +143,61 @@ def _label_ranges(text: str, spans, labelled: set[int], template: Template, patt
     return ranges
 
 
+# Unicode White_Space: the `\s` that tokenizers strips beside an added token (Python's str.isspace also takes
+# \x1c-\x1f, which tokenizers does not).
+_WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+                        "\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def _with_stripped(text: str, special: list[tuple[int, int]], strip: dict) -> dict[int, tuple[int, int, int]]:
+    """{piece start: (piece end, token start, token end)} of each special token, its piece widened over the
+    whitespace it swallows, as tokenizers matches added tokens: `lstrip` takes the run of whitespace before the
+    token that the previous token did not take, `rstrip` the run after it (never into the next token). The
+    swallowed whitespace is in no token."""
+    out, taken = {}, 0
+    for k, (a, b) in enumerate(special):
+        left, right = strip.get(text[a:b], (False, False))
+        start, end = a, b
+        limit = special[k + 1][0] if k + 1 < len(special) else len(text)
+        while left and start > taken and text[start - 1] in _WHITESPACE:
+            start -= 1
+        while right and end < limit and text[end] in _WHITESPACE:
+            end += 1
+        out[start] = (end, a, b)
+        taken = end
+    return out
+
+
 def _encode_layout(text: str, spans, labelled: set[int], template: Template, tokenizer):
-    """(ids, labels): `text` cut at the special tokens the template wrote (never those inside a message) and at
-    the label boundaries, each piece encoded on its own (see the module docstring)."""
+    """(ids, labels): `text` cut at the special tokens the template wrote (never those inside a message), with
+    the whitespace they swallow, and at the label boundaries outside them, each piece encoded on its own (see
+    the module docstring). A special token is labelled where its own characters are."""
     pattern = special_pattern(tokenizer)
     special = [] if pattern is None else [m.span() for s, e, i in spans if i is None
                                           for m in pattern.finditer(text, s, e)]
     ranges = _label_ranges(text, spans, labelled, template, pattern)
-    bounds = sorted({0, len(text), *(x for r in ranges for x in r), *(x for r in special for x in r)})
-    special_at = dict(special)
+    special_at = _with_stripped(text, special, tokenizer.special_strip)
+    # A special token's piece is one id, never cut: a label boundary in the whitespace it swallows (a reply that
+    # starts with a newline its header's rstrip takes, an end of turn whose rstrip takes the newline after it)
+    # is dropped, and the piece is labelled by where its token's own characters are.
+    inner = {x for a, (b, _, _) in special_at.items() for x in range(a + 1, b)}
+    bounds = sorted({0, len(text), *(x for r in ranges for x in r if x not in inner),
+                     *(x for a, (b, _, _) in special_at.items() for x in (a, b))})
     cuts = list(zip(bounds, bounds[1:], strict=False))
-    inside = [text[a:b] for a, b in cuts if a > 0 and special_at.get(a) != b]
+    inside = [text[a:b] for a, b in cuts if a > 0 and a not in special_at]
     encoded = iter(tokenizer.encode_inside_all(inside) if inside else [])
     ids, labels = [], []
-    r = 0  # the first labelled range that does not end before the current piece
+    r = 0  # the first labelled range that does not end before the current piece's token
     for a, b in cuts:
-        while r < len(ranges) and ranges[r][1] <= a:
-            r += 1
-        if special_at.get(a) == b:
-            piece = [tokenizer.special_tokens[text[a:b]]]
+        if a in special_at:
+            _, at, end = special_at[a]
+            piece = [tokenizer.special_tokens[text[at:end]]]
         else:
-            piece = tokenizer.encode(text[a:b], bos=False) if a == 0 else next(encoded)
+            at, piece = a, tokenizer.encode(text[a:b], bos=False) if a == 0 else next(encoded)
+        while r < len(ranges) and ranges[r][1] <= at:
+            r += 1
         ids += piece
-        labels += piece if r < len(ranges) and ranges[r][0] <= a else [IGNORE_INDEX] * len(piece)
+        labels += piece if r < len(ranges) and ranges[r][0] <= at else [IGNORE_INDEX] * len(piece)
     return ids, labels
 
 

@@ -105,13 +105,26 @@ def _expected_labels(text, messages, hf, ids_offsets, special_tokens) -> list[bo
     return [any(a < e and s < b for s, e in ranges) for a, b in ids_offsets]
 
 
-@pytest.mark.parametrize("spec, kind", list(_cases()))
-def test_render_ids_and_labels_equal_transformers(spec, kind, tokenizers):
-    tokenizer, hf = tokenizers[kind]
-    template = load_template(spec, tokenizer=tokenizer)
+def _own_offsets(text, ids, offsets, hf):
+    """transformers' offsets with each added token's narrowed to its own characters: the whitespace a token with
+    lstrip / rstrip swallows is in its offsets there, but belongs to no token (a reply's leading newline taken by
+    its header's rstrip must not label the header)."""
+    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
+    out = []
+    for i, (a, b) in zip(ids, offsets, strict=True):
+        if i in added:
+            a = text.index(added[i], a, b)
+            b = a + len(added[i])
+        out.append((a, b))
+    return out
+
+
+def _assert_encodes_as_transformers(tokenizer, hf, template, conversations) -> int:
+    """Each conversation, whole and as a prompt: rendered, encoded and labelled as transformers would (labels
+    from character ranges mapped through its offsets); returns how many were trained on."""
     specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
     checked = 0
-    for messages in CONVERSATIONS.values():
+    for messages in conversations:
         for generation, msgs in ((False, messages), (True, messages[:-1])):
             expected = _hf_render(hf, template, msgs, generation)
             if isinstance(expected, Exception):  # refused by the template: refused here too
@@ -126,11 +139,132 @@ def test_render_ids_and_labels_equal_transformers(spec, kind, tokenizers):
                 continue
             ids, labels = encode_messages(msgs, tokenizer, template)
             assert ids == hf_ids["input_ids"]  # BOS only where the template writes it, special tokens as one id
-            assert [x != IGNORE_INDEX for x in labels] == _expected_labels(
-                expected, msgs, hf, hf_ids["offset_mapping"], specials)
+            offsets = _own_offsets(expected, ids, hf_ids["offset_mapping"], hf)
+            assert [x != IGNORE_INDEX for x in labels] == _expected_labels(expected, msgs, hf, offsets, specials)
             assert all(x in (IGNORE_INDEX, i) for x, i in zip(labels, ids, strict=True))
             checked += 1
-    assert checked >= 2  # at least the conversations without a system message were trained on
+    return checked
+
+
+@pytest.mark.parametrize("spec, kind", list(_cases()))
+def test_render_ids_and_labels_equal_transformers(spec, kind, tokenizers):
+    tokenizer, hf = tokenizers[kind]
+    template = load_template(spec, tokenizer=tokenizer)
+    # At least the conversations without a system message were trained on.
+    assert _assert_encodes_as_transformers(tokenizer, hf, template, CONVERSATIONS.values()) >= 2
+
+
+# Added tokens that swallow the whitespace beside them. Phi-3's tokenizer_config.json sets rstrip on these; its
+# template writes '<|role|>\n' + content + '<|end|>\n', so transformers reads no newline at all.
+PHI3_STRIPPED = ("</s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>")
+PHI3_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
+                 "{% endif %}")
+# Whitespace at a content's edges meets the whitespace the tokens swallow: a reply's leading space goes with its
+# header (rstrip), its trailing newline with its end of turn (lstrip).
+EDGE_WHITESPACE = {
+    "system and two exchanges, edge whitespace": [
+        {"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "\nWhat is 2+2 "},
+        {"role": "assistant", "content": " It is four\n"}, {"role": "user", "content": "\tAnd 3+3?\n\n"},
+        {"role": "assistant", "content": "Six, of course \t"}],
+    "inner newlines": [{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c\n\nd\n"}],
+}
+# Only where the header's rstrip takes the newline after it: else that newline and the reply's are one piece of
+# the whole text and two here, the label-boundary merge the module docstring of data.encoding describes.
+LEADING_NEWLINES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\n\nHello there\n"}]
+STRIP_FLAGS = {"rstrip": dict(rstrip=True), "lstrip": dict(lstrip=True), "both": dict(lstrip=True, rstrip=True)}
+
+
+@pytest.fixture(scope="module")
+def phi3_folders(folders, tmp_path_factory):
+    """flags -> a BPE folder with Llama 2's special tokens and Phi-3's chat tokens, PHI3_STRIPPED carrying those
+    flags in tokenizer.json, and "config": none in tokenizer.json, rstrip in tokenizer_config.json's
+    added_tokens_decoder (which transformers reads last)."""
+    import json
+
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    root = tmp_path_factory.mktemp("phi3")
+    out = {}
+    for name, flags in {**STRIP_FLAGS, "config": {}}.items():
+        folder = root / name
+        shutil.copytree(folders["bpe-llama2"], folder)
+        backend = Backend.from_file(str(folder / "tokenizer.json"))
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False, **flags) for t in PHI3_STRIPPED])
+        backend.save(str(folder / "tokenizer.json"))
+        if name == "config":
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            config["added_tokens_decoder"] = {
+                str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": t.content in
+                         PHI3_STRIPPED, "single_word": False, "special": True}
+                for i, t in backend.get_added_tokens_decoder().items()}
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        (folder / "phi3.jinja").write_text(PHI3_TEMPLATE)
+        out[name] = folder
+    return out
+
+
+@pytest.mark.parametrize("flags", [*STRIP_FLAGS, "config"])
+def test_added_tokens_that_strip_whitespace_encode_as_transformers(flags, phi3_folders):
+    folder = phi3_folders[flags]
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    template = load_template(str(folder / "phi3.jinja"), tokenizer=tokenizer)
+    conversations = [*CONVERSATIONS.values(), *EDGE_WHITESPACE.values()] + [LEADING_NEWLINES] * (flags != "lstrip")
+    assert _assert_encodes_as_transformers(tokenizer, hf, template, conversations) == len(conversations)
+    for messages in conversations:  # what apply_chat_template(tokenize=True) gives, too
+        expected = hf.apply_chat_template(messages, chat_template=PHI3_TEMPLATE, tokenize=True, return_dict=True)
+        assert encode_messages(messages, tokenizer, template)[0] == expected["input_ids"]
+    # The issue's example, spelled out: no newline is left in the ids, the labels are the reply and its <|end|>.
+    ids, labels = encode_messages(CONVERSATIONS["one exchange"], tokenizer, template)
+    decode = lambda xs: tokenizer.backend.decode(xs, skip_special_tokens=False)  # noqa: E731
+    if flags in ("rstrip", "config", "both"):
+        assert decode(ids) == "<s><|user|>Hi there<|end|><|assistant|>Hello, how can I help<|end|></s>"
+    else:  # lstrip: each newline after a header stays; the one before the next token goes
+        assert decode(ids) == "<s><|user|>\nHi there<|end|><|assistant|>\nHello, how can I help<|end|></s>"
+    assert decode([i for i, x in zip(ids, labels, strict=True) if x != IGNORE_INDEX]) == \
+        "Hello, how can I help<|end|>"
+
+
+def test_the_whitespace_a_token_swallows_is_tokenizers_whitespace(phi3_folders):
+    """Unicode White_Space, as tokenizers' `\\s`: not every character Python's isspace() takes."""
+    import sys
+
+    from data.encoding import _WHITESPACE
+
+    folder = phi3_folders["both"]
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    candidates = {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()} | _WHITESPACE | {"\u200b", "\u180e"}
+    for c in sorted(candidates):
+        for text in (f"a{c}<|end|>{c}b", f"<|end|>{c}{c}\n<|user|>"):
+            assert encode_rendered(text, tokenizer) == hf(text, add_special_tokens=False)["input_ids"], hex(ord(c))
+
+
+@pytest.mark.parametrize("flags", list(STRIP_FLAGS))
+def test_sentencepiece_reads_the_strip_flags_of_tokenizer_config(flags, folders, tmp_path):
+    """A tokenizer.model has no added tokens of its own: the flags of <s>, </s> and <unk> are in
+    tokenizer_config.json's added_tokens_decoder (Phi-3's </s> has rstrip), and transformers honours them."""
+    import json
+
+    folder = tmp_path / "sp"
+    shutil.copytree(folders["sp"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["2"].update(STRIP_FLAGS[flags])  # </s>
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.special_strip == {"</s>": (flags != "rstrip", flags != "lstrip")}
+    # zephyr writes '</s>\n' after every turn, llama2 ' </s>'.
+    for spec, conversations in (("zephyr", [*CONVERSATIONS.values(), EDGE_WHITESPACE["inner newlines"]]),
+                                ("llama2", CONVERSATIONS.values())):
+        template = load_template(spec, tokenizer=tokenizer)
+        assert _assert_encodes_as_transformers(tokenizer, hf, template, conversations) >= 2, spec
+    one = CONVERSATIONS["one exchange"]
+    zephyr, _ = encode_messages(one, tokenizer, load_template("zephyr", tokenizer=tokenizer))
+    llama2, _ = encode_messages(one, tokenizer, load_template("llama2", tokenizer=tokenizer))
+    rstrip, lstrip = "rstrip" in STRIP_FLAGS[flags], "lstrip" in STRIP_FLAGS[flags]
+    assert [tokenizer.id_to_piece(i) for i in zephyr].count("<0x0A>") == (2 if rstrip else 4)  # '</s>\n' is one
+    tail = ["▁help", "</s>"] if lstrip else ["▁help", "▁", "</s>"]  # ' </s>' is one id with lstrip
+    assert [tokenizer.id_to_piece(i) for i in llama2[-len(tail):]] == tail
 
 
 def test_the_end_of_turn_token_is_labelled_and_nothing_else_of_the_template(tokenizers):

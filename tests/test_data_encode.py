@@ -91,6 +91,7 @@ class CharTokenizer:
     bos_id, eos_id = 1, 2
     bos_token, eos_token, unk_token = "<s>", "</s>", None
     special_tokens = {"<s>": 1, "</s>": 2}
+    special_strip = {}
 
     def encode(self, text, bos=True, eos=False):
         return [self.bos_id] * bos + [ord(c) for c in text] + [self.eos_id] * eos

@@ -2,14 +2,17 @@
 
 `load_tokenizer(folder)` picks the kind from the files a model folder holds; both classes have one interface
 (`encode(text, bos, eos)`, `encode_inside(text)`, `decode(ids)`, `id_to_piece(i)`, `bos_id`, `eos_id`,
-`vocab_size`, `path`, and for chat templates `special_tokens` and `bos_token`/`eos_token`/`unk_token`), which is
-all that the data encoding, generation and the commands use.
+`vocab_size`, `path`, and for chat templates `special_tokens`, `special_strip` and
+`bos_token`/`eos_token`/`unk_token`), which is all that the data encoding, generation and the commands use.
 
 Text is always encoded as plain text: "</s>" or "<|eot_id|>" written in a message stays characters, so data
 cannot smuggle in an end token. Special tokens reach the ids only where a chat template writes them:
 `data.encoding` cuts a rendered conversation at the `special_tokens` strings and encodes the text between them
 with `encode` (at the start of the text) or `encode_inside` (anywhere after), which together give what
-transformers' `tokenizer(rendered, add_special_tokens=False)` gives.
+transformers' `tokenizer(rendered, add_special_tokens=False)` gives. `special_strip` names the special tokens
+that swallow the whitespace beside them there (added tokens' `lstrip` / `rstrip`: Phi-3's `<|end|>`, `<|user|>`,
+`</s>` have `rstrip`), read as transformers reads them: `tokenizer_config.json`'s `added_tokens_decoder`, else
+tokenizer.json's `added_tokens`; beside a `tokenizer.model`, `added_tokens_decoder` alone.
 
 - `Tokenizer`: `tokenizer.model` through `sentencepiece`, a thin, explicit wrapper.
 - `BPETokenizer`: `tokenizer.json` (Llama 3, SmolLM2) through the `tokenizers` library, an optional extra
@@ -21,8 +24,9 @@ beside a SentencePiece `tokenizer.model` (the merged export, `tinyllama.export`,
 tokenises as `Tokenizer` does.
 
 No pad token is invented: batches pad with any id and mask it out. Deliberately left out: rendering chat
-templates (`tinyllama.templates`), token offsets, and any tokenizer.json behaviour beyond encoding and decoding
-plain text and naming its special tokens.
+templates (`tinyllama.templates`), token offsets, added tokens' `single_word` and `normalized` flags, and any
+tokenizer.json behaviour beyond encoding and decoding plain text and naming its special tokens and their
+whitespace flags.
 """
 
 from __future__ import annotations
@@ -60,6 +64,9 @@ class Tokenizer:
                                                                                     self.sp.unk_id()))
         self.special_tokens: dict[str, int] = {self.sp.id_to_piece(i): i for i in
                                                (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
+        config_path = path.parent / "tokenizer_config.json"
+        config = _read_config(config_path) if config_path.is_file() else {}
+        self.special_strip: dict[str, tuple[bool, bool]] = _special_strip(self.special_tokens, {}, config)
         self._inside_prefix = self.sp.encode(_CONTEXT, out_type=int)
 
     def _piece(self, i: int) -> str | None:
@@ -132,7 +139,7 @@ class BPETokenizer:
         if not config_path.is_file():
             raise FileNotFoundError(f"no tokenizer_config.json beside {self.path}: it names the EOS token; pass the "
                                     "folder with the tokenizer files that came with the model")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = _read_config(config_path)
         # What a chat template sees as bos_token etc. (transformers' special_tokens_map), named even where the
         # post-processor adds no BOS (SmolLM2).
         self.bos_token, self.eos_token, self.unk_token = (_token_text(config.get(k)) for k in
@@ -141,8 +148,10 @@ class BPETokenizer:
         self.bos_id: int | None = self._added_bos()
         self.vocab_size: int = self.backend.get_vocab_size(with_added_tokens=True)
         # Every added token, as transformers matches them in a rendered chat (<|eot_id|>, <|im_end|>, ...).
-        self.special_tokens: dict[str, int] = {t.content: i for i, t in
-                                               self.backend.get_added_tokens_decoder().items()}
+        added = self.backend.get_added_tokens_decoder()
+        self.special_tokens: dict[str, int] = {t.content: i for i, t in added.items()}
+        self.special_strip = _special_strip(self.special_tokens,
+                                            {t.content: (t.lstrip, t.rstrip) for t in added.values()}, config)
 
     def _eos_id(self, config_path: Path) -> int:
         token = self.eos_token
@@ -186,6 +195,32 @@ class BPETokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.backend.id_to_token(int(i))
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); pass the tokenizer_config.json that came with the "
+                         "model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, expected a JSON object; pass the "
+                         "tokenizer_config.json that came with the model")
+    return config
+
+
+def _special_strip(special_tokens: dict[str, int], flags: dict[str, tuple[bool, bool]],
+                   config: dict) -> dict[str, tuple[bool, bool]]:
+    """(lstrip, rstrip) of each special token that swallows the whitespace on its left or right when it is
+    matched in a text. `flags` are the tokenizer's own (tokenizer.json's `added_tokens`); an entry of
+    tokenizer_config.json's `added_tokens_decoder` replaces them, as transformers re-adds those tokens last."""
+    flags = dict(flags)
+    decoder = config.get("added_tokens_decoder")
+    for entry in decoder.values() if isinstance(decoder, dict) else ():
+        if isinstance(entry, dict) and entry.get("content") in special_tokens:
+            flags[entry["content"]] = (bool(entry.get("lstrip")), bool(entry.get("rstrip")))
+    return {token: (left, right) for token, (left, right) in flags.items()
+            if token in special_tokens and (left or right)}
 
 
 def _token_text(token) -> str | None:
