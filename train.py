@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import lora
-from data import BatchStream, eval_batches, load_template, load_train_eval
+from data import BUILTINS, BatchStream, eval_batches, load_template, load_train_eval
 from lora import LoRAConfig
 from tinyllama import load_model, load_tokenizer
 from tinyllama.checkpoint import HubUnavailable, model_config, random_model, resolve_checkpoint
@@ -174,11 +174,13 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
     except ValueError as e:
         raise TrainingError(str(e)) from e
     if end is None:
+        usable = [name for name in BUILTINS if load_template(name, tokenizer=tokenizer).end_of_turn_token(tokenizer)]
         raise TrainingError(
-            f"the chat template {template.name} ends an assistant turn with no special token that the tokenizer "
-            f"{tokenizer.path} has (chatml's <|im_end|>, llama3's <|eot_id|> are text to a Llama 2 tokenizer), "
-            "so the model would never learn where a reply ends. Pick a template this tokenizer can end a turn "
-            "with: guanaco, llama2, zephyr and mistral end with its EOS")
+            f"the chat template {template.name} ends an assistant turn with "
+            f"{template.text_after_reply(tokenizer)!r}, which holds no special token of the tokenizer "
+            f"{tokenizer.path} (to it that is plain text), so the model would never learn where a reply ends. Pick a "
+            f"template that ends a turn with one of this tokenizer's special tokens: of the built-ins, "
+            f"{', '.join(usable)}")
     turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
     log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
     return template

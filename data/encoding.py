@@ -18,8 +18,11 @@ How the boundaries are found (`Template.layout`). Rendering prefixes of a conver
 v0.3's template moves the system message into the last user turn, so a prefix renders differently from the
 whole). Instead the conversation is rendered as it is, and with each message's content replaced by a sentinel
 (once per sequence of roles). The sentinels' places say where each content sits; putting the contents back must
-give the real text exactly (a template that changes a message's text is refused, counted). A template that writes
-a reply twice or not at all is refused too.
+give the real text exactly, each content as it is or trimmed of whitespace at its edges where the template trims
+it (Llama 2 and 3.x, Mistral v0.3): the labels then cover the trimmed reply, what the template renders. A template
+that changes a message's text otherwise is refused, counted, as is one that writes a reply twice or not at all.
+A system message the template leaves out (Mistral v0.3 writes it into the last user turn, and a conversation to
+train on ends with an assistant turn) is counted in the report (`SYSTEM_NOT_RENDERED`).
 
 How the ids are made. The rendered text is cut at the template's special tokens (each one id; text inside a
 message is never read as a special token, so data cannot smuggle in an end token) and at the label boundaries.
@@ -54,8 +57,11 @@ from .guanaco import ASSISTANT, HUMAN, BadRow, Turn, check_conversation
 
 ASSISTANT_ONLY, LAST = "assistant", "last"  # --train-on
 TRAIN_ON = (ASSISTANT_ONLY, LAST)
+DEFAULT_MAX_LEN = 1024  # tokens per row: the default of train.py's --max-len and of data.stats'
 ROLES = {"system": "system", HUMAN: "user", "user": "user", ASSISTANT: "assistant"}
-SPECIAL_TEXT = "special-token text in a message (encoded as plain text)"  # a counted note, not a skip
+# Counted notes, not skips: the conversation is trained on.
+SPECIAL_TEXT = "special-token text in a message (encoded as plain text)"
+SYSTEM_NOT_RENDERED = "system message not rendered by the template"
 
 
 @dataclass
@@ -81,7 +87,7 @@ class EncodeReport:
     examples: int = 0
     truncated: int = 0  # kept, cut to max_len
     skipped: Counter = field(default_factory=Counter)  # reason -> conversations not turned into an example
-    notes: Counter = field(default_factory=Counter)  # kept, but worth knowing (SPECIAL_TEXT)
+    notes: Counter = field(default_factory=Counter)  # kept, but worth knowing (SPECIAL_TEXT, SYSTEM_NOT_RENDERED)
     tokens: int = 0
     labelled: int = 0
 
@@ -229,13 +235,21 @@ def encode_full(conversation, tokenizer, template: Template, train_on: str = ASS
     """(input_ids, labels) of a whole conversation (Turns or message dicts ending with an assistant reply),
     through `template` bound to `tokenizer`. Raises BadRow (a ValueError) with a countable `reason` for a
     conversation that cannot be trained on."""
+    ids, labels, _ = _encode_conversation(conversation, tokenizer, template, train_on)
+    return ids, labels
+
+
+def _encode_conversation(conversation, tokenizer, template: Template, train_on: str):
+    """`encode_full`'s (input_ids, labels), and whether the template left out the conversation's system
+    message."""
     if conversation and isinstance(conversation[0], Turn):
         check_conversation(conversation, markers=False)  # the templates check markers and roles their own way
     messages = to_messages(conversation)
     _check_trainable(messages)
     labelled = _labelled_messages(messages, train_on)
     text, spans = _layout(messages, template, labelled, add_generation_prompt=False)
-    return _encode_layout(text, spans, labelled, template, tokenizer)
+    ids, labels = _encode_layout(text, spans, labelled, template, tokenizer)
+    return ids, labels, messages[0]["role"] == "system" and all(i != 0 for _, _, i in spans)
 
 
 def _truncate(ids: list[int], labels: list[int], max_len: int | None) -> tuple[list[int], list[int]]:
@@ -304,7 +318,8 @@ def end_of_turn_ids(tokenizer, template: Template | None = None) -> list[int]:
 def encode_all(conversations, tokenizer, max_len: int | None, template: Template | None = None, *,
                train_on: str = ASSISTANT_ONLY) -> tuple[list[Example], EncodeReport]:
     """Encode every conversation through `template` (default guanaco); returns the examples and a report
-    counting truncated and skipped ones, and those with special-token text in a message (kept as text)."""
+    counting truncated and skipped ones, those with special-token text in a message (kept as text) and those
+    whose system message the template leaves out (trained on without it)."""
     template = _bound(template, tokenizer)
     pattern = special_pattern(tokenizer)
     report = EncodeReport(max_len=max_len)
@@ -312,13 +327,15 @@ def encode_all(conversations, tokenizer, max_len: int | None, template: Template
     for conv in conversations:
         report.conversations += 1
         try:
-            ids, labels = encode_full(conv, tokenizer, template, train_on)
+            ids, labels, system_left_out = _encode_conversation(conv, tokenizer, template, train_on)
         except BadRow as e:  # the template's refusals; loaders never give the other reasons, a hand-built list might
             refused = e.reason.startswith("refused by") or e.reason.startswith("template ")
             report.skipped[e.reason if refused else f"invalid conversation ({e.reason})"] += 1
             continue
         if pattern is not None and any(pattern.search(t.text if isinstance(t, Turn) else t["content"]) for t in conv):
             report.notes[SPECIAL_TEXT] += 1
+        if system_left_out:
+            report.notes[SYSTEM_NOT_RENDERED] += 1
         truncated = max_len is not None and len(ids) > max_len
         try:
             ids, labels = _truncate(ids, labels, max_len)

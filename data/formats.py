@@ -22,14 +22,16 @@ Roles (in messages, sharegpt, and the message lists of prompt-completion): `syst
 OpenAI's list of parts when every part is {"type": "text", "text": ...} (joined with nothing between). A
 prompt-completion string is one human turn (prompt) or one assistant turn (completion); a completion list holds
 assistant messages only. Alpaca's human turn is `instruction`, or `instruction + "\\n\\n" + input` when `input` is
-not empty; `input` and `system` are optional, and empty means absent.
+not empty; `input` and `system` are optional, and empty (or whitespace only) means absent.
 
 The rules for these four formats (guanaco rows and OASST trees keep their own, in `data.guanaco` / `data.oasst`):
 an optional system turn first, then human and assistant turns alternating, human first, ending with an
-assistant turn, no turn empty. Each text is stripped of surrounding whitespace (noted when that changed it);
-nothing else is repaired: a conversation that ends with a human turn is skipped ("ends with a human turn"),
-not trimmed as guanaco rows are. Text may contain `### Human:`: a chat template checks its own markers when it
-encodes.
+assistant turn, no turn empty (or whitespace only). Text is kept as it is, whitespace at its edges included:
+the chat template decides what is rendered (Llama 2 and 3.x trim message edges, ChatML and Zephyr keep them),
+and `data.encoding` trains on exactly that. One repair: an empty first system turn (ShareGPT exports often open
+with `{"from": "system", "value": ""}`) is dropped, noted (`EMPTY_SYSTEM`), and the row kept. Nothing else is
+repaired: a conversation that ends with a human turn is skipped ("ends with a human turn"), not trimmed as
+guanaco rows are. Text may contain `### Human:`: a chat template checks its own markers when it encodes.
 
 Deliberately left out: tool use (tool messages and assistant `tool_calls` skip the row: "tool message"), images
 and other non-text parts ("non-text content"), a row's `tools` list and other extra keys (ignored), OpenAI's
@@ -43,7 +45,7 @@ from __future__ import annotations
 import json
 
 from . import oasst
-from .guanaco import ASSISTANT, HUMAN, SYSTEM, WHITESPACE, BadRow, Turn, check_conversation, parse_guanaco_with_notes
+from .guanaco import ASSISTANT, HUMAN, SYSTEM, BadRow, Turn, check_conversation, parse_guanaco_with_notes
 
 GUANACO, OASST, MESSAGES, SHAREGPT, ALPACA, PROMPT_COMPLETION = (
     "guanaco", "oasst", "messages", "sharegpt", "alpaca", "prompt-completion")
@@ -62,8 +64,9 @@ ROLE_NAMES = {"system": SYSTEM, "user": HUMAN, "human": HUMAN, "prompter": HUMAN
               "assistant": ASSISTANT, "gpt": ASSISTANT, "model": ASSISTANT}
 TOOL_ROLES = ("tool", "function", "ipython", "function_call", "observation")  # the last two: LLaMA-Factory
 
-# Why a row was kept as it is; the loader reports these next to the skip reasons (with guanaco's WHITESPACE).
+# Why a row was kept as it is, or what was repaired; the loader reports these next to the skip reasons.
 WEIGHT_IGNORED = "message weight 0 ignored (trained on)"
+EMPTY_SYSTEM = "empty system turn (dropped)"
 
 
 def _format_of(obj) -> str | None:
@@ -107,6 +110,9 @@ def parse_row(fmt: str, obj) -> tuple[list[Turn], list[str]]:
                      f"expected an object with {keys}, as the file's first row has; got {_looks_like(obj)}")
     notes = []
     turns = _PARSERS[fmt](obj, notes)
+    if turns and turns[0].role == SYSTEM and not turns[0].text.strip():
+        turns = turns[1:]  # how exported datasets often say "no system prompt"
+        notes.append(EMPTY_SYSTEM)
     _check(turns)
     return turns, list(dict.fromkeys(notes))
 
@@ -115,19 +121,13 @@ def _check(turns: list[Turn]) -> None:
     if not turns:
         raise BadRow("empty conversation", "no messages")
     for i, turn in enumerate(turns, start=1):
-        if not turn.text:
+        if not turn.text.strip():
             raise BadRow(f"empty {turn.role} turn", f"turn {i} ({turn.role}) has no text")
     if turns[-1].role == HUMAN:
         check_conversation(turns, last=HUMAN, markers=False)  # turns out of order, if they are, says more
         raise BadRow("ends with a human turn", f"turn {len(turns)} is a human turn with no assistant reply after "
                      "it (nothing to learn from it; remove it, or add the reply)")
     check_conversation(turns, markers=False)
-
-
-def _stripped(text: str, notes: list[str]) -> str:
-    if text != text.strip():
-        notes.append(WHITESPACE)
-    return text.strip()
 
 
 def _content(value, what: str) -> str:
@@ -170,12 +170,12 @@ def _message_turns(messages, field: str, role_key: str, content_key: str, notes:
                          f"{', '.join(ROLE_NAMES)}")
         if m.get("weight") == 0:
             notes.append(WEIGHT_IGNORED)
-        turns.append(Turn(role, _stripped(_content(m.get(content_key), f"{where} ({name})"), notes)))
+        turns.append(Turn(role, _content(m.get(content_key), f"{where} ({name})")))
     return turns
 
 
-def _field(obj: dict, key: str, notes: list[str], optional: bool = False) -> str:
-    """An Alpaca field, stripped; "" for an optional one that is absent."""
+def _field(obj: dict, key: str, optional: bool = False) -> str:
+    """An Alpaca field as it is; "" for an optional one that is absent or whitespace only."""
     value = obj.get(key)
     if value is None:
         if optional:
@@ -183,7 +183,7 @@ def _field(obj: dict, key: str, notes: list[str], optional: bool = False) -> str
         raise BadRow("missing content", f"`{key}` is missing or null")
     if not isinstance(value, str):
         raise BadRow("non-string content", f"`{key}` is {type(value).__name__}, expected a string")
-    return _stripped(value, notes)
+    return "" if optional and not value.strip() else value
 
 
 def _messages(obj: dict, notes: list[str]) -> list[Turn]:
@@ -195,9 +195,9 @@ def _sharegpt(obj: dict, notes: list[str]) -> list[Turn]:
 
 
 def _alpaca(obj: dict, notes: list[str]) -> list[Turn]:
-    system, instruction = _field(obj, "system", notes, optional=True), _field(obj, "instruction", notes)
-    extra, output = _field(obj, "input", notes, optional=True), _field(obj, "output", notes)
-    if not instruction:  # an input alone is not an instruction
+    system, instruction = _field(obj, "system", optional=True), _field(obj, "instruction")
+    extra, output = _field(obj, "input", optional=True), _field(obj, "output")
+    if not instruction.strip():  # an input alone is not an instruction
         raise BadRow("empty human turn", "`instruction` is empty")
     return ([Turn(SYSTEM, system)] if system else []) + [
         Turn(HUMAN, f"{instruction}\n\n{extra}" if extra else instruction), Turn(ASSISTANT, output)]
@@ -215,7 +215,7 @@ def _prompt_completion(obj: dict, notes: list[str]) -> list[Turn]:
 def _side(obj: dict, key: str, role: str, notes: list[str]) -> list[Turn]:
     value = obj.get(key)
     if isinstance(value, str):
-        return [Turn(role, _stripped(value, notes))]
+        return [Turn(role, value)]
     if isinstance(value, list):
         return _message_turns(value, key, "role", "content", notes)
     if value is None:

@@ -32,7 +32,8 @@ WHITESPACE = "whitespace around turns normalised"
 @dataclass(frozen=True)
 class Turn:
     role: str  # "system", "human" or "assistant"
-    text: str  # stripped of surrounding whitespace; render() puts back exactly one space after the marker
+    text: str  # guanaco rows, OASST trees: stripped (render() puts back one space after the marker); other
+    # formats (data.formats): as written, edges included, for the chat template to render or trim
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -2,11 +2,13 @@
 a data file holds and costs.
 
 Prints rows read and skipped (with reasons, and the file's format), turns, token lengths (p50/p90/p99/max, before
-truncation) through the chat template, how many conversations max_len truncates or drops, how many differ from
-transformers' encoding of the whole rendered text (a merge across a label boundary, see data.encoding), and the
-padding fraction of each batching mode for one epoch: padded (shuffled), padded with length grouping, and packed
-(whose efficiency is 1 - padding). `dataset_stats` returns the same numbers as a dict for benchmarks. `--speed N`
-times encoding N conversations (the file's, repeated) with the template and with guanaco.
+truncation) through the chat template, how many conversations max_len truncates or drops, how many system prompts
+the template leaves out (Mistral v0.3 writes one only into a conversation's last user turn, so a conversation to
+train on never shows it), how many differ from transformers' encoding of the whole rendered text (a merge across a
+label boundary, see data.encoding), and the padding fraction of each batching mode for one epoch: padded
+(shuffled), padded with length grouping, and packed (whose efficiency is 1 - padding). `dataset_stats` returns the
+same numbers as a dict for benchmarks. `--speed N` times encoding N conversations (the file's, repeated) with the
+template and with guanaco.
 
 Works offline for a local file: the tokenizer defaults to the repository's copy of the Llama 2 / TinyLlama
 `tokenizer.model` (assets/, byte-identical to TinyLlama's). Deliberately left out: plots, per-language
@@ -26,15 +28,24 @@ from tinyllama.templates import BUILTINS, load_template
 from tinyllama.tokenizer import load_tokenizer
 
 from .batching import BatchStream, padding_fraction, plan_packing
-from .encoding import encode_all, encode_full, encode_rendered, to_messages
-from .guanaco import BadRow
+from .encoding import (
+    ASSISTANT_ONLY,
+    DEFAULT_MAX_LEN,
+    SYSTEM_NOT_RENDERED,
+    TRAIN_ON,
+    encode_all,
+    encode_full,
+    encode_rendered,
+    to_messages,
+)
+from .guanaco import SYSTEM, BadRow, Turn
 from .sources import load_conversations
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
 
 
 def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed: int = 0, template=None,
-                  train_on: str = "assistant") -> dict:
+                  train_on: str = ASSISTANT_ONLY) -> dict:
     template = (template or load_template("guanaco")).bind(tokenizer)
     n_turns = sum(len(c) for c in conversations)
     full_lengths, merged = [], 0
@@ -52,6 +63,8 @@ def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed:
         "conversations": len(conversations),
         "turns": n_turns,
         "multi_turn": sum(len(c) > 2 for c in conversations),
+        "system": sum(_has_system(c) for c in conversations),
+        "system_not_rendered": report.notes[SYSTEM_NOT_RENDERED],
         "tokens_p50": float(np.percentile(lengths, 50)), "tokens_p90": float(np.percentile(lengths, 90)),
         "tokens_p99": float(np.percentile(lengths, 99)), "tokens_max": int(lengths.max()),
         "max_len": max_len, "truncated": report.truncated, "skipped": sum(report.skipped.values()),
@@ -82,6 +95,8 @@ def format_stats(s: dict) -> str:
         f"max_len {s['max_len']}: {s['truncated']} truncated, {s['skipped']} skipped; "
         f"{s['examples']} examples, {s['tokens']} tokens, {s['labelled_tokens']} labelled "
         f"({pct(s['labelled_tokens'] / max(s['tokens'], 1))})",
+        f"system prompts: {s['system']} conversations have one; the template leaves out "
+        f"{s['system_not_rendered']} of them (not trained on)",
         f"tokenization: {s['boundary_merges']} conversations differ from the encoding of the whole rendered text "
         "(a token merged across a label boundary, or special-token text inside a message)",
         f"padding fraction at batch size {s['batch_size']}, one epoch: padded {pct(s['padding_padded'])}, "
@@ -90,20 +105,35 @@ def format_stats(s: dict) -> str:
     ])
 
 
+def _has_system(conversation) -> bool:
+    """Whether a conversation (Turns or message dicts) opens with a system message."""
+    if not conversation:
+        return False
+    first = conversation[0]
+    return (first.role if isinstance(first, Turn) else first.get("role")) == SYSTEM
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.stats", description=__doc__.splitlines()[0])
-    p.add_argument("source", help="a local guanaco or OASST trees .jsonl, or a split name: train, test/eval")
-    p.add_argument("--max-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python -m data.stats", description="What a data file holds and costs: rows, "
+                                "tokens through the chat template, truncation, padding and packing.")
+    p.add_argument("source", help="a local .jsonl, .jsonl.gz or .parquet of any format train.py reads, or a split "
+                   "name: train, test/eval")
+    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
+                   help="tokens per row, as train.py's --max-len: longer conversations are cut (default: %(default)s, "
+                   "train.py's)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per batch, for the padding fractions (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle of the padded batches (default: %(default)s)")
     p.add_argument("--all-threads", action="store_true", help="OASST trees: every thread, not the best one")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
-                   help="tokenizer.model / tokenizer.json, or a model folder")
+                   help="tokenizer.model / tokenizer.json, or a model folder (default: assets/tokenizer.model, "
+                   "TinyLlama's)")
     p.add_argument("--chat-template", metavar="SPEC", help=f"a built-in ({', '.join(BUILTINS)}), model (the "
                    "--tokenizer folder's own) or a .jinja file (default: the folder's own, else guanaco)")
-    p.add_argument("--train-on", default="assistant", choices=["assistant", "last"])
-    p.add_argument("--speed", type=int, default=0, metavar="N",
-                   help="also time encoding N conversations (the file's, repeated) with the template and guanaco")
+    p.add_argument("--train-on", default=ASSISTANT_ONLY, choices=TRAIN_ON,
+                   help="assistant: every assistant turn is labelled; last: the final one (default: %(default)s)")
+    p.add_argument("--speed", type=int, default=0, metavar="N", help="also time encoding N conversations (the "
+                   "file's, repeated) with the template and guanaco (default: %(default)s, no timing)")
     args = p.parse_args(argv)
     source = Path(args.source) if Path(args.source).is_file() else args.source
     try:

@@ -139,6 +139,21 @@ def test_a_template_the_tokenizer_cannot_end_a_turn_with_is_refused(tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_the_refusal_names_the_tokenizer_used_and_what_the_template_writes(tmp_path):
+    import train
+    from training import TrainingError
+    from training.settings import TrainConfig
+
+    tokenizer = load_tokenizer(chat_family_tokenizer(tmp_path / "llama3-tokenizer", "llama3"))  # byte-level BPE
+    with pytest.raises(TrainingError) as e:
+        train.chat_template(TrainConfig(chat_template="chatml"), None, tokenizer, print)
+    message = str(e.value)
+    assert message.startswith("the chat template chatml ends an assistant turn with '<|im_end|>\\n', which holds "
+                              f"no special token of the tokenizer {tmp_path / 'llama3-tokenizer' / 'tokenizer.json'} ")
+    assert "Llama 2" not in message
+    assert message.endswith("of the built-ins, guanaco, llama2, llama3, zephyr, mistral")  # llama3: its <|eot_id|>
+
+
 def test_template_settings_are_checked_before_anything_loads(tmp_path):
     from training.settings import TrainConfig, validate
 

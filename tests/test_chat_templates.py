@@ -7,6 +7,7 @@ difference unrelated to templates; see docs/models-and-tokenizers.md.)"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 
 from data import IGNORE_INDEX, BadRow, encode_all, encode_messages, encode_prompt, encode_rendered, load_template
 from data.encoding import SPECIAL_TEXT, end_of_turn_ids
+from data.sources import load_train_eval
 from tests.helpers import CHAT_FAMILIES, TOKENIZER_PATH, chat_family_tokenizer
-from tinyllama.templates import BUILTINS, TemplateRefused
+from tinyllama.templates import BUILTINS, Template, TemplateRefused
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
 
 transformers = pytest.importorskip("transformers")
@@ -82,20 +84,28 @@ def _hf_render(hf, template, messages, add_generation_prompt):
         return e
 
 
+def _rendered(content: str, text: str) -> str | None:
+    """How `text` holds a message: its content as it is, else trimmed (Llama 2 and 3.x trim message edges);
+    None when not at all."""
+    return next((c for c in (content, content.strip(), content.rstrip(), content.lstrip()) if c in text), None)
+
+
 def _expected_labels(text, messages, hf, ids_offsets, special_tokens) -> list[bool]:
     """Per token of transformers' encoding: whether it overlaps a reply (with the spaces right before it) or the
     first special token after it (before the next message's text): found by searching the text here."""
     ranges, at = [], 0
     for i, m in enumerate(messages):
-        if m["content"] not in text[at:]:
+        content = _rendered(m["content"], text[at:])
+        if content is None:
             continue  # a template may drop a message (Mistral v0.3 drops the system one)
-        start = text.index(m["content"], at)
-        end = at = start + len(m["content"])
+        start = text.index(content, at)
+        end = at = start + len(content)
         if m["role"] != "assistant":
             continue
         while start > 0 and text[start - 1] == " ":
             start -= 1
-        following = [text.find(x["content"], end) for x in messages[i + 1:] if x["content"] in text[end:]]
+        rest = [_rendered(x["content"], text[end:]) for x in messages[i + 1:]]
+        following = [text.find(x, end) for x in rest if x is not None]
         stop = min(following, default=len(text))
         hits = [(text.find(t, end), t) for t in special_tokens if 0 <= text.find(t, end) < stop]
         if hits:
@@ -267,6 +277,70 @@ def test_sentencepiece_reads_the_strip_flags_of_tokenizer_config(flags, folders,
     assert [tokenizer.id_to_piece(i) for i in llama2[-len(tail):]] == tail
 
 
+# Whitespace at message edges: Llama 2, Llama 3.x and Mistral v0.3 trim (some of) it, ChatML and Zephyr keep it.
+EDGES = {
+    "system and two exchanges": [
+        {"role": "system", "content": "\nYou are terse\n"}, {"role": "user", "content": "\nWhat is 2+2 "},
+        {"role": "assistant", "content": " It is four\n"}, {"role": "user", "content": "And 3+3?\n\n"},
+        {"role": "assistant", "content": "Six, of course\n"}],
+    "one exchange": [{"role": "user", "content": "\tHi there \n"},
+                     {"role": "assistant", "content": "\tHello, how can I help?\n"}],
+}
+TRIMMING = ("llama-2-chat", "llama-3.1-instruct", "mistral-7b-instruct-v0.3", "llama2", "llama3", "mistral")
+
+
+def _edge_cases():
+    for name in TRIMMING + ("chatml", "zephyr"):
+        family = REAL.get(name) or BUILTIN_FAMILY[name]
+        spec = str(ASSETS / f"{name}.jinja") if name in REAL else name
+        for kind in ("sp", f"bpe-{family}"):
+            yield pytest.param(spec, kind, id=f"{name}-{kind}")
+
+
+@pytest.mark.parametrize("spec, kind", list(_edge_cases()))
+def test_whitespace_at_message_edges_is_encoded_as_the_template_renders_it(spec, kind, tokenizers):
+    """A template that trims content is trained on the trimmed text, one that does not on the content as it is;
+    either way the ids and labels are transformers'."""
+    tokenizer, hf = tokenizers[kind]
+    template = load_template(spec, tokenizer=tokenizer)
+    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    for messages in EDGES.values():
+        expected = _hf_render(hf, template, messages, False)
+        assert template.render(messages) == expected
+        hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels = encode_messages(messages, tokenizer, template)
+        assert ids == hf_ids["input_ids"]
+        assert [x != IGNORE_INDEX for x in labels] == _expected_labels(
+            expected, messages, hf, hf_ids["offset_mapping"], specials)
+        reply = messages[-1]["content"]
+        assert (reply.strip() if Path(spec).stem in TRIMMING else reply) in expected  # what was trained on
+        prompt = messages[:-1]
+        assert encode_prompt(prompt, tokenizer, template) == hf(_hf_render(hf, template, prompt, True),
+                                                                add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("spec, kind", [("chatml", "bpe-chatml"), ("zephyr", "sp"),
+                                        (str(ASSETS / "llama-3.1-instruct.jinja"), "bpe-llama3")])
+def test_train_py_data_path_trains_on_what_the_template_renders_of_each_row(spec, kind, tokenizers, tmp_path):
+    """Through `load_train_eval` (train.py's --data): a file's rows keep the whitespace at their edges, so ChatML
+    and Zephyr train on it and Llama 3.1 on its trimmed text, each exactly as transformers renders the row."""
+    tokenizer, hf = tokenizers[kind]
+    template = load_template(spec, tokenizer=tokenizer)
+    path = tmp_path / "edges.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in EDGES.values()))
+    log = []
+    examples, _ = load_train_eval(str(path), "none", tokenizer, 1024, template=template, log=log.append)
+    assert len(examples) == len(EDGES)
+    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    for example, messages in zip(examples, EDGES.values(), strict=True):
+        expected = hf.apply_chat_template(messages, chat_template=template.source, tokenize=False)
+        hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
+        assert example.input_ids.tolist() == hf_ids["input_ids"]
+        assert [x != IGNORE_INDEX for x in example.labels.tolist()] == _expected_labels(
+            expected, messages, hf, hf_ids["offset_mapping"], specials)
+    assert not any("fix-up" in str(line) for line in log)  # nothing was changed on the way
+
+
 def test_the_end_of_turn_token_is_labelled_and_nothing_else_of_the_template(tokenizers):
     tokenizer, _ = tokenizers["bpe-llama3"]
     template = load_template(str(ASSETS / "llama-3.1-instruct.jinja"), tokenizer=tokenizer)
@@ -357,8 +431,24 @@ def test_refusals_and_edits_are_counted_not_trained_on(tokenizers):
         "refused by the chat template (a turn holds a guanaco marker (### Human: or ### Assistant:))": 1}
     _, report = encode_all([messages], tokenizer, None, edits)
     assert report.skipped == {"template changes message text": 1}
+    with pytest.raises(BadRow, match=r"message 1 \(user\) neither as it is nor with whitespace trimmed"):
+        encode_messages(messages, tokenizer, edits)
     with pytest.raises(BadRow, match="no assistant turn"):
         encode_messages(messages[:1], tokenizer)
+
+
+def test_a_template_that_leaves_out_an_empty_system_message_is_refused_saying_so(tokenizers):
+    tokenizer, _ = tokenizers["sp"]
+    skips = Template("skips", "{% for m in messages %}{% if m['content'] %}{{ m['role'] + ': ' + m['content'] }}"
+                              "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endif %}{% endfor %}")
+    messages = [{"role": "system", "content": ""}] + CONVERSATIONS["one exchange"]
+    with pytest.raises(BadRow) as e:
+        encode_messages(messages, tokenizer, skips)
+    assert e.value.reason == "template renders an empty message differently"
+    assert e.value.detail.startswith("message 1 (system) is empty, and the template renders an empty message "
+                                     "otherwise than one with text")
+    ids, _ = encode_messages(messages[1:], tokenizer, skips)  # without it, as the loaders give it
+    assert tokenizer.decode(ids) == "user: Hi thereassistant: Hello, how can I help"
 
 
 def test_special_token_text_inside_a_message_stays_text(tokenizers):
@@ -389,8 +479,6 @@ def test_generation_blocks_render_their_body(tokenizers):
 
 
 def test_model_template_comes_from_the_folder(folders, tmp_path):
-    import json
-
     folder = tmp_path / "chat_model"
     shutil.copytree(folders["bpe-chatml"], folder)
     assert load_template(None, folder).name == "guanaco"  # no template: guanaco

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from data import BadRow, Turn, load_conversations, render
-from data.formats import WEIGHT_IGNORED, detect_format, parquet_format, parse_row
-from data.guanaco import SYSTEM, WHITESPACE, check_conversation
+from data.formats import EMPTY_SYSTEM, WEIGHT_IGNORED, detect_format, parquet_format, parse_row
+from data.guanaco import SYSTEM, check_conversation
 from data.sources import source_problems
 from helpers import OASST_SAMPLE, A, H
 
@@ -57,18 +57,19 @@ MESSAGES_GOOD = [
     {"messages": [msg("prompter", "q2"), msg("model", "a2")]},
     {"messages": [msg("user", [{"type": "text", "text": "two "}, {"type": "text", "text": "parts"}]),
                   msg("assistant", [{"type": "text", "text": "ok"}])], "tools": []},
+    {"messages": [msg("system", ""), msg("user", "q3"), msg("assistant", "a3 \n")]},
 ]
-MESSAGES_WANT = [
-    [(S, "Be brief."), (H, "hi"), (A, "hello"), (H, "and?"), (A, "### Human: is just text here")],
+MESSAGES_WANT = [  # text as written, whitespace included: the chat template decides what to render of it
+    [(S, "Be brief."), (H, " hi \n"), (A, "hello"), (H, "and?"), (A, "### Human: is just text here")],
     [(H, "q"), (A, "a")],
     [(H, "q2"), (A, "a2")],
     [(H, "two parts"), (A, "ok")],
+    [(H, "q3"), (A, "a3 \n")],  # an empty system turn dropped, the row kept
 ]
 MESSAGES_BAD = [  # (row, counted reason)
     ({"messages": [msg("user", "q"), msg("assistant", "a"), msg("user", "and then?")]}, "ends with a human turn"),
     ({"messages": [msg("user", "q"), msg("assistant", "  ")]}, "empty assistant turn"),
     ({"messages": [msg("user", ""), msg("assistant", "a")]}, "empty human turn"),
-    ({"messages": [msg("system", ""), msg("user", "q"), msg("assistant", "a")]}, "empty system turn"),
     ({"messages": [msg("narrator", "q"), msg("assistant", "a")]}, "unknown role"),
     ({"messages": [{"content": "q"}, msg("assistant", "a")]}, "unknown role"),
     ({"messages": [msg("user", "q"), msg("tool", "42")]}, "tool message"),
@@ -97,11 +98,11 @@ def test_messages_rows_become_exact_conversations_and_every_skip_is_counted(tmp_
     convs = load_conversations(path)
     assert turns(convs) == MESSAGES_WANT
     report = convs.report
-    assert (report.format, report.rows, report.conversations) == ("messages", 4 + len(MESSAGES_BAD) + 1, 4)
+    assert (report.format, report.rows, report.conversations) == ("messages", 5 + len(MESSAGES_BAD) + 1, 5)
     assert report.skipped == Counter([reason for _, reason in MESSAGES_BAD] + ["invalid JSON"])
-    assert report.notes == Counter({WHITESPACE: 1})  # " hi \n" only
+    assert report.notes == Counter({EMPTY_SYSTEM: 1})
     err = capsys.readouterr().err
-    assert f"{path}: 26 rows read, 22 skipped (" in err and "; 4 conversations (messages); kept" in err
+    assert f"{path}: 26 rows read, 21 skipped (" in err and "; 5 conversations (messages); kept" in err
     assert "turns out of order: 4" in err and "tool message: 2" in err and "empty assistant turn: 1" in err
 
 
@@ -139,12 +140,12 @@ def test_sharegpt_gz_rows_and_role_spellings(tmp_path):
         {"messages": [msg("user", "q"), msg("assistant", "a")]},
     ]
     convs = load_conversations(write_jsonl(tmp_path / "sg.jsonl.gz", rows), verbose=False)
-    assert turns(convs) == [[(S, "You are terse."), (H, "hi"), (A, "yo")],
+    assert turns(convs) == [[(S, "You are terse."), (H, "hi"), (A, "yo\n")],
                             [(H, "q"), (A, "a"), (H, "q2"), (A, "a2")]]
     assert convs.report.format == "sharegpt" and convs.report.rows == 8
     assert convs.report.skipped == Counter({"ends with a human turn": 1, "tool message": 1, "unknown role": 2,
                                             "missing content": 1, "not a sharegpt row": 1})
-    assert convs.report.notes == Counter({WHITESPACE: 1})
+    assert convs.report.notes == Counter()
 
 
 # ---- Alpaca --------------------------------------------------------------------------------------------------
@@ -164,12 +165,12 @@ def test_alpaca_joins_instruction_and_input(tmp_path):
     ]
     convs = load_conversations(write_jsonl(tmp_path / "alpaca.jsonl", rows), verbose=False)
     assert turns(convs) == [[(H, "Translate.\n\nBonjour"), (A, "Hello")], [(H, "Name a prime."), (A, "7")],
-                            [(H, "Name a colour."), (A, "Red")],
+                            [(H, " Name a colour. "), (A, "Red")],  # input and system whitespace: absent
                             [(S, "You are kind."), (H, "Be nice."), (A, "OK")]]
     assert convs.report.format == "alpaca"
     assert convs.report.skipped == Counter({"empty assistant turn": 1, "empty human turn": 1, "missing content": 1,
                                             "non-string content": 1, "not an alpaca row": 1})
-    assert convs.report.notes == Counter({WHITESPACE: 1})
+    assert convs.report.notes == Counter()
 
 
 # ---- prompt-completion ---------------------------------------------------------------------------------------
@@ -189,7 +190,7 @@ def test_prompt_completion_strings_and_message_lists(tmp_path):
         {"prompt": {"role": "prompter", "text": "an OASST tree", "replies": []}, "completion": "a"},
     ]
     convs = load_conversations(write_jsonl(tmp_path / "pc.jsonl", rows), verbose=False)
-    assert turns(convs) == [[(H, "What is 2+2?"), (A, "4")],
+    assert turns(convs) == [[(H, "What is 2+2?"), (A, " 4")],
                             [(S, "Maths tutor."), (H, "2+3?"), (A, "5"), (H, "times 2?"), (A, "10")],
                             [(H, "q"), (A, "a")]]
     assert convs.report.format == "prompt-completion"

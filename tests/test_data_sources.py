@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 import data.sources as sources
-from data import encode_all, load_conversations, load_train_eval, parse_guanaco
+from data import encode_all, load_conversations, load_template, load_train_eval, parse_guanaco
+from data.encoding import SYSTEM_NOT_RENDERED
+from data.formats import EMPTY_SYSTEM
 from data.sources import hold_out, holdout_size, parse_sources, source_problems
+from data.stats import dataset_stats, format_stats
 from helpers import GUANACO_SAMPLE, metrics, run
 
 BAD_ROW = {"text": "### Human: a question nobody answered"}  # skipped: "no assistant turn"
@@ -228,3 +231,47 @@ def test_a_local_file_evaluates_on_its_held_out_share_without_the_hub(tmp_path, 
     _, rows = run(tmp_path, tiny_ckpt, eval_data=train.TrainConfig().eval_data, steps=2, eval_every=1)
     assert [r["step"] for r in rows if r["split"] == "eval"] == [1, 2]
     assert metrics(tmp_path / "run") == rows
+
+
+# ---- what a template leaves out, what a loader repairs ----------------------------------------------------------
+
+def chat_rows(n: int, system_every: int = 0, empty_system: bool = False) -> list[dict]:
+    """n distinct `messages` rows; every `system_every`-th one opens with a system prompt, or every one with an
+    empty system turn, written as ShareGPT exports write it."""
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "Be brief"}] if system_every and i % system_every == 0 else []
+        messages += [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        if empty_system:
+            rows.append({"conversations": [{"from": "system", "value": ""}] + [
+                {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in messages]})
+        else:
+            rows.append({"messages": messages})
+    return rows
+
+
+def test_system_prompts_a_template_leaves_out_are_counted(tmp_path, tokenizer):
+    """Mistral v0.3 writes the system message only into the last user turn; a conversation to train on ends with
+    an assistant turn, so none of the 20 system prompts is trained on, and the report says so."""
+    path = write_jsonl(tmp_path / "chats.jsonl", chat_rows(60, system_every=3))
+    for name, left_out in (("mistral", 20), ("chatml", 0)):
+        lines = []
+        template = load_template(name, tokenizer=tokenizer)
+        train, _ = load_train_eval(str(path), "none", tokenizer, 1024, template=template, log=lines.append)
+        line = next(str(x) for x in lines if str(x).startswith(f"data {path}: "))
+        assert len(train) == 60 and "60 examples, 0 truncated, 0 skipped" in line
+        assert (f"{SYSTEM_NOT_RENDERED}: 20" in line) == bool(left_out), line
+        conversations = load_conversations(path, verbose=False)
+        stats = dataset_stats(conversations, tokenizer, 1024, 8, template=template)
+        assert (stats["system"], stats["system_not_rendered"]) == (20, left_out)
+        assert f"system prompts: 20 conversations have one; the template leaves out {left_out} of them" in \
+            format_stats(stats)
+
+
+def test_an_empty_system_turn_is_dropped_and_the_row_kept(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", chat_rows(50, empty_system=True))
+    lines = []
+    train, evaluation = load_train_eval(str(path), "auto", tokenizer, 1024, log=lines.append)
+    assert (len(train), len(evaluation)) == (49, 1)
+    assert f"{path}: 50 rows read, 0 skipped; 50 conversations (sharegpt); kept after fix-up: " \
+           f"{EMPTY_SYSTEM}: 50" in [str(x) for x in lines]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from data import BatchStream, encode, encode_all, load_conversations
 from data.stats import dataset_stats, main
@@ -52,3 +53,16 @@ def test_packing_efficiency_does_not_depend_on_having_a_full_batch(tokenizer):
     assert s["packing_efficiency"] == report.tokens / 2048
     lengths = [len(e) for e in examples]
     assert s["padding_padded"] == s["padding_padded_grouped"] == 1 - sum(lengths) / (max(lengths) * len(lengths))
+
+
+def test_stats_uses_train_py_max_len_and_help_shows_the_defaults(capsys):
+    from training.settings import TrainConfig
+
+    assert main([str(GUANACO_SAMPLE), "--batch-size", "2"]) == 0
+    assert f"max_len {TrainConfig().max_len}: " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for default in (f"(default: {TrainConfig().max_len}, train.py's)", "(default: 8)", "(default: assistant)",
+                    "(default: assets/tokenizer.model, TinyLlama's)"):
+        assert default in shown, default

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import re
 from datetime import datetime
@@ -190,29 +191,49 @@ class Template:
 
     def layout(self, messages: list[dict], add_generation_prompt: bool = False):
         """(the rendered text, [(start, end, message index or None)]): the parts of the text in order, each a
-        message's content or text the template wrote around them.
+        message's text as the template rendered it or text the template wrote around them.
 
         Found by rendering twice: as it is, and with each content replaced by a sentinel (once per sequence of
         roles, cached); the sentinels say where each content sits, and putting the contents back must give the
-        real text exactly (else LayoutError: a template that edits content). Rendering prefixes would not do:
-        Mistral v0.3's template moves the system message into the last user turn, so a prefix renders
-        differently from the whole."""
+        real text exactly. A message's rendered text is its content, or its content with whitespace trimmed at
+        either edge or both (Llama 2 and 3.x and Mistral v0.3 trim content: training on what they render needs
+        the trimmed text); any other change raises LayoutError. Rendering prefixes would not do: Mistral
+        v0.3's template moves the system message into the last user turn, so a prefix renders differently
+        from the whole."""
         text = self.render(messages, add_generation_prompt)
         roles = tuple(m["role"] for m in messages)
         layout = _marked_layout(self, roles, add_generation_prompt)
-        pieces = [messages[p]["content"] if isinstance(p, int) else p for p in layout]
-        if "".join(pieces) != text:  # a layout that depends on the contents: find it for these
+        spans = _fit(layout, messages, text)
+        if spans is None:  # a layout that depends on the contents: find it for these
             layout = _marked_layout.__wrapped__(self, roles, add_generation_prompt, messages)
-            pieces = [messages[p]["content"] if isinstance(p, int) else p for p in layout]
-        if "".join(pieces) != text:
-            raise LayoutError("template changes message text", "the messages put into the template's layout do "
-                              "not give its text (a template that trims or edits content, on content with "
-                              "surrounding whitespace?)")
-        spans, at = [], 0
-        for p, piece in zip(layout, pieces, strict=True):
-            spans.append((at, at + len(piece), p if isinstance(p, int) else None))
-            at += len(piece)
+            spans = _fit(layout, messages, text)
+        if spans is None:
+            raise self._layout_error(layout, messages, add_generation_prompt)
         return text, spans
+
+    def _layout_error(self, layout, messages: list[dict], add_generation_prompt: bool) -> LayoutError:
+        """Why the contents do not fit the template's layout: an empty message the template renders otherwise
+        than one with text, or a message whose text the template changes (`_fit` names it)."""
+        empty = [i for i, m in enumerate(messages) if not m["content"].strip()]
+        if empty:
+            filled = [{**m, "content": "x"} if i in empty else m for i, m in enumerate(messages)]
+            try:
+                fits = _fit(layout, filled, self.render(filled, add_generation_prompt)) is not None
+            except ValueError:  # refused with text there: not what the empty message explains
+                fits = False
+            if fits:
+                i = empty[0]
+                return LayoutError("template renders an empty message differently",
+                                   f"message {i + 1} ({messages[i]['role']}) is empty, and the template renders an "
+                                   "empty message otherwise than one with text (it leaves out an empty system "
+                                   "prompt, say), so where each message sits cannot be found; remove the empty "
+                                   "message, or give it text")
+        i = _misfit(layout, messages, self.render(messages, add_generation_prompt))
+        which = f"message {i + 1} ({messages[i]['role']})" if i is not None else "a message"
+        return LayoutError("template changes message text",
+                           f"the template's text holds {which} neither as it is nor with whitespace trimmed at its "
+                           "edges: the template edits message text (strips reasoning, rewrites it), which cannot be "
+                           "trained on exactly; use a template that renders messages as they are")
 
     def end_of_turn(self, text: str, spans, k: int, pattern) -> tuple[int, int] | None:
         """Where the special token that ends the message of `spans[k]` sits in `text` (the first one the template
@@ -225,11 +246,22 @@ class Template:
     def end_of_turn_token(self, tokenizer) -> str | None:
         """The special token this template ends an assistant turn with for `tokenizer` (</s>, <|eot_id|>,
         <|im_end|>), or None where it writes none the tokenizer has (chatml's <|im_end|> with Llama 2's)."""
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-        text, spans = self.bind(tokenizer).layout(probe)
-        k = next(k for k, (_, _, i) in enumerate(spans) if i == 1)
+        text, spans, k = self._probe(tokenizer)
         end = self.end_of_turn(text, spans, k, special_pattern(tokenizer))
         return None if end is None else text[end[0]:end[1]]
+
+    def text_after_reply(self, tokenizer) -> str:
+        """What this template writes right after an assistant reply, up to the next message (`<|im_end|>\\n`):
+        where an end-of-turn token would be, for error messages."""
+        text, spans, k = self._probe(tokenizer)
+        return text[spans[k + 1][0]:spans[k + 1][1]] if k + 1 < len(spans) and spans[k + 1][2] is None else ""
+
+    def _probe(self, tokenizer):
+        """The layout of a one-exchange conversation through this template bound to `tokenizer`, and the index of
+        the reply's span: (text, spans, k)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        text, spans = self.bind(tokenizer).layout(probe)
+        return text, spans, next(k for k, (_, _, i) in enumerate(spans) if i == 1)
 
     def end_of_turn_ids(self, tokenizer) -> list[int]:
         """The tokenizer's EOS, and the special token this template ends an assistant turn with where that is
@@ -257,6 +289,53 @@ def _marked_layout(template: Template, roles: tuple[str, ...], add_generation_pr
               for i, r in enumerate(roles)]
     parts = _SENTINEL_RE.split(template.render(marked, add_generation_prompt))
     return tuple(int(p) if k % 2 else p for k, p in enumerate(parts) if k % 2 or p)
+
+
+def _renderings(content: str) -> list[str]:
+    """What a template may render of a message: its content, else trimmed at both edges, the right, the left
+    (Jinja's `trim` and Python's `strip()` trim the same whitespace)."""
+    return list(dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())))
+
+
+def _fit(layout, messages: list[dict], text: str, deepest: list | None = None):
+    """Spans of `text` (see `Template.layout`) with the pieces of `layout` in order, each message as one of its
+    `_renderings`, or None when no choice of them gives `text`. A search with backtracking: the template text
+    after a message decides which rendering fits, so it rarely tries more than one. `deepest`, when given,
+    receives the index of the furthest piece that failed to fit."""
+    pieces = [messages[p]["content"] if isinstance(p, int) else p for p in layout]
+    if deepest is None and "".join(pieces) == text:  # every content as it is: the common case, one comparison
+        ends = list(itertools.accumulate(map(len, pieces)))
+        return [(end - len(x), end, p if isinstance(p, int) else None) for p, x, end in zip(layout, pieces, ends,
+                                                                                            strict=True)]
+    options = [[p] if isinstance(p, str) else _renderings(messages[p]["content"]) for p in layout]
+    n = len(options)
+    at, pick, k = [0] * (n + 1), [-1] * n, 0
+    while k >= 0:
+        if k == n:
+            if at[n] == len(text):
+                return [(at[j], at[j + 1], p if isinstance(p, int) else None) for j, p in enumerate(layout)]
+            k -= 1
+            continue
+        pick[k] += 1
+        if pick[k] == len(options[k]):
+            if deepest is not None and (not deepest or k > deepest[0]):
+                deepest[:] = [k]
+            pick[k], k = -1, k - 1
+            continue
+        piece = options[k][pick[k]]
+        if text.startswith(piece, at[k]):
+            at[k + 1] = at[k] + len(piece)
+            k += 1
+    return None
+
+
+def _misfit(layout, messages: list[dict], text: str) -> int | None:
+    """The index of the message where fitting `text` failed furthest in (or the message before the template
+    text that failed there), or None."""
+    deepest: list[int] = []
+    _fit(layout, messages, text, deepest)
+    k = deepest[0] if deepest else 0
+    return next((layout[j] for j in range(k, -1, -1) if isinstance(layout[j], int)), None)
 
 
 def special_pattern(tokenizer) -> re.Pattern | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.encoding import TRAIN_ON
+from data.encoding import DEFAULT_MAX_LEN, TRAIN_ON
 from data.sources import AUTO, NONE, is_random, source_problems
 from lora import LoRAConfig
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
@@ -127,7 +127,7 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm; 0 disables"})
     batch_size: int = field(default=4, metadata={"help": "micro-batch size per process"})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
-    max_len: int = field(default=1024, metadata={"help": "tokens per row: longer conversations are cut"})
+    max_len: int = field(default=DEFAULT_MAX_LEN, metadata={"help": "tokens per row: longer conversations are cut"})
     chat_template: str | None = field(default=None, metadata={
         "help": f"how conversations become text: a built-in ({', '.join(BUILTINS)}), {MODEL} (the model's own, "
                 "from its tokenizer_config.json or chat_template.jinja) or a .jinja file; default: the model's own "
