@@ -20,11 +20,14 @@ setup: .venv/.installed
 lint: setup
 	$(PY) -m ruff check .
 
+# On every core: one pytest-xdist worker per core, each with one torch thread (tests/conftest.py). worksteal: a
+# worker that runs out of tests takes queued ones from the other, so no core idles while the last ones run.
+TEST_FLAGS = -q -n auto --dist worksteal
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(TEST_FLAGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest $(TEST_FLAGS) -m "not slow"
 
 clean:
 	rm -rf .venv .pytest_cache runs/smoke

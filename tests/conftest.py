@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 import os
 import shutil
 
 import pytest
 import torch
 
-from helpers import TOKENIZER_PATH, hf_checkpoint
+from helpers import TOKENIZER_PATH, hf_checkpoint, run
+
+# One torch thread per test process (and, through the environment, per process a test starts: torchrun's workers,
+# chat.py, the export). The tensors here are tiny, so a second intra-op thread gains next to nothing, while with
+# `make test`'s pytest-xdist workers on every core (or anything else running) its spin-waits cost more than the
+# work: test_errors.py took 100 s with torch's default threads on 2 busy cores, 18 s with one. OMP_NUM_THREADS
+# set by hand wins.
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_matmul_peak_per_process():
+    """train.py measures the machine's matmul peak (for MFU) at the start of every run: 13 products of 1024 x 1024
+    matrices, about 0.4 s on one CPU thread, more than a 3-step tiny run trains. Measured once per (device, dtype)
+    in each test process instead; runs in a subprocess still measure their own."""
+    import train
+
+    peak = functools.cache(train.measure_matmul_peak)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "measure_matmul_peak", peak)
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +52,26 @@ def tiny_ckpt(tmp_path_factory):
                          intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_ckpt):
+    """`trained_run(dest, **settings)`: the run `helpers.run` trains from the tiny checkpoint with `settings`,
+    copied to the folder `dest`, and its (summary, metrics rows). Each setting is trained once per test process,
+    and each test gets a copy of its own to change. Only for a run that is a test's starting point: a run the test
+    watches (patched functions, captured output, a fixture that checks every write) it must train itself."""
+    trained = {}
+
+    def copy_of(dest, **settings):
+        key = json.dumps(settings, sort_keys=True)
+        if key not in trained:
+            tmp = tmp_path_factory.mktemp("trained")
+            trained[key] = tmp / "run", run(tmp, tiny_ckpt, "run", **settings)
+        folder, result = trained[key]
+        shutil.copytree(folder, dest)
+        return copy.deepcopy(result)
+
+    return copy_of
 
 
 def pytest_collection_modifyitems(config, items):

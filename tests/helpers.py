@@ -5,7 +5,12 @@ they wrote."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -67,6 +72,10 @@ class LazyModule:
         self._name, self._reason = name, reason
 
     def __getattr__(self, attr):
+        # Collecting a test file, pytest probes each of its names (__test__, __wrapped__, _mock_name, ...): those
+        # must not import the library, or collection pays for it after all.
+        if attr.startswith("_") and self._name not in sys.modules:
+            raise AttributeError(attr)
         return getattr(pytest.importorskip(self._name, reason=self._reason), attr)
 
 
@@ -76,9 +85,28 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             max_position_embeddings=256, tie_word_embeddings=False)
 
 
+# hf_checkpoint's folders by their arguments, with the global RNG state each left behind: most tests ask for one of
+# a few, and building and saving a transformers model costs ~80 ms where copying its files costs ~1 ms.
+_HF_CHECKPOINTS: dict[str, tuple[Path, torch.Tensor]] = {}
+
+
 def hf_checkpoint(path: Path, seed: int = 0, model_type: str = "llama", **overrides) -> Path:
     """Save a random `transformers.LlamaForCausalLM` (or `MistralForCausalLM` for model_type "mistral"; float32,
-    safetensors) to `path` and return it."""
+    safetensors) to `path` and return it. The same arguments give the same files and leave the global RNG in the
+    same state: the first call in a process builds them, later ones copy them."""
+    key = json.dumps([seed, model_type, overrides], sort_keys=True, default=repr)
+    if key not in _HF_CHECKPOINTS:
+        folder = Path(tempfile.mkdtemp(prefix="hf_checkpoint-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        _save_hf_checkpoint(folder, seed, model_type, overrides)
+        _HF_CHECKPOINTS[key] = folder, torch.get_rng_state()
+    folder, rng_state = _HF_CHECKPOINTS[key]
+    shutil.copytree(folder, path, dirs_exist_ok=True)
+    torch.set_rng_state(rng_state)
+    return Path(path)
+
+
+def _save_hf_checkpoint(path: Path, seed: int, model_type: str, overrides: dict) -> None:
     import transformers
 
     torch.manual_seed(seed)
@@ -91,7 +119,6 @@ def hf_checkpoint(path: Path, seed: int = 0, model_type: str = "llama", **overri
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
-    return Path(path)
 
 
 def hf_model(path, **kwargs):
@@ -137,6 +164,14 @@ def rig_cycle(model, cycle):
             model.model.embed_tokens.weight[token] = e[i + 1]
             model.lm_head.weight[cycle[(i + 1) % len(cycle)], i + 1] = 1.0
     return model.eval()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's --master_port. A fixed port would collide between
+    pytest-xdist's workers, and with any other test run on the machine; the kernel hands out a free one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(tmp_path, ckpt, name="run", **overrides) -> tuple[dict, list[dict]]:

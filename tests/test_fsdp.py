@@ -11,7 +11,7 @@ import sys
 import pytest
 from test_train import assert_same_adapters
 
-from helpers import GUANACO_SAMPLE, ROOT, metrics, run, train_losses
+from helpers import GUANACO_SAMPLE, ROOT, free_port, metrics, run, train_losses
 
 CLIP, LR = 0.005, 5e-2
 
@@ -25,7 +25,7 @@ def _data(tmp_path):
     return data
 
 
-def _torchrun(tmp_path, ckpt, name, *extra, port, dropout=0.3):
+def _torchrun(tmp_path, ckpt, name, *extra, dropout=0.3):
     # One held-out conversation: one process evaluates it, the other an empty share (in lockstep, see
     # training.step.evaluate), and the eval loss is the single process's.
     args = ["--model", str(ckpt), "--data", str(_data(tmp_path)), "--eval-data", "auto", "--eval-every", "2",
@@ -35,7 +35,7 @@ def _torchrun(tmp_path, ckpt, name, *extra, port, dropout=0.3):
             "--keep-checkpoints", "0", "--no-group-by-length", "--log-every", "1", "--no-samples",
             "--batch-size", "2"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), "train.py", *args, *extra, "--out", str(tmp_path / name)],
+                           "--master_port", str(free_port()), "train.py", *args, *extra, "--out", str(tmp_path / name)],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,7 +60,7 @@ def single(tmp_path_factory, tiny_ckpt):
 def two_processes(tmp_path_factory, tiny_ckpt):
     """What `single` runs, on two FSDP processes of --batch-size 2 side by side."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    proc = _torchrun(tmp, tiny_ckpt, "fsdp", "--fsdp", port=29531)
+    proc = _torchrun(tmp, tiny_ckpt, "fsdp", "--fsdp")
     return tmp / "fsdp", proc
 
 
@@ -124,7 +124,7 @@ def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single,
 @pytest.mark.slow
 def test_hsdp_2x1_equals_one_process(tmp_path, tiny_ckpt, single):
     """Each process whole, gradients all-reduced across the two replicas."""
-    proc = _torchrun(tmp_path, tiny_ckpt, "hsdp21", "--fsdp", "hybrid", "--fsdp-shard-size", "1", port=29533)
+    proc = _torchrun(tmp_path, tiny_ckpt, "hsdp21", "--fsdp", "hybrid", "--fsdp-shard-size", "1")
     assert "over a 2x1 mesh (replicate, shard)" in proc.stdout
     _assert_same_run(tmp_path / "hsdp21", single)
 
@@ -132,7 +132,7 @@ def test_hsdp_2x1_equals_one_process(tmp_path, tiny_ckpt, single):
 @pytest.mark.slow
 def test_checkpoints_resume_with_another_number_of_processes(tmp_path, tiny_ckpt, whole_batch):
     # 2 FSDP processes -> 1 plain process: the uninterrupted run's adapter.
-    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", port=29534, dropout=0.0)
+    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", dropout=0.0)
     _assert_same_run(tmp_path / "fsdp", whole_batch, **REORDERED)
     run(tmp_path, tiny_ckpt, "resumed", batch_size=4, resume=str(tmp_path / "fsdp" / "checkpoint-2"),
         **_settings(tmp_path, dropout=0.0))
@@ -149,7 +149,7 @@ def test_checkpoints_resume_on_another_split_of_the_same_rows_per_step(tmp_path,
     _assert_same_run(tmp_path / "one", single)
     # 1 plain process -> 2 processes, HSDP on a 1 x 2 mesh (both processes one shard group, one replica).
     proc = _torchrun(tmp_path, tiny_ckpt, "hsdp12", "--fsdp", "hybrid", "--resume",
-                     str(single[0] / "checkpoint-2"), port=29532)
+                     str(single[0] / "checkpoint-2"))
     assert "over a 1x2 mesh (replicate, shard)" in proc.stdout
     _assert_same_run(tmp_path / "hsdp12", single)
 
@@ -160,7 +160,7 @@ def test_fsdp_qlora_two_processes_equal_one(tmp_path, tiny_ckpt):
     import json
 
     _, rows = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, quantize="nf4", **_settings(tmp_path))
-    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", "--quantize", "nf4", port=29535)
+    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", "--quantize", "nf4")
     _assert_same_run(tmp_path / "fsdp", (tmp_path / "single", None, rows))
     summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "fsdp")]
     assert summaries[0]["total_params"] == summaries[1]["total_params"]  # the storage is not counted as weights

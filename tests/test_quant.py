@@ -37,9 +37,10 @@ from tinyllama.quant import (
 )
 from tinyllama.runtime import plan_runtime
 
-bnb = LazyModule("bitsandbytes", reason="bitsandbytes is the NF4 reference (pip install -e .[test])")
-from bitsandbytes import functional as bnb_f  # noqa: E402
-from bitsandbytes.backends.default import ops as bnb_default_ops  # noqa: E402
+BNB_MISSING = "bitsandbytes is the NF4 reference (pip install -e .[test])"
+bnb = LazyModule("bitsandbytes", reason=BNB_MISSING)
+bnb_f = LazyModule("bitsandbytes.functional", reason=BNB_MISSING)
+bnb_default_ops = LazyModule("bitsandbytes.backends.default.ops", reason=BNB_MISSING)
 
 ADAPTER = LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=ALL_TARGETS)
 

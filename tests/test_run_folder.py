@@ -138,9 +138,10 @@ def test_a_crash_while_saving_a_checkpoint_leaves_latest_valid(tmp_path, tiny_ck
 # ---- the final adapter is written whole ---------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_crash_while_saving_the_final_adapter_leaves_the_previous_one_whole(tmp_path, tiny_ckpt, monkeypatch):
+def test_a_crash_while_saving_the_final_adapter_leaves_the_previous_one_whole(tmp_path, tiny_ckpt, trained_run,
+                                                                              monkeypatch):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    trained_run(out, steps=2, save_every=2)
     before = snapshot(out / "adapter")
     real = files.write_file
 
@@ -170,9 +171,9 @@ def test_replace_dir_swaps_a_whole_folder(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_inside_torch_save_ends_with_a_message_and_keeps_the_last_checkpoint(tmp_path, tiny_ckpt,
-                                                                                           monkeypatch):
+                                                                                           trained_run, monkeypatch):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    trained_run(out, steps=2, save_every=2)
 
     def full(obj, f, *a, **k):  # what PyTorch raises when the disk fills during torch.save
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
@@ -304,12 +305,12 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, tiny_ckpt
 
 
 @pytest.mark.slow
-def test_a_resumed_run_keeps_one_row_per_step_and_sums_up_the_whole_run(tmp_path, tiny_ckpt):
+def test_a_resumed_run_keeps_one_row_per_step_and_sums_up_the_whole_run(tmp_path, tiny_ckpt, trained_run):
     out = tmp_path / "out"
     common = dict(steps=6, save_every=3, keep_checkpoints=0, dropout=0.1, eval_data=str(GUANACO_SAMPLE),
                   eval_every=2)
-    full, full_rows = run(tmp_path, tiny_ckpt, "full", **common)
-    run(tmp_path, tiny_ckpt, "out", **common)
+    full, full_rows = trained_run(tmp_path / "full", **common)
+    trained_run(out, **common)  # the same run, a copy to cut short
     # Make it a run killed during step 6: rows up to step 5 written (the last one cut short), checkpoint-3 the
     # latest, no final adapter or summary.
     shutil.rmtree(out / "checkpoint-6")
@@ -328,9 +329,9 @@ def test_a_resumed_run_keeps_one_row_per_step_and_sums_up_the_whole_run(tmp_path
 
 
 @pytest.mark.slow
-def test_a_resume_with_changed_settings_says_what_changed(tmp_path, tiny_ckpt, capsys):
+def test_a_resume_with_changed_settings_says_what_changed(tmp_path, tiny_ckpt, trained_run, capsys):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    trained_run(out, steps=2, save_every=2)
     capsys.readouterr()
     run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, lr=2e-2, schedule="linear", resume=str(out))
     said = capsys.readouterr().out
@@ -340,9 +341,9 @@ def test_a_resume_with_changed_settings_says_what_changed(tmp_path, tiny_ckpt, c
 
 
 @pytest.mark.slow
-def test_a_checkpoint_whose_state_would_run_code_is_refused(tmp_path, tiny_ckpt):
+def test_a_checkpoint_whose_state_would_run_code_is_refused(tmp_path, tiny_ckpt, trained_run):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    trained_run(out, steps=2, save_every=2)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -428,9 +429,9 @@ def test_the_model_folder_or_one_holding_weights_is_never_an_output_folder(tmp_p
 
 
 @pytest.mark.slow
-def test_overwrite_refuses_a_symlink_where_the_run_wrote_a_folder_and_removes_nothing(tmp_path, tiny_ckpt):
+def test_overwrite_refuses_a_symlink_where_the_run_wrote_a_folder_and_removes_nothing(tmp_path, tiny_ckpt, trained_run):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=2)
+    trained_run(out, steps=2, save_every=2)
     elsewhere = tmp_path / "kept"
     shutil.move(out / "adapter", elsewhere)
     (out / "adapter").symlink_to(elsewhere, target_is_directory=True)
@@ -528,9 +529,9 @@ def test_latest_names_a_complete_checkpoint_at_every_point_of_a_resume(tmp_path,
 # ---- trusting what a checkpoint says --------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_path, tiny_ckpt):
-    run(tmp_path, tiny_ckpt, "victim", steps=4, save_every=2, keep_checkpoints=0)
-    run(tmp_path, tiny_ckpt, "shared", steps=2, save_every=2)
+def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_path, tiny_ckpt, trained_run):
+    trained_run(tmp_path / "victim", steps=4, save_every=2, keep_checkpoints=0)
+    trained_run(tmp_path / "shared", steps=2, save_every=2)
     run_folder.write_text(tmp_path / "shared" / "latest", "../victim/checkpoint-2")
     victim, shared = snapshot(tmp_path / "victim"), snapshot(tmp_path / "shared")
     with pytest.raises(SystemExit, match=r"latest names '../victim/checkpoint-2'; expected the name of a "
@@ -550,10 +551,10 @@ def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_pat
     (lambda s: [s], "expected a JSON object, found list"),
 ])
 @pytest.mark.slow
-def test_a_trainer_state_that_is_not_ours_is_refused_before_the_folder_is_touched(tmp_path, tiny_ckpt, change,
-                                                                                  problem):
+def test_a_trainer_state_that_is_not_ours_is_refused_before_the_folder_is_touched(tmp_path, tiny_ckpt, trained_run,
+                                                                                  change, problem):
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0)
+    trained_run(out, steps=4, save_every=2, keep_checkpoints=0)
     state = out / "checkpoint-2" / run_folder.STATE
     state.write_text(json.dumps(change(json.loads(state.read_text()))))
     before = snapshot(out)
@@ -592,10 +593,10 @@ def test_an_optimizer_state_that_does_not_fit_the_parameters_is_named(damage, pr
 
 
 @pytest.mark.slow
-def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_path, tiny_ckpt):
+def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_path, tiny_ckpt, trained_run):
     # Loaded as it was, a too-short exp_avg made the fused CPU AdamW write out of bounds (a segfault).
     out = tmp_path / "out"
-    run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0)
+    trained_run(out, steps=4, save_every=2, keep_checkpoints=0)
     path = out / "checkpoint-2" / run_folder.OPTIMIZER
     state = torch.load(path, weights_only=True)
     state["state"][0]["exp_avg"] = torch.zeros(3)

@@ -14,7 +14,17 @@ import torch
 import lora
 import train
 from data import BatchStream, eval_batches, load_examples
-from helpers import GUANACO_SAMPLE, ROOT, adapter_weights, hf_checkpoint, metrics, randomize_lora_b, run, train_losses
+from helpers import (
+    GUANACO_SAMPLE,
+    ROOT,
+    adapter_weights,
+    free_port,
+    hf_checkpoint,
+    metrics,
+    randomize_lora_b,
+    run,
+    train_losses,
+)
 from tinyllama import load_model, reference_loss
 from tinyllama.runtime import RuntimePlan, sdpa_context
 from training import TrainingError, run_folder
@@ -152,7 +162,7 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
     assert shared[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-3)  # the masks matter
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "train.py", *args, "--batch-size", "2",
+                           "--master_port", str(free_port()), "train.py", *args, "--batch-size", "2",
                            "--out", str(tmp_path / "ddp")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -359,9 +369,9 @@ def test_attention_kernel_preference_changes_no_numbers(tmp_path, tiny_ckpt):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["layers", "model"])
-def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, scope):
+def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, trained_run, scope):
     # torch.compile per decoder layer or whole (inductor, CPU here): the same losses and adapter as eager.
-    _, eager = run(tmp_path, tiny_ckpt, "eager", steps=2, max_len=64)
+    _, eager = trained_run(tmp_path / "eager", steps=2, max_len=64)
     _, compiled = run(tmp_path, tiny_ckpt, "compiled", steps=2, max_len=64, compile=True, compile_scope=scope)
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
     assert_same_adapters(tmp_path / "eager", tmp_path / "compiled", atol=1e-5)
@@ -400,7 +410,7 @@ def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp
             "--no-samples", "--dist-timeout", "5", "--save-every", "1", "--out", str(out), *sharding]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_port", str(29518 + bool(sharding)), "train.py", *args], cwd=ROOT, env=env,
+                            "--master_port", str(free_port()), "train.py", *args], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
