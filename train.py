@@ -396,6 +396,7 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     trainable, total = lora.count_parameters(model)
     with parallel.peers_answer():
         tensors = adapter_tensors(run)  # every process: under --fsdp a collective
+    run_folder.refuse_non_finite(out, "adapter", "the final adapter", tensors)  # the same on every process
     summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                              flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=proc.device,
                              world=proc.world, out=out, largest_weight=report.largest_weight(tensors.values()),

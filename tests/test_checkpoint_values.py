@@ -214,3 +214,19 @@ def test_an_update_gone_nan_is_never_saved_and_the_last_good_checkpoint_is_named
 
 def params_numel(out) -> int:
     return load_file(str(out / "checkpoint-1" / lora.adapter.WEIGHTS_NAME))[KEY].numel()
+
+
+def test_a_final_adapter_gone_nan_is_not_written(tmp_path, tiny_ckpt, monkeypatch):
+    real = train.queue_step
+
+    def poisoned(run_, cfg, proc, step, bad, params):
+        queued = real(run_, cfg, proc, step, bad, params)
+        with torch.no_grad():
+            params[0].view(-1)[0] = float("inf")
+        return queued
+
+    monkeypatch.setattr(train, "queue_step", poisoned)
+    with pytest.raises(TrainingError, match=rf"^the final adapter: the adapter's {KEY} holds 1 non-finite value "
+                                            r".*so adapter was not written. Last good checkpoint: none\."):
+        run(tmp_path, tiny_ckpt, "out", steps=1)
+    assert not (tmp_path / "out" / "adapter").exists()

@@ -352,14 +352,7 @@ def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, s
 
     A non-finite adapter or optimizer value is refused before anything is written: `latest`, and so the "last
     good checkpoint" a stopped run names, only ever names a checkpoint whose values are all finite."""
-    problem = next((f"the adapter's {k} {p}" for k, t in sorted(adapter.items())
-                    if (p := lora.tensor_problem(t, t.dtype))), None) or _non_finite_optimizer_value(optimizer_state)
-    if problem:
-        good = None
-        with contextlib.suppress(TrainingError):
-            good = find_checkpoint(out)
-        raise TrainingError(f"step {step}: {problem}, so checkpoint-{step} was not written. Last good checkpoint: "
-                            f"{good or 'none'}. Try a lower --lr (or --alpha)")
+    refuse_non_finite(out, f"checkpoint-{step}", f"step {step}", adapter, optimizer_state)
 
     def write(folder: Path) -> None:
         save_adapter(folder)
@@ -603,7 +596,23 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _non_finite_optimizer_value(optimizer_state: dict) -> str | None:
+def refuse_non_finite(out: Path, name: str, when: str, adapter: dict[str, torch.Tensor],
+                      optimizer_state: dict | None = None) -> None:
+    """Raise, naming the last good checkpoint in `out`, before `name` is written with a NaN or infinity in the
+    adapter (`lora.tensor_problem`) or the optimizer state: a finite loss does not prove a finite update."""
+    problem = next((f"the adapter's {k} {p}" for k, t in sorted(adapter.items())
+                    if (p := lora.tensor_problem(t, t.dtype))), None) or _non_finite_optimizer_value(optimizer_state)
+    if problem:
+        good = None
+        with contextlib.suppress(TrainingError):
+            good = find_checkpoint(out)
+        raise TrainingError(f"{when}: {problem}, so {name} was not written. Last good checkpoint: "
+                            f"{good or 'none'}. Try a lower --lr (or --alpha)")
+
+
+def _non_finite_optimizer_value(optimizer_state: dict | None) -> str | None:
+    if optimizer_state is None:
+        return None
     for i, s in optimizer_state.get("state", {}).items():
         for name in ("exp_avg", "exp_avg_sq"):
             t = s.get(name)
