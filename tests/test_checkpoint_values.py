@@ -75,6 +75,7 @@ def nan_at_first(t: torch.Tensor) -> torch.Tensor:
 
 # ---- item 5: non-finite optimizer state; item 9: hyperparameters of the wrong type ------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,problem", [
     (lambda s: s["state"][0].update(exp_avg=nan_at_first(s["state"][0]["exp_avg"])),
      "parameter 0: exp_avg holds 1 non-finite value(s) (NaN or infinity)"),
@@ -121,6 +122,7 @@ def test_each_optimizer_value_is_checked(change, problem):
 
 # ---- item 6: a flipped byte inside a tensor's data ------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [lora.adapter.WEIGHTS_NAME, run_folder.OPTIMIZER])
 def test_a_flipped_byte_in_a_tensor_is_refused_by_its_checksum(tmp_path, tiny_ckpt, out, name):
     path = out / "checkpoint-2" / name
@@ -132,6 +134,7 @@ def test_a_flipped_byte_in_a_tensor_is_refused_by_its_checksum(tmp_path, tiny_ck
            f"{out / 'checkpoint-2' / run_folder.STATE} records (files.{name})" in said
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_checksums_resumes_with_a_warning_and_its_values_checked(tmp_path, tiny_ckpt, out,
                                                                                       capsys):
     state_path = out / "checkpoint-2" / run_folder.STATE
@@ -148,6 +151,7 @@ def test_a_checkpoint_without_checksums_resumes_with_a_warning_and_its_values_ch
 
 # ---- item 7: an adapter tensor stored in another dtype, or not finite ----------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,problem", [
     (lambda t: t.half(), "is stored as torch.float16, expected torch.float32"),
     (lambda t: (t * 100).long(), "is stored as torch.int64, expected torch.float32"),
@@ -169,6 +173,7 @@ def test_an_adapter_tensor_of_another_dtype_or_not_finite_is_refused_not_cast(tm
 
 # ---- item 8: the data-stream position ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,problem", [
     ({"epoch": 10**12}, "stream: epoch 1000000000000 epoch_step 0 is not the position after step 2"),
     ({"epoch": -5}, "stream: cannot resume this data stream: the saved position, epoch -5 step 0"),
@@ -187,6 +192,7 @@ def test_a_stream_position_out_of_range_is_refused(tmp_path, tiny_ckpt, out, cha
 
 # ---- item 5: a checkpoint is never written with values that are not finite ----------------------------------------
 
+@pytest.mark.slow
 def test_an_update_gone_nan_is_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, tiny_ckpt, monkeypatch):
     # A non-finite update with a finite loss and gradient norm (as a NaN in exp_avg gave): the loss of that step
     # is fine, so only the check before saving can keep it out of checkpoint-2 and `latest`.
@@ -216,6 +222,7 @@ def params_numel(out) -> int:
     return load_file(str(out / "checkpoint-1" / lora.adapter.WEIGHTS_NAME))[KEY].numel()
 
 
+@pytest.mark.slow
 def test_a_final_adapter_gone_nan_is_not_written(tmp_path, tiny_ckpt, monkeypatch):
     real = train.queue_step
 
