@@ -127,6 +127,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         log(f"warning: --warmup {cfg.warmup} is longer than the run ({total_steps} steps): the learning rate "
             f"peaks at {lr_at(total_steps - 1, cfg, total_steps):.3g} and never reaches --lr {cfg.lr:g}")
     state = run_folder.read_state(resume_from) if resume_from else {}
+    if resume_from:  # the checksums first: no value of a damaged file is read
+        run_folder.verify_files(resume_from, state, log)
     start_step = state.get("step", 0)
     if resume_from and start_step == total_steps and not run_folder.is_finished(out, total_steps):
         log(f"{resume_from} is the run's last step, but {out} has no final adapter and summary of it (the run was "
@@ -139,7 +141,13 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         try:
             stream.load_state_dict(state["stream"], saved_grad_accum=state["config"].get("grad_accum"))
         except ValueError as e:
-            raise TrainingError(f"--resume {resume_from}: {e}") from e
+            raise TrainingError(f"--resume {resume_from}: {resume_from / run_folder.STATE} stream: {e}") from e
+        # Each optimizer step takes one step of the stream, so its position is the checkpoint's step.
+        if stream.epoch * stream.steps_per_epoch + stream.index // cfg.grad_accum != start_step:
+            raise TrainingError(f"--resume {resume_from}: {resume_from / run_folder.STATE} stream: epoch "
+                                f"{stream.epoch} epoch_step {stream.index // cfg.grad_accum} is not the position "
+                                f"after step {start_step} of {stream.steps_per_epoch} steps per epoch; the file was "
+                                "edited or damaged, nothing was changed. Resume from another checkpoint")
     changes = run_folder.changed_settings(state.get("config", {}), dataclasses.asdict(cfg))
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
@@ -208,7 +216,10 @@ def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Proces
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
     if resume_from:
-        lora.load_adapter(model, resume_from, copy=fsdp.copy_into)
+        try:
+            lora.load_adapter(model, resume_from, copy=fsdp.copy_into)
+        except ValueError as e:
+            raise TrainingError(f"--resume {resume_from}: {e}") from e
     plan = plan_runtime(model.config, device, dtype, lora_config=lora_config, quantized=quantize is not None,
                         packing=cfg.packing, fused_mlp=cfg.fused_mlp, varlen=cfg.varlen,
                         sdpa_backends=cfg.sdpa_backends, compile_scope=cfg.compile_scope if cfg.compile else None,
@@ -313,7 +324,7 @@ def train(cfg: TrainConfig) -> dict:
                     run_folder.save_checkpoint(
                         out, done, functools.partial(save_adapter, run, cfg, tensors=tensors), optimizer_state,
                         {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
-                         "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints)
+                         "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints, adapter=tensors)
         progress.close()
         run.metrics.close()
         summary = finish_run(run, cfg, proc, out)
@@ -385,6 +396,7 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     trainable, total = lora.count_parameters(model)
     with parallel.peers_answer():
         tensors = adapter_tensors(run)  # every process: under --fsdp a collective
+    run_folder.refuse_non_finite(out, "adapter", "the final adapter", tensors)  # the same on every process
     summary = report.summary(run.totals, trainable=trainable, total=total, steps=run.total_steps,
                              flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=proc.device,
                              world=proc.world, out=out, largest_weight=report.largest_weight(tensors.values()),

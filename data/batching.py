@@ -269,7 +269,7 @@ class BatchStream:
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
                              + "); use the same data, max_len, seed, packing and length grouping")
         epoch, step = state.get("epoch"), state.get("epoch_step")
-        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(step, int) and 0 <= step < self.steps_per_epoch):
+        if not (type(epoch) is int and epoch >= 0 and type(step) is int and 0 <= step < self.steps_per_epoch):
             raise ValueError(f"cannot resume this data stream: the saved position, epoch {epoch!r} step {step!r}, "
                              f"is not an epoch >= 0 and a step in 0..{self.steps_per_epoch - 1}")
         self.epoch, self.index = epoch, step * self.grad_accum

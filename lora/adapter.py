@@ -305,13 +305,28 @@ def _projections(target_modules, path: Path) -> tuple[tuple[str, ...], int | Non
     return tuple(sorted(everywhere | by_layer.keys())), n
 
 
+def tensor_problem(tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """What is wrong with an adapter tensor that should hold `dtype` values, or None: another dtype is refused,
+    not cast (an int64 tensor has lost its fractions already, a float16 one its range), and a NaN or infinity
+    would spread through every later step. The one check for adapters from anywhere: `load_adapter` (a
+    checkpoint resumed, an adapter chatted with or exported) and a checkpoint about to be written."""
+    if tensor.dtype != dtype:
+        return f"is stored as {tensor.dtype}, expected {dtype}"
+    bad = int((~torch.isfinite(tensor)).sum()) if tensor.dtype.is_floating_point else 0
+    if bad:
+        return f"holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or infinity) of {tensor.numel()}"
+    return None
+
+
 def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile, copy=None):
     """Load a PEFT-format LoRA adapter (its folder, or its `read_adapter_file` already read) into a model built
     with a matching `LoRAConfig`.
 
-    Rank, target modules and every tensor shape must match; alpha, rsLoRA and dropout are taken from the
-    adapter (they define how its weights are meant to be scaled). `copy(parameter, tensor)` puts each saved
-    tensor into its parameter (default `Tensor.copy_`; `training.fsdp` keeps only this process's shard).
+    Rank, target modules and every tensor shape must match, and every tensor must be finite and of its
+    parameter's dtype (`tensor_problem`: float32, as `save_adapter` writes our adapters); alpha, rsLoRA and
+    dropout are taken from the adapter (they define how its weights are meant to be scaled).
+    `copy(parameter, tensor)` puts each saved tensor into its parameter (default `Tensor.copy_`;
+    `training.fsdp` keeps only this process's shard).
     """
     if isinstance(adapter_dir, AdapterFile):
         adapter, adapter_dir = adapter_dir, adapter_dir.folder
@@ -352,6 +367,12 @@ def load_adapter(model, adapter_dir: str | os.PathLike | AdapterFile, copy=None)
     if missing or unexpected or bad_shapes:
         raise ValueError(f"adapter {adapter_dir} does not fit the model: missing {missing[:10]}, "
                          f"unexpected {unexpected[:10]}, shape mismatches {bad_shapes[:10]}")
+    for k in sorted(own):
+        problem = tensor_problem(tensors[k], own[k].dtype)
+        if problem:
+            raise ValueError(f"{weights}: tensor {k} {problem}; nothing was loaded. The adapter is damaged or was "
+                             f"saved in another precision: convert it to {own[k].dtype} yourself if that is what "
+                             "you want, or use another adapter")
     with torch.no_grad():
         for k, p in own.items():
             (copy or torch.Tensor.copy_)(p, tensors[k].to(p.device))

@@ -17,7 +17,7 @@ import torch
 
 import lora
 import train
-from helpers import GUANACO_SAMPLE, adapter_weights, metrics, run, snapshot, train_losses
+from helpers import GUANACO_SAMPLE, adapter_weights, metrics, rerecord, run, snapshot, train_losses
 from tinyllama import files
 from training import TrainingError, run_folder
 
@@ -353,6 +353,7 @@ def test_a_checkpoint_whose_state_would_run_code_is_refused(tmp_path, tiny_ckpt,
     state = torch.load(out / "checkpoint-2" / run_folder.OPTIMIZER, weights_only=True)
     state["extra"] = Payload()
     torch.save(state, out / "checkpoint-2" / run_folder.OPTIMIZER)
+    rerecord(out / "checkpoint-2")
     with pytest.raises(TrainingError, match="not loaded .*could run code"):
         run(tmp_path, tiny_ckpt, "out", steps=4, resume=str(out))
     assert not marker.exists()
@@ -368,9 +369,9 @@ def test_pruning_never_removes_a_checkpoint_newer_than_the_one_written(tmp_path)
         (folder / "adapter_model.safetensors").write_bytes(b"")
 
     optimizer_state = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1).state_dict()
-    run_folder.save_checkpoint(tmp_path, 100, adapter, optimizer_state, {}, keep=1)
+    run_folder.save_checkpoint(tmp_path, 100, adapter, optimizer_state, {}, keep=1, adapter={})
     for step in (1, 2, 3):
-        run_folder.save_checkpoint(tmp_path, step, adapter, optimizer_state, {}, keep=1)
+        run_folder.save_checkpoint(tmp_path, step, adapter, optimizer_state, {}, keep=1, adapter={})
         assert run_folder.find_checkpoint(tmp_path).name == f"checkpoint-{step}"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-100", "checkpoint-3"]
 
@@ -601,12 +602,14 @@ def test_a_wrong_shaped_optimizer_state_is_refused_before_anything_moves(tmp_pat
     state = torch.load(path, weights_only=True)
     state["state"][0]["exp_avg"] = torch.zeros(3)
     torch.save(state, path)
+    rerecord(out / "checkpoint-2")
     before = snapshot(out)
     with pytest.raises(TrainingError, match=rf"{path} does not fit this run's optimizer: parameter 0: exp_avg is "
                                             r"\(3,\)"):
         run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out / "checkpoint-2"))
     assert snapshot(out) == before
     torch.save([state], path)
+    rerecord(out / "checkpoint-2")
     with pytest.raises(TrainingError, match="expected a dict with 'state' and 'param_groups', found list"):
         run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out / "checkpoint-2"))
 

@@ -25,6 +25,7 @@ the optimizer read out of bounds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -343,14 +344,21 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return p / name if is_checkpoint(p / name) else None
 
 
-def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, state: dict, keep: int) -> Path:
-    """checkpoint-{step}: adapter (`save_adapter(folder)`), optimizer state (a full `state_dict()`, gathered
-    under --fsdp) and `state` (JSON), written whole; then `latest`, then the listed checkpoints past the newest
-    `keep` (0: keep all) that are older than it."""
+def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, state: dict, keep: int,
+                    adapter: dict[str, torch.Tensor]) -> Path:
+    """checkpoint-{step}: adapter (`save_adapter(folder)`, which writes `adapter`'s tensors), optimizer state (a
+    full `state_dict()`, gathered under --fsdp) and `state` (JSON, with the sha256 of every other file), written
+    whole; then `latest`, then the listed checkpoints past the newest `keep` (0: keep all) that are older than it.
+
+    A non-finite adapter or optimizer value is refused before anything is written: `latest`, and so the "last
+    good checkpoint" a stopped run names, only ever names a checkpoint whose values are all finite."""
+    refuse_non_finite(out, f"checkpoint-{step}", f"step {step}", adapter, optimizer_state)
+
     def write(folder: Path) -> None:
         save_adapter(folder)
         torch.save(optimizer_state, folder / OPTIMIZER)
-        (folder / STATE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+        digests = {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.name != STATE}
+        (folder / STATE).write_text(json.dumps({**state, "step": step, "files": digests}, indent=2) + "\n")
 
     claim(out, f"checkpoint-{step}", "latest")
     final = write_dir(out / f"checkpoint-{step}", write)
@@ -413,8 +421,10 @@ class Totals:
         self.last_loss = row["loss"]
 
 
-# What trainer_state.json holds: the key, its type, and whether a checkpoint must have it.
-STATE_KEYS = {"step": (int, True), "stream": (dict, True), "config": (dict, True), "totals": (dict, False)}
+# What trainer_state.json holds: the key, its type, and whether a checkpoint must have it. "files" (the sha256 of
+# every other file of the checkpoint) is missing only from checkpoints written before it was recorded.
+STATE_KEYS = {"step": (int, True), "stream": (dict, True), "config": (dict, True), "totals": (dict, False),
+              "files": (dict, False)}
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -443,6 +453,12 @@ def _state_problem(state, checkpoint: Path) -> str | None:
     m = CHECKPOINT.fullmatch(checkpoint.name)
     if state["step"] < 1 or (m and state["step"] != int(m.group(1))):
         return f"step {state['step']} in {checkpoint.name}; expected {m.group(1) if m else 'a step >= 1'}"
+    for name, digest in state.get("files", {}).items():
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)) or "/" in name \
+                or name in (STATE, "", ".", ".."):
+            return f"files {name!r} is {digest!r:.80}, expected a file of the checkpoint and its sha256"
+    if "files" in state and not set(CHECKPOINT_FILES) - {STATE} <= state["files"].keys():
+        return f"files lists {sorted(state['files'])}, expected at least {sorted(set(CHECKPOINT_FILES) - {STATE})}"
     fields = {f.name for f in Totals.__dataclass_fields__.values()}
     for key, value in state.get("totals", {}).items():
         if key not in fields:
@@ -451,6 +467,36 @@ def _state_problem(state, checkpoint: Path) -> str | None:
                                   or not math.isfinite(value)):
             return f"totals {key!r} is {value!r}, expected a finite number or null"
     return None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(checkpoint: Path, state: dict, log) -> None:
+    """Every file the checkpoint's `state` lists has the sha256 recorded when it was written: a flipped byte in
+    a tensor's data is refused here, before any value is read. A checkpoint written before checksums were
+    recorded is accepted with a warning: the checks of its values (`optimizer_state_problem`,
+    `lora.tensor_problem`, the stream position) still run."""
+    if "files" not in state:
+        log(f"warning: {checkpoint / STATE} records no checksums (written by an earlier version): its files cannot "
+            "be checked for damage, only its values")
+        return
+    for name, digest in sorted(state["files"].items()):
+        path = checkpoint / name
+        try:
+            found = sha256(path)
+        except OSError as e:
+            raise TrainingError(f"{path} is unreadable ({e.strerror or e}), but {checkpoint / STATE} lists it "
+                                f"(files.{name}); nothing was changed. Resume from another checkpoint") from e
+        if found != digest:
+            raise TrainingError(f"{path} is not the file that was saved: its sha256 differs from the one "
+                                f"{checkpoint / STATE} records (files.{name}), so it was damaged or edited since; "
+                                "nothing was changed. Resume from another checkpoint")
 
 
 def read_optimizer_state(checkpoint: Path):
@@ -481,8 +527,10 @@ def optimizer_state_problem(saved, optimizer: torch.optim.Optimizer, step: int) 
     """What is wrong with an AdamW state dict for `optimizer` after `step` steps, or None.
 
     `load_state_dict` checks little: a wrong-shaped `exp_avg` is loaded as it is, and the fused AdamW kernel
-    then reads and writes past its end. Every tensor is checked here: shape and dtype of its parameter, and
-    the step count equal to the checkpoint's.
+    then reads and writes past its end. Every tensor is checked here: shape and dtype of its parameter, finite
+    (and `exp_avg_sq`, a running mean of squares, never negative), the step count equal to the checkpoint's;
+    and every hyperparameter the optimizer takes from the saved groups has its type and range (`betas="xx"`
+    would otherwise reach the fused kernel as a TypeError).
     """
     if not isinstance(saved, dict) or set(saved) != {"state", "param_groups"}:
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
@@ -496,6 +544,9 @@ def optimizer_state_problem(saved, optimizer: torch.optim.Optimizer, step: int) 
         if not isinstance(ids, list) or len(ids) != len(mine["params"]):
             return f"expected a group of {len(mine['params'])} parameters, found {ids!r:.60}"
         params.update(zip(ids, mine["params"], strict=True))
+        problem = _hyperparameter_problem(g, mine)
+        if problem:
+            return problem
     if not isinstance(state, dict) or set(state) != set(params) or len(params) != sum(len(g["params"])
                                                                                       for g in groups):
         return f"expected state for parameters {sorted(params)!r:.60}, found {sorted(state)!r:.60}"
@@ -508,6 +559,63 @@ def optimizer_state_problem(saved, optimizer: torch.optim.Optimizer, step: int) 
             if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
                 found = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
                 return f"parameter {i}: {name} is {found}, expected {tuple(p.shape)} {p.dtype}"
-        if not isinstance(s["step"], torch.Tensor) or s["step"].numel() != 1 or s["step"].item() != step:
-            return f"parameter {i}: step is {s['step']!r:.40}, expected {step} (the checkpoint's step)"
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"parameter {i}: {name} holds {bad} non-finite value(s) (NaN or infinity)"
+        if bool((s["exp_avg_sq"] < 0).any()):
+            return f"parameter {i}: exp_avg_sq holds negative values (it is a mean of squares)"
+        t = s["step"]
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype.is_complex or t.dtype == torch.bool \
+                or t.item() != step:
+            return f"parameter {i}: step is {t!r:.40}, expected {step} (the checkpoint's step)"
+    return None
+
+
+def _hyperparameter_problem(saved: dict, mine: dict) -> str | None:
+    """A saved parameter group's hyperparameter that `load_state_dict` would install but this run cannot train
+    with: AdamW's switches (amsgrad, maximize, fused, ...) as this run set them, lr, eps and weight_decay finite
+    numbers >= 0, betas two numbers in [0, 1). Keys this torch's AdamW does not have are not used, so not
+    checked."""
+    for key, value in saved.items():
+        if key == "params" or key not in mine:
+            continue
+        where = f"param_groups {key}"
+        if key == "betas":
+            if not (isinstance(value, (tuple, list)) and len(value) == 2
+                    and all(_number(b) and 0 <= b < 1 for b in value)):
+                return f"{where} is {value!r:.40}, expected two numbers in [0, 1)"
+        elif _number(mine[key]):
+            if not (_number(value) and value >= 0):
+                return f"{where} is {value!r:.40}, expected a finite number >= 0"
+        elif value is not mine[key]:  # True, False or None
+            return f"{where} is {value!r:.40}, expected {mine[key]!r} (as this run's AdamW)"
+    return None
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def refuse_non_finite(out: Path, name: str, when: str, adapter: dict[str, torch.Tensor],
+                      optimizer_state: dict | None = None) -> None:
+    """Raise, naming the last good checkpoint in `out`, before `name` is written with a NaN or infinity in the
+    adapter (`lora.tensor_problem`) or the optimizer state: a finite loss does not prove a finite update."""
+    problem = next((f"the adapter's {k} {p}" for k, t in sorted(adapter.items())
+                    if (p := lora.tensor_problem(t, t.dtype))), None) or _non_finite_optimizer_value(optimizer_state)
+    if problem:
+        good = None
+        with contextlib.suppress(TrainingError):
+            good = find_checkpoint(out)
+        raise TrainingError(f"{when}: {problem}, so {name} was not written. Last good checkpoint: "
+                            f"{good or 'none'}. Try a lower --lr (or --alpha)")
+
+
+def _non_finite_optimizer_value(optimizer_state: dict | None) -> str | None:
+    if optimizer_state is None:
+        return None
+    for i, s in optimizer_state.get("state", {}).items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = s.get(name)
+            if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()):
+                return f"the optimizer's parameter {i} {name} holds non-finite values"
     return None
