@@ -647,5 +647,8 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(run_folder, "open", full_open, raising=False)
-    with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"):
+    with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"
+                       r"\. Is the disk full or the folder read-only\? No checkpoint is saved in \S*/out2 yet, so "
+                       r"what this run trained \(up to step 1\) is lost \(--save-every N saves one every N steps\): "
+                       "free space and run again$"):
         run(tmp_path, tiny_ckpt, "out2", steps=1)
