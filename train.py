@@ -395,7 +395,7 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
         run_folder.write_dir(out / "adapter", lambda folder: save_adapter(run, cfg, folder, tensors, card))
         run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         report.print_summary(summary, log)
-        report.plot_losses(out)
+        report.plot_losses(out, log)
         if cfg.samples and run.tokenizer is not None and cfg.fsdp != "none":
             log("samples: not generated under --fsdp (one process cannot run the sharded model alone); "
                 "python chat.py --adapter OUT/adapter answers the same prompts")

@@ -540,6 +540,6 @@ def test_a_template_that_fails_to_render_is_one_line_naming_it(source, tmp_path)
 
 def test_an_unreadable_tokenizer_config_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "x",}')
-    with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer_config.json'} is not a JSON object "
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer_config.json'} is not valid JSON "
                                          r"\(Expecting property name"):
         load_template(None, tmp_path)

@@ -652,3 +652,26 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
                        r"what this run trained \(up to step 1\) is lost \(--save-every N saves one every N steps\): "
                        "free space and run again$"):
         run(tmp_path, tiny_ckpt, "out2", steps=1)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_loss_png_is_a_warning_naming_it_after_the_adapter_is_saved(
+        tmp_path, tiny_ckpt, monkeypatch, capsys):
+    import errno
+
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    def full(self, path, *a, **k):
+        Path(path).write_bytes(b"\x89PNG cut off")
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    summary, rows = run(tmp_path, tiny_ckpt, "out", steps=1)
+    out = tmp_path / "out"
+    assert summary["steps"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "loss.png").exists()
+    said = [line for line in capsys.readouterr().out.splitlines() if "loss.png" in line]
+    assert said == [f"warning: could not write {out / 'loss.png'} (File too large); the adapter, summary.json and "
+                    "metrics.jsonl are saved, and the plot is only drawn from metrics.jsonl"]

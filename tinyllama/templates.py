@@ -45,7 +45,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, read_tokenizer_config
 
 MODEL = "model"
 ADAPTER_FILE = "chat_template.jinja"  # beside the adapter, as transformers 5 saves a tokenizer's template
@@ -457,10 +457,7 @@ def model_template(model_dir) -> str | None:
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
-    try:
-        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise ValueError(f"{config} is not a JSON object ({e}); fix it, or restore the model's own file") from None
+    template = read_tokenizer_config(config).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
