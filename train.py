@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -407,7 +408,7 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
         run_folder.write_dir(out / "adapter", lambda folder: save_adapter(run, cfg, folder, tensors, card))
         run_folder.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         report.print_summary(summary, log)
-        report.plot_losses(out)
+        report.plot_losses(out, log)
         if cfg.samples and run.tokenizer is not None and cfg.fsdp != "none":
             log("samples: not generated under --fsdp (one process cannot run the sharded model alone); "
                 "python chat.py --adapter OUT/adapter answers the same prompts")
@@ -417,11 +418,33 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
     return summary
 
 
+def interrupted(settings: TrainConfig) -> str:
+    """What a Ctrl-C leaves: the last checkpoint in the output folder and the command that continues from it."""
+    try:
+        resumed = run_folder.find_checkpoint(settings.resume) if settings.resume else None
+    except (TrainingError, OSError):  # the run was refused this at start, or the folder changed since
+        resumed = None
+    out = Path(settings.out) if settings.out else resumed.parent if resumed else Path(f"runs/rank{settings.rank}")
+    saved = run_folder.checkpoints(out) if out.is_dir() else []
+    if not saved:
+        return (f"stopped by Ctrl-C before any checkpoint was saved in {out}, so there is nothing to resume: run the "
+                "command again (--save-every N saves a checkpoint every N steps)")
+    step, last = saved[-1]
+    again = command_line(dataclasses.replace(settings, resume=str(out), overwrite=False))
+    return f"stopped by Ctrl-C; the last checkpoint is {last} (step {step}), and nothing it holds is lost: {again}"
+
+
 def main(argv=None) -> dict:
-    """`python train.py`: an error a person can act on ends the run with its message, not a traceback."""
+    """`python train.py`: an error a person can act on ends the run with its message, not a traceback; so does
+    Ctrl-C, saying how to continue."""
     settings = parse_args(argv)
     try:
         return train(settings)
+    except KeyboardInterrupt:
+        if settings.debug or os.environ.get("TRAIN_DEBUG"):
+            raise
+        print(f"train.py: {interrupted(settings)}", file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's status for a run ended by SIGINT
     except (TrainingError, HubUnavailable, OSError, ValueError) as e:
         if settings.debug or os.environ.get("TRAIN_DEBUG"):
             raise

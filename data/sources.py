@@ -451,6 +451,21 @@ def _row_conversations(raw, report: LoadReport, all_threads: bool) -> tuple[list
         if report.format != formats.OASST:
             raise ValueError(f"{report.source}: all_threads=True applies to OASST message trees, but this file "
                              f"holds {report.format} rows (one conversation each)")
-        return oasst.all_threads(obj)
-    conv, notes = formats.parse_row(report.format, obj)
-    return [conv], notes
+        convs, notes = oasst.all_threads(obj)
+    else:
+        conv, notes = formats.parse_row(report.format, obj)
+        convs = [conv]
+    for conv in convs:
+        _check_unicode(conv)
+    return convs, notes
+
+
+def _check_unicode(conv: list[Turn]) -> None:
+    """Refuse a turn holding a lone surrogate (JSON's `\\ud800` with no pair): no UTF-8 spells it, so no tokenizer
+    can encode it."""
+    for i, turn in enumerate(conv):
+        try:
+            turn.text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRow("invalid Unicode", f"turn {i + 1} ({turn.role}) holds a lone surrogate "
+                         f"{turn.text[e.start]!r} at character {e.start}, which no UTF-8 text can hold") from None

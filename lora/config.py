@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+# The widest rank accepted: past every projection's width of the models supported (Llama 3.1 405B's MLP is 53,248
+# wide), and far inside what a tensor dimension holds, so a typo fails here instead of inside torch.empty.
+MAX_RANK = 65536
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class LoRAConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"LoRA rank must be an integer from 1 to {MAX_RANK}, got {self.rank!r}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"LoRA alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:

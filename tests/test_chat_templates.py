@@ -496,3 +496,50 @@ def test_model_template_comes_from_the_folder(folders, tmp_path):
     (folder / "broken.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ValueError, match="not valid Jinja"):
         load_template(str(folder / "broken.jinja"))
+
+
+HOSTILE = {  # template source -> what the one-line error says went wrong
+    "{{ 1/0 }}": "ZeroDivisionError: division by zero",
+    "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}": "RecursionError: maximum recursion depth exceeded",
+    "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}": "TypeError: ",
+    "{% include 'other.jinja' %}": "TypeError: no loader for this environment specified",
+    "{% import 'other.jinja' as x %}": "TypeError: no loader for this environment specified",
+    "{% for i in range(10**9) %}{% endfor %}": "OverflowError: Range too big",
+    "{{ 'a' * 10**10 }}": "OverflowError: str of length 1 * 10000000000 would be longer than 10000000",
+    "{{ 10 ** (10**10) }}": "OverflowError: 10 ** 10000000000 would have more than 10000000 bits",
+    "": "renders no assistant message",
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}":
+        "renders no assistant message",
+}
+
+
+@pytest.mark.parametrize("source", HOSTILE)
+def test_a_template_that_fails_to_render_is_one_line_naming_it(source, tmp_path):
+    """What train.py and chat.py ask of a template first (its end-of-turn token) fails with a ValueError naming
+    the template's file (a .jinja file, an adapter's, a model folder's tokenizer_config.json), never a raw
+    traceback; the sandbox refuses a huge string or number before allocating it."""
+    from tinyllama.templates import adapter_template
+    tokenizer = Tokenizer(TOKENIZER_PATH)
+    adapter, model = tmp_path / "adapter", tmp_path / "model"
+    adapter.mkdir()
+    model.mkdir()
+    (adapter / "chat_template.jinja").write_text(source)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": source}))
+    (tmp_path / "t.jinja").write_text(source)
+    where = {str(tmp_path / "t.jinja"): lambda: load_template(str(tmp_path / "t.jinja"), tokenizer=tokenizer),
+             str(adapter / "chat_template.jinja"): lambda: adapter_template(None, adapter, None, tokenizer)}
+    if source:  # an empty chat_template in tokenizer_config.json is no template at all
+        where[f"'model' ({model / 'tokenizer_config.json'})"] = lambda: load_template("model", model, tokenizer)
+    for name, load in where.items():
+        with pytest.raises(ValueError) as e:
+            load().end_of_turn_token(tokenizer)
+        message = str(e.value)
+        assert message.startswith(f"chat template {name if name.startswith(chr(39)) else repr(name)} ")
+        assert HOSTILE[source] in message and "\n" not in message
+
+
+def test_an_unreadable_tokenizer_config_is_named(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "x",}')
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'tokenizer_config.json'} is not valid JSON "
+                                         r"\(Expecting property name"):
+        load_template(None, tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data import BadRow, Turn, load_conversations, oasst, parse_guanaco, render
+from data import BadRow, Turn, encode_all, load_conversations, oasst, parse_guanaco, render
 from data.guanaco import TRAILING_HUMAN, WHITESPACE, parse_guanaco_with_notes
 from helpers import ADVERSARIAL, GUANACO_SAMPLE, OASST_SAMPLE, A, H
 
@@ -154,6 +154,20 @@ def test_invalid_utf8_costs_one_counted_row(tmp_path):
     assert len(convs) == 2 and convs.report.skipped == Counter({"invalid UTF-8": 1})
     with pytest.raises(BadRow, match=r"bytes.jsonl:2: invalid UTF-8"):
         load_conversations(path, strict=True)
+
+
+def test_a_lone_surrogate_costs_one_counted_row_in_guanaco_text_and_in_messages(tmp_path, tokenizer):
+    # json.dumps writes the escape "\\ud800" a file holds; json.loads gives back a str no UTF-8 can spell.
+    good_messages = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    bad_messages = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\ud800"}]}
+    for name, good, bad in (("g.jsonl", GOOD, {"text": "### Human: \ud800### Assistant: x"}),
+                            ("m.jsonl", good_messages, bad_messages)):
+        path = write_jsonl(tmp_path / name, [good, json.dumps(bad), good])
+        convs = load_conversations(path, verbose=False)
+        assert len(convs) == 2 and convs.report.skipped == Counter({"invalid Unicode": 1})
+        assert len(encode_all(convs, tokenizer, 64)[0]) == 2
+        with pytest.raises(BadRow, match=rf"{name}:2: invalid Unicode: turn \d \(\w+\) holds a lone surrogate "):
+            load_conversations(path, strict=True)
 
 
 def test_gzip_and_path_named_like_a_split(tmp_path, monkeypatch):

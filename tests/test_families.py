@@ -316,3 +316,22 @@ def test_other_model_types_and_a_llama_sliding_window_are_refused():
         LlamaConfig.from_dict({**TINY, "model_type": "qwen2"})
     with pytest.raises(ValueError, match="sliding_window=8 needs model_type 'mistral'"):
         LlamaConfig(**TINY, sliding_window=8)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("hidden_size", -32, "a positive integer"), ("hidden_size", "32", "a positive integer"),
+    ("hidden_size", 32.5, "a positive integer"), ("hidden_size", 32.0, "a positive integer"),
+    ("num_hidden_layers", True, "a positive integer"), ("num_key_value_heads", 0, "a positive integer"),
+    ("vocab_size", None, "a positive integer"), ("max_position_embeddings", 1e3, "a positive integer"),
+    ("head_dim", -8, "a positive integer or null"), ("eos_token_id", [2, "x"], "a token id"),
+    ("bos_token_id", -1, "a token id"), ("rms_norm_eps", "1e-5", "a positive number"),
+])
+def test_every_size_in_config_json_is_checked_for_type_and_sign_naming_key_and_file(key, value, expected, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, key: value}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as e:
+        load_model(folder)
+    assert str(e.value).startswith(f"{folder / 'config.json'}: {key} is {value!r}; expected {expected}")

@@ -49,6 +49,8 @@ def test_counts_on_the_real_tinyllama_shape_match_the_reference_table(rank):
     (dict(rank=0, alpha=8), "rank"), (dict(rank=4, alpha=0), "alpha"), (dict(rank=4, alpha=-1), "alpha"),
     (dict(rank=4, alpha=8, targets=("gate_proj", "lm_head")), "lm_head"),
     (dict(rank=4, alpha=8, dropout=1.0), "dropout"), (dict(rank=2.5, alpha=8), "rank"),
+    (dict(rank=10**20, alpha=8), r"^LoRA rank must be an integer from 1 to 65536, got 100000000000000000000$"),
+    (dict(rank=65537, alpha=8), "rank"), (dict(rank=True, alpha=8), "rank"),
 ])
 def test_invalid_lora_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

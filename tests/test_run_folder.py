@@ -651,5 +651,59 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(run_folder, "open", full_open, raising=False)
-    with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"):
+    with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"
+                       r"\. Is the disk full or the folder read-only\? No checkpoint is saved in \S*/out2 yet, so "
+                       r"what this run trained \(up to step 1\) is lost \(--save-every N saves one every N steps\): "
+                       "free space and run again$"):
         run(tmp_path, tiny_ckpt, "out2", steps=1)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_loss_png_is_a_warning_naming_it_after_the_adapter_is_saved(
+        tmp_path, tiny_ckpt, monkeypatch, capsys):
+    import errno
+
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    def full(self, path, *a, **k):
+        Path(path).write_bytes(b"\x89PNG cut off")
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    summary, rows = run(tmp_path, tiny_ckpt, "out", steps=1)
+    out = tmp_path / "out"
+    assert summary["steps"] == 1 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out / "loss.png").exists()
+    said = [line for line in capsys.readouterr().out.splitlines() if "loss.png" in line]
+    assert said == [f"warning: could not write {out / 'loss.png'} (File too large); the adapter, summary.json and "
+                    "metrics.jsonl are saved, and the plot is only drawn from metrics.jsonl"]
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_says_in_one_line_the_last_checkpoint_and_the_resume_command(tmp_path, tiny_ckpt, monkeypatch, capsys):
+    run(tmp_path, tiny_ckpt, "out", steps=2, save_every=1)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--steps", "3", "--save-every", "1",
+            "--out", str(out), "--overwrite"]
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", ctrl_c)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        train.main(argv)
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"train.py: stopped by Ctrl-C; the last checkpoint is {out / 'checkpoint-2'} (step 2), and "
+                    f"nothing it holds is lost: python train.py --model {tiny_ckpt} --data {GUANACO_SAMPLE} --steps 3 "
+                    f"--save-every 1 --out {out} --resume {out}"]
+    with pytest.raises(SystemExit):
+        train.main([*argv[:-3], "--out", str(tmp_path / "new")])
+    assert capsys.readouterr().err.splitlines() == [
+        f"train.py: stopped by Ctrl-C before any checkpoint was saved in {tmp_path / 'new'}, so there is nothing to "
+        "resume: run the command again (--save-every N saves a checkpoint every N steps)"]

@@ -178,7 +178,8 @@ def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--rank", "0"], "rank must be an integer from 1 to 65536, got 0"),
+    (["--rank", "99999999999999999999"], "rank must be an integer from 1 to 65536, got 99999999999999999999"),
     (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--lr", "inf"], "--lr must be a finite number > 0"),
     (["--lr", "nan"], "--lr must be a finite number > 0"),

@@ -44,6 +44,16 @@ def _check_rope_type(rope_type, key: str) -> None:
             "refuses the others (dynamic, yarn, longrope, ...) rather than approximate them")
 
 
+# Sizes and counts: each a positive int (JSON's 32.0, "32" and true are refused, not read as 32 or 1).
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_OPTIONAL = {"head_dim", "sliding_window"}
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -68,6 +78,20 @@ class LlamaConfig:
     sliding_window: int | None = None
 
     def __post_init__(self):
+        for key in _POSITIVE_INTS:
+            value = getattr(self, key)
+            if not (value is None and key in _OPTIONAL) and not _is_int(value, minimum=1):
+                raise ValueError(f"{key} is {value!r}; expected a positive integer{' or null' * (key in _OPTIONAL)}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            ids = value if key == "eos_token_id" and isinstance(value, list) else [value]
+            if value is not None and not (ids and all(_is_int(i, minimum=0) for i in ids)):
+                raise ValueError(f"{key} is {value!r}; expected a token id (an integer, 0 or more) or null"
+                                 + (", or a list of them" if key == "eos_token_id" else ""))
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{key} is {value!r}; expected a positive number")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(

@@ -62,7 +62,7 @@ from .files import write_dir
 from .model import Llama
 from .runtime import DTYPES
 from .templates import ADAPTER_FILE, adapter_template
-from .tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
+from .tokenizer import Tokenizer, load_tokenizer, read_tokenizer_config, write_tokenizer_config
 
 GENERATION_CONFIG = "generation_config.json"
 # Every file an export writes, and so all that --overwrite may replace: OUT is swapped in whole, so a folder
@@ -130,7 +130,7 @@ def _write_chat_template(folder: Path, source: str) -> None:
     """The template into tokenizer_config.json (what transformers 4 and llama.cpp's converter read) and
     chat_template.jinja (what transformers 5 writes and reads first), the same text in both."""
     path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_tokenizer_config(path)
     config["chat_template"] = source
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (folder / ADAPTER_FILE).write_text(source, encoding="utf-8")

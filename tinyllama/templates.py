@@ -45,7 +45,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, read_tokenizer_config
 
 MODEL = "model"
 ADAPTER_FILE = "chat_template.jinja"  # beside the adapter, as transformers 5 saves a tokenizer's template
@@ -164,6 +164,7 @@ class Template:
     bos_token: str | None = "<s>"
     eos_token: str | None = "</s>"
     unk_token: str | None = "<unk>"
+    origin: str | None = None  # the file a model's template was read from
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -182,12 +183,17 @@ class Template:
             # Template.render's work, without merging the environment's globals anew for every conversation.
             return "".join(template.root_render_func(template.environment.context_class(
                 template.environment, context, template.name, template.blocks, globals_)))
-        except jinja2.TemplateError as e:
-            if isinstance(e, _Raised):
-                raise TemplateRefused(e.message) from None
+        except _Raised as e:
+            raise TemplateRefused(e.message) from None
+        except Exception as e:  # noqa: BLE001 - the template is the user's code: whatever it raises is its error
             hint = ("; the tokenizer names none of it in tokenizer_config.json" if isinstance(e, jinja2.UndefinedError)
                     and "_token" in str(e) else "")
-            raise ValueError(f"chat template {self.name!r} failed to render: {type(e).__name__}: {e}{hint}") from None
+            raise ValueError(f"chat template {self.label} failed to render: {type(e).__name__}: {e}{hint}") from None
+
+    @property
+    def label(self) -> str:
+        """The template's name for error messages, with the file it came from where the name is not one."""
+        return repr(self.name) + (f" ({self.origin})" if self.origin else "")
 
     def layout(self, messages: list[dict], add_generation_prompt: bool = False):
         """(the rendered text, [(start, end, message index or None)]): the parts of the text in order, each a
@@ -261,7 +267,11 @@ class Template:
         the reply's span: (text, spans, k)."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         text, spans = self.bind(tokenizer).layout(probe)
-        return text, spans, next(k for k, (_, _, i) in enumerate(spans) if i == 1)
+        k = next((k for k, (_, _, i) in enumerate(spans) if i == 1), None)
+        if k is None:
+            raise ValueError(f"chat template {self.label} renders no assistant message: a user 'Hi' and an "
+                             f"assistant 'Hello' give {text[:80]!r}; use a template that writes each message")
+        return text, spans, k
 
     def end_of_turn_ids(self, tokenizer) -> list[int]:
         """The tokenizer's EOS, and the special token this template ends an assistant turn with where that is
@@ -395,10 +405,30 @@ class _Generation(jinja2.ext.Extension):
         return caller()
 
 
+MAX_SIZE = 10_000_000  # characters or items one `*` or `**` may make: a chat template needs far fewer
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, also refusing `*` and `**` that would make a value past MAX_SIZE before making it (`'a' *
+    10**10` would otherwise try to allocate 10 GB; jinja2 bounds `range` alone)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_SIZE:
+                    raise OverflowError(f"{type(seq).__name__} of length {len(seq)} * {n} would be longer than "
+                                        f"{MAX_SIZE}")
+        elif (isinstance(left, int) and isinstance(right, int) and right > 0
+              and abs(left) > 1 and right * abs(left).bit_length() > MAX_SIZE):
+            raise OverflowError(f"{left} ** {right} would have more than {MAX_SIZE} bits")
+        return super().call_binop(context, operator, left, right)
+
+
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -413,6 +443,8 @@ def _compiled(source: str) -> tuple[jinja2.Template, dict]:
         return template, dict(template.globals)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
+    except (RecursionError, MemoryError) as e:  # nesting too deep for the parser
+        raise ValueError(f"the chat template cannot be compiled: {type(e).__name__}: {e}") from None
 
 
 def model_template(model_dir) -> str | None:
@@ -425,7 +457,7 @@ def model_template(model_dir) -> str | None:
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
-    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    template = read_tokenizer_config(config).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
@@ -451,14 +483,19 @@ def load_template(spec: str | None = None, model_dir=None, tokenizer=None) -> Te
             raise ValueError(f"--chat-template model: {where} no chat template (chat_template.jinja, or "
                              f"chat_template in tokenizer_config.json); pick one of {', '.join(BUILTINS)}, or "
                              "pass a .jinja file")
-        template = Template(MODEL, source)
+        jinja_file = Path(model_dir) / "chat_template.jinja"
+        origin = jinja_file if jinja_file.is_file() else Path(model_dir) / "tokenizer_config.json"
+        template = Template(MODEL, source, origin=str(origin))
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ValueError(f"--chat-template {spec!r} is neither a built-in ({', '.join(BUILTINS)}), nor "
                              f"{MODEL!r} (the model's own), nor an existing .jinja file")
         template = Template(str(path), path.read_text(encoding="utf-8"))
-    _compiled(template.source)  # a syntax error is reported now, naming the template
+    try:
+        _compiled(template.source)  # a syntax error is reported now, naming the template
+    except ValueError as e:
+        raise ValueError(f"chat template {template.label}: {e}") from None
     if tokenizer is None and model_dir is not None and _has_tokenizer(model_dir):
         tokenizer = load_tokenizer(model_dir)
     return template.bind(tokenizer) if tokenizer is not None else template

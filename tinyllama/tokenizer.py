@@ -65,7 +65,7 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {self.sp.id_to_piece(i): i for i in
                                                (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
         config_path = path.parent / "tokenizer_config.json"
-        config = _read_config(config_path) if config_path.is_file() else {}
+        config = read_tokenizer_config(config_path) if config_path.is_file() else {}
         self.special_strip: dict[str, tuple[bool, bool]] = _special_strip(self.special_tokens, {}, config)
         self._inside_prefix = self.sp.encode(_CONTEXT, out_type=int)
 
@@ -139,7 +139,7 @@ class BPETokenizer:
         if not config_path.is_file():
             raise FileNotFoundError(f"no tokenizer_config.json beside {self.path}: it names the EOS token; pass the "
                                     "folder with the tokenizer files that came with the model")
-        config = _read_config(config_path)
+        config = read_tokenizer_config(config_path)
         # What a chat template sees as bos_token etc. (transformers' special_tokens_map), named even where the
         # post-processor adds no BOS (SmolLM2).
         self.bos_token, self.eos_token, self.unk_token = (_token_text(config.get(k)) for k in
@@ -197,7 +197,8 @@ class BPETokenizer:
         return self.backend.id_to_token(int(i))
 
 
-def _read_config(path: Path) -> dict:
+def read_tokenizer_config(path: Path) -> dict:
+    """A tokenizer_config.json as a dict; ValueError naming the file when it is not a JSON object."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -3,6 +3,7 @@ table, loss.png and base vs fine-tuned samples."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -144,8 +145,9 @@ def print_summary(s: dict, log) -> None:
         log(f"warning: {warning}")
 
 
-def plot_losses(out: Path) -> None:
-    """loss.png of train and eval loss, when matplotlib is installed (an optional extra)."""
+def plot_losses(out: Path, log=print) -> None:
+    """loss.png of train and eval loss, when matplotlib is installed (an optional extra). A plot that cannot be
+    written (a full disk) is a warning: the run's adapter and summary are saved by then."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -162,8 +164,15 @@ def plot_losses(out: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     run_folder.claim(out, "loss.png")
-    fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a cut-off image is no plot
+            (out / "loss.png").unlink(missing_ok=True)
+        log(f"warning: could not write {out / 'loss.png'} ({e.strerror or e}); the adapter, summary.json and "
+            "metrics.jsonl are saved, and the plot is only drawn from metrics.jsonl")
+    finally:
+        plt.close(fig)
 
 
 def show_samples(model, tokenizer, out: Path, log, template=None, max_new_tokens: int = 96) -> None:

@@ -301,8 +301,12 @@ def append_metrics(out: Path, row: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as e:
+        saved = checkpoints(out)
+        then = (f"The last checkpoint, {saved[-1][1]}, is unchanged: free space and --resume {out}" if saved else
+                f"No checkpoint is saved in {out} yet, so what this run trained (up to step {row.get('step')}) is "
+                "lost (--save-every N saves one every N steps): free space and run again")
         raise TrainingError(f"could not write {path} ({e.strerror or e}). Is the disk full or the folder read-only? "
-                            "The last checkpoint is unchanged: free space and --resume") from e
+                            + then) from e
 
 
 def _json_or_empty(path: Path) -> dict:
