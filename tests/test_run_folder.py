@@ -195,7 +195,7 @@ def test_a_full_disk_while_saving_the_adapter_ends_with_a_message(tmp_path, tiny
     monkeypatch.setattr(lora.adapter, "save_file", full)
     with pytest.raises(TrainingError, match=r"could not write .*adapter .*No space left on device"):
         run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert not (tmp_path / "out" / "adapter").exists() and not (tmp_path / "out" / ".adapter.tmp").exists()
+    assert not (tmp_path / "out" / "adapter").exists() and not list((tmp_path / "out").glob(".adapter.*"))
 
 
 # ---- one writer per folder ------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, tiny_ckpt):
     holder.start()
     try:
         assert ready.wait(30)
-        with pytest.raises(TrainingError, match=rf"in use by another run \(process {holder.pid} on "):
+        with pytest.raises(TrainingError, match=rf"in use by another run or export \(process {holder.pid} on "):
             run(tmp_path, tiny_ckpt, "out", steps=1)
         assert not (out / "metrics.jsonl").exists()
     finally:
@@ -464,16 +464,18 @@ def test_a_kill_while_writing_the_final_adapter_is_finished_by_resume(tmp_path, 
 
     def killed_in_the_final_adapter(model, folder, **kw):
         real(model, folder, **kw)
-        if folder.name == ".adapter.tmp":
+        if folder.name.startswith(".adapter.") and folder.name.endswith(".tmp"):
             raise KeyboardInterrupt("killed while writing the final adapter")
 
     with monkeypatch.context() as m:
         m.setattr(lora, "save_adapter", killed_in_the_final_adapter)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2)
-    assert (out / ".adapter.tmp").is_dir() and not (out / "adapter").exists() and not (out / "summary.json").exists()
+    stale = list(out.glob(".adapter.*.tmp"))
+    assert len(stale) == 1 and stale[0].is_dir()
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     summary, rows = run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out))
-    assert not (out / ".adapter.tmp").exists()
+    assert not list(out.glob(".adapter.*"))
     assert adapter_weights(out).keys() == adapter_weights(out / "checkpoint-4").keys()
     assert all(torch.equal(v, adapter_weights(out / "checkpoint-4")[k]) for k, v in adapter_weights(out).items())
     assert all(torch.equal(v, adapter_weights(tmp_path / "full")[k]) for k, v in adapter_weights(out).items())
@@ -533,8 +535,7 @@ def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_pat
     run(tmp_path, tiny_ckpt, "shared", steps=2, save_every=2)
     run_folder.write_text(tmp_path / "shared" / "latest", "../victim/checkpoint-2")
     victim, shared = snapshot(tmp_path / "victim"), snapshot(tmp_path / "shared")
-    with pytest.raises(SystemExit, match=r"latest names '../victim/checkpoint-2'; expected the name of a "
-                                         r"checkpoint-N folder"):
+    with pytest.raises(SystemExit, match=r"latest does not hold the name of a checkpoint-N folder inside "):
         train.main(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
                    "--steps", "4", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "shared")])
     assert snapshot(tmp_path / "victim") == victim and snapshot(tmp_path / "shared") == shared
@@ -633,7 +634,7 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
     real_write_text = Path.write_text
 
     def full(self, *a, **k):
-        if self.name == ".config.json.tmp":
+        if self.name.startswith(".config.json.") and self.name.endswith(".tmp"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_text(self, *a, **k)
 
@@ -641,7 +642,7 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
         m.setattr(Path, "write_text", full)
         with pytest.raises(TrainingError, match=r"could not write \S*/out/config.json \(No space left on device\)"):
             run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert not (tmp_path / "out" / ".config.json.tmp").exists()
+    assert not list((tmp_path / "out").glob(".config.json.*"))
 
     def full_open(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -649,3 +650,70 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
     monkeypatch.setattr(run_folder, "open", full_open, raising=False)
     with pytest.raises(TrainingError, match=r"could not write \S*/out2/metrics.jsonl \(No space left on device\)"):
         run(tmp_path, tiny_ckpt, "out2", steps=1)
+
+
+# ---- names the run did not make: never followed, never written through, never removed ----------------------------
+
+def test_a_symlink_planted_at_the_lock_is_refused_and_its_target_untouched(tmp_path):
+    secret, out = tmp_path / "secret.txt", tmp_path / "out"
+    secret.write_text("mine\n")
+    out.mkdir()
+    (out / ".lock").symlink_to(secret)
+    with pytest.raises(TrainingError, match=rf"^{out / '.lock'} is a symbolic link, which no run or export makes; "
+                                            r"it is not followed\. Remove the link .* or pick another --out$"):
+        with run_folder.lock(out, print):
+            pytest.fail("locked through a planted link")
+    assert secret.read_text() == "mine\n" and (out / ".lock").is_symlink()
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_not_written_through(tmp_path):
+    secret, out = tmp_path / "secret2.txt", tmp_path / "out"
+    secret.write_text("mine\n")
+    out.mkdir()
+    (out / ".config.json.tmp").symlink_to(secret)
+    run_folder.write_text(out / "config.json", "{}\n")
+    assert secret.read_text() == "mine\n" and (out / ".config.json.tmp").is_symlink()
+    assert not (out / "config.json").is_symlink() and (out / "config.json").read_text() == "{}\n"
+    assert sorted(p.name for p in out.iterdir()) == [".config.json.tmp", "config.json"]
+
+
+def test_a_users_own_tmp_folders_are_never_removed(tmp_path):
+    out = tmp_path / "out"
+    for name in (".adapter.tmp", ".checkpoint-1.tmp"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text("mine\n")
+    run_folder.claim(out, "adapter", "checkpoint-1")  # an earlier run of ours wrote both
+    run_folder.begin(out, None, False, print)  # removes only stale temporaries a run made
+    run_folder.write_dir(out / "adapter", lambda folder: (folder / "a.txt").write_text("a"))
+    run_folder.write_dir(out / "checkpoint-1", lambda folder: (folder / "a.txt").write_text("a"))
+    for name in (".adapter.tmp", ".checkpoint-1.tmp"):
+        assert (out / name / "notes.txt").read_text() == "mine\n"
+    assert (out / "adapter" / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".adapter.tmp", ".checkpoint-1.tmp", ".run-manifest.json"]
+
+
+def test_temporaries_a_killed_run_left_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run_folder.claim(out, "adapter")
+    stale = out / ".adapter.4242.ab_cd9x1.tmp"
+    stale.mkdir()
+    (out / "..run-manifest.json.4242.zz9_ab1c.tmp").write_text("{")
+    run_folder.begin(out, None, False, print)
+    assert sorted(p.name for p in out.iterdir()) == [".run-manifest.json"]
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["a link to another file", "a copy of it"])
+def test_a_latest_holding_something_else_is_refused_without_echoing_it(tmp_path, link):
+    secret, out = tmp_path / "hostname", tmp_path / "out"
+    secret.write_text("secret-host\n")
+    out.mkdir()
+    (out / "latest").symlink_to(secret) if link else (out / "latest").write_text(secret.read_text())
+    with pytest.raises(TrainingError) as e:
+        run_folder.find_checkpoint(out)
+    what = "is a symbolic link, which no run writes" if link else "does not hold"
+    assert str(e.value) == (f"{out / 'latest'} {what} the name of a checkpoint-N folder inside {out}. It is not "
+                            f"followed: write the name of one of {out}'s checkpoints into it, or pass that checkpoint "
+                            "folder to --resume")
+    assert "secret" not in str(e.value).replace(str(tmp_path), "")

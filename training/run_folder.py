@@ -31,7 +31,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +42,6 @@ from tinyllama import files
 
 from . import TrainingError
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go unlocked, with a warning (see lock)
-    fcntl = None
-
 # Everything a run writes into its folder, besides checkpoint-N/ and superseded-*/ (see _run_name).
 RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest",
              "tensorboard")
@@ -56,7 +50,7 @@ STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # lora.save_adapter's (and its README.md)
 CHECKPOINT_FILES = (STATE, OPTIMIZER, *ADAPTER_FILES)
-LOCK = ".lock"
+LOCK = files.LOCK
 MANIFEST = ".run-manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")  # a model folder's, never a run's
 
@@ -84,39 +78,13 @@ def write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def lock(out: Path, log):
-    """Hold an exclusive `flock` on `out/.lock` while the block runs; opening it also proves `out` writable.
-
-    The kernel releases the lock when the process ends, however it ends, so there is no stale lock to take
-    over. The file stays (unlinking it would let a second process lock a file no longer in the folder) and holds
-    the holder's PID and host, for the refusal message. Where flock is unavailable (Windows, or a filesystem
-    that refuses it) the run goes on unlocked, with a warning.
-    """
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file; expected a folder (existing or new) for the run's outputs")
-    path = out / LOCK
+    """Hold an exclusive `flock` on `out/.lock` while the block runs (`tinyllama.files.lock`, shared with the
+    export); opening it also proves `out` writable."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise TrainingError(f"cannot write to --out {out} ({e.strerror or e}); pick a folder you can write "
-                            "to") from e
-    try:
-        try:
-            if fcntl is None:
-                raise OSError(0, "no fcntl module on this platform")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process that is starting"
-            raise TrainingError(f"{out} is in use by another run ({holder}; lock {path}); wait for it to end or "
-                                "pick another --out") from None
-        except OSError as e:
-            log(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes to this folder")
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        with files.lock(out, log):
+            yield
+    except files.LockError as e:
+        raise TrainingError(str(e)) from e.__cause__
 
 
 # ---- which files are the run's: the manifest ------------------------------------------------------------------
@@ -194,9 +162,9 @@ def begin(out: Path, checkpoint: Path | None, overwrite: bool, log) -> None:
     """The run's first write into `out`, once `check_out` passed and the checkpoint was loaded and checked:
     remove temporaries a killed writer left, the earlier run (--overwrite), or start a resume's branch."""
     mine = listed(out)
-    for p in out.glob(".*"):  # `.NAME.tmp` / `.NAME.old` of files.write_text and files.write_dir
-        name, dot, suffix = p.name[1:].rpartition(".")
-        if dot and suffix in ("tmp", "old") and (name in mine or name == MANIFEST):
+    for p in out.glob(".*"):  # `.NAME.<pid>.<random>.tmp` / `.old` of files.write_text and files.write_dir
+        name = files.is_temporary(p.name)
+        if name is not None and (name in mine or name == MANIFEST):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     if overwrite and not continues_in(checkpoint, out):
         clear(out, log)
@@ -335,11 +303,13 @@ def find_checkpoint(path: str | Path) -> Path | None:
     latest = p / "latest"
     if not latest.is_file():
         return None
-    name = latest.read_text().strip()
+    # What it holds is never echoed: a `latest` linked to another file (/etc/hostname) would print that file.
+    name = "" if latest.is_symlink() else latest.read_text(errors="replace").strip()
     if CHECKPOINT.fullmatch(name) is None:
-        raise TrainingError(f"{latest} names {name[:80]!r}; expected the name of a checkpoint-N folder inside {p}. "
-                            f"It is not followed: write the name of one of {p}'s checkpoints into it, or pass that "
-                            "checkpoint folder to --resume")
+        what = "is a symbolic link, which no run writes" if latest.is_symlink() else "does not hold"
+        raise TrainingError(f"{latest} {what} the name of a checkpoint-N folder inside {p}. It is not followed: "
+                            f"write the name of one of {p}'s checkpoints into it, or pass that checkpoint folder to "
+                            "--resume")
     return p / name if is_checkpoint(p / name) else None
 
 
