@@ -3,6 +3,7 @@ runs keep one history, and a crash or a full disk leaves every folder whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -407,10 +408,16 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
     written = run_folder.listed(out)
     assert written == {p.name for p in out.iterdir() if not p.name.startswith(".")}  # every name, and no more
     (out / "thesis.tex").write_text("mine")
-    (out / "adapter" / "my_notes.md").write_text("inside a folder the run wrote: that folder is the run's")
+    (out / "adapter" / "my_notes.md").write_text("inside a folder the run wrote: not the run's any more")
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"^--overwrite: adapter in \S+ is listed in .run-manifest.json but is "
+                                            r"not what the run recorded there .*nothing was removed"):
+        run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
+    assert snapshot(out) == before
+    (out / "adapter" / "my_notes.md").unlink()
     run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
     assert (out / "thesis.tex").read_text() == "mine"
-    assert not (out / "checkpoint-4").exists() and not (out / "adapter" / "my_notes.md").exists()
+    assert not (out / "checkpoint-4").exists()
     assert run_folder.listed(out) == {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"thesis.tex"}
     assert run_folder.listed(out) >= {"adapter", "config.json", "metrics.jsonl", "summary.json"}
 
@@ -717,3 +724,71 @@ def test_a_latest_holding_something_else_is_refused_without_echoing_it(tmp_path,
                             f"followed: write the name of one of {out}'s checkpoints into it, or pass that checkpoint "
                             "folder to --resume")
     assert "secret" not in str(e.value).replace(str(tmp_path), "")
+
+
+# ---- the manifest is not proof on its own: --overwrite removes a name only while it matches its record ------------
+
+def _ours(out, name, text):
+    run_folder.claim(out, name)
+    run_folder.write_text(out / name, text)
+
+
+def test_overwrite_leaves_names_listed_by_hand_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.write_dir(out / "checkpoint-2", lambda folder: (folder / "a.txt").write_text("a"))  # not listed yet
+    run_folder.claim(out, "checkpoint-2")
+    _ours(out, "latest", "checkpoint-2")
+    run_folder.record(out, "checkpoint-2")
+    (out / "notes.txt").write_text("mine\n")
+    (out / "mydata").mkdir()
+    (out / "mydata" / "rows.jsonl").write_text("{}\n")
+    manifest = json.loads((out / ".run-manifest.json").read_text())
+    manifest["written"] += ["notes.txt", "mydata"]  # anyone can edit it
+    (out / ".run-manifest.json").write_text(json.dumps(manifest))
+    logged = []
+    run_folder.check_out(out, None, overwrite=True)
+    run_folder.clear(out, logged.append)
+    assert sorted(p.name for p in out.iterdir()) == [".run-manifest.json", "mydata", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "mydata" / "rows.jsonl").read_text() == "{}\n"
+    assert logged == [f"--overwrite: removed the earlier run in {out} (3 files and folders it had written)",
+                      f"--overwrite: left mydata, notes.txt in {out}: listed in .run-manifest.json, but not what the "
+                      "run recorded there (changed since, or listed by hand)"]
+    assert run_folder.listed(out) == set()
+
+
+@pytest.mark.parametrize("change", ["edited", "a file added to its folder", "an old manifest, without records"])
+def test_overwrite_refuses_a_name_it_would_write_over_that_no_longer_matches_and_removes_nothing(tmp_path, change):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.claim(out, "checkpoint-2")
+    run_folder.write_dir(out / "checkpoint-2", lambda folder: (folder / "a.txt").write_text("a"))
+    if change == "edited":
+        (out / "config.json").write_text("{} \n")
+        name = "config.json"
+    elif change == "a file added to its folder":
+        (out / "checkpoint-2" / "mine.txt").write_text("mine")
+        name = "checkpoint-2"
+    else:
+        (out / ".run-manifest.json").write_text(json.dumps({"written": ["checkpoint-2", "config.json"]}))
+        name = "checkpoint-2, config.json"
+    before = snapshot(out)
+    with pytest.raises(TrainingError) as e:
+        run_folder.check_out(out, None, overwrite=True)
+    assert str(e.value) == (f"--overwrite: {name} in {out} is listed in .run-manifest.json but is not what the run "
+                            "recorded there (changed since, or written before records were kept), and the run would "
+                            "write over it; nothing was removed. Move it yourself, or pick another --out")
+    assert snapshot(out) == before
+
+
+def test_the_manifest_records_each_file_it_lists(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.claim(out, "metrics.jsonl")
+    run_folder.append_metrics(out, {"step": 1})
+    records = json.loads((out / ".run-manifest.json").read_text())["records"]
+    assert records == {"config.json": {"size": 3, "sha256": hashlib.sha256(b"{}\n").hexdigest()},
+                       "metrics.jsonl": {"inode": (out / "metrics.jsonl").stat().st_ino}}

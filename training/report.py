@@ -45,6 +45,7 @@ class Metrics:
             # A resumed run may start before steps an earlier leg logged (resume from an older checkpoint):
             # purge_step hides those events, as start_resume sets metrics.jsonl's later rows aside.
             self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+            run_folder.record(out, TENSORBOARD_DIR)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -163,6 +164,7 @@ def plot_losses(out: Path) -> None:
     ax.legend()
     run_folder.claim(out, "loss.png")
     fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+    run_folder.record(out, "loss.png")
     plt.close(fig)
 
 
