@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -30,7 +32,7 @@ from helpers import (
     randomize_lora_b,
     snapshot,
 )
-from tinyllama import load_model, save_model
+from tinyllama import files, load_model, save_model
 from tinyllama.export import export_merged, main
 from tinyllama.files import WriteError
 
@@ -88,7 +90,8 @@ def test_the_folder_holds_a_whole_checkpoint_with_the_tokenizer_settings_written
     # The base (saved by transformers) has its own generation settings: carried as they are.
     assert json.loads((exported.out / "generation_config.json").read_text()) == json.loads(
         (exported.base / "generation_config.json").read_text())
-    assert not list(exported.out.parent.glob(".merged.*")), "a temporary folder was left behind"
+    left = sorted(p.name for p in exported.out.parent.glob(".merged.*"))
+    assert left == [".merged.lock"], "a temporary folder was left behind"  # the lock file stays, as a run's does
 
 
 @pytest.mark.slow
@@ -434,7 +437,7 @@ def test_a_failed_write_leaves_the_earlier_export_whole(exported, tmp_path, monk
     with pytest.raises(WriteError, match=r"could not write .*merged .*No space left on device.*disk full"):
         export_merged(exported.adapter, out, overwrite=True)
     assert snapshot(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]  # no temporary folder left
 
 
 def test_make_export_passes_its_arguments(tmp_path):
@@ -454,3 +457,14 @@ def test_make_export_passes_its_arguments(tmp_path):
                                                   f"runs/r/merged{flag} --dtype float16")
     result = subprocess.run(dry[:-1], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "make export needs ADAPTER=<adapter folder> and OUT=" in result.stderr
+
+
+def test_a_second_export_to_the_same_folder_is_refused_with_the_holder_s_pid(exported, tmp_path, capsys):
+    out = tmp_path / "merged"
+    with files.lock(tmp_path, print, name=".merged.lock"):  # what a first export, still running, holds
+        assert main(["--adapter", str(exported.adapter), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {out} is in use by another run or export (process {os.getpid()} on "
+                   f"{socket.gethostname()}; lock {tmp_path / '.merged.lock'}); wait for it to end or pick another "
+                   "--out\n")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock"]

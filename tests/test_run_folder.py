@@ -3,6 +3,7 @@ runs keep one history, and a crash or a full disk leaves every folder whole."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -196,7 +197,7 @@ def test_a_full_disk_while_saving_the_adapter_ends_with_a_message(tmp_path, tiny
     monkeypatch.setattr(lora.adapter, "save_file", full)
     with pytest.raises(TrainingError, match=r"could not write .*adapter .*No space left on device"):
         run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert not (tmp_path / "out" / "adapter").exists() and not (tmp_path / "out" / ".adapter.tmp").exists()
+    assert not (tmp_path / "out" / "adapter").exists() and not list((tmp_path / "out").glob(".adapter.*"))
 
 
 # ---- one writer per folder ------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_a_folder_in_use_by_a_live_run_is_refused(tmp_path, tiny_ckpt):
     holder.start()
     try:
         assert ready.wait(30)
-        with pytest.raises(TrainingError, match=rf"in use by another run \(process {holder.pid} on "):
+        with pytest.raises(TrainingError, match=rf"in use by another run or export \(process {holder.pid} on "):
             run(tmp_path, tiny_ckpt, "out", steps=1)
         assert not (out / "metrics.jsonl").exists()
     finally:
@@ -409,10 +410,16 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
     written = run_folder.listed(out)
     assert written == {p.name for p in out.iterdir() if not p.name.startswith(".")}  # every name, and no more
     (out / "thesis.tex").write_text("mine")
-    (out / "adapter" / "my_notes.md").write_text("inside a folder the run wrote: that folder is the run's")
+    (out / "adapter" / "my_notes.md").write_text("inside a folder the run wrote: not the run's any more")
+    before = snapshot(out)
+    with pytest.raises(TrainingError, match=r"^--overwrite: adapter in \S+ is listed in .run-manifest.json but is "
+                                            r"not what the run recorded there .*nothing was removed"):
+        run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
+    assert snapshot(out) == before
+    (out / "adapter" / "my_notes.md").unlink()
     run(tmp_path, tiny_ckpt, "out", steps=1, overwrite=True)
     assert (out / "thesis.tex").read_text() == "mine"
-    assert not (out / "checkpoint-4").exists() and not (out / "adapter" / "my_notes.md").exists()
+    assert not (out / "checkpoint-4").exists()
     assert run_folder.listed(out) == {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"thesis.tex"}
     assert run_folder.listed(out) >= {"adapter", "config.json", "metrics.jsonl", "summary.json"}
 
@@ -466,16 +473,18 @@ def test_a_kill_while_writing_the_final_adapter_is_finished_by_resume(tmp_path, 
 
     def killed_in_the_final_adapter(model, folder, **kw):
         real(model, folder, **kw)
-        if folder.name == ".adapter.tmp":
+        if folder.name.startswith(".adapter.") and folder.name.endswith(".tmp"):
             raise KeyboardInterrupt("killed while writing the final adapter")
 
     with monkeypatch.context() as m:
         m.setattr(lora, "save_adapter", killed_in_the_final_adapter)
         with pytest.raises(KeyboardInterrupt):
             run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2)
-    assert (out / ".adapter.tmp").is_dir() and not (out / "adapter").exists() and not (out / "summary.json").exists()
+    stale = list(out.glob(".adapter.*.tmp"))
+    assert len(stale) == 1 and stale[0].is_dir()
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     summary, rows = run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, resume=str(out))
-    assert not (out / ".adapter.tmp").exists()
+    assert not list(out.glob(".adapter.*"))
     assert adapter_weights(out).keys() == adapter_weights(out / "checkpoint-4").keys()
     assert all(torch.equal(v, adapter_weights(out / "checkpoint-4")[k]) for k, v in adapter_weights(out).items())
     assert all(torch.equal(v, adapter_weights(tmp_path / "full")[k]) for k, v in adapter_weights(out).items())
@@ -535,8 +544,7 @@ def test_latest_naming_a_folder_elsewhere_is_refused_and_touches_nothing(tmp_pat
     trained_run(tmp_path / "shared", steps=2, save_every=2)
     run_folder.write_text(tmp_path / "shared" / "latest", "../victim/checkpoint-2")
     victim, shared = snapshot(tmp_path / "victim"), snapshot(tmp_path / "shared")
-    with pytest.raises(SystemExit, match=r"latest names '../victim/checkpoint-2'; expected the name of a "
-                                         r"checkpoint-N folder"):
+    with pytest.raises(SystemExit, match=r"latest does not hold the name of a checkpoint-N folder inside "):
         train.main(["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
                    "--steps", "4", "--max-len", "128", "--no-samples", "--resume", str(tmp_path / "shared")])
     assert snapshot(tmp_path / "victim") == victim and snapshot(tmp_path / "shared") == shared
@@ -637,7 +645,7 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
     real_write_text = Path.write_text
 
     def full(self, *a, **k):
-        if self.name == ".config.json.tmp":
+        if self.name.startswith(".config.json.") and self.name.endswith(".tmp"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_text(self, *a, **k)
 
@@ -645,7 +653,7 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
         m.setattr(Path, "write_text", full)
         with pytest.raises(TrainingError, match=r"could not write \S*/out/config.json \(No space left on device\)"):
             run(tmp_path, tiny_ckpt, "out", steps=1)
-    assert not (tmp_path / "out" / ".config.json.tmp").exists()
+    assert not list((tmp_path / "out").glob(".config.json.*"))
 
     def full_open(path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -707,3 +715,138 @@ def test_ctrl_c_says_in_one_line_the_last_checkpoint_and_the_resume_command(tmp_
     assert capsys.readouterr().err.splitlines() == [
         f"train.py: stopped by Ctrl-C before any checkpoint was saved in {tmp_path / 'new'}, so there is nothing to "
         "resume: run the command again (--save-every N saves a checkpoint every N steps)"]
+
+
+# ---- names the run did not make: never followed, never written through, never removed ----------------------------
+
+def test_a_symlink_planted_at_the_lock_is_refused_and_its_target_untouched(tmp_path):
+    secret, out = tmp_path / "secret.txt", tmp_path / "out"
+    secret.write_text("mine\n")
+    out.mkdir()
+    (out / ".lock").symlink_to(secret)
+    with pytest.raises(TrainingError, match=rf"^{out / '.lock'} is a symbolic link, which no run or export makes; "
+                                            r"it is not followed\. Remove the link .* or pick another --out$"):
+        with run_folder.lock(out, print):
+            pytest.fail("locked through a planted link")
+    assert secret.read_text() == "mine\n" and (out / ".lock").is_symlink()
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_not_written_through(tmp_path):
+    secret, out = tmp_path / "secret2.txt", tmp_path / "out"
+    secret.write_text("mine\n")
+    out.mkdir()
+    (out / ".config.json.tmp").symlink_to(secret)
+    run_folder.write_text(out / "config.json", "{}\n")
+    assert secret.read_text() == "mine\n" and (out / ".config.json.tmp").is_symlink()
+    assert not (out / "config.json").is_symlink() and (out / "config.json").read_text() == "{}\n"
+    assert sorted(p.name for p in out.iterdir()) == [".config.json.tmp", "config.json"]
+
+
+def test_a_users_own_tmp_folders_are_never_removed(tmp_path):
+    out = tmp_path / "out"
+    for name in (".adapter.tmp", ".checkpoint-1.tmp"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text("mine\n")
+    run_folder.claim(out, "adapter", "checkpoint-1")  # an earlier run of ours wrote both
+    run_folder.begin(out, None, False, print)  # removes only stale temporaries a run made
+    run_folder.write_dir(out / "adapter", lambda folder: (folder / "a.txt").write_text("a"))
+    run_folder.write_dir(out / "checkpoint-1", lambda folder: (folder / "a.txt").write_text("a"))
+    for name in (".adapter.tmp", ".checkpoint-1.tmp"):
+        assert (out / name / "notes.txt").read_text() == "mine\n"
+    assert (out / "adapter" / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [
+        ".adapter.tmp", ".checkpoint-1.tmp", ".run-manifest.json"]
+
+
+def test_temporaries_a_killed_run_left_are_removed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    run_folder.claim(out, "adapter")
+    stale = out / ".adapter.4242.ab_cd9x1.tmp"
+    stale.mkdir()
+    (out / "..run-manifest.json.4242.zz9_ab1c.tmp").write_text("{")
+    run_folder.begin(out, None, False, print)
+    assert sorted(p.name for p in out.iterdir()) == [".run-manifest.json"]
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["a link to another file", "a copy of it"])
+def test_a_latest_holding_something_else_is_refused_without_echoing_it(tmp_path, link):
+    secret, out = tmp_path / "hostname", tmp_path / "out"
+    secret.write_text("secret-host\n")
+    out.mkdir()
+    (out / "latest").symlink_to(secret) if link else (out / "latest").write_text(secret.read_text())
+    with pytest.raises(TrainingError) as e:
+        run_folder.find_checkpoint(out)
+    what = "is a symbolic link, which no run writes" if link else "does not hold"
+    assert str(e.value) == (f"{out / 'latest'} {what} the name of a checkpoint-N folder inside {out}. It is not "
+                            f"followed: write the name of one of {out}'s checkpoints into it, or pass that checkpoint "
+                            "folder to --resume")
+    assert "secret" not in str(e.value).replace(str(tmp_path), "")
+
+
+# ---- the manifest is not proof on its own: --overwrite removes a name only while it matches its record ------------
+
+def _ours(out, name, text):
+    run_folder.claim(out, name)
+    run_folder.write_text(out / name, text)
+
+
+def test_overwrite_leaves_names_listed_by_hand_and_says_so(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.write_dir(out / "checkpoint-2", lambda folder: (folder / "a.txt").write_text("a"))  # not listed yet
+    run_folder.claim(out, "checkpoint-2")
+    _ours(out, "latest", "checkpoint-2")
+    run_folder.record(out, "checkpoint-2")
+    (out / "notes.txt").write_text("mine\n")
+    (out / "mydata").mkdir()
+    (out / "mydata" / "rows.jsonl").write_text("{}\n")
+    manifest = json.loads((out / ".run-manifest.json").read_text())
+    manifest["written"] += ["notes.txt", "mydata"]  # anyone can edit it
+    (out / ".run-manifest.json").write_text(json.dumps(manifest))
+    logged = []
+    run_folder.check_out(out, None, overwrite=True)
+    run_folder.clear(out, logged.append)
+    assert sorted(p.name for p in out.iterdir()) == [".run-manifest.json", "mydata", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine\n" and (out / "mydata" / "rows.jsonl").read_text() == "{}\n"
+    assert logged == [f"--overwrite: removed the earlier run in {out} (3 files and folders it had written)",
+                      f"--overwrite: left mydata, notes.txt in {out}: listed in .run-manifest.json, but not what the "
+                      "run recorded there (changed since, or listed by hand)"]
+    assert run_folder.listed(out) == set()
+
+
+@pytest.mark.parametrize("change", ["edited", "a file added to its folder", "an old manifest, without records"])
+def test_overwrite_refuses_a_name_it_would_write_over_that_no_longer_matches_and_removes_nothing(tmp_path, change):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.claim(out, "checkpoint-2")
+    run_folder.write_dir(out / "checkpoint-2", lambda folder: (folder / "a.txt").write_text("a"))
+    if change == "edited":
+        (out / "config.json").write_text("{} \n")
+        name = "config.json"
+    elif change == "a file added to its folder":
+        (out / "checkpoint-2" / "mine.txt").write_text("mine")
+        name = "checkpoint-2"
+    else:
+        (out / ".run-manifest.json").write_text(json.dumps({"written": ["checkpoint-2", "config.json"]}))
+        name = "checkpoint-2, config.json"
+    before = snapshot(out)
+    with pytest.raises(TrainingError) as e:
+        run_folder.check_out(out, None, overwrite=True)
+    assert str(e.value) == (f"--overwrite: {name} in {out} is listed in .run-manifest.json but is not what the run "
+                            "recorded there (changed since, or written before records were kept), and the run would "
+                            "write over it; nothing was removed. Move it yourself, or pick another --out")
+    assert snapshot(out) == before
+
+
+def test_the_manifest_records_each_file_it_lists(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _ours(out, "config.json", "{}\n")
+    run_folder.claim(out, "metrics.jsonl")
+    run_folder.append_metrics(out, {"step": 1})
+    records = json.loads((out / ".run-manifest.json").read_text())["records"]
+    assert records == {"config.json": {"size": 3, "sha256": hashlib.sha256(b"{}\n").hexdigest()},
+                       "metrics.jsonl": {"inode": (out / "metrics.jsonl").stat().st_ino}}

@@ -23,9 +23,11 @@ files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp
   `apply_chat_template`, `pipeline` given messages and llama.cpp's converter (which stores it in the GGUF for
   `llama-server`'s chat endpoint) render conversations as training did. The template's end-of-turn token joins
   `eos_token_id` in generation_config.json, so generation stops where training ended a turn.
-- Written whole or not at all: built in `.OUT.tmp` beside OUT, then swapped in. OUT must be new, empty, or (with
-  `--overwrite`) hold only files an export writes: `config.json`, `generation_config.json`, `model.safetensors`,
-  `model-NNNNN-of-NNNNN.safetensors` shards, `model.safetensors.index.json` and the tokenizer files
+- One export at a time: it holds the training run's lock (`tinyllama.files.lock`) on `.OUT.lock` beside OUT, and
+  a second export to the same OUT is refused with the holder's process id.
+- Written whole or not at all: built in `.OUT.<pid>.<random>.tmp` beside OUT, then swapped in. OUT must be new,
+  empty, or (with `--overwrite`) hold only files an export writes: `config.json`, `generation_config.json`,
+  `model.safetensors`, `model-NNNNN-of-NNNNN.safetensors` shards, `model.safetensors.index.json` and the tokenizer files
   (`checkpoint.TOKENIZER_FILES`). A folder holding anything else is refused, even with `--overwrite`, and left
   as it was; so is a symbolic link, `/`, the home folder, the current directory, this project's checkout, any
   folder with a `.git`, and the adapter or the base (or a folder above them).
@@ -58,7 +60,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_model,
 )
-from .files import write_dir
+from .files import lock, write_dir
 from .model import Llama
 from .runtime import DTYPES
 from .templates import ADAPTER_FILE, adapter_template
@@ -84,9 +86,16 @@ def export_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     log = log or (lambda message: None)
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     adapter = lora.read_adapter_file(adapter_dir)
-    _refuse_out(out, overwrite, adapter_dir)  # before anything is downloaded or read
+    _refuse_out(out, overwrite, adapter_dir)  # before anything is downloaded or read, or the lock made
     base, folder = resolve_base(adapter, base)
     _refuse_replacing(out, folder)
+    # OUT is replaced whole, so its lock lives beside it, where the next export to OUT looks for it.
+    with lock(out.parent, log, name=f".{out.name}.lock"):
+        _refuse_out(out, overwrite, adapter_dir)  # again: an export that just ended may have filled it
+        return _export(adapter, adapter_dir, out, base, folder, dtype, max_shard_size, log)
+
+
+def _export(adapter, adapter_dir: Path, out: Path, base: str, folder: Path, dtype, max_shard_size, log) -> Path:
     tokenizer_files = _tokenizer_files(folder)
     # Read now, so a broken tokenizer.model is reported as such, not as a failed write.
     sentencepiece = None if "tokenizer_config.json" in tokenizer_files else Tokenizer(folder / "tokenizer.model")

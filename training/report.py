@@ -46,6 +46,7 @@ class Metrics:
             # A resumed run may start before steps an earlier leg logged (resume from an older checkpoint):
             # purge_step hides those events, as start_resume sets metrics.jsonl's later rows aside.
             self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
+            run_folder.record(out, TENSORBOARD_DIR)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -171,6 +172,8 @@ def plot_losses(out: Path, log=print) -> None:
             (out / "loss.png").unlink(missing_ok=True)
         log(f"warning: could not write {out / 'loss.png'} ({e.strerror or e}); the adapter, summary.json and "
             "metrics.jsonl are saved, and the plot is only drawn from metrics.jsonl")
+    else:
+        run_folder.record(out, "loss.png")
     finally:
         plt.close(fig)
 

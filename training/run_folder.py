@@ -10,10 +10,12 @@ and nothing deleted that this project did not write.
         write_dir(out / "adapter", write)       # any folder: written beside, then swapped in
 
 The manifest (`out/.run-manifest.json`) lists every top-level name a run of this project wrote into `out`; a
-name is listed before it is first written (`claim`), so a kill never leaves one of ours unlisted. `--overwrite`
-and pruning delete listed names only, and a name a run would write (`config.json`, `checkpoint-N`,
-`tensorboard`, ...) that exists but is not listed belongs to someone else: the run refuses the folder rather
-than write over it. A folder with model weights at its top is never an output folder.
+name is listed before it is first written (`claim`), so a kill never leaves one of ours unlisted, and once
+written, what identifies each of its files is recorded (`record`). `--overwrite` and pruning delete listed names
+only, and only while they still match their records (the manifest is a file anyone can edit), and a name a run
+would write (`config.json`, `checkpoint-N`, `tensorboard`, ...) that exists but is not listed belongs to someone
+else: the run refuses the folder rather than write over it. A folder with model weights at its top is never an
+output folder.
 
 What holds after any crash or kill: `latest` names a complete checkpoint directly inside `out`; pruning only
 ever removes listed checkpoints older than the one just written; a folder being rewritten is either all old or
@@ -32,7 +34,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +45,6 @@ from tinyllama import files
 
 from . import TrainingError
 
-try:
-    import fcntl
-except ImportError:  # not on Windows: runs there go unlocked, with a warning (see lock)
-    fcntl = None
-
 # Everything a run writes into its folder, besides checkpoint-N/ and superseded-*/ (see _run_name).
 RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest",
              "tensorboard")
@@ -57,7 +53,7 @@ STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # lora.save_adapter's (and its README.md)
 CHECKPOINT_FILES = (STATE, OPTIMIZER, *ADAPTER_FILES)
-LOCK = ".lock"
+LOCK = files.LOCK
 MANIFEST = ".run-manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")  # a model folder's, never a run's
 
@@ -66,82 +62,125 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")  # a
 # The primitives are tinyllama.files' (the export writes folders too); here a failure is a TrainingError.
 
 def write_dir(final: Path, write) -> Path:
-    """Build `final` with `write(folder)` beside it, then swap it in; a failure leaves `final` as it was."""
+    """Build `final` with `write(folder)` beside it, then swap it in; a failure leaves `final` as it was. A name
+    the manifest lists is recorded (`record`) once written."""
     try:
-        return files.write_dir(final, write)
+        files.write_dir(final, write)
     except files.WriteError as e:
         raise TrainingError(str(e)) from e.__cause__
+    _record_if_listed(final)
+    return final
 
 
 def write_text(path: Path, text: str) -> None:
-    """A whole text file or none; a failure (a full disk) names the file."""
+    """A whole text file or none; a failure (a full disk) names the file. Recorded as `write_dir`'s are."""
     try:
         files.write_text(path, text)
     except files.WriteError as e:
         raise TrainingError(str(e)) from e.__cause__
+    _record_if_listed(path)
+
+
+def _record_if_listed(path: Path) -> None:
+    if path.name != MANIFEST and path.name in listed(path.parent):
+        record(path.parent, path.name)
 
 
 # ---- one writer per folder ----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def lock(out: Path, log):
-    """Hold an exclusive `flock` on `out/.lock` while the block runs; opening it also proves `out` writable.
-
-    The kernel releases the lock when the process ends, however it ends, so there is no stale lock to take
-    over. The file stays (unlinking it would let a second process lock a file no longer in the folder) and holds
-    the holder's PID and host, for the refusal message. Where flock is unavailable (Windows, or a filesystem
-    that refuses it) the run goes on unlocked, with a warning.
-    """
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file; expected a folder (existing or new) for the run's outputs")
-    path = out / LOCK
+    """Hold an exclusive `flock` on `out/.lock` while the block runs (`tinyllama.files.lock`, shared with the
+    export); opening it also proves `out` writable."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise TrainingError(f"cannot write to --out {out} ({e.strerror or e}); pick a folder you can write "
-                            "to") from e
-    try:
-        try:
-            if fcntl is None:
-                raise OSError(0, "no fcntl module on this platform")
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "a process that is starting"
-            raise TrainingError(f"{out} is in use by another run ({holder}; lock {path}); wait for it to end or "
-                                "pick another --out") from None
-        except OSError as e:
-            log(f"warning: cannot lock {out} ({e.strerror}): make sure no other run writes to this folder")
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        with files.lock(out, log):
+            yield
+    except files.LockError as e:
+        raise TrainingError(str(e)) from e.__cause__
 
 
 # ---- which files are the run's: the manifest ------------------------------------------------------------------
 
-def listed(out: Path) -> set[str]:
-    """The top-level names the manifest says a run of this project wrote into `out`."""
+def _manifest(out: Path) -> tuple[set[str], dict]:
+    """The manifest's top-level names and its records (path inside `out` -> what identifies that file)."""
     path = out / MANIFEST
     if not path.is_file():
-        return set()
+        return set(), {}
     try:
-        names = json.loads(path.read_text())["written"]
-        if isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names):
-            return set(names)
-    except (OSError, ValueError, KeyError, TypeError):
+        found = json.loads(path.read_text())
+        names, records = found["written"], found.get("records", {})
+        if isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names) and \
+                isinstance(records, dict) and all(isinstance(r, dict) for r in records.values()):
+            return set(names), records
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     raise TrainingError(f"{path} is not a manifest this project wrote (expected {{\"written\": [names]}}); it lists "
                         "what --overwrite may delete, so the folder is not used. Pick another --out.")
 
 
+def listed(out: Path) -> set[str]:
+    """The top-level names the manifest says a run of this project wrote into `out`."""
+    return _manifest(out)[0]
+
+
+def _write_manifest(out: Path, names: set[str], records: dict) -> None:
+    try:
+        files.write_text(out / MANIFEST, json.dumps({"written": sorted(names), "records": records}, indent=0,
+                                                    sort_keys=True) + "\n")
+    except files.WriteError as e:
+        raise TrainingError(str(e)) from e.__cause__
+
+
 def claim(out: Path, *names: str) -> None:
     """List `names` in the manifest before they are first written: a kill never leaves one of ours unlisted."""
-    mine = listed(out)
+    mine, records = _manifest(out)
     if not set(names) <= mine:
-        write_text(out / MANIFEST, json.dumps({"written": sorted(mine | set(names))}, indent=0) + "\n")
+        _write_manifest(out, mine | set(names), records)
+
+
+# A file the run rewrites whole is identified by its size and sha256 (above HASHED_UP_TO bytes, by its size, inode
+# and modification time: hashing it at every checkpoint would cost more than the checkpoint); one it appends to
+# (metrics.jsonl, TensorBoard's event files) by its inode, which stays while it grows.
+HASHED_UP_TO = 64 * 2**20
+APPENDED = ("metrics.jsonl", "tensorboard")
+
+
+def record(out: Path, *names: str) -> None:
+    """Record what identifies every file now under the top-level `names` of `out`, so --overwrite and pruning can
+    tell later that they are still what the run wrote (`_matches`)."""
+    mine, records = _manifest(out)
+    for name in names:
+        records = {k: v for k, v in records.items() if k != name and not k.startswith(name + "/")}
+        top = out / name
+        found = [top] if top.is_file() and not top.is_symlink() else \
+            sorted(p for p in top.rglob("*") if p.is_file() and not p.is_symlink()) if top.is_dir() else []
+        for p in found:
+            records[p.relative_to(out).as_posix()] = _identity(p, name in APPENDED)
+    _write_manifest(out, mine, records)
+
+
+def _identity(path: Path, appended: bool) -> dict:
+    st = path.lstat()
+    if appended:
+        return {"inode": st.st_ino}
+    if st.st_size > HASHED_UP_TO:
+        return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _matches(out: Path, name: str, records: dict) -> bool:
+    """Whether top-level `name` is still what the run recorded: a file matching its record, or a real folder
+    (no symbolic link anywhere in it) whose every file is recorded and matches."""
+    top = out / name
+    if top.is_symlink():
+        return False
+    if top.is_file():
+        return name in records and _identity(top, name in APPENDED) == records[name]
+    inside = list(top.rglob("*"))
+    if any(p.is_symlink() or not (p.is_file() or p.is_dir()) for p in inside):
+        return False
+    return all((key := p.relative_to(out).as_posix()) in records
+               and _identity(p, name in APPENDED) == records[key] for p in inside if p.is_file())
 
 
 def _run_name(name: str) -> bool:
@@ -176,12 +215,21 @@ def check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
                             f"run would write but no run of this project wrote there (its {MANIFEST} does not list "
                             "them), so nothing is written there, --overwrite or not: move them, or pick another --out")
     found = sorted(p.name for p in out.iterdir() if p.name in mine)
+    changed = _unverified(out) if overwrite and not continues_in(checkpoint, out) else []
+    if changed:
+        raise TrainingError(f"--overwrite: {_few(changed)} in {out} is listed in {MANIFEST} but is not what the run "
+                            "recorded there (changed since, or written before records were kept), and the run would "
+                            "write over it; nothing was removed. Move it yourself, or pick another --out")
     if found and not overwrite and not continues_in(checkpoint, out):
         names = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
         resume = f"--resume {out} to continue it, " if _has_checkpoint(out) else ""
         raise TrainingError(f"{out} already holds a run ({names}){'' if resume else ' with no checkpoint to resume'}"
                             f"; pass {resume}--overwrite to replace it (that deletes only what {out / MANIFEST} "
                             "lists), or another --out")
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
 
 
 def _has_checkpoint(out: Path) -> bool:
@@ -195,9 +243,9 @@ def begin(out: Path, checkpoint: Path | None, overwrite: bool, log) -> None:
     """The run's first write into `out`, once `check_out` passed and the checkpoint was loaded and checked:
     remove temporaries a killed writer left, the earlier run (--overwrite), or start a resume's branch."""
     mine = listed(out)
-    for p in out.glob(".*"):  # `.NAME.tmp` / `.NAME.old` of files.write_text and files.write_dir
-        name, dot, suffix = p.name[1:].rpartition(".")
-        if dot and suffix in ("tmp", "old") and (name in mine or name == MANIFEST):
+    for p in out.glob(".*"):  # `.NAME.<pid>.<random>.tmp` / `.old` of files.write_text and files.write_dir
+        name = files.is_temporary(p.name)
+        if name is not None and (name in mine or name == MANIFEST):
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     if overwrite and not continues_in(checkpoint, out):
         clear(out, log)
@@ -207,18 +255,33 @@ def begin(out: Path, checkpoint: Path | None, overwrite: bool, log) -> None:
 
 
 def clear(out: Path, log) -> None:
-    """Remove what earlier runs wrote into `out` (--overwrite): the names the manifest lists, and nothing else."""
-    mine = listed(out)
+    """Remove what earlier runs wrote into `out` (--overwrite): the names the manifest lists, each only while it
+    is still what the run recorded (`_matches`), and nothing else. A listed name that no longer matches is left
+    in place, named in one line (`check_out` has already refused the folder when such a name is one the run
+    would write over)."""
+    mine, records = _manifest(out)
     found = sorted(p for p in out.iterdir() if p.name in mine)
     links = [p.name for p in found if p.is_symlink()]
     if links:
         raise TrainingError(f"--overwrite: {', '.join(links)} in {out} is now a symbolic link, which no run "
                             "writes; nothing was removed. Remove the link yourself, or pick another --out")
-    for p in found:
+    kept = [p.name for p in found if not _matches(out, p.name, records)]
+    removed = [p for p in found if p.name not in kept]
+    for p in removed:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    write_text(out / MANIFEST, json.dumps({"written": []}) + "\n")
-    if found:
-        log(f"--overwrite: removed the earlier run in {out} ({len(found)} files and folders it had written)")
+    _write_manifest(out, set(), {})
+    if removed:
+        log(f"--overwrite: removed the earlier run in {out} ({len(removed)} files and folders it had written)")
+    if kept:
+        log(f"--overwrite: left {', '.join(kept)} in {out}: listed in {MANIFEST}, but not what the run recorded "
+            "there (changed since, or listed by hand)")
+
+
+def _unverified(out: Path) -> list[str]:
+    """The listed names a run would write over that are no longer what the run recorded."""
+    mine, records = _manifest(out)
+    return sorted(p.name for p in out.iterdir() if p.name in mine and _run_name(p.name)
+                  and not p.is_symlink() and not _matches(out, p.name, records))
 
 
 def continues_in(checkpoint: Path | None, out: Path) -> bool:
@@ -266,6 +329,7 @@ def start_resume(out: Path, checkpoint: Path, log) -> None:
                                               if finished_later else []):
                 if p.exists():
                     os.replace(p, aside / p.name)
+            record(out, aside.name)
             log(f"resuming {out} from step {step}: what the run did after it is kept in {aside}")
     source = checkpoint.parent / "metrics.jsonl"
     rows, dropped = [], 0
@@ -297,9 +361,12 @@ def _new_name(out: Path, name: str) -> Path:
 def append_metrics(out: Path, row: dict) -> None:
     """One row of metrics.jsonl (opened per row: a killed run leaves at most its last line cut short)."""
     path = out / "metrics.jsonl"
+    new = not path.exists()
     try:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if new:  # identified by its inode (see record), so recorded once, as it is made
+            record(out, "metrics.jsonl")
     except OSError as e:
         saved = checkpoints(out)
         then = (f"The last checkpoint, {saved[-1][1]}, is unchanged: free space and --resume {out}" if saved else
@@ -340,11 +407,13 @@ def find_checkpoint(path: str | Path) -> Path | None:
     latest = p / "latest"
     if not latest.is_file():
         return None
-    name = latest.read_text().strip()
+    # What it holds is never echoed: a `latest` linked to another file (/etc/hostname) would print that file.
+    name = "" if latest.is_symlink() else latest.read_text(errors="replace").strip()
     if CHECKPOINT.fullmatch(name) is None:
-        raise TrainingError(f"{latest} names {name[:80]!r}; expected the name of a checkpoint-N folder inside {p}. "
-                            f"It is not followed: write the name of one of {p}'s checkpoints into it, or pass that "
-                            "checkpoint folder to --resume")
+        what = "is a symbolic link, which no run writes" if latest.is_symlink() else "does not hold"
+        raise TrainingError(f"{latest} {what} the name of a checkpoint-N folder inside {p}. It is not followed: "
+                            f"write the name of one of {p}'s checkpoints into it, or pass that checkpoint folder to "
+                            "--resume")
     return p / name if is_checkpoint(p / name) else None
 
 
@@ -367,11 +436,12 @@ def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, s
     claim(out, f"checkpoint-{step}", "latest")
     final = write_dir(out / f"checkpoint-{step}", write)
     write_text(out / "latest", final.name)
+    mine, records = _manifest(out)
     if keep:
-        mine = listed(out)
         for n, old in [(n, p) for n, p in checkpoints(out) if p.name in mine][:-keep]:
-            if n < step:  # never one the newest run has not superseded
+            if n < step and _matches(out, old.name, records):  # never one the newest run has not superseded
                 shutil.rmtree(old, ignore_errors=True)
+    record(out, *[name for name in APPENDED if name in mine])  # what was appended since; cheap (an inode)
     return final
 
 

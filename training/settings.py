@@ -153,8 +153,8 @@ class TrainConfig:
     out: str = field(default="", metadata={
         "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace an earlier run in --out: only what its manifest (OUT/.run-manifest.json) lists is removed; "
-                "without it such a folder is refused"})
+        "help": "replace an earlier run in --out: only what its manifest (OUT/.run-manifest.json) lists is removed, "
+                "and only while it matches what the manifest recorded; without it such a folder is refused"})
     resume: str = field(default="", metadata={"help": "checkpoint folder, or an output folder (latest)"})
     seed: int = field(default=0, metadata={"help": "seeds the LoRA initialisation, data order, hold-out and "
                                                "dropout masks"})
