@@ -848,5 +848,11 @@ def test_the_manifest_records_each_file_it_lists(tmp_path):
     run_folder.claim(out, "metrics.jsonl")
     run_folder.append_metrics(out, {"step": 1})
     records = json.loads((out / ".run-manifest.json").read_text())["records"]
+    row = b'{"step": 1}\n'
     assert records == {"config.json": {"size": 3, "sha256": hashlib.sha256(b"{}\n").hexdigest()},
-                       "metrics.jsonl": {"inode": (out / "metrics.jsonl").stat().st_ino}}
+                       "metrics.jsonl": {"size": len(row), "sha256": hashlib.sha256(row).hexdigest()}}
+    # An appended-to file matches while what was recorded still begins it: grown since, yes; changed, no.
+    run_folder.append_metrics(out, {"step": 2})
+    assert run_folder._matches(out, "metrics.jsonl", records)
+    (out / "metrics.jsonl").write_text('{"step": 9}\n{"step": 2}\n')
+    assert not run_folder._matches(out, "metrics.jsonl", records)

@@ -140,7 +140,8 @@ def claim(out: Path, *names: str) -> None:
 
 # A file the run rewrites whole is identified by its size and sha256 (above HASHED_UP_TO bytes, by its size, inode
 # and modification time: hashing it at every checkpoint would cost more than the checkpoint); one it appends to
-# (metrics.jsonl, TensorBoard's event files) by its inode, which stays while it grows.
+# (metrics.jsonl, TensorBoard's event files) by the size and sha256 of what it held when recorded, which must still
+# begin it: a kill after an append, or a copy of the whole folder, leaves it ours.
 HASHED_UP_TO = 64 * 2**20
 APPENDED = ("metrics.jsonl", "tensorboard")
 
@@ -162,10 +163,28 @@ def record(out: Path, *names: str) -> None:
 def _identity(path: Path, appended: bool) -> dict:
     st = path.lstat()
     if appended:
-        return {"inode": st.st_ino}
+        return {"size": st.st_size, "sha256": _prefix_sha256(path, st.st_size)}
     if st.st_size > HASHED_UP_TO:
         return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
     return {"size": st.st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _prefix_sha256(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while size > 0 and (chunk := f.read(min(size, 2**20))):
+            digest.update(chunk)
+            size -= len(chunk)
+    return digest.hexdigest()
+
+
+def _same(path: Path, appended: bool, record: dict) -> bool:
+    """Whether `path` is the file `record` describes; an appended-to file may have grown since."""
+    if not appended:
+        return _identity(path, False) == record
+    size = record.get("size")
+    return (isinstance(size, int) and path.lstat().st_size >= size
+            and _prefix_sha256(path, size) == record.get("sha256"))
 
 
 def _matches(out: Path, name: str, records: dict) -> bool:
@@ -175,12 +194,12 @@ def _matches(out: Path, name: str, records: dict) -> bool:
     if top.is_symlink():
         return False
     if top.is_file():
-        return name in records and _identity(top, name in APPENDED) == records[name]
+        return name in records and _same(top, name in APPENDED, records[name])
     inside = list(top.rglob("*"))
     if any(p.is_symlink() or not (p.is_file() or p.is_dir()) for p in inside):
         return False
     return all((key := p.relative_to(out).as_posix()) in records
-               and _identity(p, name in APPENDED) == records[key] for p in inside if p.is_file())
+               and _same(p, name in APPENDED, records[key]) for p in inside if p.is_file())
 
 
 def _run_name(name: str) -> bool:
@@ -365,7 +384,7 @@ def append_metrics(out: Path, row: dict) -> None:
     try:
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if new:  # identified by its inode (see record), so recorded once, as it is made
+        if new:  # recorded as it is made, then at every checkpoint (see record)
             record(out, "metrics.jsonl")
     except OSError as e:
         saved = checkpoints(out)
@@ -441,7 +460,7 @@ def save_checkpoint(out: Path, step: int, save_adapter, optimizer_state: dict, s
         for n, old in [(n, p) for n, p in checkpoints(out) if p.name in mine][:-keep]:
             if n < step and _matches(out, old.name, records):  # never one the newest run has not superseded
                 shutil.rmtree(old, ignore_errors=True)
-    record(out, *[name for name in APPENDED if name in mine])  # what was appended since; cheap (an inode)
+    record(out, *[name for name in APPENDED if name in mine])  # what was appended since
     return final
 
 
