@@ -169,7 +169,8 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         tokenizer_dir = tokenizer_dir.parent
     try:
-        template = load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer)
+        template = dataclasses.replace(load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer),
+                                       timeout=cfg.template_timeout)
         end = template.end_of_turn_token(tokenizer)
     except ValueError as e:
         raise TrainingError(str(e)) from e

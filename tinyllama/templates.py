@@ -38,6 +38,8 @@ import functools
 import itertools
 import json
 import re
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .tokenizer import load_tokenizer
 
 MODEL = "model"
+DEFAULT_TIMEOUT = 10.0  # seconds to render one conversation: generous, a real template takes well under 1 ms
 ADAPTER_FILE = "chat_template.jinja"  # beside the adapter, as transformers 5 saves a tokenizer's template
 # The markers guanaco text splits on; one inside a turn would re-split differently (and teach the model to emit
 # it), so the template refuses such a turn.
@@ -164,6 +167,7 @@ class Template:
     bos_token: str | None = "<s>"
     eos_token: str | None = "</s>"
     unk_token: str | None = "<unk>"
+    timeout: float = DEFAULT_TIMEOUT  # seconds one render may take (a template may loop for ever)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -178,6 +182,7 @@ class Template:
         template, globals_ = _compiled(self.source)
         context = {**globals_, **special, "messages": messages, "tools": None, "documents": None,
                    "add_generation_prompt": add_generation_prompt}
+        _deadline.start(self)
         try:
             # Template.render's work, without merging the environment's globals anew for every conversation.
             return "".join(template.root_render_func(template.environment.context_class(
@@ -367,6 +372,52 @@ class _Raised(jinja2.TemplateError):
     pass
 
 
+class RenderTimeout(ValueError):
+    """A render that took longer than its template's `timeout`."""
+
+
+class _Deadline(threading.local):
+    """When the render under way in this thread must end. Jinja has no while loop, so a render that never ends
+    spends its time in for loops (nested ones: `range` is capped at 100,000 by the sandbox) or in calls (macros,
+    recursive loops): `_timed_loops` makes every loop check the deadline on each item, and `_Environment.call`
+    on each call. Neither needs a thread or a signal, so rendering stays usable from any thread."""
+
+    until = float("inf")
+    template = None
+
+    def start(self, template: Template) -> None:
+        self.until, self.template = time.monotonic() + template.timeout, template
+
+    def check(self) -> None:
+        if time.monotonic() > self.until:
+            t, self.until = self.template, float("inf")  # said once; the error unwinds the render
+            raise RenderTimeout(f"chat template {t.name!r} took longer than {t.timeout:g} s to render one "
+                                "conversation (a loop that never ends?): fix the template, or allow more time "
+                                "with --template-timeout")
+
+
+_deadline = _Deadline()
+
+
+def _timed(iterable):
+    for item in iterable:
+        _deadline.check()
+        yield item
+
+
+def _timed_loops(tree: jinja2.nodes.Template) -> jinja2.nodes.Template:
+    """`tree` with each `{% for x in ITER %}` iterating `ITER|_timed` instead."""
+    for loop in tree.find_all(jinja2.nodes.For):
+        loop.iter = jinja2.nodes.Filter(loop.iter, "_timed", [], [], None, None, lineno=loop.lineno)
+    return tree
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        _deadline.check()
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 def _raise_exception(message):
     raise _Raised(message)
 
@@ -397,9 +448,10 @@ class _Generation(jinja2.ext.Extension):
 
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = _Environment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters["_timed"] = _timed
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -409,7 +461,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 def _compiled(source: str) -> tuple[jinja2.Template, dict]:
     """The compiled template and the globals every render starts from."""
     try:
-        template = _environment().from_string(source)
+        env = _environment()
+        template = env.from_string(_timed_loops(env.parse(source)))
         return template, dict(template.globals)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None

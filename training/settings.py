@@ -30,7 +30,7 @@ from tinyllama.runtime import (
     resolve_device,
 )
 from tinyllama.shapes import SHAPES
-from tinyllama.templates import BUILTINS, MODEL
+from tinyllama.templates import BUILTINS, DEFAULT_TIMEOUT, MODEL
 
 from . import run_folder
 from .fsdp import MODES as FSDP_MODES
@@ -132,6 +132,9 @@ class TrainConfig:
         "help": f"how conversations become text: a built-in ({', '.join(BUILTINS)}), {MODEL} (the model's own, "
                 "from its tokenizer_config.json or chat_template.jinja) or a .jinja file; default: the model's own "
                 "where it has one, else guanaco. Saved beside the adapter and written into the export"})
+    template_timeout: float = field(default=DEFAULT_TIMEOUT, metadata={
+        "help": "seconds the chat template may take to render one conversation; one that takes longer (a loop "
+                "that never ends) stops the run with an error naming the template"})
     train_on: str = field(default="assistant", metadata={
         "help": "assistant: the loss falls on every assistant turn (and its end-of-turn token); last: on the "
                 "final assistant turn only"})
@@ -245,6 +248,8 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be > 0 (leave it out for alpha = rank), got {cfg.alpha}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in 0..2**32-1, got {cfg.seed}")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    need(0 < cfg.template_timeout < math.inf, f"--template-timeout must be a finite number of seconds > 0, got "
+         f"{cfg.template_timeout}")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     need(cfg.train_on in TRAIN_ON, f"--train-on must be one of {', '.join(TRAIN_ON)}, got {cfg.train_on!r}")
