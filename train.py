@@ -53,6 +53,7 @@ from training.settings import (
     context_problem,
     needs_tokenizer,
     parse_args,
+    rank_warning,
     validate,
     with_machine_defaults,
 )
@@ -105,6 +106,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
     if too_long:
         raise TrainingError(too_long)
+    if rank_warning(cfg, config):
+        log("warning: " + rank_warning(cfg, config))
     tokenizer = None
     if needs_tokenizer(cfg):
         tokenizer = load_tokenizer(cfg.tokenizer or folder or resolve_checkpoint(cfg.model))
