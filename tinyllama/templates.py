@@ -474,15 +474,24 @@ def model_template(model_dir) -> str | None:
     None when it has neither."""
     folder = Path(model_dir)
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8-sig")  # a BOM is not template text
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
     template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
-    if isinstance(template, list):
+    if isinstance(template, list):  # named templates: transformers takes the one named "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
+        if "default" not in named:
+            raise ValueError(f"{config}: chat_template is a list of named templates "
+                             f"({', '.join(map(repr, named)) or 'none readable'}) with none named 'default', so "
+                             "which to use is not said; pass --chat-template with a .jinja file holding the one "
+                             "you want, or a built-in")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config}: chat_template must be Jinja source (a string), or a list of {{name, "
+                         f"template}} with one named 'default'; found {type(template).__name__} {template!r:.60}. "
+                         "Correct the file, or pass --chat-template with a built-in or a .jinja file")
+    return template or None  # "" or null: the model ships none
 
 
 def default_spec(model_dir) -> str:
@@ -510,7 +519,7 @@ def load_template(spec: str | None = None, model_dir=None, tokenizer=None) -> Te
         if not path.is_file():
             raise ValueError(f"--chat-template {spec!r} is neither a built-in ({', '.join(BUILTINS)}), nor "
                              f"{MODEL!r} (the model's own), nor an existing .jinja file")
-        template = Template(str(path), path.read_text(encoding="utf-8"))
+        template = Template(str(path), path.read_text(encoding="utf-8-sig"))
     _compiled(template.source)  # a syntax error is reported now, naming the template
     if tokenizer is None and model_dir is not None and _has_tokenizer(model_dir):
         tokenizer = load_tokenizer(model_dir)
