@@ -54,6 +54,7 @@ from training.settings import (
     context_problem,
     needs_tokenizer,
     parse_args,
+    rank_warning,
     validate,
     with_machine_defaults,
 )
@@ -106,6 +107,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
     if too_long:
         raise TrainingError(too_long)
+    if rank_warning(cfg, config):
+        log("warning: " + rank_warning(cfg, config))
     tokenizer = None
     if needs_tokenizer(cfg):
         tokenizer = load_tokenizer(cfg.tokenizer or folder or resolve_checkpoint(cfg.model))
@@ -178,7 +181,8 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         tokenizer_dir = tokenizer_dir.parent
     try:
-        template = load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer)
+        template = dataclasses.replace(load_template(cfg.chat_template, folder or tokenizer_dir, tokenizer),
+                                       timeout=cfg.template_timeout)
         end = template.end_of_turn_token(tokenizer)
     except ValueError as e:
         raise TrainingError(str(e)) from e

@@ -26,11 +26,13 @@ these.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import gzip
 import json
 import math
+import os
 import sys
 import zlib
 from collections import Counter
@@ -126,6 +128,8 @@ def _jsonl_rows(path: Path):
     _refuse_json_array(path)
     with _open_rows(path) as f, _unreadable_gzip(path):
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:  # a byte-order mark (Windows editors write one) is not part of the first row
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():  # blank lines hold no row
                 yield lineno, raw
 
@@ -285,9 +289,11 @@ def source_problems(spec: str, flag: str = "--data") -> list[str]:
     except ValueError as e:
         return [f"{flag}: {e}"]
     problems = []
+    files = []
     for source in sources:
         if source.is_split:
             continue
+        files.append(source.name)
         if not Path(source.name).expanduser().is_file():
             problems.append(f"{flag} {source.name!r} is neither a split name ({', '.join(SPLIT_FILES)}) nor an "
                             f"existing file (a .jsonl or .parquet of {formats.ACCEPTED}); commas separate "
@@ -297,6 +303,20 @@ def source_problems(spec: str, flag: str = "--data") -> list[str]:
                 require_pyarrow()
             except ImportError as e:
                 problems.append(f"{flag} {source.name}: {e}")
+    problems += _same_file_problems(files, flag)
+    return problems
+
+
+def _same_file_problems(names: list[str], flag: str) -> list[str]:
+    """A file named twice through different paths (`a.jsonl,../x/a.jsonl`, a link) would be trained on and held
+    out from twice: a line for each second name."""
+    existing = [(name, Path(name).expanduser()) for name in names if Path(name).expanduser().is_file()]
+    problems = []
+    for j, (name, path) in enumerate(existing):
+        first = next((earlier for earlier, other in existing[:j] if os.path.samefile(other, path)), None)
+        if first is not None:
+            problems.append(f"{flag}: {first!r} and {name!r} are the same file; name it once, with a weight "
+                            f"(e.g. {first}:2) to use it more")
     return problems
 
 
@@ -418,7 +438,7 @@ def _is_number(s: str) -> bool:
 def _refuse_json_array(path: Path) -> None:
     """A `.json` array (what `json.dump(rows)` writes) is not JSON Lines: say so, rather than skip every row."""
     with _open_rows(path) as f, _unreadable_gzip(path):
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"["):
         stem = path.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix(".json")
         read = f"gunzip -c {path.name} | jq -c '.[]'" if path.suffix == ".gz" else f"jq -c '.[]' {path.name}"

@@ -8,6 +8,7 @@ PyTorch `.bin` pickles are refused (they execute code on load and cannot be memo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -48,6 +49,7 @@ HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", WEIGHT
 MAX_SHARD_SIZE = "5GB"
 # Old checkpoints stored RoPE's inverse frequencies as buffers; we recompute them, so these are skipped.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class HubUnavailable(RuntimeError):
@@ -169,6 +171,7 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: a Hugging Face checkpoint folder needs one")
     config = LlamaConfig.from_json(config_path)
+    check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
     projections = {name for name, m in model.named_modules() if is_projection(name, m)} if quantize else set()
@@ -196,43 +199,74 @@ def floating(tensor: torch.Tensor) -> torch.Tensor:
 
 def read_weights(folder: Path, config: LlamaConfig):
     """(key, tensor) of each base weight of the checkpoint in `folder`, as stored, on the CPU, one at a time, so
-    a caller keeps only what it needs of each (a quantised copy, a shard). After the last one, raises ValueError
-    naming every missing, unexpected and mis-shaped key."""
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in Llama(config).state_dict().items()}
-    wanted = set(expected)
-    if config.tie_word_embeddings:
-        wanted.discard("lm_head.weight")  # shares embed_tokens.weight
-    seen, unexpected, mismatched = set(), [], []
+    a caller keeps only what it needs of each (a quantised copy, a shard). Before the first one, raises ValueError
+    naming every missing, unexpected and mis-shaped key (`check_weights`)."""
+    wanted = check_weights(folder, config)
     for file in _weight_files(folder):
-        try:
-            f = safe_open(str(file), framework="pt", device="cpu")
-        except Exception as e:  # SafetensorError: truncated or not safetensors at all
-            raise ValueError(f"{file} is not a readable safetensors file ({e}); download or convert it "
-                             "again") from None
-        with f:
+        with _open_weights(file) as f:
             for key in f.keys():
-                if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and config.tie_word_embeddings):
-                    continue
-                if key not in wanted:
-                    unexpected.append(key)
-                    continue
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(expected[key]):
-                    mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[key])}")
-                    continue
-                seen.add(key)
-                yield key, f.get_tensor(key)
-    missing = sorted(wanted - seen)
+                if key in wanted:
+                    yield key, f.get_tensor(key)
+
+
+def check_weights(folder: Path, config: LlamaConfig) -> set[str]:
+    """The keys of the base weights in `folder` that the model of `config` loads, after checking their names and
+    shapes against it from the safetensors headers alone (no tensor is read, no model built): raises ValueError
+    naming a layer count that differs from num_hidden_layers, and every missing, unexpected and mis-shaped key."""
+    held = {}
+    for file in _weight_files(folder):
+        with _open_weights(file) as f:
+            held.update((key, tuple(f.get_slice(key).get_shape())) for key in f.keys()
+                        if not key.endswith(_IGNORED_SUFFIXES))
+    if config.tie_word_embeddings:
+        held.pop("lm_head.weight", None)  # shares embed_tokens.weight
+    layers = {int(m[1]) for key in held if (m := _LAYER_KEY.match(key))}
+    if len(layers) != config.num_hidden_layers and layers == set(range(len(layers))):
+        # Named before the keys are listed: a config claiming 10^5 layers would otherwise list 10^6 missing keys.
+        raise ValueError(f"checkpoint {folder} does not fit its config.json: num_hidden_layers is "
+                         f"{config.num_hidden_layers}, but the weights hold {len(layers)} layers (model.layers.0 to "
+                         f"model.layers.{len(layers) - 1}); set num_hidden_layers to {len(layers)} in "
+                         f"{folder / 'config.json'}, or use the weights written with this config")
+    expected = expected_shapes(config)
+    missing = sorted(expected.keys() - held.keys())
+    unexpected = sorted(held.keys() - expected.keys())
+    mismatched = [f"{key}: checkpoint {shape} vs model {expected[key]}" for key, shape in held.items()
+                  if key in expected and shape != expected[key]]
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {missing[:20]}{' …' if len(missing) > 20 else ''}")
     if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)[:20]}")
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
     if mismatched:
         problems.append("shape mismatches: " + "; ".join(mismatched))
     if problems:
         raise ValueError(f"checkpoint {folder} does not fit its config.json: " + "; ".join(problems))
+    return set(held)
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Each base tensor of the model of `config` and its shape (no tied lm_head), without building every layer:
+    one is built on `meta` and its names repeated."""
+    one = dataclasses.replace(config, num_hidden_layers=min(config.num_hidden_layers, 1))
+    with torch.device("meta"):
+        state = Llama(one).state_dict()
+    shapes = {}
+    for key, tensor in state.items():
+        if m := _LAYER_KEY.match(key):
+            shapes.update((f"model.layers.{i}.{key[m.end():]}", tuple(tensor.shape))
+                          for i in range(config.num_hidden_layers))
+        else:
+            shapes[key] = tuple(tensor.shape)
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _open_weights(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError: truncated or not safetensors at all
+        raise ValueError(f"{file} is not a readable safetensors file ({e}); download or convert it again") from None
 
 
 def _materialize_lora(model: Llama, device) -> None:

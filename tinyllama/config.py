@@ -180,7 +180,7 @@ class LlamaConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not JSON
                 return cls.from_dict(json.load(f))
         except ValueError as e:  # not JSON, or a field this implementation refuses
             raise ValueError(f"{path}: {e}") from None

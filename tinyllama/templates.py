@@ -38,6 +38,8 @@ import functools
 import itertools
 import json
 import re
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -48,6 +50,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from .tokenizer import load_tokenizer, read_tokenizer_config
 
 MODEL = "model"
+DEFAULT_TIMEOUT = 10.0  # seconds to render one conversation: generous, a real template takes well under 1 ms
 ADAPTER_FILE = "chat_template.jinja"  # beside the adapter, as transformers 5 saves a tokenizer's template
 # The markers guanaco text splits on; one inside a turn would re-split differently (and teach the model to emit
 # it), so the template refuses such a turn.
@@ -165,6 +168,7 @@ class Template:
     eos_token: str | None = "</s>"
     unk_token: str | None = "<unk>"
     origin: str | None = None  # the file a model's template was read from
+    timeout: float = DEFAULT_TIMEOUT  # seconds one render may take (a template may loop for ever)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -179,12 +183,15 @@ class Template:
         template, globals_ = _compiled(self.source)
         context = {**globals_, **special, "messages": messages, "tools": None, "documents": None,
                    "add_generation_prompt": add_generation_prompt}
+        _deadline.start(self)
         try:
             # Template.render's work, without merging the environment's globals anew for every conversation.
             return "".join(template.root_render_func(template.environment.context_class(
                 template.environment, context, template.name, template.blocks, globals_)))
         except _Raised as e:
             raise TemplateRefused(e.message) from None
+        except RenderTimeout:
+            raise
         except Exception as e:  # noqa: BLE001 - the template is the user's code: whatever it raises is its error
             hint = ("; the tokenizer names none of it in tokenizer_config.json" if isinstance(e, jinja2.UndefinedError)
                     and "_token" in str(e) else "")
@@ -377,6 +384,46 @@ class _Raised(jinja2.TemplateError):
     pass
 
 
+class RenderTimeout(ValueError):
+    """A render that took longer than its template's `timeout`."""
+
+
+class _Deadline(threading.local):
+    """When the render under way in this thread must end. Jinja has no while loop, so a render that never ends
+    spends its time in for loops (nested ones: `range` is capped at 100,000 by the sandbox) or in calls (macros,
+    recursive loops): `_timed_loops` makes every loop check the deadline on each item, and `_Sandbox.call`
+    on each call. Neither needs a thread or a signal, so rendering stays usable from any thread."""
+
+    until = float("inf")
+    template = None
+
+    def start(self, template: Template) -> None:
+        self.until, self.template = time.monotonic() + template.timeout, template
+
+    def check(self) -> None:
+        if time.monotonic() > self.until:
+            t, self.until = self.template, float("inf")  # said once; the error unwinds the render
+            raise RenderTimeout(f"chat template {t.label} took longer than {t.timeout:g} s to render one "
+                                "conversation (a loop that never ends?): fix the template, or allow more time "
+                                "with --template-timeout")
+
+
+_deadline = _Deadline()
+
+
+def _timed(iterable):
+    for item in iterable:
+        _deadline.check()
+        yield item
+
+
+def _timed_loops(tree: jinja2.nodes.Template) -> jinja2.nodes.Template:
+    """`tree` with each `{% for x in ITER %}` iterating `ITER|_timed` instead."""
+    for loop in tree.find_all(jinja2.nodes.For):
+        loop.iter = jinja2.nodes.Filter(loop.iter, "_timed", [], [], None, None, lineno=loop.lineno)
+    return tree
+
+
 def _raise_exception(message):
     raise _Raised(message)
 
@@ -414,6 +461,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**"})
 
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+        _deadline.check()
+        return super().call(__context, __obj, *args, **kwargs)
+
     def call_binop(self, context, operator, left, right):
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
@@ -430,6 +481,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 def _environment() -> ImmutableSandboxedEnvironment:
     env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
+    env.filters["_timed"] = _timed
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -439,7 +491,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
 def _compiled(source: str) -> tuple[jinja2.Template, dict]:
     """The compiled template and the globals every render starts from."""
     try:
-        template = _environment().from_string(source)
+        env = _environment()
+        template = env.from_string(_timed_loops(env.parse(source)))
         return template, dict(template.globals)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template is not valid Jinja (line {e.lineno}: {e.message})") from None
@@ -453,15 +506,24 @@ def model_template(model_dir) -> str | None:
     None when it has neither."""
     folder = Path(model_dir)
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8-sig")  # a BOM is not template text
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
     template = read_tokenizer_config(config).get("chat_template")
-    if isinstance(template, list):
+    if isinstance(template, list):  # named templates: transformers takes the one named "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) and template else None
+        if "default" not in named:
+            raise ValueError(f"{config}: chat_template is a list of named templates "
+                             f"({', '.join(map(repr, named)) or 'none readable'}) with none named 'default', so "
+                             "which to use is not said; pass --chat-template with a .jinja file holding the one "
+                             "you want, or a built-in")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config}: chat_template must be Jinja source (a string), or a list of {{name, "
+                         f"template}} with one named 'default'; found {type(template).__name__} {template!r:.60}. "
+                         "Correct the file, or pass --chat-template with a built-in or a .jinja file")
+    return template or None  # "" or null: the model ships none
 
 
 def default_spec(model_dir) -> str:
@@ -491,7 +553,7 @@ def load_template(spec: str | None = None, model_dir=None, tokenizer=None) -> Te
         if not path.is_file():
             raise ValueError(f"--chat-template {spec!r} is neither a built-in ({', '.join(BUILTINS)}), nor "
                              f"{MODEL!r} (the model's own), nor an existing .jinja file")
-        template = Template(str(path), path.read_text(encoding="utf-8"))
+        template = Template(str(path), path.read_text(encoding="utf-8-sig"))
     try:
         _compiled(template.source)  # a syntax error is reported now, naming the template
     except ValueError as e:

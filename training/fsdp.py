@@ -48,7 +48,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from tinyllama.checkpoint import floating, random_model, read_weights
+from tinyllama.checkpoint import check_weights, floating, random_model, read_weights
 from tinyllama.config import LlamaConfig
 from tinyllama.model import Llama
 from tinyllama.quant import is_projection, nf4_quantize, quantized_module, replace_module
@@ -98,6 +98,7 @@ def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.
     initialisation with the same random draws as `load_model`'s, so a sharded run starts where one process
     would. No process ever holds the whole base."""
     config = LlamaConfig.from_json(folder / "config.json")
+    check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
         for name, module in list(model.named_modules()):

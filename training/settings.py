@@ -30,7 +30,7 @@ from tinyllama.runtime import (
     resolve_device,
 )
 from tinyllama.shapes import SHAPES
-from tinyllama.templates import BUILTINS, MODEL
+from tinyllama.templates import BUILTINS, DEFAULT_TIMEOUT, MODEL
 
 from . import run_folder
 from .fsdp import MODES as FSDP_MODES
@@ -86,6 +86,11 @@ def command_line(settings, program: str = "python train.py") -> str:
 # ---- the training settings ---------------------------------------------------------------------------------
 
 SCHEDULES = ("cosine", "linear", "constant")
+# Upper bounds of the counts, far past any real run yet small enough that what they size (a random data set of
+# 16 steps, index arithmetic in torch's int64) stays finite: a step of 65,536 rows is 134M tokens at 2,048 each,
+# 8x Llama 3's largest; a rank of 65,536 is 4x the hidden size of Llama 3 405B.
+MAX_ROWS_PER_STEP = MAX_RANK = 2**16
+MAX_LEN = 2**20  # tokens in a row: past every model's positions (packed rows may exceed those)
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling
 
 
@@ -132,6 +137,9 @@ class TrainConfig:
         "help": f"how conversations become text: a built-in ({', '.join(BUILTINS)}), {MODEL} (the model's own, "
                 "from its tokenizer_config.json or chat_template.jinja) or a .jinja file; default: the model's own "
                 "where it has one, else guanaco. Saved beside the adapter and written into the export"})
+    template_timeout: float = field(default=DEFAULT_TIMEOUT, metadata={
+        "help": "seconds the chat template may take to render one conversation; one that takes longer (a loop "
+                "that never ends) stops the run with an error naming the template"})
     train_on: str = field(default="assistant", metadata={
         "help": "assistant: the loss falls on every assistant turn (and its end-of-turn token); last: on the "
                 "final assistant turn only"})
@@ -245,6 +253,8 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be > 0 (leave it out for alpha = rank), got {cfg.alpha}")
     need(0 <= cfg.seed < 2**32, f"--seed must be in 0..2**32-1, got {cfg.seed}")
     need(cfg.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
+    need(0 < cfg.template_timeout < math.inf, f"--template-timeout must be a finite number of seconds > 0, got "
+         f"{cfg.template_timeout}")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     need(cfg.train_on in TRAIN_ON, f"--train-on must be one of {', '.join(TRAIN_ON)}, got {cfg.train_on!r}")
@@ -253,6 +263,22 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     need(cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}")
     need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}")
     need(cfg.max_len >= 8, f"--max-len must be >= 8, got {cfg.max_len}")
+    need(cfg.batch_size <= MAX_ROWS_PER_STEP, f"--batch-size must be <= {MAX_ROWS_PER_STEP}, got {cfg.batch_size}")
+    need(cfg.grad_accum <= MAX_ROWS_PER_STEP, f"--grad-accum must be <= {MAX_ROWS_PER_STEP}, got {cfg.grad_accum}")
+    need(not (1 <= cfg.batch_size <= MAX_ROWS_PER_STEP and 1 <= cfg.grad_accum <= MAX_ROWS_PER_STEP)
+         or cfg.batch_size * cfg.grad_accum <= MAX_ROWS_PER_STEP,
+         f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum} rows "
+         f"per optimizer step (per process); at most {MAX_ROWS_PER_STEP} are supported: lower either")
+    need(cfg.max_len <= MAX_LEN, f"--max-len must be <= {MAX_LEN}, got {cfg.max_len}")
+    need(cfg.rank <= MAX_RANK, f"--rank must be <= {MAX_RANK}, got {cfg.rank}")
+    bounded = {"batch_size", "grad_accum", "max_len", "rank", "seed"}
+    for f in dataclasses.fields(cfg):  # the rest: what torch and numpy index with must fit in 64 bits
+        value = getattr(cfg, f.name)
+        if f.name in bounded:
+            continue
+        need(not isinstance(value, int) or isinstance(value, bool) or abs(value) < 2**63,
+             f"--{f.name.replace('_', '-')} {value} does not fit in 64 bits; no count here needs more than a few "
+             "million")
     need(cfg.steps >= 0, f"--steps must be >= 0, got {cfg.steps}")
     need(cfg.steps > 0 or cfg.epochs > 0, f"--epochs must be > 0 when --steps is 0, got {cfg.epochs}")
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
@@ -362,6 +388,24 @@ def needs_tokenizer(cfg: TrainConfig) -> bool:
     """Whether the run has conversations to encode or samples to print."""
     return not is_random(cfg.data) or cfg.samples or (cfg.eval_data.lower() not in (AUTO, NONE)
                                                       and not is_random(cfg.eval_data))
+
+
+def rank_warning(cfg: TrainConfig, config) -> str | None:
+    """Why --rank is wider than a targeted projection's smaller side, or None. B A then has that side's rank at
+    most, so the extra rank is memory and compute for nothing; a warning, not a refusal, since it trains
+    correctly (PEFT allows it, and benchmarks run a production rank on tiny shapes)."""
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    sides = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+             "up_proj": (h, i), "down_proj": (i, h)}
+    targets = [t.strip() for t in cfg.targets.split(",") if t.strip() in sides]
+    narrowest = min(targets, key=lambda t: min(sides[t]), default=None)
+    if narrowest is None or cfg.rank <= min(sides[narrowest]):
+        return None
+    n_in, n_out = sides[narrowest]
+    return (f"--rank {cfg.rank} is larger than {narrowest}'s smaller side ({n_in} in, {n_out} out): no LoRA "
+            f"product there can have that rank, so the rest costs memory and compute for nothing; --rank "
+            f"{min(n_in, n_out)} reaches as far")
 
 
 def context_problem(cfg: TrainConfig, config) -> str | None:
