@@ -42,11 +42,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tinyllama.checkpoint import check_weights, floating, random_model, read_weights
 from tinyllama.config import LlamaConfig
@@ -56,6 +55,13 @@ from tinyllama.quant import is_projection, nf4_quantize, quantized_module, repla
 from . import TrainingError
 
 MODES = ("none", "full", "hybrid")
+
+
+# torch.distributed.fsdp and .tensor are imported where a sharded run uses them, not at the top: importing them
+# costs about 0.8 s of every train.py start, sharded or not. Until they are imported, nothing is a DTensor.
+def _is_dtensor(t) -> bool:
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and isinstance(t, tensor.DTensor)
 
 
 def mesh_for(mode: str, device: torch.device, world: int, shard_size: int = 0) -> DeviceMesh:
@@ -73,6 +79,8 @@ def mesh_for(mode: str, device: torch.device, world: int, shard_size: int = 0) -
 
 def shard(model, mesh: DeviceMesh) -> None:
     """Shard `model` (a tinyllama Llama) over `mesh` in place, as the module docstring says."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
     policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
     for module in model.modules():  # NF4 bases (QLoRA): their packed weights and scales are sharded too
         if hasattr(module, "storage_as_parameters"):
@@ -134,7 +142,9 @@ def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.
 
 def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy the part of `full` that this process owns into `target` (a sharded DTensor, or a plain tensor)."""
-    if isinstance(target, DTensor):
+    if _is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+
         full = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
         target = target.to_local()
     target.copy_(full)
@@ -153,12 +163,12 @@ def check_stand_in(config, *, dtype: torch.dtype, device: torch.device, lora_con
 
 def full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered whole (a collective: every process calls it), else `t`."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def local_bytes(model) -> int:
     """Bytes of this process's parameters and buffers: its shards of sharded parameters, all of the rest."""
-    tensors = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    tensors = [p.to_local() if _is_dtensor(p) else p for p in model.parameters()]
     return sum(t.numel() * t.element_size() for t in [*tensors, *model.buffers()])
 
 
@@ -205,6 +215,12 @@ def shard_optimizer_state(state: dict, params: list[torch.Tensor]) -> dict:
     out = {**state, "state": {}}
     for i, s in state["state"].items():
         p = params[int(i)]
-        out["state"][i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-                           if isinstance(p, DTensor) and v.shape == p.shape else v for k, v in s.items()}
+        out["state"][i] = {k: _distributed_like(v, p) if _is_dtensor(p) and v.shape == p.shape else v
+                           for k, v in s.items()}
     return out
+
+
+def _distributed_like(v: torch.Tensor, p) -> torch.Tensor:
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
