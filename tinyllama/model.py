@@ -228,7 +228,11 @@ class LlamaBody(nn.Module):
 
     def __init__(self, config: LlamaConfig, lora_config: LoRAConfig | None = None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # On meta, nn.Embedding's normal_ init runs through a decomposition that imports torch._dynamo (about 1 s
+        # of every start); a meta weight holds no values to draw, so it is made empty.
+        shape = (config.vocab_size, config.hidden_size)
+        empty = torch.empty(shape) if torch.get_default_device().type == "meta" else None
+        self.embed_tokens = nn.Embedding(*shape, _weight=empty)
         self.layers = nn.ModuleList(DecoderLayer(config, i, lora_config) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
