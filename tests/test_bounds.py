@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import pytest
+from test_errors import args, fails
 
 import train
 from data import load_conversations
@@ -23,21 +24,6 @@ from training.settings import TrainConfig, rank_warning
 
 NEVER_ENDS = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
 HI = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-
-
-def fails(argv) -> str:
-    """The message `python train.py ARGV` exits with (asserted one line, not a traceback)."""
-    with pytest.raises(SystemExit) as e:
-        train.main(argv)
-    message = str(e.value.code)
-    assert e.value.code not in (0, None)
-    assert "\n" not in message.strip(), message
-    return message
-
-
-def args(model, tmp_path, data=GUANACO_SAMPLE, *extra) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--eval-data", "none", "--rank", "4", "--steps", "1",
-            "--batch-size", "2", "--max-len", "128", "--no-samples", "--out", str(tmp_path / "run"), *extra]
 
 
 # ---- 17: a render that never ends ----------------------------------------------------------------------------
