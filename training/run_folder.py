@@ -163,19 +163,10 @@ def record(out: Path, *names: str) -> None:
 def _identity(path: Path, appended: bool) -> dict:
     st = path.lstat()
     if appended:
-        return {"size": st.st_size, "sha256": _prefix_sha256(path, st.st_size)}
+        return {"size": st.st_size, "sha256": sha256(path, st.st_size)}
     if st.st_size > HASHED_UP_TO:
         return {"size": st.st_size, "inode": st.st_ino, "mtime_ns": st.st_mtime_ns}
-    return {"size": st.st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-def _prefix_sha256(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while size > 0 and (chunk := f.read(min(size, 2**20))):
-            digest.update(chunk)
-            size -= len(chunk)
-    return digest.hexdigest()
+    return {"size": st.st_size, "sha256": sha256(path)}
 
 
 def _same(path: Path, appended: bool, record: dict) -> bool:
@@ -184,7 +175,7 @@ def _same(path: Path, appended: bool, record: dict) -> bool:
         return _identity(path, False) == record
     size = record.get("size")
     return (isinstance(size, int) and path.lstat().st_size >= size
-            and _prefix_sha256(path, size) == record.get("sha256"))
+            and sha256(path, size) == record.get("sha256"))
 
 
 def _matches(out: Path, name: str, records: dict) -> bool:
@@ -240,11 +231,10 @@ def check_out(out: Path, checkpoint: Path | None, overwrite: bool) -> None:
                             "recorded there (changed since, or written before records were kept), and the run would "
                             "write over it; nothing was removed. Move it yourself, or pick another --out")
     if found and not overwrite and not continues_in(checkpoint, out):
-        names = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
         resume = f"--resume {out} to continue it, " if _has_checkpoint(out) else ""
-        raise TrainingError(f"{out} already holds a run ({names}){'' if resume else ' with no checkpoint to resume'}"
-                            f"; pass {resume}--overwrite to replace it (that deletes only what {out / MANIFEST} "
-                            "lists), or another --out")
+        raise TrainingError(f"{out} already holds a run ({_few(found)})"
+                            f"{'' if resume else ' with no checkpoint to resume'}; pass {resume}--overwrite to "
+                            f"replace it (that deletes only what {out / MANIFEST} lists), or another --out")
 
 
 def _few(names: list[str]) -> str:
@@ -562,11 +552,14 @@ def _state_problem(state, checkpoint: Path) -> str | None:
     return None
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, size: int | None = None) -> str:
+    """The sha256 of `path`, or of its first `size` bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    left = math.inf if size is None else size
+    with path.open("rb") as f:
+        while left > 0 and (block := f.read(int(min(left, 1 << 20)))):
             digest.update(block)
+            left -= len(block)
     return digest.hexdigest()
 
 
