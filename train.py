@@ -107,8 +107,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
     if too_long:
         raise TrainingError(too_long)
-    if rank_warning(cfg, config):
-        log("warning: " + rank_warning(cfg, config))
+    if wide := rank_warning(cfg, config):
+        log("warning: " + wide)
     tokenizer = None
     if needs_tokenizer(cfg):
         tokenizer = load_tokenizer(cfg.tokenizer or folder or resolve_checkpoint(cfg.model))

@@ -82,7 +82,7 @@ def test_a_config_claiming_more_layers_than_the_weights_fails_in_seconds(tmp_pat
      "--batch-size 512 x --grad-accum 256 = 131072 rows per optimizer step (per process); at most 65536 are "
      "supported: lower either"),
     (["--max-len", "99999999999999999999"], "--max-len must be <= 1048576, got 99999999999999999999"),
-    (["--rank", "99999999999999999999"], "--rank must be <= 65536, got 99999999999999999999"),
+    (["--rank", "99999999999999999999"], "rank must be an integer from 1 to 65536, got 99999999999999999999"),
     (["--steps", "99999999999999999999"], "--steps 99999999999999999999 does not fit in 64 bits"),
 ], ids=["grad-accum", "batch-size", "rows per step", "max-len", "rank", "steps"])
 def test_counts_past_their_use_are_refused(tmp_path, tiny_ckpt, flags, expected):

@@ -88,8 +88,8 @@ def command_line(settings, program: str = "python train.py") -> str:
 SCHEDULES = ("cosine", "linear", "constant")
 # Upper bounds of the counts, far past any real run yet small enough that what they size (a random data set of
 # 16 steps, index arithmetic in torch's int64) stays finite: a step of 65,536 rows is 134M tokens at 2,048 each,
-# 8x Llama 3's largest; a rank of 65,536 is 4x the hidden size of Llama 3 405B.
-MAX_ROWS_PER_STEP = MAX_RANK = 2**16
+# 8x Llama 3's largest. The rank's bound is LoRAConfig's (lora.config.MAX_RANK).
+MAX_ROWS_PER_STEP = 2**16
 MAX_LEN = 2**20  # tokens in a row: past every model's positions (packed rows may exceed those)
 TRAIN_DTYPES = ("auto", "float32", "bfloat16")  # float16 would need loss scaling
 
@@ -270,7 +270,6 @@ def number_problems(cfg: TrainConfig) -> list[str]:
          f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum} rows "
          f"per optimizer step (per process); at most {MAX_ROWS_PER_STEP} are supported: lower either")
     need(cfg.max_len <= MAX_LEN, f"--max-len must be <= {MAX_LEN}, got {cfg.max_len}")
-    need(cfg.rank <= MAX_RANK, f"--rank must be <= {MAX_RANK}, got {cfg.rank}")
     bounded = {"batch_size", "grad_accum", "max_len", "rank", "seed"}
     for f in dataclasses.fields(cfg):  # the rest: what torch and numpy index with must fit in 64 bits
         value = getattr(cfg, f.name)
