@@ -171,12 +171,12 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, *, dtype: tor
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: a Hugging Face checkpoint folder needs one")
     config = LlamaConfig.from_json(config_path)
-    check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
+    keys = check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
     projections = {name for name, m in model.named_modules() if is_projection(name, m)} if quantize else set()
     state, quantized = {}, {}
-    for key, tensor in read_weights(folder, config):
+    for key, tensor in read_weights(folder, keys):
         module_name = key.removesuffix(".weight")
         if module_name in projections:
             quantized[module_name] = nf4_quantize(floating(tensor).to(device), double_quant=double_quant)
@@ -197,15 +197,13 @@ def floating(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.bfloat16, torch.float16) else tensor.float()
 
 
-def read_weights(folder: Path, config: LlamaConfig):
-    """(key, tensor) of each base weight of the checkpoint in `folder`, as stored, on the CPU, one at a time, so
-    a caller keeps only what it needs of each (a quantised copy, a shard). Before the first one, raises ValueError
-    naming every missing, unexpected and mis-shaped key (`check_weights`)."""
-    wanted = check_weights(folder, config)
+def read_weights(folder: Path, keys: set[str]):
+    """(key, tensor) of each of `keys` (what `check_weights` found fit) in the checkpoint in `folder`, as stored,
+    on the CPU, one at a time, so a caller keeps only what it needs of each (a quantised copy, a shard)."""
     for file in _weight_files(folder):
         with _open_weights(file) as f:
             for key in f.keys():
-                if key in wanted:
+                if key in keys:
                     yield key, f.get_tensor(key)
 
 

@@ -106,7 +106,7 @@ def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.
     initialisation with the same random draws as `load_model`'s, so a sharded run starts where one process
     would. No process ever holds the whole base."""
     config = LlamaConfig.from_json(folder / "config.json")
-    check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
+    keys = check_weights(folder, config)  # in seconds, before a config of 10^5 layers is built
     with torch.device("meta"):
         model = Llama(config, lora_config=lora_config)
         for name, module in list(model.named_modules()):
@@ -121,7 +121,7 @@ def load_sharded(folder, mesh: DeviceMesh, *, dtype: torch.dtype, device: torch.
     shard(model, mesh)
     model.to_empty(device=device)
     with torch.no_grad():
-        for key, tensor in read_weights(folder, config):
+        for key, tensor in read_weights(folder, keys):
             module_name = key.removesuffix(".weight")
             module = model.get_submodule(module_name)
             if hasattr(module, "storage"):  # an NF4 projection: quantise the whole, keep its shards
