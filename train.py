@@ -143,15 +143,10 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
                             f"(N > {start_step}) or more --epochs.")
     if resume_from:  # before the model loads: a split that cannot continue the data order is refused at once
         try:
-            stream.load_state_dict(state["stream"], saved_grad_accum=state["config"].get("grad_accum"))
+            stream.load_state_dict(state["stream"], saved_grad_accum=state["config"].get("grad_accum"),
+                                   step=start_step)
         except ValueError as e:
             raise TrainingError(f"--resume {resume_from}: {resume_from / run_folder.STATE} stream: {e}") from e
-        # Each optimizer step takes one step of the stream, so its position is the checkpoint's step.
-        if stream.epoch * stream.steps_per_epoch + stream.index // cfg.grad_accum != start_step:
-            raise TrainingError(f"--resume {resume_from}: {resume_from / run_folder.STATE} stream: epoch "
-                                f"{stream.epoch} epoch_step {stream.index // cfg.grad_accum} is not the position "
-                                f"after step {start_step} of {stream.steps_per_epoch} steps per epoch; the file was "
-                                "edited or damaged, nothing was changed. Resume from another checkpoint")
     changes = run_folder.changed_settings(state.get("config", {}), dataclasses.asdict(cfg))
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))

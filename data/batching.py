@@ -254,9 +254,10 @@ class BatchStream:
                 "rows_per_step": self.rows_per_step, "packing": self.packing,
                 "group_by_length": self.group_by_length}
 
-    def load_state_dict(self, state: dict, saved_grad_accum: int | None = None) -> None:
+    def load_state_dict(self, state: dict, saved_grad_accum: int | None = None, step: int | None = None) -> None:
         """Continue from `state` (a `state_dict`). `saved_grad_accum`, the saved run's accumulation, reads a
-        state written before positions counted optimizer steps (see `_steps_state`)."""
+        state written before positions counted optimizer steps (see `_steps_state`). `step`, the optimizer steps
+        the checkpoint says were taken, must be where the position is: each took one step of the stream."""
         if "rows_per_step" not in state:
             state = _steps_state(state, saved_grad_accum)
         mine = self.state_dict()
@@ -268,11 +269,15 @@ class BatchStream:
             raise ValueError("cannot resume this data stream: the saved position belongs to a different setup ("
                              + ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
                              + "); use the same data, max_len, seed, packing and length grouping")
-        epoch, step = state.get("epoch"), state.get("epoch_step")
-        if not (type(epoch) is int and epoch >= 0 and type(step) is int and 0 <= step < self.steps_per_epoch):
-            raise ValueError(f"cannot resume this data stream: the saved position, epoch {epoch!r} step {step!r}, "
+        epoch, at = state.get("epoch"), state.get("epoch_step")
+        if not (type(epoch) is int and epoch >= 0 and type(at) is int and 0 <= at < self.steps_per_epoch):
+            raise ValueError(f"cannot resume this data stream: the saved position, epoch {epoch!r} step {at!r}, "
                              f"is not an epoch >= 0 and a step in 0..{self.steps_per_epoch - 1}")
-        self.epoch, self.index = epoch, step * self.grad_accum
+        if step is not None and epoch * self.steps_per_epoch + state["epoch_step"] != step:
+            raise ValueError(f"epoch {epoch} epoch_step {state['epoch_step']} is not the position after step {step} "
+                             f"of {self.steps_per_epoch} steps per epoch; the file was edited or damaged: resume "
+                             "from another checkpoint")
+        self.epoch, self.index = epoch, state["epoch_step"] * self.grad_accum
 
     def _split_problem(self, saved) -> str:
         """Why a position saved at `saved` rows per optimizer step cannot continue here, and a split that can."""
