@@ -20,6 +20,7 @@ from data.sources import source_problems
 from helpers import GUANACO_SAMPLE
 from tinyllama.checkpoint import load_model, model_config
 from tinyllama.templates import BUILTINS, RenderTimeout, Template, load_template
+from tinyllama.tokenizer import read_tokenizer_config
 from training.settings import TrainConfig, rank_warning
 
 NEVER_ENDS = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
@@ -151,6 +152,9 @@ def test_config_and_template_files_with_a_byte_order_mark(tmp_path, hf_tiny):
     jinja = tmp_path / "t.jinja"
     jinja.write_bytes(codecs.BOM_UTF8 + BUILTINS["chatml"].encode())
     assert load_template(str(jinja)).source == BUILTINS["chatml"]
+    settings = tmp_path / "tokenizer_config.json"
+    settings.write_bytes(codecs.BOM_UTF8 + json.dumps({"chat_template": BUILTINS["zephyr"]}).encode())
+    assert read_tokenizer_config(settings) == {"chat_template": BUILTINS["zephyr"]}
 
 
 # ---- 22: a tokenizer_config.json chat_template of the wrong kind -----------------------------------------------

@@ -200,7 +200,7 @@ class BPETokenizer:
 def read_tokenizer_config(path: Path) -> dict:
     """A tokenizer_config.json as a dict; ValueError naming the file when it is not a JSON object."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not JSON
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); pass the tokenizer_config.json that came with the "
                          "model") from None
