@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tinyllama import files
 
-from .config import ALL_TARGETS, ATTENTION_TARGETS, LoRAConfig
+from .config import ALL_TARGETS, ATTENTION_TARGETS, TARGET_NAMES, LoRAConfig
 from .layer import LoRALinear
 
 PEFT_PREFIX = "base_model.model."
@@ -283,13 +283,14 @@ def _projections(target_modules, path: Path) -> tuple[tuple[str, ...], int | Non
     for entry in target_modules:
         parts = entry.split(".")
         name = parts[-1]
-        full = ["model", "layers", _LAYER_INDEX, "self_attn" if name in ATTENTION_TARGETS else "mlp", name]
-        fits = name in ALL_TARGETS and len(parts) <= len(full) and all(
+        attention = name in ATTENTION_TARGETS or name == "qkv_proj"
+        full = ["model", "layers", _LAYER_INDEX, "self_attn" if attention else "mlp", name]
+        fits = name in TARGET_NAMES and len(parts) <= len(full) and all(
             part == want if isinstance(want, str) else bool(want.fullmatch(part))
             for part, want in zip(parts, full[len(full) - len(parts):], strict=True))
         if not fits:
             raise ValueError(f"{path}: target_modules names {entry!r}, which is not one of the projections that can "
-                             f"be adapted here: {', '.join(ALL_TARGETS)} of a decoder layer (as `q_proj` or as "
+                             f"be adapted here: {', '.join(TARGET_NAMES)} of a decoder layer (as `q_proj` or as "
                              "`model.layers.0.self_attn.q_proj`)")
         if len(parts) >= 3:
             by_layer.setdefault(name, set()).add(int(parts[-3]))

@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+# Phi-3's fused projections: q, k and v as one `qkv_proj`, gate and up as one `gate_up_proj`. Which of these a
+# model has is its config's (`LlamaConfig.attention_projections` / `mlp_projections`), checked when it is built.
+FUSED_TARGETS = ("qkv_proj", "gate_up_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS  # every projection of a model with separate ones (all but Phi-3)
+TARGET_NAMES = ALL_TARGETS + FUSED_TARGETS  # every name a target may have
 # The widest rank accepted: past every projection's width of the models supported (Llama 3.1 405B's MLP is 53,248
 # wide), and far inside what a tensor dimension holds, so a typo fails here instead of inside torch.empty.
 MAX_RANK = 65536
@@ -36,10 +40,10 @@ class LoRAConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoRA {name} must be True or False, got {getattr(self, name)!r}")
         if not self.targets:
-            raise ValueError(f"LoRA targets must name at least one of {ALL_TARGETS}, got none")
-        unknown = [t for t in self.targets if t not in ALL_TARGETS]
+            raise ValueError(f"LoRA targets must name at least one of {TARGET_NAMES}, got none")
+        unknown = [t for t in self.targets if t not in TARGET_NAMES]
         if unknown:
-            raise ValueError(f"unknown LoRA target(s) {unknown}: choose from {ALL_TARGETS}")
+            raise ValueError(f"unknown LoRA target(s) {unknown}: choose from {TARGET_NAMES}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoRA targets repeat a name: {self.targets}")
 

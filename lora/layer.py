@@ -3,7 +3,8 @@ DoRA (`LoRAConfig(use_dora=True)`), PEFT's weight-decomposed variant of it.
 
 It *is* an `nn.Linear` (it owns `weight`), so a base checkpoint loads into a LoRA model unchanged and the
 adapter's keys end in `.lora_A.weight` / `.lora_B.weight` (and DoRA's `.lora_magnitude_vector`), as PEFT writes
-them. No bias: Llama has none.
+them. A bias, where the base projection has one (Qwen2's q/k/v), stays frozen and is added once, by the base
+product (PEFT's `bias="none"`); DoRA's magnitude scales W x without it, as PEFT's does.
 
 DoRA (https://arxiv.org/abs/2402.09353) gives every output row a trainable magnitude m, initialised to the
 row norms of W + s B A, and uses the weight m / ||W + s B A|| * (W + s B A), the norm held constant for the
@@ -25,8 +26,8 @@ from .config import LoRAConfig
 
 
 class LoRALinear(nn.Linear):
-    def __init__(self, in_features: int, out_features: int, config: LoRAConfig):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         self.rank = config.rank
         self.scaling = config.scaling
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -38,6 +39,8 @@ class LoRALinear(nn.Linear):
         self.merged = False
         self.active = True  # False: behave as the base layer (see lora.disabled)
         self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.reset_lora_parameters()
 
     def base_weight(self) -> torch.Tensor:
@@ -46,9 +49,9 @@ class LoRALinear(nn.Linear):
         return self.weight
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """W x with the frozen base weight: the one place the forward pass multiplies by W, so a quantised base
-        (`tinyllama.quant.NF4LoRALinear`) changes this and `base_weight`."""
-        return F.linear(x, self.weight)
+        """W x + b with the frozen base weight and bias: the one place the forward pass multiplies by W, so a
+        quantised base (`tinyllama.quant.NF4LoRALinear`) changes this and `base_weight`."""
+        return F.linear(x, self.weight, self.bias)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default: A ~ Kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter changes nothing; with DoRA,
@@ -103,11 +106,13 @@ class LoRALinear(nn.Linear):
         x_d = self.lora_dropout(x) if dropping else x
         scale = (self.lora_magnitude_vector / self.weight_norm()).view(1, -1)
         base = self.base_linear(x_d) if dropping else y
+        if self.bias is not None:
+            base = base - self.bias
         lora = F.linear(F.linear(x_d, self.lora_A.weight), self.lora_B.weight)
         return (y + ((scale - 1) * base + scale * lora * self.scaling)).to(y.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base_weight())
+        y = F.linear(x, self.base_weight(), self.bias)
         if self.merged or not self.active:
             return y
         if not self.use_dora:

@@ -91,8 +91,8 @@ _HF_CHECKPOINTS: dict[str, tuple[Path, torch.Tensor]] = {}
 
 
 def hf_checkpoint(path: Path, seed: int = 0, model_type: str = "llama", **overrides) -> Path:
-    """Save a random `transformers.LlamaForCausalLM` (or `MistralForCausalLM` for model_type "mistral"; float32,
-    safetensors) to `path` and return it. The same arguments give the same files and leave the global RNG in the
+    """Save a random `transformers.LlamaForCausalLM` (or the class of another `model_type`: `MistralForCausalLM`,
+    `Qwen2ForCausalLM`, ...; float32, safetensors) to `path` and return it. The same arguments give the same files and leave the global RNG in the
     same state: the first call in a process builds them, later ones copy them."""
     key = json.dumps([seed, model_type, overrides], sort_keys=True, default=repr)
     if key not in _HF_CHECKPOINTS:
@@ -110,13 +110,11 @@ def _save_hf_checkpoint(path: Path, seed: int, model_type: str, overrides: dict)
     import transformers
 
     torch.manual_seed(seed)
-    family = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
-    config_class, model_class = family[model_type]
-    model = model_class(config_class(**{**TINY, **overrides})).eval()
-    with torch.no_grad():  # HF initialises norms to 1; perturb them so a wrong norm cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # HF initialises norms to 1 (Gemma's to 0) and biases to 0; perturb them so a wrong
+        for name, p in model.named_parameters():  # norm or a missing bias cannot hide
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path, safe_serialization=True)
 

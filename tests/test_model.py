@@ -190,7 +190,7 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_bias", True),
+@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_dropout", 0.1),
                                          ("rope_scaling", {"type": "yarn", "factor": 2.0}),
                                          ("mlp_bias", True)])
 def test_unsupported_config_fields_are_refused_by_name(hf_tiny, field, value):

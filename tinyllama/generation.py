@@ -56,7 +56,6 @@ class Decoder:
             raise ValueError(f"a prompt of {L} tokens plus max_new_tokens={max_new_tokens} is {self.max_len} "
                              f"positions, more than the model's context length "
                              f"({config.max_position_embeddings}); shorten the prompt or ask for fewer tokens")
-        config.check_attention_span(self.max_len)
         self.model = model
         weight = model.model.embed_tokens.weight
         self.device = weight.device
@@ -86,7 +85,7 @@ class Decoder:
         with self._autocast:
             h = self.model.hidden_states(self.ids, position_ids=self.positions, cache=self.cache,
                                          attention_mask=self.mask[:, :L] if self.padded else None)
-            return self.model.lm_head(h[:, -1]).float()
+            return self.model.logits(h[:, -1]).float()
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,7 +101,7 @@ class Decoder:
                                          attention_mask=self.mask[:, :n + 1] if self.padded else None,
                                          cache=self.cache)
             self.next_position += 1
-            return self.model.lm_head(h[:, -1]).float()
+            return self.model.logits(h[:, -1]).float()
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,

@@ -64,13 +64,15 @@ def compiled_cross_entropy_chunk():
 
 
 def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int = 4096,
-                 fused: bool | None = None, label_index: torch.Tensor | None = None, loss_chunk=None):
+                 fused: bool | None = None, label_index: torch.Tensor | None = None, loss_chunk=None,
+                 softcap: float | None = None):
     """Cross-entropy summed over labelled positions, computing logits for those positions only.
 
     fused=None uses `FrozenHeadCrossEntropy` when the head is frozen and a gradient is needed; False forces the
     plain chunked path (the reference it is tested against). `label_index`: `label_positions(labels)`, computed
     ahead on the CPU (no host sync); None computes it here. `loss_chunk`: what computes a chunk's loss and logit
-    gradient in the fused path (default `cross_entropy_chunk`; a compiled one under `--compile`).
+    gradient in the fused path (default `cross_entropy_chunk`; a compiled one under `--compile`). `softcap`: Gemma
+    2's final cap, tanh(logits / cap) * cap, applied chunk by chunk in the logits' dtype, as transformers does.
     """
     if label_index is None:
         label_index = label_positions(labels)
@@ -79,11 +81,11 @@ def lm_head_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     if fused is None:
         fused = h.requires_grad and not weight.requires_grad
     if fused:
-        return (FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size, loss_chunk or cross_entropy_chunk),
-                label_index.numel())
+        return (FrozenHeadCrossEntropy.apply(h, weight, targets, chunk_size, loss_chunk or cross_entropy_chunk,
+                                             softcap), label_index.numel())
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
-        logits = F.linear(h[start:start + chunk_size], weight).float()
+        logits = softcap_logits(F.linear(h[start:start + chunk_size], weight), softcap).float()
         total = total + F.cross_entropy(logits, targets[start:start + chunk_size], reduction="sum")
     return total, label_index.numel()
 
@@ -93,16 +95,19 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
     d loss / d h_i = (softmax(h_i W^T) - onehot(t_i)) @ W. Holding that [N, hidden] tensor instead of the
     [N, vocab] logits is the whole memory saving (vocab 32,000 vs hidden 2,048). Same FLOPs as the plain path:
-    the input-gradient matmul just runs earlier. Runs under the caller's autocast like the plain path.
+    the input-gradient matmul just runs earlier. Runs under the caller's autocast like the plain path. With a
+    final softcap the logits' gradient passes through the cap's derivative, 1 - (capped / cap)^2.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, loss_chunk):
+    def forward(ctx, h, weight, targets, chunk_size, loss_chunk, softcap=None):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
         for start in range(0, targets.numel(), chunk_size):
-            loss, grad_logits = loss_chunk(F.linear(h[start:start + chunk_size], weight),
-                                           targets[start:start + chunk_size])
+            logits = softcap_logits(F.linear(h[start:start + chunk_size], weight), softcap)
+            loss, grad_logits = loss_chunk(logits, targets[start:start + chunk_size])
+            if softcap is not None:
+                grad_logits = grad_logits * (1 - (logits.float() / softcap) ** 2).to(grad_logits.dtype)
             total += loss
             grad_h[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
@@ -111,7 +116,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), None, None, None, None, None
+
+
+def softcap_logits(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit softcap, tanh(logits / cap) * cap (None: the logits as they are)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, label_index=None, **forward_kwargs):
@@ -119,4 +129,5 @@ def causal_lm_loss(model, input_ids, labels, chunk_size: int = 4096, label_index
     hidden = model.hidden_states(input_ids, **forward_kwargs)
     compiled = (forward_kwargs.get("plan") or model.plan).compile_scope is not None
     return lm_head_loss(hidden, model.lm_head.weight, labels, chunk_size, label_index=label_index,
-                        loss_chunk=compiled_cross_entropy_chunk() if compiled else None)
+                        loss_chunk=compiled_cross_entropy_chunk() if compiled else None,
+                        softcap=model.config.final_logit_softcapping)

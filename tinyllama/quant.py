@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.config import ALL_TARGETS, LoRAConfig
+from lora.config import TARGET_NAMES, LoRAConfig
 from lora.layer import LoRALinear
 
 QUANTIZE_CHOICES = ("nf4",)
-# The projections `quantize="nf4"` stores in 4 bits: every linear layer of a decoder block, the same seven names
-# a LoRA adapter may target. Embeddings, norms and the LM head keep the compute dtype.
-PROJECTIONS = ALL_TARGETS
+# The projections `quantize="nf4"` stores in 4 bits: every linear layer of a decoder block, by the names a LoRA
+# adapter may target. Embeddings, norms and the LM head keep the compute dtype.
+PROJECTIONS = TARGET_NAMES
 # bitsandbytes' block sizes for 4-bit quantisation; its double quantisation always uses blocks of 256.
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCK_SIZE = 256

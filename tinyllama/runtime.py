@@ -81,16 +81,22 @@ def varlen_kernel():
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    windowed = "window_size" in params
     gqa = "enable_gqa" in params
 
-    def kernel(q, k, v, segments):
+    def kernel(q, k, v, segments, scale=None):
         if not gqa and k.shape[1] != q.shape[1]:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         cu = segments.cu_seqlens
+        # window_size (left, right): a query sees the `left` keys before it and itself; -1 is unbounded.
+        causal = ({"window_size": (-1 if segments.window is None else segments.window - 1, 0)} if windowed
+                  else {"is_causal": True})
         return varlen_attn(q, k, v, cu, cu, segments.row_len, segments.row_len, **causal,
+                           **({"scale": scale} if scale is not None else {}),
                            **({"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}))
 
+    # What the model asks before sending it a sliding window or a scale of its own (Gemma's): else a dense mask.
+    kernel.takes_window = windowed and "scale" in params
     return kernel
 
 

@@ -410,10 +410,6 @@ def rank_warning(cfg: TrainConfig, config) -> str | None:
 def context_problem(cfg: TrainConfig, config) -> str | None:
     """Why --max-len does not fit the model's positions (RoPE past them is extrapolation), or None. Packed rows
     may be longer: each conversation in them is cut at the model's context instead."""
-    if config.sliding_window is not None and cfg.max_len > config.sliding_window:  # packed rows too
-        return (f"--max-len {cfg.max_len} is longer than this Mistral checkpoint's sliding_window "
-                f"({config.sliding_window}), which this implementation does not compute; lower --max-len to at "
-                "most that")
     if cfg.max_len <= config.max_position_embeddings or cfg.packing:
         return None
     return (f"--max-len {cfg.max_len} is longer than the model's max_position_embeddings "
