@@ -92,8 +92,8 @@ _HF_CHECKPOINTS: dict[str, tuple[Path, torch.Tensor]] = {}
 
 def hf_checkpoint(path: Path, seed: int = 0, model_type: str = "llama", **overrides) -> Path:
     """Save a random `transformers.LlamaForCausalLM` (or the class of another `model_type`: `MistralForCausalLM`,
-    `Qwen2ForCausalLM`, ...; float32, safetensors) to `path` and return it. The same arguments give the same files and leave the global RNG in the
-    same state: the first call in a process builds them, later ones copy them."""
+    `Qwen2ForCausalLM`, ...; float32, safetensors) to `path` and return it. The same arguments give the same files
+    and leave the global RNG in the same state: the first call in a process builds them, later ones copy them."""
     key = json.dumps([seed, model_type, overrides], sort_keys=True, default=repr)
     if key not in _HF_CHECKPOINTS:
         folder = Path(tempfile.mkdtemp(prefix="hf_checkpoint-"))

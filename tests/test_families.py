@@ -15,7 +15,6 @@ import torch
 from safetensors import safe_open
 
 import lora
-import train
 from helpers import (
     TINY,
     LazyModule,
