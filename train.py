@@ -52,6 +52,7 @@ from training.settings import (
     TrainConfig,
     command_line,
     context_problem,
+    lora_config_of,
     needs_tokenizer,
     parse_args,
     rank_warning,
@@ -107,6 +108,10 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     too_long = context_problem(cfg, config)  # checked again now that a Hub model's config.json is here
     if too_long:
         raise TrainingError(too_long)
+    try:  # --targets resolved again too: "mlp" is another family's modules than TinyLlama's
+        lora_config = dataclasses.replace(lora_config, targets=lora_config_of(cfg, config).targets)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if wide := rank_warning(cfg, config):
         log("warning: " + wide)
     tokenizer = None

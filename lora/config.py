@@ -12,6 +12,19 @@ ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FUSED_TARGETS = ("qkv_proj", "gate_up_proj")
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS  # every projection of a model with separate ones (all but Phi-3)
 TARGET_NAMES = ALL_TARGETS + FUSED_TARGETS  # every name a target may have
+TARGET_GROUPS = ("mlp", "attention", "all")  # resolved to a model's own names by `resolve_targets`
+
+
+def resolve_targets(spec: str, attention: tuple[str, ...] = ATTENTION_TARGETS,
+                    mlp: tuple[str, ...] = MLP_TARGETS) -> tuple[str, ...]:
+    """Comma-separated targets (`--targets`) as projection names: "mlp", "attention" and "all" stand for the
+    model's own (`attention` and `mlp`: its config's `attention_projections` / `mlp_projections`), so the
+    default, "mlp", is gate, up and down on Llama and Phi-3's gate_up and down. Repeats are dropped."""
+    names: list[str] = []
+    for entry in (t.strip() for t in spec.split(",")):
+        group = {"mlp": mlp, "attention": attention, "all": attention + mlp}.get(entry, (entry,) if entry else ())
+        names += [n for n in group if n not in names]
+    return tuple(names)
 # The widest rank accepted: past every projection's width of the models supported (Llama 3.1 405B's MLP is 53,248
 # wide), and far inside what a tensor dimension holds, so a typo fails here instead of inside torch.empty.
 MAX_RANK = 65536

@@ -13,13 +13,26 @@ from tinyllama.checkpoint import model_config
 from tinyllama.model import num_parameters
 from tinyllama.shapes import SHAPES, named_shape
 
-# Totals of the published safetensors checkpoints (tied embeddings counted once).
+# Totals of the published safetensors checkpoints (tied embeddings counted once, except where the checkpoint
+# stores the tied LM head as a tensor of its own: STORED_TIED_HEAD).
 PUBLISHED_TOTALS = {
     "tinyllama-1.1b": 1_100_048_384, "llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320,
     "llama-2-70b": 68_976_648_192,
     "llama-3.2-1b": 1_235_814_400, "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248,
     "mistral-7b-v0.3": 7_248_023_552, "smollm2-1.7b": 1_711_376_384,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688,
+    "qwen2.5-7b": 7_615_616_512, "qwen3-0.6b": 596_049_920, "qwen3-1.7b": 2_031_739_904,
+    "qwen3-4b": 4_022_468_096, "qwen3-8b": 8_190_735_360, "gemma-2-2b": 2_614_341_888,
+    "gemma-3-1b": 999_885_952, "phi-3-mini": 3_821_079_552, "phi-4-mini": 3_836_021_760,
 }
+# Qwen3-1.7B's config ties the LM head to the embeddings, yet its safetensors hold lm_head.weight too (a copy, which
+# loading ignores, as transformers does): its published total counts the embedding matrix twice.
+STORED_TIED_HEAD = {"qwen3-1.7b"}
+
+
+def _published_model_total(name) -> int:
+    config = named_shape(name)
+    return PUBLISHED_TOTALS[name] - (config.vocab_size * config.hidden_size if name in STORED_TIED_HEAD else 0)
 
 
 def test_every_shape_has_a_published_total():
@@ -29,7 +42,7 @@ def test_every_shape_has_a_published_total():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_shape_has_the_published_parameter_count(name):
-    assert num_parameters(named_shape(name)) == PUBLISHED_TOTALS[name]
+    assert num_parameters(named_shape(name)) == _published_model_total(name)
 
 
 @pytest.mark.slow
@@ -39,7 +52,7 @@ def test_transformers_builds_the_same_shape_from_its_config_json(name):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(
             transformers.AutoConfig.for_model(**named_shape(name).to_hf_dict()))
-    assert sum(p.numel() for p in hf.parameters()) == PUBLISHED_TOTALS[name]
+    assert sum(p.numel() for p in hf.parameters()) == _published_model_total(name)
 
 
 def test_model_config_reads_shape_names_config_files_and_folders(tmp_path):

@@ -117,6 +117,9 @@ def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, dev
         if is_projection(name, module):
             weight = torch.empty(module.out_features, module.in_features, device=device)
             torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # what nn.Linear draws
+            if module.bias is not None:  # zeros, as transformers initialises a bias
+                module.bias = torch.nn.Parameter(torch.zeros(module.out_features, device=device, dtype=dtype),
+                                                 requires_grad=False)
             replace_module(model, name, quantized_module(module, nf4_quantize(weight, double_quant=double_quant),
                                                          dtype))
             del weight
@@ -125,8 +128,8 @@ def random_model(config: LlamaConfig, *, dtype: torch.dtype = torch.float32, dev
                 p.is_meta for p in module.parameters(recurse=False)):
             continue
         module.to_empty(device=device, recurse=False)
-        if isinstance(module, RMSNorm):
-            torch.nn.init.ones_(module.weight)
+        if isinstance(module, RMSNorm):  # Gemma's (1 + w) norm starts at w = 0
+            torch.nn.init.constant_(module.weight, 0.0 if module.unit_offset else 1.0)
         else:  # nn.Embedding, nn.Linear (the LM head)
             module.reset_parameters()
         for p in module.parameters(recurse=False):

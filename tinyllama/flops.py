@@ -24,10 +24,12 @@ def matmul_params_per_token(config) -> int:
 
 
 def lora_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) of every projection name a LoRA target may have."""
     h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+            "qkv_proj": (h, q + 2 * kv), "gate_up_proj": (h, 2 * i)}  # Phi-3's fused projections
 
 
 def training_flops_per_token(config, lora_config, seq_len: int) -> float:

@@ -312,16 +312,17 @@ class NF4Storage:
 
 
 class NF4Linear(NF4Storage, nn.Module):
-    """A frozen, bias-free linear layer whose weight is NF4: `forward(x)` = x W^T with W dequantised on the fly
-    to `dtype` (the model's compute dtype)."""
+    """A frozen linear layer whose weight is NF4: `forward(x)` = x W^T (+ b) with W dequantised on the fly to
+    `dtype` (the model's compute dtype). A bias (Qwen2's q/k/v) stays dense, as bitsandbytes keeps it."""
 
-    def __init__(self, weight: NF4Weight, dtype: torch.dtype):
+    def __init__(self, weight: NF4Weight, dtype: torch.dtype, bias: nn.Parameter | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self._store(weight, dtype)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.nf4_weight(), self.compute_dtype)
+        return _add_bias(nf4_linear(x, self.nf4_weight(), self.compute_dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self._nf4_repr()}"
@@ -347,7 +348,7 @@ class NF4LoRALinear(NF4Storage, LoRALinear):
             self.lora_magnitude_vector = nn.Parameter(torch.empty(out_features, device="meta"))
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.nf4_weight(), self.compute_dtype)
+        return _add_bias(nf4_linear(x, self.nf4_weight(), self.compute_dtype), self.bias)
 
     def base_weight(self) -> torch.Tensor:
         return self.dequantize()
@@ -369,7 +370,7 @@ def quantized_module(module: nn.Module, weight: NF4Weight, dtype: torch.dtype) -
         raise ValueError(f"an NF4 weight of shape {tuple(weight.shape)} cannot replace a "
                          f"[{module.out_features}, {module.in_features}] projection")
     if not isinstance(module, LoRALinear):
-        return NF4Linear(weight, dtype).train(module.training)
+        return NF4Linear(weight, dtype, module.bias).train(module.training)
     if module.merged:
         raise ValueError("this LoRA layer is merged into its base weight; quantise the base before merging")
     # The config only sizes the new layer: the adapter's modules and scaling are the old layer's, moved over.
@@ -377,8 +378,12 @@ def quantized_module(module: nn.Module, weight: NF4Weight, dtype: torch.dtype) -
     new.lora_A, new.lora_B, new.lora_dropout = module.lora_A, module.lora_B, module.lora_dropout
     if module.use_dora:
         new.lora_magnitude_vector = module.lora_magnitude_vector
-    new.scaling, new.active = module.scaling, module.active
+    new.scaling, new.active, new.bias = module.scaling, module.active, module.bias
     return new.train(module.training)
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def is_projection(name: str, module: nn.Module) -> bool:

@@ -17,7 +17,7 @@ is what a CPU runs and what `RuntimePlan()` is):
 | attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
 | grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
 | packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
-| LoRA MLP (`fused_mlp`) | one function, gate/up one weight (not DoRA, NF4, FSDP) | the modules | the modules |
+| LoRA MLP (`fused_mlp`) | one function, gate/up one weight (SwiGLU; not DoRA, NF4, FSDP) | the modules | the modules |
 | torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
 
 The forward pass reads only its arguments and the plan (`Llama.plan`, or a `plan=` argument). The one change
@@ -161,6 +161,12 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
     dora = lora_config is not None and lora_config.use_dora
     problems = plan_problems(device, dora=dora, quantized=quantized, fused_mlp=fused_mlp, varlen=varlen,
                              sharded=sharded)
+    swiglu = config.hidden_act == "silu" and not config.fused_projections
+    if fused_mlp and not swiglu:
+        problems.append(f"--fused-mlp is not supported for {config.model_type} (the fused LoRA MLP computes SwiGLU "
+                        "with separate gate_proj and up_proj; this model has "
+                        + ("a fused gate_up_proj" if config.fused_projections else f"a {config.hidden_act} gate")
+                        + "); leave --fused-mlp out and the MLP runs on the plain path")
     if problems:
         raise ValueError("; ".join(problems))
     cuda = device.type == "cuda"
@@ -174,7 +180,8 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
         sdpa_backends=sdpa_backends,
         gqa_in_place=in_place == repeated,
         varlen=cuda and varlen_kernel() is not None if varlen is None else varlen,
-        fused_mlp=cuda and mlp_lora and not (dora or quantized or sharded) if fused_mlp is None else fused_mlp,
+        fused_mlp=cuda and mlp_lora and swiglu and not (dora or quantized or sharded) if fused_mlp is None
+        else fused_mlp,
         compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
 
 

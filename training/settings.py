@@ -17,8 +17,10 @@ import torch
 
 from data.encoding import DEFAULT_MAX_LEN, TRAIN_ON
 from data.sources import AUTO, NONE, is_random, source_problems
-from lora import LoRAConfig
+from lora import LoRAConfig, resolve_targets
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
+from tinyllama.flops import lora_shapes
+from tinyllama.model import check_targets
 from tinyllama.quant import QUANTIZE_CHOICES
 from tinyllama.runtime import (
     COMPILE_MODES,
@@ -118,7 +120,10 @@ class TrainConfig:
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA branch's input (PEFT's "
                                                          "lora_dropout)"})
-    targets: str = field(default="gate_proj,up_proj,down_proj", metadata={"help": "comma-separated"})
+    targets: str = field(default="mlp", metadata={
+        "help": "comma-separated projections to adapt, by the model's own names, or mlp, attention, all: its MLP's "
+                "(gate_proj,up_proj,down_proj; Phi-3's gate_up_proj,down_proj), its attention's "
+                "(q_proj,k_proj,v_proj,o_proj; Phi-3's qkv_proj,o_proj), or both"})
     rslora: bool = field(default=False, metadata={
         "help": "scale by alpha/sqrt(rank); llama.cpp ignores this and scales by alpha/rank: run the adapter there "
                 "with --lora-scaled ADAPTER:SCALE, SCALE = sqrt(rank)"})
@@ -220,10 +225,10 @@ def validate(cfg: TrainConfig) -> LoRAConfig:
     problems = number_problems(cfg) + machine_problems(cfg) + input_problems(cfg)
     lora_config = None
     try:
-        lora_config = LoRAConfig(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha,
-                                 dropout=cfg.dropout,
-                                 targets=tuple(t.strip() for t in cfg.targets.split(",") if t.strip()),
-                                 use_rslora=cfg.rslora, use_dora=cfg.dora)
+        config = None
+        with contextlib.suppress(ValueError, OSError):  # a broken config.json is reported when the model loads
+            config = model_config(cfg.model)
+        lora_config = lora_config_of(cfg, config)
     except (ValueError, TypeError) as e:
         problems.append(str(e))
     if cfg.resume:
@@ -383,6 +388,18 @@ def with_machine_defaults(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def lora_config_of(cfg: TrainConfig, config) -> LoRAConfig:
+    """The run's LoRAConfig, its --targets resolved to the projection names of the model of `config` (None: a
+    Llama's names) and checked against them."""
+    targets = resolve_targets(cfg.targets) if config is None else resolve_targets(
+        cfg.targets, config.attention_projections, config.mlp_projections)
+    lora_config = LoRAConfig(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha,
+                             dropout=cfg.dropout, targets=targets, use_rslora=cfg.rslora, use_dora=cfg.dora)
+    if config is not None:
+        check_targets(config, lora_config.targets)
+    return lora_config
+
+
 def needs_tokenizer(cfg: TrainConfig) -> bool:
     """Whether the run has conversations to encode or samples to print."""
     return not is_random(cfg.data) or cfg.samples or (cfg.eval_data.lower() not in (AUTO, NONE)
@@ -393,11 +410,9 @@ def rank_warning(cfg: TrainConfig, config) -> str | None:
     """Why --rank is wider than a targeted projection's smaller side, or None. B A then has that side's rank at
     most, so the extra rank is memory and compute for nothing; a warning, not a refusal, since it trains
     correctly (PEFT allows it, and benchmarks run a production rank on tiny shapes)."""
-    h, i = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    sides = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-             "up_proj": (h, i), "down_proj": (i, h)}
-    targets = [t.strip() for t in cfg.targets.split(",") if t.strip() in sides]
+    sides = lora_shapes(config)
+    targets = [t for t in resolve_targets(cfg.targets, config.attention_projections, config.mlp_projections)
+               if t in sides]
     narrowest = min(targets, key=lambda t: min(sides[t]), default=None)
     if narrowest is None or cfg.rank <= min(sides[narrowest]):
         return None
