@@ -38,7 +38,8 @@ _HARMLESS_KEYS = {
     "initializer_range", "pad_token_id", "attention_dropout", "_name_or_path", "pretraining_tp",
     "output_attentions", "output_hidden_states", "return_dict", "tokenizer_class", "generation_config",
     "is_llama_config", "rope_interleaved", "transformers.js_config", "auto_map", "cache_implementation",
-    "_sliding_window_pattern",
+    "_sliding_window_pattern", "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder",
+    "problem_type",
 }
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' layer_types
 
@@ -66,8 +67,13 @@ _QWEN_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=220
                       max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
                       max_window_layers=28, bos_token_id=None, eos_token_id=None)
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaForCausalLM", {}, _BIAS, {}),
-    "mistral": Family("MistralForCausalLM", {}, frozenset(), dict(sliding_window=4096)),
+    "llama": Family("LlamaForCausalLM", {}, _BIAS,
+                    dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048)),
+    "mistral": Family("MistralForCausalLM", {}, frozenset(),
+                      dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
+                           max_position_embeddings=131072, sliding_window=4096)),
     "qwen2": Family("Qwen2ForCausalLM", dict(qkv_bias=True), frozenset(), _QWEN_DEFAULTS),
     "qwen3": Family("Qwen3ForCausalLM", dict(qk_norm=True), _BIAS, dict(_QWEN_DEFAULTS, head_dim=128)),
     "gemma2": Family("Gemma2ForCausalLM", _GEMMA, _GEMMA_FREE,

@@ -105,9 +105,11 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h)
         for start in range(0, targets.numel(), chunk_size):
             logits = softcap_logits(F.linear(h[start:start + chunk_size], weight), softcap)
+            # The cap's derivative, taken before loss_chunk, which may overwrite float32 logits in place.
+            slope = None if softcap is None else 1 - (logits.float() / softcap) ** 2
             loss, grad_logits = loss_chunk(logits, targets[start:start + chunk_size])
-            if softcap is not None:
-                grad_logits = grad_logits * (1 - (logits.float() / softcap) ** 2).to(grad_logits.dtype)
+            if slope is not None:
+                grad_logits = grad_logits * slope.to(grad_logits.dtype)
             total += loss
             grad_h[start:start + chunk_size] = grad_logits.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_h)
