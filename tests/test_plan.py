@@ -177,7 +177,7 @@ def test_planned_flops_agree_with_the_flop_counter_on_the_traced_step():
     flop counter sees the kernels' full score matmuls and the backward pass autograd runs, which skips the
     first layer's attention and gate/up input gradients (nothing before them is trained). With 8 layers those
     differences stay within 5%; with checkpointing the counter also sees the recomputed forward pass."""
-    config = dataclasses.replace(CONFIG, num_hidden_layers=8)
+    config = CONFIG.with_layers(8)
     plan = plan_step(TrainConfig(device="cpu", batch_size=2, max_len=128), _lora({}), config)
     masked_half = 6 * config.num_attention_heads * config.head_dim * 128 * config.num_hidden_layers
     assert plan["traced_flops_per_token"] == pytest.approx(plan["flops_per_token"] + masked_half, rel=0.05)
@@ -201,7 +201,7 @@ def test_fsdp_plans_per_process():
         CONFIG, _lora({}), world=2, dtype=torch.float32)
     assert two["parts"]["adamw"] == 2 * two["parts"]["lora_weights"] < one["parts"]["adamw"]
     # ... and two whole layers in flight: the one running, gathered, and the next, prefetched.
-    layer = random_model(dataclasses.replace(CONFIG, num_hidden_layers=1), lora_config=_lora({})).model.layers[0]
+    layer = random_model(CONFIG.with_layers(1), lora_config=_lora({})).model.layers[0]
     assert two["parts"]["transient"] == one["parts"]["transient"] + 2 * sum(
         p.numel() * p.element_size() for p in layer.parameters())
     assert two["parts"]["activations"] == one["parts"]["activations"]

@@ -8,7 +8,6 @@ PyTorch `.bin` pickles are refused (they execute code on load and cannot be memo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -248,8 +247,7 @@ def check_weights(folder: Path, config: LlamaConfig) -> set[str]:
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Each base tensor of the model of `config` and its shape (no tied lm_head), without building every layer:
     one is built on `meta` and its names repeated."""
-    one = dataclasses.replace(config, num_hidden_layers=min(config.num_hidden_layers, 1),
-                              layer_types=config.layer_types[:1])  # every layer holds the same tensors
+    one = config.with_layers(1)  # every layer holds the same tensors
     with torch.device("meta"):
         state = Llama(one).state_dict()
     shapes = {}

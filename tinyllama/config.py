@@ -26,6 +26,7 @@ same model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, fields
@@ -256,6 +257,11 @@ class LlamaConfig:
     @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def with_layers(self, n: int, **changes) -> "LlamaConfig":
+        """This config with `n` layers (and `changes`): the layer kinds cut, or repeated in their order, to `n`."""
+        kinds = [self.layer_types[i % len(self.layer_types)] for i in range(n)]
+        return dataclasses.replace(self, num_hidden_layers=n, layer_types=kinds, **changes)
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`, or None where it attends to everything before it."""

@@ -27,7 +27,9 @@ _QWEN3 = dict(model_type="qwen3", vocab_size=151936, num_key_value_heads=8, head
               rope_theta=1e6, max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
 
 SHAPES: dict[str, dict] = {
-    "tinyllama-1.1b": dict(num_key_value_heads=4),  # LlamaConfig's defaults otherwise
+    "tinyllama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, rms_norm_eps=1e-5,
+                           max_position_embeddings=2048),  # LlamaConfig's defaults
     "llama-2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32),
     "llama-2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,

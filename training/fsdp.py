@@ -39,7 +39,6 @@ one-layer stand-in (`check_stand_in`), since no process holds a layer whole. Del
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -155,7 +154,7 @@ def check_stand_in(config, *, dtype: torch.dtype, device: torch.device, lora_con
     """A one-layer model of `config`'s shape with random weights, for `startup_check.check_fast_paths`: the check
     compares each fast path with its plain path on one layer, and no process holds a sharded model's layer
     whole. Made with its own random generator, so the training's draws are those of one process."""
-    small = dataclasses.replace(config, num_hidden_layers=1, vocab_size=256, bos_token_id=None, eos_token_id=None)
+    small = config.with_layers(1, vocab_size=256, bos_token_id=None, eos_token_id=None)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return random_model(small, dtype=dtype, device=device, lora_config=lora_config, quantize=quantize,
                             double_quant=double_quant)
