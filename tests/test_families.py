@@ -282,7 +282,7 @@ def test_mistral_sliding_window_is_computed_beyond_the_window_as_transformers_do
     assert ours.config.context_length == ours.config.max_position_embeddings
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "ntk"])
 @pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
 def test_other_rope_types_are_refused_by_name(rope_type, key):
     rope = {"rope_type": rope_type, "factor": 4.0, "original_max_position_embeddings": 64}

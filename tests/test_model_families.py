@@ -20,7 +20,7 @@ from helpers import LazyModule, compare_gradients, hf_checkpoint, hf_greedy, hf_
 from lora import LoRAConfig
 from tinyllama import LlamaConfig, causal_lm_loss, generate, load_model, reference_loss
 from tinyllama.config import FAMILIES, FULL, SLIDING
-from tinyllama.model import KVCache, Llama
+from tinyllama.model import KVCache, Llama, longrope_attention_factor, rope_inv_freq
 from tinyllama.runtime import RuntimePlan, plan_runtime
 
 transformers = pytest.importorskip("transformers")
@@ -144,6 +144,33 @@ def test_llama_with_attention_bias_equals_transformers(tmp_path):
     assert ours.config.qkv_bias and ours.config.o_bias
     with torch.no_grad():
         torch.testing.assert_close(ours(_ids()), ref(_ids()).logits, rtol=0, atol=1e-4)
+
+
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.3, 2.1], "long_factor": [1.5, 3.0, 7.0]}
+
+
+def test_phi3s_longrope_equals_transformers_within_and_past_the_original_context(tmp_path):
+    # Phi-3-mini-128k and Phi-4-mini: the short factors while every position of a call is within the original
+    # context, the long ones for all of them once any is past it, cos and sin scaled by the attention factor.
+    config = dict(FAMILY_CONFIGS["phi3"], rope_scaling=LONGROPE, original_max_position_embeddings=16,
+                  max_position_embeddings=256, sliding_window=None)
+    path = hf_checkpoint(tmp_path / "phi3-longrope", seed=2, **config)
+    ours, ref = load_model(path).eval(), hf_model(path)
+    assert ours.config.rope_scaling["original_max_position_embeddings"] == 16
+    rotary = ref.model.rotary_emb
+    torch.testing.assert_close(rope_inv_freq(ours.config), rotary.original_inv_freq, rtol=0, atol=0)
+    assert longrope_attention_factor(ours.config) == rotary.attention_scaling
+    for length in (12, 30):
+        ids = _ids(2, length, seed=length)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), ref(ids).logits, rtol=0, atol=1e-4)
+    with torch.no_grad():  # sharpen the head so greedy decoding does not repeat one token
+        ours.lm_head.weight.mul_(4), ref.lm_head.weight.mul_(4)
+    prompt = _ids(1, 6, seed=9)[0].tolist()  # decoding crosses position 16: transformers switches factors there
+    assert generate(ours, prompt, 20, eos_id=[]) == hf_greedy(ref, prompt, 20, eos=-1)
+    reread = LlamaConfig.from_dict(json.loads(transformers.AutoConfig.for_model(
+        **ours.config.to_hf_dict()).to_json_string()))
+    assert reread == ours.config
 
 
 # ---- LoRA, PEFT ----------------------------------------------------------------------------------------------
@@ -284,10 +311,10 @@ def test_the_final_softcap_is_applied_inside_the_chunked_loss_and_its_gradient(c
 def test_what_is_not_computed_is_refused_in_one_line():
     with pytest.raises(ValueError, match="gemma3.*only its text model.*gemma3_text"):
         LlamaConfig.from_dict({"model_type": "gemma3", "text_config": {}})
-    with pytest.raises(ValueError, match="rope_type 'longrope', which is not supported"):
+    with pytest.raises(ValueError, match="short_factor must list 48 positive numbers"):  # head_dim 96: 48 pairs
         LlamaConfig.from_dict({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0],
                                                                       "long_factor": [1.0]}})
-    with pytest.raises(ValueError, match="rope_type 'longrope'"):  # Phi-3's older spelling of it
+    with pytest.raises(ValueError, match="rope_type 'longrope' needs.*missing.*long_factor"):  # Phi-3's "su"
         LlamaConfig.from_dict({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0]}})
     with pytest.raises(ValueError, match="resid_pdrop=0.1 is not supported"):
         LlamaConfig.from_dict({"model_type": "phi3", "resid_pdrop": 0.1})

@@ -85,7 +85,8 @@ FAMILIES: dict[str, Family] = {
                                rope_local_base_freq=10000.0, sliding_window_pattern=6)),
     "phi3": Family("Phi3ForCausalLM", dict(fused_projections=True), frozenset({"partial_rotary_factor"}),
                    dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                        num_attention_heads=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000)),
+                        num_attention_heads=32, max_position_embeddings=4096, bos_token_id=1, eos_token_id=32000,
+                        original_max_position_embeddings=4096)),
 }
 # The options a family fixes or its config.json sets, each with the value that means "as Llama".
 OPTIONS = dict(rope_local_theta=None, partial_rotary_factor=1.0, hidden_act="silu", qkv_bias=False, o_bias=False,
@@ -97,7 +98,9 @@ _ROPE_PARAMETERS = {
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
+_ROPE_OPTIONAL = {"longrope": ("factor", "attention_factor")}  # transformers derives them when absent
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # transformers' ACT2FN names of SwiGLU's and GeGLU's gate
 
 
@@ -106,7 +109,7 @@ def _check_rope_type(rope_type, key: str) -> None:
         raise ValueError(
             f"{key} has rope_type {rope_type!r}, which is not supported: this implementation computes plain RoPE "
             f"and the types {sorted(set(_ROPE_PARAMETERS) - {'default'})} exactly as transformers does, and "
-            "refuses the others (dynamic, yarn, longrope, ...) rather than approximate them")
+            "refuses the others (dynamic, yarn, ...) rather than approximate them")
 
 
 # Sizes and counts: each a positive int (JSON's 32.0, "32" and true are refused, not read as 32 or 1).
@@ -238,6 +241,13 @@ class LlamaConfig:
             if missing:
                 raise ValueError(f"rope_scaling={self.rope_scaling!r}: rope_type {rope_type!r} needs the parameters "
                                  f"{list(_ROPE_PARAMETERS[rope_type])}; missing {missing}")
+            if rope_type == "longrope":
+                for name in ("short_factor", "long_factor"):
+                    factors = self.rope_scaling[name]
+                    if not (isinstance(factors, list) and len(factors) == self.rotary_dim // 2
+                            and all(_is_number(f) for f in factors)):
+                        raise ValueError(f"rope_scaling {name} must list {self.rotary_dim // 2} positive numbers "
+                                         f"(one per rotated channel pair), got {factors!r}")
 
     @property
     def rotary_dim(self) -> int:
@@ -290,7 +300,7 @@ class LlamaConfig:
         cls._refuse_unsupported(d, model_type)
         d["rope_scaling"] = cls._rope_scaling_from_dict(d)
         if model_type == "phi3":
-            d.pop("original_max_position_embeddings", None)  # read by longrope alone, refused above
+            d.pop("original_max_position_embeddings", None)  # read by longrope alone, taken into rope_scaling
         d.update(family.options)
         if "qkv_bias" in family.free:
             d["qkv_bias"] = d["o_bias"] = d.pop("attention_bias", False)
@@ -377,20 +387,21 @@ class LlamaConfig:
         if rope_type in ("su", "yarn") and d.get("model_type") == "phi3":
             rope_type = "longrope"  # transformers' Phi-3 reads the older spellings as longrope
         _check_rope_type(rope_type, f"config.json: {key}")
-        if rope_type == "llama3":  # transformers: a top-level value wins, else the context length
+        if rope_type in ("llama3", "longrope"):  # transformers: a top-level value wins, else the context length
             rope["original_max_position_embeddings"] = d.pop(
                 "original_max_position_embeddings",
                 rope.get("original_max_position_embeddings", d.get("max_position_embeddings")))
-        wanted = _ROPE_PARAMETERS[rope_type]
+        wanted, optional = _ROPE_PARAMETERS[rope_type], _ROPE_OPTIONAL.get(rope_type, ())
         missing = [k for k in wanted if rope.get(k) is None]
         if missing:
             raise ValueError(f"config.json: {key} of rope_type {rope_type!r} needs {list(wanted)}; "
                              f"missing {missing}")
-        ignored = sorted(set(rope) - set(wanted))
+        ignored = sorted(set(rope) - set(wanted) - set(optional))
         if ignored:
             warnings.warn(f"config.json: ignoring {key} fields that rope_type {rope_type!r} does not read: "
                           f"{ignored}", stacklevel=3)
-        return None if rope_type == "default" else {"rope_type": rope_type, **{k: rope[k] for k in wanted}}
+        given = tuple(k for k in optional if rope.get(k) is not None)
+        return None if rope_type == "default" else {"rope_type": rope_type, **{k: rope[k] for k in wanted + given}}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlamaConfig":
@@ -433,6 +444,8 @@ class LlamaConfig:
             d["rope_local_base_freq"] = self.rope_local_theta
         if self.model_type == "phi3":
             d["partial_rotary_factor"] = self.partial_rotary_factor
+            if self.rope_scaling is not None and "original_max_position_embeddings" in self.rope_scaling:
+                d["original_max_position_embeddings"] = self.rope_scaling["original_max_position_embeddings"]
         return d
 
     @property

@@ -10,10 +10,10 @@ when the model is built (which modules exist, which function a layer calls), not
 Module and parameter names are Hugging Face's (`model.layers.0.mlp.gate_proj.weight`, `lm_head.weight`,
 Phi-3's `qkv_proj`), so a `*ForCausalLM` safetensors checkpoint of each family loads with no renaming, and
 LoRA keys are a fixed prefix away from PEFT's. Numerics follow `transformers` (RMSNorm in float32, rotate-half
-RoPE with inverse frequencies and cos/sin in float32, Llama 3's and linear RoPE scaling computed as it does,
+RoPE with inverse frequencies and cos/sin in float32, Llama 3's, linear and Phi-3's longrope scaling computed as it does,
 sliding windows masked as its masks do), which the tests check to 1e-4 in float32.
 
-Deliberately left out: other RoPE variants (dynamic, yarn, longrope, ...), MLP biases, tensor parallelism,
+Deliberately left out: other RoPE variants (dynamic, yarn, ...), MLP biases, tensor parallelism,
 dropout in the base model. A config that asks for any of them is refused, not approximated.
 """
 
@@ -63,15 +63,19 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_inv_freq(config: LlamaConfig, device=None, layer_type: str = FULL) -> torch.Tensor:
+def rope_inv_freq(config: LlamaConfig, device=None, layer_type: str = FULL, long: bool = False) -> torch.Tensor:
     """RoPE's inverse frequencies [rotary_dim / 2], float32, for the layers of `layer_type` (Gemma 3's sliding
     layers have their own base and no scaling), scaled as `config.rope_scaling` says; the same float32
     operations as transformers' `_compute_*_parameters` (whose attention scaling is 1 for these types)."""
     d = config.rotary_dim
     local = layer_type == SLIDING and config.rope_local_theta is not None
     theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d))
+    powers = theta ** (torch.arange(0, d, 2, device=device, dtype=torch.int64).float() / d)
     scaling = None if local else config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "longrope":  # the short factors, or with `long` the long ones
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (factors * powers)
+    inv_freq = 1.0 / powers
     if scaling is None:
         return inv_freq
     if scaling["rope_type"] == "linear":  # positions divided by the factor, folded into the frequencies
@@ -89,11 +93,33 @@ def rope_inv_freq(config: LlamaConfig, device=None, layer_type: str = FULL) -> t
 
 
 def rope_cos_sin(config: LlamaConfig, position_ids: torch.Tensor, dtype: torch.dtype, layer_type: str = FULL):
-    """cos/sin of shape [batch, seq, rotary_dim] for rotate-half RoPE, computed in float32."""
-    with torch.autocast(device_type=position_ids.device.type, enabled=False):
-        freqs = position_ids[..., None].float() * rope_inv_freq(config, position_ids.device, layer_type)
+    """cos/sin of shape [batch, seq, rotary_dim] for rotate-half RoPE, computed in float32.
+
+    longrope (Phi-3): as transformers does per forward pass, the long factors for every position when any
+    position of the call is past `original_max_position_embeddings`, else the short ones, and cos/sin scaled by
+    the attention factor (sqrt(1 + ln(factor) / ln(original)) unless given)."""
+    device, scaling = position_ids.device, config.rope_scaling
+    with torch.autocast(device_type=device.type, enabled=False):
+        inv_freq = rope_inv_freq(config, device, layer_type)
+        scale = 1.0
+        if scaling is not None and scaling["rope_type"] == "longrope" and not (
+                layer_type == SLIDING and config.rope_local_theta is not None):
+            original = scaling["original_max_position_embeddings"]
+            past = position_ids.max() + 1 > original  # on the device: no wait for the host
+            inv_freq = torch.where(past, rope_inv_freq(config, device, layer_type, long=True), inv_freq)
+            scale = longrope_attention_factor(config)
+        freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def longrope_attention_factor(config: LlamaConfig) -> float:
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return scaling["attention_factor"]
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

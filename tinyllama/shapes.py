@@ -78,8 +78,8 @@ SHAPES: dict[str, dict] = {
     "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
                        max_position_embeddings=4096, sliding_window=2047, bos_token_id=1, eos_token_id=32000),
-    # The published Phi-4-mini scales RoPE with longrope, which is not computed here (its config.json is refused):
-    # the shape leaves that out, which changes neither the parameter count nor the cost of a step.
+    # The published Phi-4-mini scales RoPE with longrope (computed here) by 48 factors each way, which the shape
+    # leaves out: they change neither the parameter count nor the cost of a step.
     "phi-4-mini": dict(model_type="phi3", vocab_size=200064, hidden_size=3072, intermediate_size=8192,
                        num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, rms_norm_eps=1e-5,
                        partial_rotary_factor=0.75, rope_theta=10000.0, max_position_embeddings=131072,
