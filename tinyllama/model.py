@@ -10,8 +10,8 @@ when the model is built (which modules exist, which function a layer calls), not
 Module and parameter names are Hugging Face's (`model.layers.0.mlp.gate_proj.weight`, `lm_head.weight`,
 Phi-3's `qkv_proj`), so a `*ForCausalLM` safetensors checkpoint of each family loads with no renaming, and
 LoRA keys are a fixed prefix away from PEFT's. Numerics follow `transformers` (RMSNorm in float32, rotate-half
-RoPE with inverse frequencies and cos/sin in float32, Llama 3's, linear and Phi-3's longrope scaling computed as it does,
-sliding windows masked as its masks do), which the tests check to 1e-4 in float32.
+RoPE with inverse frequencies and cos/sin in float32, Llama 3's, linear and Phi-3's longrope scaling computed as
+it does, sliding windows masked as its masks do), which the tests check to 1e-4 in float32.
 
 Deliberately left out: other RoPE variants (dynamic, yarn, ...), MLP biases, tensor parallelism,
 dropout in the base model. A config that asks for any of them is refused, not approximated.
