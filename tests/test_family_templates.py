@@ -5,10 +5,10 @@ labels found independently from its offsets (`helpers.assert_encodes_as_transfor
 
 Tokenizers: Phi-3's is the real Llama 2 `tokenizer.model` (the fixture) with Phi-3's added tokens written into
 the files its Hub repository holds (tokenizer_config.json's added_tokens_decoder, added_tokens.json,
-tokenizer.json), read by `load_tokenizer` as transformers reads them. The others are small byte-level BPE
-tokenizer.json files trained here on the guanaco rows, carrying each family's special tokens (no real vocabulary is
-available offline; Gemma's real tokenizer is SentencePiece-style BPE without a pre-tokenizer, which these do not
-imitate)."""
+tokenizer.json), read by `load_tokenizer` as transformers reads them. Gemma's templates are also tested with a
+tokenizer.model shaped like Gemma's (no dummy prefix, "\n\n" a piece), trained here. The others are small
+byte-level BPE tokenizer.json files trained here on the guanaco rows, carrying each family's special tokens (no
+real vocabulary is available offline)."""
 
 from __future__ import annotations
 
@@ -98,6 +98,42 @@ def _phi3_folder(folder: Path, config: dict, files: dict[str, str]) -> Path:
     return folder
 
 
+def _gemma_sentencepiece(folder: Path) -> Path:
+    """A tokenizer.model shaped like Gemma's, trained on the guanaco rows: BPE with byte fallback and no dummy
+    prefix, <pad> <eos> <bos> <unk> at 0-3, the turn tokens as control pieces, and newline runs as pieces of
+    their own ("\n\n" is one piece, as in Gemma's vocabulary; SentencePiece's trainer reads text line by line,
+    so they are added to the model afterwards)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2
+
+    from tests.helpers import GUANACO_SAMPLE
+
+    folder.mkdir(parents=True)
+    rows = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    (folder / "corpus.txt").write_text("\n".join(rows), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=1000, model_type="bpe",
+        add_dummy_prefix=False, byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", control_symbols=["<start_of_turn>", "<end_of_turn>"],
+        remove_extra_whitespaces=False, normalization_rule_name="identity", split_digits=True,
+        character_coverage=1.0, minloglevel=2)
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString((folder / "tokenizer.model").read_bytes())
+    for k, piece in enumerate(("\n", "\n\n", "\n\n\n")):
+        model.pieces.add(piece=piece, score=-k * 0.1, type=sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL)
+    (folder / "tokenizer.model").write_bytes(model.SerializeToString())
+    for name in ("corpus.txt", "tokenizer.vocab"):
+        (folder / name).unlink()
+    decoder = {str(i): _entry(t, False) for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
+                                                             "<end_of_turn>"])}
+    config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<bos>",
+              "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<unk>",
+              "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
+              "model_max_length": 8192, "tokenizer_class": "GemmaTokenizer"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """kind -> tokenizer folder. "phi3-hub": tokenizer.model with every file Phi-3's Hub repository has beside
@@ -118,6 +154,7 @@ def folders(tmp_path_factory):
                                                {"tokenizer.json": tokenizer_json})}
     for family, spec in FAMILIES.items():
         out[family] = chat_family_tokenizer(root / family, family, spec)
+    out["gemma-sp"] = _gemma_sentencepiece(root / "gemma-sp")
     return out
 
 
@@ -199,9 +236,10 @@ def test_the_config_written_for_a_sentencepiece_model_keeps_its_added_tokens(fol
         e["content"]: e["rstrip"] for e in PHI3_DECODER.values()}
 
 
-@pytest.mark.parametrize("name", list(TEMPLATES))
-def test_family_templates_render_encode_and_label_as_transformers(name, tokenizers):
-    tokenizer, hf = tokenizers[TEMPLATES[name]]
+@pytest.mark.parametrize("name, kind", [*TEMPLATES.items(), ("gemma-2-2b-it", "gemma-sp"),
+                                        ("gemma-3-1b-it", "gemma-sp")])
+def test_family_templates_render_encode_and_label_as_transformers(name, kind, tokenizers):
+    tokenizer, hf = tokenizers[kind]
     template = _template(name, tokenizer)
     checked = assert_encodes_as_transformers(tokenizer, hf, template, CONVERSATIONS.values())
     # Gemma 2 refuses a system message; every other conversation is trained on.

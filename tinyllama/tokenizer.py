@@ -86,6 +86,10 @@ class Tokenizer:
         self.special_strip: dict[str, tuple[bool, bool]] = {
             content: (left, right) for content, left, right, _ in self.added.values() if left or right}
         self._inside_prefix = self.sp.encode(_CONTEXT, out_type=int)
+        # Llama 2's model puts a space (its dummy prefix) before a text; Gemma's puts none, and has "\n\n" as a
+        # piece, so the context trick of encode_inside would merge there, and is not needed.
+        first = self.sp.encode("a", out_type=str)[:1]
+        self._dummy_prefix = bool(first) and first[0].startswith("▁")
 
     def _piece(self, i: int) -> str | None:
         return self.sp.id_to_piece(i) if i >= 0 else None
@@ -112,11 +116,14 @@ class Tokenizer:
         """The ids of `text` as it is tokenized after other text or a special token: without the dummy-prefix
         space SentencePiece puts at the start of a text (what transformers' LlamaTokenizer does with
         `legacy=False`, as TinyLlama ships it). Encodes "\n" + text and drops the "\n": a byte-fallback piece
-        that merges with nothing, so what follows it is tokenized as after any other character."""
+        that merges with nothing, so what follows it is tokenized as after any other character. A model
+        without a dummy prefix (Gemma's) tokenizes text alike anywhere: `encode(text, bos=False)`."""
         return self.encode_inside_all([text])[0]
 
     def encode_inside_all(self, texts: list[str]) -> list[list[int]]:
         """`encode_inside` of each text."""
+        if not self._dummy_prefix:
+            return [self.sp.encode(t, out_type=int) for t in texts]
         n = len(self._inside_prefix)
         # One text at a time: SentencePiece's batch call starts threads, slower for the few short pieces here.
         out = [self.sp.encode(_CONTEXT + t, out_type=int) for t in texts]
