@@ -296,7 +296,9 @@ def _sentencepiece_added(folder: Path, config: dict, sp) -> dict[int, tuple[str,
         if (folder / "added_tokens.json").is_file():
             have = {e.get("content") for _, e in entries}
             extra = read_tokenizer_config(folder / "added_tokens.json")
-            entries += [(i, {"content": c, "special": False}) for c, i in extra.items() if c not in have]
+            # Special only where tokenizer_config.json names it (Phi-3's eos_token <|endoftext|>), as transformers.
+            named = {_token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            entries += [(i, {"content": c, "special": c in named}) for c, i in extra.items() if c not in have]
     out = {}
     for key, entry in entries:
         content = entry.get("content")
