@@ -100,9 +100,9 @@ def _phi3_folder(folder: Path, config: dict, files: dict[str, str]) -> Path:
 
 def _gemma_sentencepiece(folder: Path) -> Path:
     """A tokenizer.model shaped like Gemma's, trained on the guanaco rows: BPE with byte fallback and no dummy
-    prefix, <pad> <eos> <bos> <unk> at 0-3, the turn tokens as control pieces, and newline runs as pieces of
-    their own ("\n\n" is one piece, as in Gemma's vocabulary; SentencePiece's trainer reads text line by line,
-    so they are added to the model afterwards)."""
+    prefix, <pad> <eos> <bos> <unk> at 0-3, the turn tokens as control pieces, and runs of one to three newlines
+    as pieces of their own, as in Gemma's vocabulary (SentencePiece's trainer reads text line by line, so they
+    are added to the model afterwards)."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
@@ -127,7 +127,7 @@ def _gemma_sentencepiece(folder: Path) -> Path:
     decoder = {str(i): _entry(t, False) for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>",
                                                              "<end_of_turn>"])}
     config = {"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<bos>",
-              "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<unk>",
+              "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
               "clean_up_tokenization_spaces": False, "spaces_between_special_tokens": False,
               "model_max_length": 8192, "tokenizer_class": "GemmaTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -138,9 +138,10 @@ def _gemma_sentencepiece(folder: Path) -> Path:
 def folders(tmp_path_factory):
     """kind -> tokenizer folder. "phi3-hub": tokenizer.model with every file Phi-3's Hub repository has beside
     it; "phi3-added-json": only added_tokens.json names the added tokens (no flags); "phi3-tokenizer-json": only
-    tokenizer.json does (with their flags). And the BPE stand-in of each of FAMILIES."""
+    tokenizer.json does (with their flags). The BPE stand-in of each of FAMILIES, and "gemma-sp", a Gemma-shaped
+    tokenizer.model."""
     root = tmp_path_factory.mktemp("family_tokenizers")
-    plain = {k: v for k, v in PHI3_CONFIG.items()}
+    plain = dict(PHI3_CONFIG)
     added_json = json.dumps({t: 32000 + k for k, t in enumerate(PHI3_ADDED)}, indent=2)
     hub = _phi3_folder(root / "phi3-hub", {**PHI3_CONFIG, "added_tokens_decoder": PHI3_DECODER},
                        {"added_tokens.json": added_json})
