@@ -1,7 +1,8 @@
 """What the tests share: paths to the shipped assets, adversarial guanaco rows, the house tiny config, reference
 checkpoints saved by `transformers` and the reference model loaded from them, random LoRA B weights, a model
-rigged to replay a token cycle, the guanaco text of a prompt, and short runs of the real `train.train` with what
-they wrote."""
+rigged to replay a token cycle, the guanaco text of a prompt, short runs of the real `train.train` with what
+they wrote, byte-level BPE tokenizers carrying a chat family's special tokens, and the check that a chat template's
+text, ids and labels are transformers'."""
 
 from __future__ import annotations
 
@@ -395,13 +396,13 @@ CHAT_FAMILIES = {
 }
 
 
-def chat_family_tokenizer(folder, family: str):
+def chat_family_tokenizer(folder, family: str, spec: dict | None = None):
     """A byte-level BPE tokenizer.json (Llama 3's pre-tokenizer) carrying `family`'s special tokens
-    (`CHAT_FAMILIES`), a BOS added by its post-processor where the family has one, and a tokenizer_config.json
-    naming them as the family's does."""
+    (`CHAT_FAMILIES`, or `spec` in the same form), a BOS added by its post-processor where the family has one,
+    and a tokenizer_config.json naming them as the family's does."""
     from tokenizers import Regex, pre_tokenizers, processors  # the [bpe] extra
 
-    spec = CHAT_FAMILIES[family]
+    spec = spec or CHAT_FAMILIES[family]
     tk = _train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
                     spec["special"])
@@ -417,3 +418,89 @@ def chat_family_tokenizer(folder, family: str):
     if spec.get("unk"):
         config["unk_token"] = spec["unk"]
     return _save_tokenizer(folder, tk, config)
+
+
+# ---- chat templates against transformers' apply_chat_template -------------------------------------------------
+
+def hf_render(hf, template, messages, add_generation_prompt):
+    """transformers' `apply_chat_template` text of `messages` through `template`, or the exception it raised."""
+    try:
+        return hf.apply_chat_template(messages, chat_template=template.source, tokenize=False,
+                                      add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja2's TemplateError from raise_exception
+        return e
+
+
+def _rendered(content: str, text: str) -> str | None:
+    """How `text` holds a message: its content as it is, else trimmed (Llama 2 and 3.x trim message edges);
+    None when not at all."""
+    return next((c for c in (content, content.strip(), content.rstrip(), content.lstrip()) if c in text), None)
+
+
+def expected_labels(text, messages, hf, ids_offsets, special_tokens) -> list[bool]:
+    """Per token of transformers' encoding: whether it overlaps a reply (with the spaces right before it) or the
+    first special token after it (before the next message's text): found by searching the text here."""
+    ranges, at = [], 0
+    for i, m in enumerate(messages):
+        content = _rendered(m["content"], text[at:])
+        if content is None:
+            continue  # a template may drop a message (Mistral v0.3 drops the system one)
+        start = text.index(content, at)
+        end = at = start + len(content)
+        if m["role"] != "assistant":
+            continue
+        while start > 0 and text[start - 1] == " ":
+            start -= 1
+        rest = [_rendered(x["content"], text[end:]) for x in messages[i + 1:]]
+        following = [text.find(x, end) for x in rest if x is not None]
+        stop = min(following, default=len(text))
+        hits = [(text.find(t, end), t) for t in special_tokens if 0 <= text.find(t, end) < stop]
+        if hits:
+            first, token = min(hits)
+            end = first + len(token)
+        ranges.append((start, end))
+    return [any(a < e and s < b for s, e in ranges) for a, b in ids_offsets]
+
+
+def own_offsets(text, ids, offsets, hf):
+    """transformers' offsets with each added token's narrowed to its own characters: the whitespace a token with
+    lstrip / rstrip swallows is in its offsets there, but belongs to no token (a reply's leading newline taken by
+    its header's rstrip must not label the header)."""
+    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
+    out = []
+    for i, (a, b) in zip(ids, offsets, strict=True):
+        if i in added:
+            a = text.index(added[i], a, b)
+            b = a + len(added[i])
+        out.append((a, b))
+    return out
+
+
+def assert_encodes_as_transformers(tokenizer, hf, template, conversations) -> int:
+    """Each conversation, whole and as a prompt: rendered, encoded and labelled as transformers would (labels
+    from character ranges mapped through its offsets); returns how many were trained on."""
+    from data import IGNORE_INDEX, encode_messages, encode_prompt, encode_rendered
+    from tinyllama.templates import TemplateRefused
+
+    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    checked = 0
+    for messages in conversations:
+        for generation, msgs in ((False, messages), (True, messages[:-1])):
+            expected = hf_render(hf, template, msgs, generation)
+            if isinstance(expected, Exception):  # refused by the template: refused here too
+                with pytest.raises(TemplateRefused):
+                    template.render(msgs, generation)
+                continue
+            assert template.render(msgs, generation) == expected
+            hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
+            assert encode_rendered(expected, tokenizer) == hf_ids["input_ids"]
+            if generation:
+                assert encode_prompt(msgs, tokenizer, template) == hf_ids["input_ids"]
+                continue
+            ids, labels = encode_messages(msgs, tokenizer, template)
+            assert ids == hf_ids["input_ids"]  # BOS only where the template writes it, special tokens as one id
+            offsets = own_offsets(expected, ids, hf_ids["offset_mapping"], hf)
+            assert [x != IGNORE_INDEX for x in labels] == expected_labels(expected, msgs, hf, offsets, specials)
+            assert all(x in (IGNORE_INDEX, i) for x, i in zip(labels, ids, strict=True))
+            checked += 1
+    return checked

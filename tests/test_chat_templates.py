@@ -16,8 +16,15 @@ import pytest
 from data import IGNORE_INDEX, BadRow, encode_all, encode_messages, encode_prompt, encode_rendered, load_template
 from data.encoding import SPECIAL_TEXT, end_of_turn_ids
 from data.sources import load_train_eval
-from tests.helpers import CHAT_FAMILIES, TOKENIZER_PATH, chat_family_tokenizer
-from tinyllama.templates import BUILTINS, Template, TemplateRefused
+from tests.helpers import (
+    CHAT_FAMILIES,
+    TOKENIZER_PATH,
+    assert_encodes_as_transformers,
+    chat_family_tokenizer,
+    expected_labels,
+    hf_render,
+)
+from tinyllama.templates import BUILTINS, Template
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
 
 transformers = pytest.importorskip("transformers")
@@ -76,92 +83,12 @@ def _cases():
             yield pytest.param(name, kind, id=f"builtin-{name}-{kind}")
 
 
-def _hf_render(hf, template, messages, add_generation_prompt):
-    try:
-        return hf.apply_chat_template(messages, chat_template=template.source, tokenize=False,
-                                      add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # jinja2's TemplateError from raise_exception
-        return e
-
-
-def _rendered(content: str, text: str) -> str | None:
-    """How `text` holds a message: its content as it is, else trimmed (Llama 2 and 3.x trim message edges);
-    None when not at all."""
-    return next((c for c in (content, content.strip(), content.rstrip(), content.lstrip()) if c in text), None)
-
-
-def _expected_labels(text, messages, hf, ids_offsets, special_tokens) -> list[bool]:
-    """Per token of transformers' encoding: whether it overlaps a reply (with the spaces right before it) or the
-    first special token after it (before the next message's text): found by searching the text here."""
-    ranges, at = [], 0
-    for i, m in enumerate(messages):
-        content = _rendered(m["content"], text[at:])
-        if content is None:
-            continue  # a template may drop a message (Mistral v0.3 drops the system one)
-        start = text.index(content, at)
-        end = at = start + len(content)
-        if m["role"] != "assistant":
-            continue
-        while start > 0 and text[start - 1] == " ":
-            start -= 1
-        rest = [_rendered(x["content"], text[end:]) for x in messages[i + 1:]]
-        following = [text.find(x, end) for x in rest if x is not None]
-        stop = min(following, default=len(text))
-        hits = [(text.find(t, end), t) for t in special_tokens if 0 <= text.find(t, end) < stop]
-        if hits:
-            first, token = min(hits)
-            end = first + len(token)
-        ranges.append((start, end))
-    return [any(a < e and s < b for s, e in ranges) for a, b in ids_offsets]
-
-
-def _own_offsets(text, ids, offsets, hf):
-    """transformers' offsets with each added token's narrowed to its own characters: the whitespace a token with
-    lstrip / rstrip swallows is in its offsets there, but belongs to no token (a reply's leading newline taken by
-    its header's rstrip must not label the header)."""
-    added = {i: t.content for i, t in hf.added_tokens_decoder.items()}
-    out = []
-    for i, (a, b) in zip(ids, offsets, strict=True):
-        if i in added:
-            a = text.index(added[i], a, b)
-            b = a + len(added[i])
-        out.append((a, b))
-    return out
-
-
-def _assert_encodes_as_transformers(tokenizer, hf, template, conversations) -> int:
-    """Each conversation, whole and as a prompt: rendered, encoded and labelled as transformers would (labels
-    from character ranges mapped through its offsets); returns how many were trained on."""
-    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
-    checked = 0
-    for messages in conversations:
-        for generation, msgs in ((False, messages), (True, messages[:-1])):
-            expected = _hf_render(hf, template, msgs, generation)
-            if isinstance(expected, Exception):  # refused by the template: refused here too
-                with pytest.raises(TemplateRefused):
-                    template.render(msgs, generation)
-                continue
-            assert template.render(msgs, generation) == expected
-            hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
-            assert encode_rendered(expected, tokenizer) == hf_ids["input_ids"]
-            if generation:
-                assert encode_prompt(msgs, tokenizer, template) == hf_ids["input_ids"]
-                continue
-            ids, labels = encode_messages(msgs, tokenizer, template)
-            assert ids == hf_ids["input_ids"]  # BOS only where the template writes it, special tokens as one id
-            offsets = _own_offsets(expected, ids, hf_ids["offset_mapping"], hf)
-            assert [x != IGNORE_INDEX for x in labels] == _expected_labels(expected, msgs, hf, offsets, specials)
-            assert all(x in (IGNORE_INDEX, i) for x, i in zip(labels, ids, strict=True))
-            checked += 1
-    return checked
-
-
 @pytest.mark.parametrize("spec, kind", list(_cases()))
 def test_render_ids_and_labels_equal_transformers(spec, kind, tokenizers):
     tokenizer, hf = tokenizers[kind]
     template = load_template(spec, tokenizer=tokenizer)
     # At least the conversations without a system message were trained on.
-    assert _assert_encodes_as_transformers(tokenizer, hf, template, CONVERSATIONS.values()) >= 2
+    assert assert_encodes_as_transformers(tokenizer, hf, template, CONVERSATIONS.values()) >= 2
 
 
 # Added tokens that swallow the whitespace beside them. Phi-3's tokenizer_config.json sets rstrip on these; its
@@ -221,7 +148,7 @@ def test_added_tokens_that_strip_whitespace_encode_as_transformers(flags, phi3_f
     tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
     template = load_template(str(folder / "phi3.jinja"), tokenizer=tokenizer)
     conversations = [*CONVERSATIONS.values(), *EDGE_WHITESPACE.values()] + [LEADING_NEWLINES] * (flags != "lstrip")
-    assert _assert_encodes_as_transformers(tokenizer, hf, template, conversations) == len(conversations)
+    assert assert_encodes_as_transformers(tokenizer, hf, template, conversations) == len(conversations)
     for messages in conversations:  # what apply_chat_template(tokenize=True) gives, too
         expected = hf.apply_chat_template(messages, chat_template=PHI3_TEMPLATE, tokenize=True, return_dict=True)
         assert encode_messages(messages, tokenizer, template)[0] == expected["input_ids"]
@@ -267,7 +194,7 @@ def test_sentencepiece_reads_the_strip_flags_of_tokenizer_config(flags, folders,
     for spec, conversations in (("zephyr", [*CONVERSATIONS.values(), EDGE_WHITESPACE["inner newlines"]]),
                                 ("llama2", CONVERSATIONS.values())):
         template = load_template(spec, tokenizer=tokenizer)
-        assert _assert_encodes_as_transformers(tokenizer, hf, template, conversations) >= 2, spec
+        assert assert_encodes_as_transformers(tokenizer, hf, template, conversations) >= 2, spec
     one = CONVERSATIONS["one exchange"]
     zephyr, _ = encode_messages(one, tokenizer, load_template("zephyr", tokenizer=tokenizer))
     llama2, _ = encode_messages(one, tokenizer, load_template("llama2", tokenizer=tokenizer))
@@ -305,17 +232,17 @@ def test_whitespace_at_message_edges_is_encoded_as_the_template_renders_it(spec,
     template = load_template(spec, tokenizer=tokenizer)
     specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
     for messages in EDGES.values():
-        expected = _hf_render(hf, template, messages, False)
+        expected = hf_render(hf, template, messages, False)
         assert template.render(messages) == expected
         hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
         ids, labels = encode_messages(messages, tokenizer, template)
         assert ids == hf_ids["input_ids"]
-        assert [x != IGNORE_INDEX for x in labels] == _expected_labels(
+        assert [x != IGNORE_INDEX for x in labels] == expected_labels(
             expected, messages, hf, hf_ids["offset_mapping"], specials)
         reply = messages[-1]["content"]
         assert (reply.strip() if Path(spec).stem in TRIMMING else reply) in expected  # what was trained on
         prompt = messages[:-1]
-        assert encode_prompt(prompt, tokenizer, template) == hf(_hf_render(hf, template, prompt, True),
+        assert encode_prompt(prompt, tokenizer, template) == hf(hf_render(hf, template, prompt, True),
                                                                 add_special_tokens=False)["input_ids"]
 
 
@@ -336,7 +263,7 @@ def test_train_py_data_path_trains_on_what_the_template_renders_of_each_row(spec
         expected = hf.apply_chat_template(messages, chat_template=template.source, tokenize=False)
         hf_ids = hf(expected, add_special_tokens=False, return_offsets_mapping=True)
         assert example.input_ids.tolist() == hf_ids["input_ids"]
-        assert [x != IGNORE_INDEX for x in example.labels.tolist()] == _expected_labels(
+        assert [x != IGNORE_INDEX for x in example.labels.tolist()] == expected_labels(
             expected, messages, hf, hf_ids["offset_mapping"], specials)
     assert not any("fix-up" in str(line) for line in log)  # nothing was changed on the way
 

@@ -12,7 +12,14 @@ with `encode` (at the start of the text) or `encode_inside` (anywhere after), wh
 transformers' `tokenizer(rendered, add_special_tokens=False)` gives. `special_strip` names the special tokens
 that swallow the whitespace beside them there (added tokens' `lstrip` / `rstrip`: Phi-3's `<|end|>`, `<|user|>`,
 `</s>` have `rstrip`), read as transformers reads them: `tokenizer_config.json`'s `added_tokens_decoder`, else
-tokenizer.json's `added_tokens`; beside a `tokenizer.model`, `added_tokens_decoder` alone.
+tokenizer.json's `added_tokens`.
+
+A `tokenizer.model` may have tokens added beside it (Phi-3: Llama 2's model, with `<|endoftext|>`, `<|user|>`,
+`<|assistant|>`, `<|system|>`, `<|end|>`, `<|placeholder1|>`... at ids 32000-32010 in its Hub files only).
+`Tokenizer` reads them as transformers 5 does: `added_tokens_decoder` where tokenizer_config.json has one (then
+it is the whole list), else tokenizer.json's `added_tokens` and then `added_tokens.json`; they are special tokens
+(single ids where a template writes them), `vocab_size` counts them, `decode` drops the special ones, and
+`bos_token`/`eos_token` are tokenizer_config.json's (Phi-3's EOS is `<|endoftext|>`, 32000).
 
 - `Tokenizer`: `tokenizer.model` through `sentencepiece`, a thin, explicit wrapper.
 - `BPETokenizer`: `tokenizer.json` (Llama 3, SmolLM2) through the `tokenizers` library, an optional extra
@@ -40,7 +47,8 @@ _CONTEXT = "\n"  # see Tokenizer.encode_inside
 
 
 class Tokenizer:
-    """A SentencePiece `tokenizer.model` (Llama 2, TinyLlama): BOS and EOS are the model's own, always."""
+    """A SentencePiece `tokenizer.model` (Llama 2, TinyLlama, Phi-3) and the tokens added beside it (see the
+    module docstring): BOS and EOS are the ones tokenizer_config.json names, else the model's own."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -56,21 +64,47 @@ class Tokenizer:
         except RuntimeError as e:  # sentencepiece says "could not parse ModelProto"
             raise ValueError(f"{path} is not a SentencePiece model ({e}); pass the tokenizer.model that came "
                              "with the model") from None
-        self.bos_id: int = self.sp.bos_id()
-        self.eos_id: int = self.sp.eos_id()
-        self.vocab_size: int = self.sp.get_piece_size()
-        # The control pieces transformers' LlamaTokenizer matches in a rendered chat: <unk>, <s>, </s>.
-        self.bos_token, self.eos_token, self.unk_token = (self._piece(i) for i in (self.bos_id, self.eos_id,
-                                                                                    self.sp.unk_id()))
-        self.special_tokens: dict[str, int] = {self.sp.id_to_piece(i): i for i in
-                                               (self.sp.unk_id(), self.bos_id, self.eos_id) if i >= 0}
         config_path = path.parent / "tokenizer_config.json"
         config = read_tokenizer_config(config_path) if config_path.is_file() else {}
-        self.special_strip: dict[str, tuple[bool, bool]] = _special_strip(self.special_tokens, {}, config)
+        # Tokens added beside the SentencePiece model (Phi-3's <|user|>, <|end|>, ... at 32000 and up): id ->
+        # (content, lstrip, rstrip, special).
+        self.added: dict[int, tuple[str, bool, bool, bool]] = _sentencepiece_added(path.parent, config, self.sp)
+        self._extra = {i: t for i, t in self.added.items() if i >= self.sp.get_piece_size()}
+        self.vocab_size: int = max([self.sp.get_piece_size(), *(i + 1 for i in self._extra)])
+        # What a chat template sees as bos_token etc.: tokenizer_config.json's (Phi-3's EOS is <|endoftext|>),
+        # else the model's own pieces.
+        self.bos_token, self.eos_token, self.unk_token = (
+            _token_text(config.get(k)) or self._piece(i) for k, i in
+            (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())))
+        self.bos_id: int = self._token_id(self.bos_token, "bos_token", config_path)
+        self.eos_id: int = self._token_id(self.eos_token, "eos_token", config_path)
+        # The tokens transformers matches in a rendered chat: the added ones, which without an
+        # added_tokens_decoder include the control pieces <unk>, <s>, </s> its converter adds.
+        self.special_tokens: dict[str, int] = {} if "added_tokens_decoder" in config else {
+            self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) if i >= 0}
+        self.special_tokens.update({content: i for i, (content, *_) in sorted(self.added.items())})
+        self.special_strip: dict[str, tuple[bool, bool]] = {
+            content: (left, right) for content, left, right, _ in self.added.values() if left or right}
         self._inside_prefix = self.sp.encode(_CONTEXT, out_type=int)
+        # Llama 2's model puts a space (its dummy prefix) before a text; Gemma's puts none, and has "\n\n" as a
+        # piece, so the context trick of encode_inside would merge there, and is not needed.
+        first = self.sp.encode("a", out_type=str)[:1]
+        self._dummy_prefix = bool(first) and first[0].startswith("▁")
 
     def _piece(self, i: int) -> str | None:
         return self.sp.id_to_piece(i) if i >= 0 else None
+
+    def _token_id(self, token: str | None, name: str, config_path: Path) -> int:
+        if token is None:  # a model without that piece, and no config naming one
+            return -1
+        added = next((i for i, (content, *_) in self.added.items() if content == token), None)
+        if added is not None:
+            return added
+        i = self.sp.piece_to_id(token)
+        if self.sp.id_to_piece(i) != token:  # piece_to_id gives <unk>'s id for a piece it lacks
+            raise ValueError(f"{config_path} names {name} {token!r}, which neither {self.path} nor the added tokens "
+                             "beside it have; pass the tokenizer files that came with the model")
+        return i
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -82,11 +116,14 @@ class Tokenizer:
         """The ids of `text` as it is tokenized after other text or a special token: without the dummy-prefix
         space SentencePiece puts at the start of a text (what transformers' LlamaTokenizer does with
         `legacy=False`, as TinyLlama ships it). Encodes "\n" + text and drops the "\n": a byte-fallback piece
-        that merges with nothing, so what follows it is tokenized as after any other character."""
+        that merges with nothing, so what follows it is tokenized as after any other character. A model
+        without a dummy prefix (Gemma's) tokenizes text alike anywhere: `encode(text, bos=False)`."""
         return self.encode_inside_all([text])[0]
 
     def encode_inside_all(self, texts: list[str]) -> list[list[int]]:
         """`encode_inside` of each text."""
+        if not self._dummy_prefix:
+            return [self.sp.encode(t, out_type=int) for t in texts]
         n = len(self._inside_prefix)
         # One text at a time: SentencePiece's batch call starts threads, slower for the few short pieces here.
         out = [self.sp.encode(_CONTEXT + t, out_type=int) for t in texts]
@@ -97,10 +134,21 @@ class Tokenizer:
         return [ids[n:] for ids in out]
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """The text of `ids`, without special tokens (added ones included, as BPETokenizer drops them); an added
+        token that is not special is its text."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._extra:
+                out.append(self.sp.decode(run))
+                run = []
+                content, _, _, special = self._extra[i]
+                out.append("" if special else content)
+            else:
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
 
     def id_to_piece(self, i: int) -> str:
-        return self.sp.id_to_piece(int(i))
+        return self._extra[int(i)][0] if int(i) in self._extra else self.sp.id_to_piece(int(i))
 
 
 class BPETokenizer:
@@ -224,6 +272,55 @@ def _special_strip(special_tokens: dict[str, int], flags: dict[str, tuple[bool, 
             if token in special_tokens and (left or right)}
 
 
+def _sentencepiece_added(folder: Path, config: dict, sp) -> dict[int, tuple[str, bool, bool, bool]]:
+    """The tokens added beside a tokenizer.model, id -> (content, lstrip, rstrip, special), as transformers 5
+    reads them: tokenizer_config.json's `added_tokens_decoder` where it has one (then it is the whole list: the
+    added tokens of tokenizer.json and added_tokens.json are not read), else tokenizer.json's `added_tokens`
+    and then added_tokens.json's ({content: id}, no flags) for the contents not already there. A tokenizer.json
+    whose added tokens contradict the model's pieces is another model's, and the SentencePiece model wins over
+    it (see `load_tokenizer`): its added tokens are not read."""
+    decoder = config.get("added_tokens_decoder")
+    if isinstance(decoder, dict):
+        entries = [(k, e) for k, e in decoder.items() if isinstance(e, dict)]
+    else:
+        entries = []
+        if (folder / "tokenizer.json").is_file():
+            try:
+                listed = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{folder / 'tokenizer.json'} is not a tokenizer.json ({e}); pass the tokenizer "
+                                 "files that came with the model") from None
+            entries = [(e.get("id"), e) for e in listed or () if isinstance(e, dict)]
+            if not all(_fits(sp, i, e.get("content")) for i, e in entries):
+                entries = []  # another model's tokenizer.json (test_sentencepiece_wins_when_a_folder_has_both)
+        if (folder / "added_tokens.json").is_file():
+            have = {e.get("content") for _, e in entries}
+            extra = read_tokenizer_config(folder / "added_tokens.json")
+            # Special only where tokenizer_config.json names it (Phi-3's eos_token <|endoftext|>), as transformers.
+            named = {_token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+            entries += [(i, {"content": c, "special": c in named}) for c, i in extra.items() if c not in have]
+    out = {}
+    for key, entry in entries:
+        content = entry.get("content")
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            i = -1
+        if not isinstance(content, str) or i < 0:
+            raise ValueError(f"an added token beside {folder / 'tokenizer.model'} is {key!r}: {entry!r}; expected an "
+                             "id and a content; pass the tokenizer files that came with the model")
+        if i < sp.get_piece_size() and sp.id_to_piece(i) != content:
+            raise ValueError(f"the added token {content!r} has id {i}, which is {sp.id_to_piece(i)!r} in "
+                             f"{folder / 'tokenizer.model'}; the tokenizer files do not belong together")
+        out[i] = (content, bool(entry.get("lstrip")), bool(entry.get("rstrip")), bool(entry.get("special", True)))
+    return out
+
+
+def _fits(sp, i, content) -> bool:
+    """Whether an added token (id, content) can belong to `sp`: past its pieces, or one of them."""
+    return isinstance(i, int) and (i >= sp.get_piece_size() or (i >= 0 and sp.id_to_piece(i) == content))
+
+
 def _token_text(token) -> str | None:
     """A special token as tokenizer_config.json names it: a string, or {"__type": "AddedToken", "content": ...}."""
     return token.get("content") if isinstance(token, dict) else token
@@ -259,6 +356,15 @@ def _added_token(content: str) -> dict:
     return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
 
+def _decoder(tokenizer: Tokenizer, control) -> dict:
+    """added_tokens_decoder: the control pieces and every token added beside the model (it is the whole list
+    to transformers 5, so one left out here would be lost), each with its flags."""
+    entries = {i: {**_added_token(tokenizer.id_to_piece(i)), "special": True} for i in control}
+    for i, (content, lstrip, rstrip, special) in tokenizer.added.items():
+        entries[i] = {**_added_token(content), "lstrip": lstrip, "rstrip": rstrip, "special": special}
+    return {str(i): entries[i] for i in sorted(entries)}
+
+
 def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
     """tokenizer_config.json and special_tokens_map.json for a SentencePiece `tokenizer.model`, as TinyLlama
     ships them, so transformers (4 and 5) tokenises as `tokenizer` does (README: Tokenizer lists the exceptions)."""
@@ -270,8 +376,7 @@ def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length:
     pieces = {name: tokenizer.id_to_piece(i) for name, i in special.items()}
     config = {
         "add_bos_token": True, "add_eos_token": False,
-        "added_tokens_decoder": {str(i): {**_added_token(tokenizer.id_to_piece(i)), "special": True}
-                                 for i in sorted(special.values())},
+        "added_tokens_decoder": _decoder(tokenizer, special.values()),
         **{name: {"__type": "AddedToken", **_added_token(piece)} for name, piece in pieces.items()},
         "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
         "model_max_length": model_max_length, "padding_side": "right", "sp_model_kwargs": {},
