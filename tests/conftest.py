@@ -74,8 +74,41 @@ def trained_run(tmp_path_factory, tiny_ckpt):
     return copy_of
 
 
+# The tests that take longest (a torchrun launch is ~10 s of CPU; inductor compiles; processes racing for a lock),
+# as two groups that start first, one on each of `make test`'s two workers: pytest-xdist's worksteal hands each
+# worker a contiguous half of the collection, and a long test picked up last would leave the other core idle
+# while it runs. test_fsdp.py stays whole in one group: its module fixtures (one single-process run, one torchrun
+# launch) are shared by several of its tests, and split across workers they would run once on each.
+SLOW_FIRST = (
+    ("tests/test_fsdp.py::",),
+    ("tests/test_train.py::test_a_stopped_worker_ends_the_job_after_dist_timeout",
+     "tests/test_train.py::test_data_parallel_two_processes_equal_one",
+     "tests/test_train.py::test_compiled_model_trains_like_eager",
+     "tests/test_run_folder.py::test_racing_processes_never_hold_the_lock_together",
+     "tests/test_loss.py::test_the_compiled_loss_chunk_equals_the_eager_one"),
+)
+
+
+def _slow_first(items):
+    """`items` reordered: SLOW_FIRST's first group at the head of the first half, its second at the head of the
+    second half, each in the order listed; everything else keeps its order."""
+    groups = [[] for _ in SLOW_FIRST]
+    rest = []
+    for item in items:
+        where = next((g for g, prefixes in enumerate(SLOW_FIRST) if item.nodeid.startswith(prefixes)), None)
+        (rest if where is None else groups[where]).append(item)
+    for g, prefixes in enumerate(SLOW_FIRST):  # the listed order, then collection order within a prefix
+        groups[g].sort(key=lambda item, prefixes=prefixes: next(i for i, p in enumerate(prefixes)
+                                                                if item.nodeid.startswith(p)))
+    first, second = groups
+    k = max(0, min(len(rest), len(items) // 2 - len(first)))
+    return first + rest[:k] + second + rest[k:]
+
+
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.cuda` tests need a GPU: skip them, saying so, when there is none (CI has none)."""
+    """Known-slow tests first (`SLOW_FIRST`). `@pytest.mark.cuda` tests need a GPU: skip them, saying so, when
+    there is none (CI has none)."""
+    items[:] = _slow_first(items)
     if torch.cuda.is_available() or os.environ.get("GPU_TESTS_ON_CPU"):
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (run bench/gpu_check.sh on a GPU machine)")

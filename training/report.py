@@ -149,14 +149,15 @@ def print_summary(s: dict, log) -> None:
 def plot_losses(out: Path, log=print) -> None:
     """loss.png of train and eval loss, when matplotlib is installed (an optional extra). A plot that cannot be
     written (a full disk) is a warning: the run's adapter and summary are saved by then."""
+    # A bare Figure, not pyplot: pyplot's import sets up a GUI backend and a figure manager a file never needs,
+    # and a Figure saves to PNG through Agg by itself (no global backend switch, nothing to close).
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for split in ("train", "eval"):
         pts = [(r["step"], r["loss"]) for r in rows if r["split"] == split]
         if pts:
@@ -166,7 +167,8 @@ def plot_losses(out: Path, log=print) -> None:
     ax.legend()
     run_folder.claim(out, "loss.png")
     try:
-        fig.savefig(out / "loss.png", dpi=120, bbox_inches="tight")
+        # The default margins hold the labels and legend of this one plot; bbox_inches="tight" would draw it twice.
+        fig.savefig(out / "loss.png", dpi=120)
     except OSError as e:
         with contextlib.suppress(OSError):  # a cut-off image is no plot
             (out / "loss.png").unlink(missing_ok=True)
@@ -174,8 +176,6 @@ def plot_losses(out: Path, log=print) -> None:
             "metrics.jsonl are saved, and the plot is only drawn from metrics.jsonl")
     else:
         run_folder.record(out, "loss.png")
-    finally:
-        plt.close(fig)
 
 
 def show_samples(model, tokenizer, out: Path, log, template=None, max_new_tokens: int = 96) -> None:
