@@ -29,8 +29,9 @@ from training.step import evaluate
 transformers = pytest.importorskip("transformers")
 
 WINDOW = 8  # the rows are far longer: every sliding layer masks
-# hf_checkpoint arguments. pad_token_id 0 on Phi-3: its class default (32000) is past a 32000-id vocabulary, so an
-# export that dropped the base's value would not load in transformers.
+# hf_checkpoint arguments; tied embeddings as the small Qwens and every Gemma have them. pad_token_id 0 on Phi-3:
+# its class default (32000) is past a 32000-id vocabulary, so an export that dropped the base's value would not
+# load in transformers.
 FAMILY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=True,
@@ -41,12 +42,12 @@ FAMILY_CONFIGS = {
     "gemma2": dict(model_type="gemma2", hidden_size=40, head_dim=16, intermediate_size=72, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, query_pre_attn_scalar=20,
                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=WINDOW, pad_token_id=0,
-                   bos_token_id=1, eos_token_id=2),
+                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=True),
     "gemma3_text": dict(model_type="gemma3_text", hidden_size=40, head_dim=16, intermediate_size=72,
                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, query_pre_attn_scalar=12,
                         sliding_window=WINDOW, sliding_window_pattern=2, rope_theta=1e6, rope_local_base_freq=1e4,
                         rope_scaling={"rope_type": "linear", "factor": 8.0}, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2),
+                        eos_token_id=2, tie_word_embeddings=True),
     "phi3": dict(model_type="phi3", hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, partial_rotary_factor=0.5, sliding_window=WINDOW, pad_token_id=0,
                  bos_token_id=1, eos_token_id=2),
@@ -134,12 +135,18 @@ def test_the_export_is_the_same_family_with_the_same_tensor_names(trained):
     names = [_tensor_names(f) for f in (folder, out)]
     assert names[1] == names[0]  # the names transformers saved, biases and norms included; none added or lost
     assert {f"model.layers.0.{name}" for name in OWN_TENSORS[family]} <= names[1]
-    assert ("lm_head.weight" in names[1]) == (not base.get("tie_word_embeddings", family.startswith("gemma")))
+    assert ("lm_head.weight" in names[1]) == (family == "phi3")
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(hf).__name__ == CLASSES[family]
     assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched weight
-    for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
-        assert (out / name).is_file()
+    tokenizer = load_tokenizer(folder)
+    template = adapter_template(None, out, out, tokenizer)  # the template the export carries
+    assert template.source == (folder.parent / "run" / "adapter" / "chat_template.jinja").read_text()
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    eos = [eos] if isinstance(eos, int) else eos
+    assert eos == template.end_of_turn_ids(tokenizer)  # the base's EOS, then the template's end of turn
+    if family.startswith("qwen"):  # ChatML ends a turn with <|im_end|>, not the base's EOS
+        assert len(eos) == 2
 
 
 @pytest.mark.slow

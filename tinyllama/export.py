@@ -3,10 +3,11 @@
     python -m tinyllama.export --adapter runs/rank64/adapter --out runs/rank64/merged
     make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged        # OVERWRITE=1: --overwrite
 
-The folder is a Hugging Face Llama checkpoint: `config.json`, `generation_config.json`, the merged weights
-(`model.safetensors`, or shards and `model.safetensors.index.json` above `--max-shard-size`) and the tokenizer
-files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp's `convert_hf_to_gguf.py` and
-`chat.py --model OUT` read it with no other file or flag.
+The folder is a Hugging Face checkpoint of the base's family (Llama, Mistral, Qwen 2.5/3, Gemma 2/3, Phi-3: its
+`model_type`, `architectures` and tensor names; the base's `pad_token_id` kept): `config.json`,
+`generation_config.json`, the merged weights (`model.safetensors`, or shards and `model.safetensors.index.json`
+above `--max-shard-size`) and the tokenizer files. `transformers` (AutoModelForCausalLM, AutoTokenizer,
+pipeline), llama.cpp's `convert_hf_to_gguf.py` and `chat.py --model OUT` read it with no other file or flag.
 
 - The base is `--model`, else the one the adapter records (`base_model_name_or_path` in adapter_config.json).
 - The merge is computed in float32 (`W + s B A`, rounded once), then written in `--dtype`: by default the dtype
