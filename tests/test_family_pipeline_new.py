@@ -136,6 +136,12 @@ def test_the_export_is_the_same_family_with_the_same_tensor_names(trained):
     assert names[1] == names[0]  # the names transformers saved, biases and norms included; none added or lost
     assert {f"model.layers.0.{name}" for name in OWN_TENSORS[family]} <= names[1]
     assert ("lm_head.weight" in names[1]) == (family == "phi3")
+    # transformers reads the export's config.json as the base's: every setting, derived ones included
+    # (max_window_layers, sliding_window_pattern: what readers without layer_types go by).
+    hf_base, hf_out = (transformers.AutoConfig.from_pretrained(f).to_dict() for f in (folder, out))
+    differ = {k for k in hf_base.keys() | hf_out.keys() if hf_base.get(k) != hf_out.get(k)}
+    assert differ - {"_name_or_path", "head_dim"} == set()
+    assert hf_base.get("head_dim") in (None, hf_out["head_dim"])  # written where hidden / heads implies it
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(hf).__name__ == CLASSES[family]
     assert {k: v for k, v in info.items() if v} == {}  # no missing, unexpected or mismatched weight
