@@ -420,6 +420,26 @@ def chat_family_tokenizer(folder, family: str, spec: dict | None = None):
     return _save_tokenizer(folder, tk, config)
 
 
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen_like_tokenizer(folder):
+    """One shaped like Qwen 2.5's and 3's tokenizer.json: NFC, Qwen's regex (single digits), byte-level, no BOS,
+    ChatML's special tokens. transformers 5 reads a qwen2/qwen3 folder's tokenizer as `Qwen2Tokenizer`, which
+    sets that normalizer and regex whatever tokenizer.json says, so a Qwen tokenizer must have them."""
+    from tokenizers import Regex, normalizers, pre_tokenizers, processors  # the [bpe] extra
+
+    tk = _train_bpe(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+                                             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+                    CHAT_FAMILIES["chatml"]["special"])
+    tk.normalizer = normalizers.NFC()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _save_tokenizer(folder, tk, {"bos_token": None, "eos_token": "<|endoftext|>",
+                                        "pad_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
+                                        "model_max_length": 32768, "tokenizer_class": "Qwen2Tokenizer"})
+
+
 # ---- chat templates against transformers' apply_chat_template -------------------------------------------------
 
 def hf_render(hf, template, messages, add_generation_prompt):

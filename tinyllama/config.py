@@ -436,12 +436,20 @@ class LlamaConfig:
             d["sliding_window"] = self.sliding_window
         if self.model_type in ("qwen2", "qwen3"):
             d.update(use_sliding_window=self.sliding_window is not None, layer_types=self.layer_types)
+            first = self.layer_types.index(SLIDING) if SLIDING in self.layer_types else None
+            if first is not None and SLIDING not in self.layer_types[:first] and FULL not in self.layer_types[first:]:
+                d["max_window_layers"] = first  # what transformers before layer_types reads them from
         if gemma:
             d.update(layer_types=self.layer_types, query_pre_attn_scalar=self.query_pre_attn_scalar,
                      final_logit_softcapping=self.final_logit_softcapping,
                      attn_logit_softcapping=self.attn_logit_softcapping)
         if self.model_type == "gemma3_text":
             d["rope_local_base_freq"] = self.rope_local_theta
+            # Read by transformers before layer_types; its default (6) would be another model where they differ.
+            pattern = self.layer_types.index(FULL) + 1 if FULL in self.layer_types else None
+            if pattern and self.layer_types == [SLIDING if (i + 1) % pattern else FULL
+                                                for i in range(self.num_hidden_layers)]:
+                d["sliding_window_pattern"] = pattern
         if self.model_type == "phi3":
             d["partial_rotary_factor"] = self.partial_rotary_factor
             if self.rope_scaling is not None and "original_max_position_embeddings" in self.rope_scaling:

@@ -3,10 +3,11 @@
     python -m tinyllama.export --adapter runs/rank64/adapter --out runs/rank64/merged
     make export ADAPTER=runs/rank64/adapter OUT=runs/rank64/merged        # OVERWRITE=1: --overwrite
 
-The folder is a Hugging Face Llama checkpoint: `config.json`, `generation_config.json`, the merged weights
-(`model.safetensors`, or shards and `model.safetensors.index.json` above `--max-shard-size`) and the tokenizer
-files. `transformers` (AutoModelForCausalLM, AutoTokenizer, pipeline), llama.cpp's `convert_hf_to_gguf.py` and
-`chat.py --model OUT` read it with no other file or flag.
+The folder is a Hugging Face checkpoint of the base's family (Llama, Mistral, Qwen 2.5/3, Gemma 2/3, Phi-3: its
+`model_type`, `architectures` and tensor names; the base's `pad_token_id` kept): `config.json`,
+`generation_config.json`, the merged weights (`model.safetensors`, or shards and `model.safetensors.index.json`
+above `--max-shard-size`) and the tokenizer files. `transformers` (AutoModelForCausalLM, AutoTokenizer,
+pipeline), llama.cpp's `convert_hf_to_gguf.py` and `chat.py --model OUT` read it with no other file or flag.
 
 - The base is `--model`, else the one the adapter records (`base_model_name_or_path` in adapter_config.json).
 - The merge is computed in float32 (`W + s B A`, rounded once), then written in `--dtype`: by default the dtype
@@ -70,6 +71,8 @@ GENERATION_CONFIG = "generation_config.json"
 # Every file an export writes, and so all that --overwrite may replace: OUT is swapped in whole, so a folder
 # holding anything else would lose it.
 EXPORT_FILES = frozenset({"config.json", GENERATION_CONFIG, "model.safetensors", WEIGHTS_INDEX, *TOKENIZER_FILES})
+# The base's config.json keys an export keeps as they are: read by transformers, not by LlamaConfig.
+KEPT_KEYS = ("pad_token_id",)
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # The checkout this code runs from (the folder holding train.py and .git): an export must never replace it.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -120,10 +123,21 @@ def _export(adapter, adapter_dir: Path, out: Path, base: str, folder: Path, dtyp
         if sentencepiece is not None:
             write_tokenizer_config(sentencepiece, tmp, model.config.max_position_embeddings)
         _write_chat_template(tmp, template.source)
+        _keep_base_keys(folder, tmp)
 
     write_dir(out, write)
     log(f"wrote {out} ({str(dtype).removeprefix('torch.')}): {', '.join(sorted(p.name for p in out.iterdir()))}")
     return out
+
+
+def _keep_base_keys(base: Path, out: Path) -> None:
+    """Copy into OUT's config.json the base's `KEPT_KEYS` that `LlamaConfig` does not hold: they change no
+    logits, but transformers builds from them, and its class default may not fit the model (Phi-3's
+    pad_token_id is 32000, past the vocabulary of a Phi-3 with 32000 ids: nn.Embedding refuses it)."""
+    path, base_config = out / "config.json", json.loads((base / "config.json").read_text(encoding="utf-8-sig"))
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.update({k: base_config[k] for k in KEPT_KEYS if k in base_config})
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _with_end_ids(generation_config: dict, end_ids: list[int]) -> dict:
