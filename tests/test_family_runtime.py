@@ -237,3 +237,29 @@ def test_the_plan_traces_each_named_family_shape(name):
     assert per_layer > 0
     assert two["peak_bytes"] == sum(two["parts"].values())
     assert two["parts"]["lora_weights"] == 2 * one["parts"]["lora_weights"] > 0  # float32 A and B per layer
+
+
+# ---- the start-up check on a sliding layer -----------------------------------------------------------------------
+
+def test_the_startup_check_probes_the_first_sliding_layer_with_a_window_that_cuts(monkeypatch):
+    """Qwen2 here slides from layer 1: a varlen kernel that ignores its window passes on layer 0 (full) and must
+    fail on layer 1, whose probe window is shorter than every probe segment."""
+    from tinyllama import model as model_module
+    from tinyllama.model import Llama
+    from tinyllama.startup_check import PROBE_WINDOW, SEGMENT_LENGTHS, check_fast_paths, probe_layers
+
+    config = LlamaConfig.from_dict({**TINY, **FAMILY_CONFIGS["qwen2"], "vocab_size": VOCAB})
+    assert probe_layers(config) == [0, 1] and PROBE_WINDOW < min(SEGMENT_LENGTHS)
+    assert probe_layers(LlamaConfig(**TINY)) == [0]
+    torch.manual_seed(0)
+    model = randomize_lora_b(Llama(config, lora_config=LoRAConfig(4, 8, dropout=0.0)), std=0.1)
+    plan = RuntimePlan(varlen=True)
+    said = []
+    assert check_fast_paths(model, plan, said.append) == plan
+    real = model_module.varlen_plain
+    monkeypatch.setattr(model_module, "varlen_plain",
+                        lambda q, k, v, cu, window=None, scale=None: real(q, k, v, cu, None, scale))
+    said = []
+    assert check_fast_paths(model, plan, said.append).varlen is False
+    (warning,) = [line for line in said if line.startswith("warning")]
+    assert "on sliding layer 1 differs from the plain path's" in warning
