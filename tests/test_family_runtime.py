@@ -263,3 +263,45 @@ def test_the_startup_check_probes_the_first_sliding_layer_with_a_window_that_cut
     assert check_fast_paths(model, plan, said.append).varlen is False
     (warning,) = [line for line in said if line.startswith("warning")]
     assert "on sliding layer 1 differs from the plain path's" in warning
+
+
+# ---- Gemma 2's softcapped attention through FlexAttention ------------------------------------------------------
+
+def test_a_cpu_plan_keeps_the_plain_softcapped_attention_and_says_why():
+    from tinyllama.runtime import FAST_PATHS, plan_runtime
+
+    gemma2 = LlamaConfig.from_dict({**TINY, **FAMILY_CONFIGS["gemma2"], "vocab_size": VOCAB})
+    plan = plan_runtime(gemma2, torch.device("cpu"), torch.float32)
+    assert plan.flex_softcap is False and "flex_softcap" in FAST_PATHS  # so the start-up check compares it
+    assert "softcapped attention: the plain path (FlexAttention runs on CUDA only)" in plan.describe()
+    assert "softcapped" not in plan_runtime(LlamaConfig(**TINY), torch.device("cpu"), torch.float32).describe()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_flex_softcapped_attention_equals_the_plain_path_on_cuda(packed):
+    """Scores capped by a score_mod, the window/causal/document mask by a mask_mod: the plain path's output and
+    gradients, on a sliding layer past its window, padded (left padding: its rows left out) and packed."""
+    from tinyllama.model import build_attention_mask, flex_softcapped_attention, segment_ids, softcapped_attention
+    from tinyllama.runtime import flex_kernel
+
+    assert flex_kernel() is not None, "torch has no FlexAttention: gemma2 runs its plain path on this machine"
+    torch.manual_seed(0)
+    B, H, KV, T, D, window = 2, 4, 2, 40, 16, 8
+    q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, KV, KV))
+    pad = torch.ones(B, T, dtype=torch.long, device="cuda")
+    docs = None
+    if packed:
+        docs = segment_ids(torch.tensor([0, 17, 25, 40, 57, 80], dtype=torch.int32, device="cuda"), B, T)
+        pad = None
+    else:
+        pad[0, :6] = 0
+    mask = build_attention_mask(T, 0, pad, docs, torch.device("cuda"), window=window, force=True)
+    keep = (pad if pad is not None else torch.ones(B, T, device="cuda")).bool()
+    outs = []
+    for attend in (flex_softcapped_attention, softcapped_attention):
+        y = attend(q, k, v, mask, 0.25, 5.0)
+        grads = torch.autograd.grad((y.transpose(1, 2)[keep] ** 2).sum(), (q, k, v))
+        outs.append((y.transpose(1, 2)[keep], *grads))
+    for got, ref in zip(*outs, strict=True):
+        assert_close(got, ref, rtol=1e-4, atol=1e-4)
