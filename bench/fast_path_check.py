@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=["tinyllama", "tiny", *sorted(SHAPES)], default="tinyllama")
     p.add_argument("--fused-mlp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--flex-softcap", action="store_true", help="Gemma 2's softcapped attention via FlexAttention")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         if "lora_B" in name:  # B = 0 (a fresh adapter) would hide a wrong LoRA branch
             torch.nn.init.normal_(param, std=0.02)
     plan = plan_runtime(config, device, dtype, lora_config=model.lora_config, fused_mlp=args.fused_mlp,
-                        varlen=args.varlen)
+                        varlen=args.varlen, flex_softcap=args.flex_softcap)
     print(f"plan on {device}: {plan.describe()}")
     checked = check_fast_paths(model, plan, print)
     failed = [name for name in FAST_PATHS if getattr(plan, name) != getattr(checked, name)]

@@ -178,7 +178,7 @@ for m in (\"transformers\", \"peft\", \"triton\", \"liger_kernel\", \"flash_attn
 '"
 # The runtime plan's fast paths, each once beside its plain path, before anything is timed.
 stage fastpaths 60 "0" "$PY" -m bench.fast_path_check "${FAST[@]}"
-stage familypaths 120 "0" bash -c "for s in $FAMILY_SHAPES; do $PY -m bench.fast_path_check --device cuda --shape \$s \
+stage familypaths 120 "0" bash -c "for s in $FAMILY_SHAPES; do $PY -m bench.fast_path_check --device cuda --flex-softcap --shape \$s \
   || exit 1; done"
 # Exit 5 (no test selected: a tree without CUDA-only tests) is not a failure.
 stage tests 120 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests

@@ -271,9 +271,11 @@ def test_a_cpu_plan_keeps_the_plain_softcapped_attention_and_says_why():
     from tinyllama.runtime import FAST_PATHS, plan_runtime
 
     gemma2 = LlamaConfig.from_dict({**TINY, **FAMILY_CONFIGS["gemma2"], "vocab_size": VOCAB})
-    plan = plan_runtime(gemma2, torch.device("cpu"), torch.float32)
+    plan = plan_runtime(gemma2, torch.device("cpu"), torch.float32, flex_softcap=True)
     assert plan.flex_softcap is False and "flex_softcap" in FAST_PATHS  # so the start-up check compares it
     assert "softcapped attention: the plain path (FlexAttention runs on CUDA only)" in plan.describe()
+    unasked = plan_runtime(gemma2, torch.device("cpu"), torch.float32)
+    assert "softcapped attention: the plain path (FlexAttention not asked for)" in unasked.describe()
     assert "softcapped" not in plan_runtime(LlamaConfig(**TINY), torch.device("cpu"), torch.float32).describe()
 
 

@@ -17,7 +17,7 @@ is what a CPU runs and what `RuntimePlan()` is):
 | attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
 | grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
 | packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
-| softcapped attention (`flex_softcap`) | FlexAttention, where torch has it | materialised scores | the same |
+| softcapped attention (`flex_softcap`) | scores materialised; FlexAttention if asked | the same | the same |
 | LoRA MLP (`fused_mlp`) | one function, gate/up one weight (SwiGLU; not DoRA, NF4, FSDP) | the modules | the modules |
 | torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
 
@@ -169,7 +169,7 @@ def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool =
 def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_config=None, quantized: bool = False,
                  packing: bool | None = None, fused_mlp: bool | None = None, varlen: bool | None = None,
                  sdpa_backends: str = DEFAULT_SDPA_BACKENDS, compile_scope: str | None = None,
-                 compile_mode: str = "default", sharded: bool = False) -> RuntimePlan:
+                 compile_mode: str = "default", sharded: bool = False, flex_softcap: bool = False) -> RuntimePlan:
     """Decide how a model of `config` runs on `device` (the table in the module docstring); None: the default
     there. `sharded`: the model is sharded with FSDP (`training.fsdp`), so no fused MLP (its fused gate/up
     weight is built from whole weights). Raises ValueError, a line per problem (`plan_problems`), for paths
@@ -191,11 +191,14 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
     attention = ("cpu" if not cuda else f"{repeated} kernel"
                  + (", grouped k/v heads read in place" if in_place == repeated
                     else f" (k/v heads repeated: in place would take {in_place})"))
-    flex = cuda and config.attn_logit_softcapping is not None and flex_kernel() is not None
+    # Off unless asked (`flex_softcap=True`): on a CPU, torch's FlexAttention gave wrong rows for the second
+    # sequence of a batch in testing, so it waits for bench/gpu_check.sh's familypaths check on a GPU.
+    flex = flex_softcap and cuda and config.attn_logit_softcapping is not None and flex_kernel() is not None
     if config.attn_logit_softcapping is not None:
         attention += ("; softcapped attention: FlexAttention" if flex else
                       "; softcapped attention: the plain path (" + (
-                          "FlexAttention runs on CUDA only)" if not cuda
+                          "FlexAttention not asked for)" if not flex_softcap
+                          else "FlexAttention runs on CUDA only)" if not cuda
                           else f"torch {torch.__version__} has no FlexAttention)"))
     return RuntimePlan(
         device=device, dtype=dtype, packing=default_packing(device) if packing is None else packing,
