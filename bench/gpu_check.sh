@@ -20,13 +20,15 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile)
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,familypaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile)
 # and their expected time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
 #   env           nvidia-smi, versions                                                            ~5-15 s
 #   fastpaths     bench.fast_path_check: varlen, fused MLP, grouped k/v in place against their plain
 #                 paths on one TinyLlama-shaped layer (what train.py checks at start-up)            ~10 s
+#   familypaths   the same for Gemma 2/3, Phi-3 and Qwen3 shapes: the first and first sliding layer
+#                 (flash/varlen window_size), Gemma 2's FlexAttention softcap against the plain one ~40 s
 #   tests         pytest -m cuda (bf16 fast paths against the reference path; Liger-Kernel on
 #                 packed rows against plain transformers)                                         ~45 s
 #   train         one process, rank 64 unless said, steps in brackets (GPU_CHECK_RUN_STEPS):
@@ -72,7 +74,7 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,fastpaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,fastpaths,familypaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
@@ -88,6 +90,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   export GPU_TESTS_ON_CPU=1
   DEV=(--device cpu --shape tiny --steps 3 --warmup-steps 1)
   FAST=(--device cpu --shape tiny --fused-mlp --varlen)  # a CPU picks no fast path by itself: check them all
+  FAMILY_SHAPES=""  # their vocabularies alone are gigabytes in float32: GPU only
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-4096=2}
   PROFILE=(--device cpu --shape tiny --skip 2 --profile-steps 1)
   TRAJECTORY=(--steps 6)
@@ -99,6 +102,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
 elif [ "$MODE" = "gpu" ]; then
   DEV=(--device cuda --shape full --steps 128)
   FAST=(--device cuda)
+  FAMILY_SHAPES="gemma-2-2b gemma-3-1b phi-3-mini qwen3-0.6b"
   # Fewer steps where a run's cost is mostly its warm-up (compiles), or where 32-64 steps already give a steady
   # rate: the budget fits every configuration once rather than a few at full length.
   RUN_STEPS=${GPU_CHECK_RUN_STEPS:-W2-packed-2048=32,W2-packed-4096=32,this[plain]=32,this-compile=32,hf-*=64,hf-*:W2-padded=32,hf-compile:W2-packed=32}
@@ -174,6 +178,8 @@ for m in (\"transformers\", \"peft\", \"triton\", \"liger_kernel\", \"flash_attn
 '"
 # The runtime plan's fast paths, each once beside its plain path, before anything is timed.
 stage fastpaths 60 "0" "$PY" -m bench.fast_path_check "${FAST[@]}"
+stage familypaths 120 "0" bash -c "for s in $FAMILY_SHAPES; do $PY -m bench.fast_path_check --device cuda --flex-softcap --shape \$s \
+  || exit 1; done"
 # Exit 5 (no test selected: a tree without CUDA-only tests) is not a failure.
 stage tests 120 "0 5" "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 stage attention 60 "0" "$PY" -m bench.attention_check --out "$WORK/attention"

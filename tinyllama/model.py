@@ -35,7 +35,7 @@ from lora.layer import LoRALinear
 from .config import FULL, SLIDING, LlamaConfig
 from .lora_mlp import fused_lora_mlp
 from .loss import softcap_logits
-from .runtime import RuntimePlan, varlen_kernel
+from .runtime import RuntimePlan, flex_kernel, varlen_kernel
 
 
 class RMSNorm(nn.Module):
@@ -161,6 +161,7 @@ class AttentionInputs(NamedTuple):
     path: AttentionPath
     mask: torch.Tensor | None = None  # MASKED, DECODE (None: nothing to mask)
     segments: Segments | None = None  # SEGMENTS
+    flex: bool = False  # softcapped layers: FlexAttention (RuntimePlan.flex_softcap), on CUDA
 
 
 class Attention(nn.Module):
@@ -209,7 +210,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if self.softcap is not None:  # attention_inputs always gives these layers a mask
-            y = softcapped_attention(q, k, v, attn.mask, self.scale or self.head_dim ** -0.5, self.softcap)
+            attend = flex_softcapped_attention if attn.flex else softcapped_attention
+            y = attend(q, k, v, attn.mask, self.scale or self.head_dim ** -0.5, self.softcap)
         elif attn.path is AttentionPath.SEGMENTS:
             return self.o_proj(varlen_attention(q, k, v, attn.segments, self.scale))
         elif attn.path is AttentionPath.DECODE:
@@ -241,6 +243,26 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def flex_softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+    """`softcapped_attention` through FlexAttention (`runtime.flex_kernel`, `RuntimePlan.flex_softcap`): the cap
+    as a `score_mod`, the bool mask (causal, window, documents, padding) read by a `mask_mod`, grouped k/v heads
+    read in place, no [B, H, T, S] scores kept. A query that may see no key (left padding) gives 0 here and the
+    mean of v there; those positions are never labelled."""
+    flex, create_block_mask = flex_kernel()
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    mask = mask.expand(B, 1, T, S)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[b, 0, q_idx, kv_idx]
+
+    block_mask = create_block_mask(mask_mod, B, None, T, S, device=q.device)
+    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
 
 
 def varlen_attention(q, k, v, segments: Segments, scale: float | None = None) -> torch.Tensor:
@@ -445,7 +467,8 @@ class Llama(nn.Module):
             return AttentionInputs(AttentionPath.DECODE, mask=mask)
         if mask is None:
             return AttentionInputs(AttentionPath.CAUSAL_GQA if grouped and plan.gqa_in_place else AttentionPath.CAUSAL)
-        return AttentionInputs(AttentionPath.MASKED, mask=mask)
+        flex = softcap and plan.flex_softcap and device.type == "cuda"  # a CPU trace of a CUDA plan: plain
+        return AttentionInputs(AttentionPath.MASKED, mask=mask, flex=flex)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head, and Gemma 2's final softcap: tanh(logits / cap) * cap."""

@@ -17,6 +17,7 @@ is what a CPU runs and what `RuntimePlan()` is):
 | attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
 | grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
 | packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
+| softcapped attention (`flex_softcap`) | scores materialised; FlexAttention if asked | the same | the same |
 | LoRA MLP (`fused_mlp`) | one function, gate/up one weight (SwiGLU; not DoRA, NF4, FSDP) | the modules | the modules |
 | torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
 
@@ -46,7 +47,7 @@ COMPILE_SCOPES = ("layers", "model")
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 DEFAULT_SDPA_BACKENDS = "flash,cudnn,efficient,math"
-FAST_PATHS = ("varlen", "fused_mlp", "gqa_in_place")
+FAST_PATHS = ("varlen", "fused_mlp", "gqa_in_place", "flex_softcap")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +101,18 @@ def varlen_kernel():
     return kernel
 
 
+@functools.cache
+def flex_kernel():
+    """(flex_attention compiled, create_block_mask), or None where torch has no FlexAttention. Compiled because
+    eager FlexAttention is torch's slow debugging path (seconds for a tiny layer on a CPU); CUDA only (`plan_runtime`),
+    since a CPU gains nothing over `softcapped_attention`'s matmuls."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return torch.compile(flex_attention, dynamic=False), create_block_mask
+
+
 @dataclass(frozen=True)
 class RuntimePlan:
     """How the model runs: decided once by `plan_runtime`, given to the model by `apply_plan`. The defaults are
@@ -111,6 +124,9 @@ class RuntimePlan:
     gqa_in_place: bool = True  # unmasked attention reads grouped k/v heads in place (SDPA enable_gqa)
     varlen: bool = False  # packed rows as segments through `varlen_kernel()` instead of a dense block mask
     fused_mlp: bool = False  # the LoRA MLP as one autograd function (`tinyllama.lora_mlp`)
+    # Gemma 2's softcapped attention through FlexAttention (`model.flex_softcapped_attention`, CUDA) instead of
+    # `model.softcapped_attention`, which materialises the [B, H, T, S] scores.
+    flex_softcap: bool = False
     compile_scope: str | None = None  # torch.compile: "layers" (each decoder layer), "model", or None (eager)
     compile_mode: str = "default"
     attention: str = "cpu"  # the kernel unmasked causal attention gets, for the log
@@ -153,7 +169,7 @@ def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool =
 def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_config=None, quantized: bool = False,
                  packing: bool | None = None, fused_mlp: bool | None = None, varlen: bool | None = None,
                  sdpa_backends: str = DEFAULT_SDPA_BACKENDS, compile_scope: str | None = None,
-                 compile_mode: str = "default", sharded: bool = False) -> RuntimePlan:
+                 compile_mode: str = "default", sharded: bool = False, flex_softcap: bool = False) -> RuntimePlan:
     """Decide how a model of `config` runs on `device` (the table in the module docstring); None: the default
     there. `sharded`: the model is sharded with FSDP (`training.fsdp`), so no fused MLP (its fused gate/up
     weight is built from whole weights). Raises ValueError, a line per problem (`plan_problems`), for paths
@@ -175,6 +191,15 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
     attention = ("cpu" if not cuda else f"{repeated} kernel"
                  + (", grouped k/v heads read in place" if in_place == repeated
                     else f" (k/v heads repeated: in place would take {in_place})"))
+    # Off unless asked (`flex_softcap=True`): on a CPU, torch's FlexAttention gave wrong rows for the second
+    # sequence of a batch in testing, so it waits for bench/gpu_check.sh's familypaths check on a GPU.
+    flex = flex_softcap and cuda and config.attn_logit_softcapping is not None and flex_kernel() is not None
+    if config.attn_logit_softcapping is not None:
+        attention += ("; softcapped attention: FlexAttention" if flex else
+                      "; softcapped attention: the plain path (" + (
+                          "FlexAttention not asked for)" if not flex_softcap
+                          else "FlexAttention runs on CUDA only)" if not cuda
+                          else f"torch {torch.__version__} has no FlexAttention)"))
     return RuntimePlan(
         device=device, dtype=dtype, packing=default_packing(device) if packing is None else packing,
         sdpa_backends=sdpa_backends,
@@ -182,7 +207,7 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
         varlen=cuda and varlen_kernel() is not None if varlen is None else varlen,
         fused_mlp=cuda and mlp_lora and swiglu and not (dora or quantized or sharded) if fused_mlp is None
         else fused_mlp,
-        compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
+        flex_softcap=flex, compile_scope=compile_scope, compile_mode=compile_mode, attention=attention)
 
 
 def apply_plan(model, plan: RuntimePlan):
