@@ -77,12 +77,11 @@ def trained_run(tmp_path_factory, tiny_ckpt):
 # The tests that take longest (a torchrun launch is ~10 s of CPU; inductor compiles; processes racing for a lock),
 # as two groups that start first, one on each of `make test`'s two workers: pytest-xdist's worksteal hands each
 # worker a contiguous half of the collection, and a long test picked up last would leave the other core idle
-# while it runs. test_fsdp.py stays whole in one group: its module fixtures (one single-process run, one torchrun
-# launch) are shared by several of its tests, and split across workers they would run once on each.
+# while it runs. test_fsdp.py stays whole in one group: its module fixtures (single-process runs, one torchrun
+# launch for all its two-process runs) are shared by its tests, and split across workers would run once on each.
 SLOW_FIRST = (
     ("tests/test_fsdp.py::",),
     ("tests/test_train.py::test_a_stopped_worker_ends_the_job_after_dist_timeout",
-     "tests/test_train.py::test_data_parallel_two_processes_equal_one",
      "tests/test_train.py::test_compiled_model_trains_like_eager",
      "tests/test_run_folder.py::test_racing_processes_never_hold_the_lock_together",
      "tests/test_loss.py::test_the_compiled_loss_chunk_equals_the_eager_one"),

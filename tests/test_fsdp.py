@@ -1,9 +1,11 @@
-"""--fsdp on 2 gloo processes (CPU): the same training as one process accumulating the same micro-batches
+"""Two gloo processes (CPU): data parallel and --fsdp train as one process accumulating the same micro-batches
 (dropout on, a clip that fires), checkpoints that resume with another number of processes and any split of the
-same rows per step, HSDP on both 2-process meshes, and the bytes each process holds."""
+same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, and the bytes each process holds. Every two-process
+run here shares one torchrun launch (`launched`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import sys
 import pytest
 from test_train import assert_same_adapters
 
-from helpers import GUANACO_SAMPLE, ROOT, free_port, metrics, run, train_losses
+from helpers import GUANACO_SAMPLE, ROOT, free_port, hf_checkpoint, metrics, run, train_losses
 
 CLIP, LR = 0.005, 5e-2
 
@@ -25,21 +27,38 @@ def _data(tmp_path):
     return data
 
 
-def _torchrun(tmp_path, ckpt, name, *extra, dropout=0.3):
+def _args(tmp_path, ckpt, *extra, dropout=0.3):
     # One held-out conversation: one process evaluates it, the other an empty share (in lockstep, see
     # training.step.evaluate), and the eval loss is the single process's.
-    args = ["--model", str(ckpt), "--data", str(_data(tmp_path)), "--eval-data", "auto", "--eval-every", "2",
-            "--rank", "4",
-            "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(CLIP), "--dropout", str(dropout), "--lr",
-            str(LR), "--warmup", "0", "--max-len", "128", "--steps", "4", "--save-every", "2",
+    return ["--model", str(ckpt), "--data", str(_data(tmp_path)), "--eval-data", "auto", "--eval-every", "2",
+            "--rank", "4", "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(CLIP), "--dropout", str(dropout),
+            "--lr", str(LR), "--warmup", "0", "--max-len", "128", "--steps", "4", "--save-every", "2",
             "--keep-checkpoints", "0", "--no-group-by-length", "--log-every", "1", "--no-samples",
-            "--batch-size", "2"]
+            "--batch-size", "2", *extra]
+
+
+def _torchrun(tmp_path, runs: dict[str, list[str]]) -> dict[str, str]:
+    """The runs {name: train.py flags} one after another in one 2-process torchrun launch (tests/torchrun_runs.py:
+    a launch costs ~10 s of CPU, a run here well under one), each into tmp_path / name; what rank 0 printed for
+    each."""
+    # A run failing on one process alone leaves the other waiting in a collective: --dist-timeout ends that.
+    specs = [{"argv": [*argv, "--dist-timeout", "60", "--out", str(tmp_path / name)],
+              "log": str(tmp_path / f"{name}.log"), "port": free_port()} for name, argv in runs.items()]
+    (tmp_path / "runs.json").write_text(json.dumps(specs))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "train.py", *args, *extra, "--out", str(tmp_path / name)],
+                           "--master_port", str(free_port()), "tests/torchrun_runs.py", str(tmp_path / "runs.json")],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
+    logs = {}
+    for name in runs:
+        for rank in (0, 1):
+            log = tmp_path / f"{name}.log.{rank}"
+            status = (tmp_path / f"{name}.log.{rank}.status")
+            assert status.is_file() and status.read_text() == "0", (name, rank, proc.stderr[-3000:],
+                                                                     log.read_text()[-3000:] if log.is_file() else "")
+        logs[name] = (tmp_path / f"{name}.log.0").read_text()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return logs
 
 
 def _settings(tmp_path, **overrides):
@@ -57,11 +76,29 @@ def single(tmp_path_factory, tiny_ckpt):
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, tiny_ckpt):
+def launched(tmp_path_factory, tiny_ckpt, single):
+    """Every two-process run of this module, in one torchrun launch: ({name: folder}, {name: rank 0's output})."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    runs = {
+        "fsdp": _args(tmp, tiny_ckpt, "--fsdp"),  # what `single` runs, two FSDP processes of 2 rows side by side
+        "hsdp21": _args(tmp, tiny_ckpt, "--fsdp", "hybrid", "--fsdp-shard-size", "1"),
+        "fsdp_no_dropout": _args(tmp, tiny_ckpt, "--fsdp", dropout=0.0),
+        "qlora": _args(tmp, tiny_ckpt, "--fsdp", "--quantize", "nf4"),
+        # 1 plain process -> 2 processes, HSDP on a 1 x 2 mesh (both processes one shard group, one replica).
+        "hsdp12": _args(tmp, tiny_ckpt, "--fsdp", "hybrid", "--resume", str(single[0] / "checkpoint-2")),
+        "ddp": _ddp_args(tmp, tiny_ckpt),
+        "phi3": ["--model", str(_phi3(tmp)), *_phi3_flags(), "--batch-size=2", "--grad-accum=1", "--no-samples",
+                 "--fsdp"],
+    }
+    logs = _torchrun(tmp, runs)
+    return {name: tmp / name for name in runs}, logs
+
+
+@pytest.fixture(scope="module")
+def two_processes(launched):
     """What `single` runs, on two FSDP processes of --batch-size 2 side by side."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    proc = _torchrun(tmp, tiny_ckpt, "fsdp", "--fsdp")
-    return tmp / "fsdp", proc
+    folders, logs = launched
+    return folders["fsdp"], logs["fsdp"]
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +144,8 @@ def _assert_same_run(folder, reference, **tolerance):
 
 @pytest.mark.slow
 def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single, two_processes):
-    import json
-
-    folder, proc = two_processes
-    assert "sharded with FSDP2 over a 2 mesh (shard)" in proc.stdout
+    folder, log = two_processes
+    assert "sharded with FSDP2 over a 2 mesh (shard)" in log
     _assert_same_run(folder, single)
     for step in (2, 4):  # checkpoints hold the whole adapter and optimizer state, as one process writes them
         assert_same_adapters(single[0] / f"checkpoint-{step}", folder / f"checkpoint-{step}", **SHARDED)
@@ -122,25 +157,26 @@ def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single,
 
 
 @pytest.mark.slow
-def test_hsdp_2x1_equals_one_process(tmp_path, tiny_ckpt, single):
+def test_hsdp_2x1_equals_one_process(launched, single):
     """Each process whole, gradients all-reduced across the two replicas."""
-    proc = _torchrun(tmp_path, tiny_ckpt, "hsdp21", "--fsdp", "hybrid", "--fsdp-shard-size", "1")
-    assert "over a 2x1 mesh (replicate, shard)" in proc.stdout
-    _assert_same_run(tmp_path / "hsdp21", single)
+    folders, logs = launched
+    assert "over a 2x1 mesh (replicate, shard)" in logs["hsdp21"]
+    _assert_same_run(folders["hsdp21"], single)
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_with_another_number_of_processes(tmp_path, tiny_ckpt, whole_batch):
+def test_checkpoints_resume_with_another_number_of_processes(tmp_path, tiny_ckpt, whole_batch, launched):
     # 2 FSDP processes -> 1 plain process: the uninterrupted run's adapter.
-    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", dropout=0.0)
-    _assert_same_run(tmp_path / "fsdp", whole_batch, **REORDERED)
-    run(tmp_path, tiny_ckpt, "resumed", batch_size=4, resume=str(tmp_path / "fsdp" / "checkpoint-2"),
+    fsdp = launched[0]["fsdp_no_dropout"]
+    _assert_same_run(fsdp, whole_batch, **REORDERED)
+    run(tmp_path, tiny_ckpt, "resumed", batch_size=4, resume=str(fsdp / "checkpoint-2"),
         **_settings(tmp_path, dropout=0.0))
     assert_same_adapters(whole_batch[0], tmp_path / "resumed", **REORDERED)
 
 
 @pytest.mark.slow
-def test_checkpoints_resume_on_another_split_of_the_same_rows_per_step(tmp_path, tiny_ckpt, single, two_processes):
+def test_checkpoints_resume_on_another_split_of_the_same_rows_per_step(tmp_path, tiny_ckpt, single, two_processes,
+                                                                      launched):
     """2 processes of --batch-size 2 -> 1 process of --batch-size 2 --grad-accum 2, and back: 4 rows a step, each
     micro-batch the same rows in the same slot of the step, so even with dropout on (the masks are keyed by slot)
     the resumed run reaches the uninterrupted one's adapter."""
@@ -148,22 +184,91 @@ def test_checkpoints_resume_on_another_split_of_the_same_rows_per_step(tmp_path,
         **_settings(tmp_path))
     _assert_same_run(tmp_path / "one", single)
     # 1 plain process -> 2 processes, HSDP on a 1 x 2 mesh (both processes one shard group, one replica).
-    proc = _torchrun(tmp_path, tiny_ckpt, "hsdp12", "--fsdp", "hybrid", "--resume",
-                     str(single[0] / "checkpoint-2"))
-    assert "over a 1x2 mesh (replicate, shard)" in proc.stdout
-    _assert_same_run(tmp_path / "hsdp12", single)
+    folders, logs = launched
+    assert "over a 1x2 mesh (replicate, shard)" in logs["hsdp12"]
+    _assert_same_run(folders["hsdp12"], single)
 
 
 @pytest.mark.slow
-def test_fsdp_qlora_two_processes_equal_one(tmp_path, tiny_ckpt):
+def test_fsdp_qlora_two_processes_equal_one(tmp_path, tiny_ckpt, launched):
     """The NF4 base sharded too: its packed weights and scales are frozen parameters FSDP shards and gathers."""
-    import json
-
     _, rows = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, quantize="nf4", **_settings(tmp_path))
-    _torchrun(tmp_path, tiny_ckpt, "fsdp", "--fsdp", "--quantize", "nf4")
-    _assert_same_run(tmp_path / "fsdp", (tmp_path / "single", None, rows))
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("single", "fsdp")]
+    qlora = launched[0]["qlora"]
+    _assert_same_run(qlora, (tmp_path / "single", None, rows))
+    summaries = [json.loads((folder / "summary.json").read_text()) for folder in (tmp_path / "single", qlora)]
     assert summaries[0]["total_params"] == summaries[1]["total_params"]  # the storage is not counted as weights
     assert summaries[1]["param_bytes_per_process"] <= 0.6 * summaries[0]["param_bytes_per_process"]
     assert [_planned(tiny_ckpt, world, quantize=True) for world in (1, 2)] == [
         s["param_bytes_per_process"] for s in summaries]
+
+
+def _ddp_data(tmp_path):
+    rows = GUANACO_SAMPLE.read_text().splitlines()
+    data = tmp_path / "sixteen.jsonl"
+    data.write_text("\n".join((rows * 2)[:16]) + "\n")
+    return data
+
+
+DDP = dict(dropout=0.3, grad_clip=0.005, lr=5e-2, eval_data="auto", eval_every=2)
+
+
+def _ddp_args(tmp_path, ckpt):
+    # One held-out conversation (2% of 16, at least 1): the second process's share of it is empty, and it still
+    # joins the evaluation's sums.
+    return ["--model", str(ckpt), "--data", str(_ddp_data(tmp_path)), "--eval-data", "auto", "--eval-every", "2",
+            "--rank", "4", "--alpha", "8", "--grad-accum", "1", "--grad-clip", str(DDP["grad_clip"]),
+            "--dropout", str(DDP["dropout"]), "--lr", str(DDP["lr"]), "--warmup", "0", "--max-len", "128",
+            "--steps", "3", "--no-group-by-length", "--log-every", "1", "--no-samples", "--batch-size", "2"]
+
+
+@pytest.mark.slow
+def test_data_parallel_two_processes_equal_one(tmp_path, tiny_ckpt, launched):
+    # Dropout on: each rank draws its own masks, those one process accumulating the same two micro-batches
+    # draws (`train.dropout_seed`), so the runs agree; with one shared stream they could not. 16 rows: both
+    # settings cut the epoch into the same steps. Clipping fires at every step (the norms are several
+    # times the clip): it must act on the summed gradient, after the all-reduce, as in the single process. A high
+    # lr, so that a different update shows in the losses (clipping each rank's part moves them by ~1e-4).
+    common = dict(DDP, data=str(_ddp_data(tmp_path)))
+    _, single = run(tmp_path, tiny_ckpt, "single", batch_size=2, grad_accum=2, **common)
+    _, shared = run(tmp_path, tiny_ckpt, "shared", batch_size=4, **common)  # one mask stream
+    assert shared[0]["grad_norm"] != pytest.approx(single[0]["grad_norm"], rel=1e-3)  # the masks matter
+    ddp_folder = launched[0]["ddp"]
+    ddp = metrics(ddp_folder)
+    assert train_losses(ddp) == pytest.approx(train_losses(single), rel=1e-5)
+    evals = [[r for r in rows if r["split"] == "eval"] for rows in (ddp, single)]
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [2, 3]
+    assert [r["loss"] for r in evals[0]] == pytest.approx([r["loss"] for r in evals[1]], rel=1e-5)
+    norms = [[r["grad_norm"] for r in rows if r["split"] == "train"] for rows in (ddp, single)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4)
+    assert_same_adapters(tmp_path / "single", ddp_folder, atol=1e-5)
+    assert min(norms[1]) > 3 * DDP["grad_clip"]  # the logged norm is the one before clipping
+
+
+def _phi3(tmp_path):
+    from test_model_families import FAMILY_CONFIGS
+
+    return hf_checkpoint(tmp_path / "phi3-base", seed=1, **FAMILY_CONFIGS["phi3"])
+
+
+PHI3 = dict(data="random:16", max_len=32, targets="all", rank=4, alpha=8.0, dropout=0.0, lr=5e-2, grad_clip=0.005,
+            steps=2, warmup=0, log_every=1, group_by_length=False)
+
+
+def _phi3_flags():
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is False else f"={v}") for k, v in PHI3.items()]
+    return [f.replace("--group-by-length", "--no-group-by-length") for f in flags]
+
+
+@pytest.mark.slow
+def test_phi3_under_fsdp_trains_as_one_process(tmp_path, launched):
+    """Phi-3, the family whose weights differ most from Llama's (fused qkv_proj and gate_up_proj, partial
+    rotary, a window on every layer), sharded on 2 gloo processes: one process's losses, gradient norms (a clip
+    that fires) and adapter."""
+    run(tmp_path, _phi3(tmp_path), "single", batch_size=2, grad_accum=2, **PHI3)
+    sharded_folder = launched[0]["phi3"]
+    single, sharded = metrics(tmp_path / "single"), metrics(sharded_folder)
+    assert len(train_losses(single)) == 2
+    assert train_losses(sharded) == pytest.approx(train_losses(single), rel=1e-5)
+    norms = [[r["grad_norm"] for r in x if r["split"] == "train"] for x in (sharded, single)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[1]) > 3 * PHI3["grad_clip"]
+    assert_same_adapters(tmp_path / "single", sharded_folder, rtol=1e-4, atol=1e-6)
