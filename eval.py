@@ -57,7 +57,7 @@ def _parse(argv):
                    help="render prompts through the adapter's chat template, else the model's")
     p.add_argument("--output", help="folder for lm-eval's results JSON (and samples with --log-samples)")
     p.add_argument("--log-samples", action="store_true", help="also write every request and answer (needs --output)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval's seeds (few-shot sampling, ...)")
+    p.add_argument("--seed", type=int, help="every seed lm-eval takes (few-shot sampling, ...); default: lm-eval's")
     return p.parse_args(argv)
 
 
@@ -151,13 +151,14 @@ def main(argv=None) -> int:
         dtype = resolve_dtype(args.dtype, device)
         manager, tasks = task_names(args.tasks, args.include_path)
         lm, model_args = build(args, device, dtype)
+        seeds = {} if args.seed is None else {f"{k}_seed": args.seed for k in
+                                              ("random", "numpy_random", "torch_random", "fewshot_random")}
         tracker = EvaluationTracker(output_path=args.output) if args.output else None
         results = simple_evaluate(model=lm, model_args=model_args, tasks=tasks, num_fewshot=args.num_fewshot,
                                   limit=int(args.limit) if args.limit and args.limit >= 1 else args.limit,
                                   batch_size=args.batch_size, device=str(device), log_samples=args.log_samples,
                                   evaluation_tracker=tracker, apply_chat_template=args.apply_chat_template,
-                                  task_manager=manager, random_seed=args.seed, numpy_random_seed=args.seed,
-                                  torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+                                  task_manager=manager, **seeds)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

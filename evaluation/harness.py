@@ -127,8 +127,14 @@ class HarnessLM(TemplateLM):
     def _encode_text(self, string: str) -> list[int]:
         if self._special is not None and self._special.search(string):
             return encode_rendered(string, self.tokenizer)
-        # No special-token text: encode_rendered would make one piece of it, encoded just so.
-        return self.tokenizer.encode(string, bos=False) if string else []
+        if not string:
+            return []
+        # transformers' SentencePiece conversion (Metaspace, prepend_scheme "first") puts the dummy-prefix space
+        # only before a text that does not already start with one; SentencePiece itself always does, so " blue"
+        # would gain a lone "▁". encode_inside is the text without the dummy prefix.
+        if string.startswith(" "):
+            return self.tokenizer.encode_inside(string)
+        return self.tokenizer.encode(string, bos=False)
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         if isinstance(tokens, int):
