@@ -25,7 +25,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra: pi
 import eval as eval_cmd  # noqa: E402 - after the extra is known to be there
 from evaluation.harness import HarnessLM  # noqa: E402
 from tinyllama.checkpoint import load_model  # noqa: E402
-from tinyllama.templates import BUILTINS  # noqa: E402
+from tinyllama.templates import BUILTINS, load_template  # noqa: E402
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config  # noqa: E402
 
 TASKS_DIR = ROOT / "tests" / "assets" / "eval_tasks"
@@ -153,10 +153,15 @@ def assert_same_evaluation(ours: dict, theirs: dict, tasks=TASKS) -> None:
                 assert v == metrics_b[k], (task, k)
 
 
-def test_lora_equals_the_hf_model_on_every_request_kind(base, lora_adapter, task_manager, tmp_path):
+def test_lora_equals_the_hf_model_on_every_request_kind(base, lora_adapter, task_manager, tmp_path, capsys):
     theirs = evaluate(hf_lm(base, lora_adapter), task_manager, tmp_path / "hf", num_fewshot=2)
+    capsys.readouterr()
     ours = ours_via_cli(tmp_path, lora_adapter, TASKS, "--num-fewshot", "2")
     assert_same_evaluation(ours, theirs)
+    table = capsys.readouterr().out  # lm-eval's own table, one row per task and metric
+    acc = ours["results"]["tiny_mc"]["acc,none"]
+    [row] = [r for r in table.splitlines() if r.split("|")[1:2] == ["tiny_mc "]]
+    assert [c.strip() for c in row.split("|")[4:8]] == ["2", "acc", "↑", f"{acc:.4f}"]
     # The cases worth having: a text longer than the context (several windows), answers cut at a stop string
     # (so shorter than 12 tokens would give, and holding none of them) and a few-shot prompt.
     ppl = {s["doc_id"]: s for s in ours["samples"]["tiny_ppl"]}
@@ -232,6 +237,29 @@ def test_token_ids_and_context_split_equal_the_hf_models(base, lora_adapter):
         assert ours._encode_pair(context, continuation) == hf._encode_pair(context, continuation)
     assert ours.prefix_token_id == hf.prefix_token_id and ours.eot_token_id == hf.eot_token_id
     assert ours.max_length == hf.max_length
+
+
+def test_chat_prompts_equal_the_hf_models_including_a_continued_final_message(base):
+    """HFLM renders with continue_final_message when a task has a gen_prefix (add_generation_prompt=False)."""
+    hf = hf_lm(base, None)
+    ours = HarnessLM(load_model(base), load_tokenizer(base), template=load_template("model", base))
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: 2+2?"},
+            {"role": "assistant", "content": "The answer is"}]
+    for add_generation_prompt in (True, False):
+        messages = chat[:-1] if add_generation_prompt else chat
+        assert (ours.apply_chat_template(messages, add_generation_prompt)
+                == hf.apply_chat_template(messages, add_generation_prompt))
+    assert ours.apply_chat_template(chat, False).endswith("<|assistant|>\nThe answer is")
+    assert ours.chat_template(True) == BUILTINS["zephyr"]
+
+
+def test_generation_settings_it_cannot_honour_are_refused(base):
+    from lm_eval.api.instance import Instance
+
+    ours = HarnessLM(load_model(base), load_tokenizer(base))
+    request = Instance("generate_until", {}, ("Q:", {"until": ["\n"], "num_beams": 4}), idx=0)
+    with pytest.raises(ValueError, match=r"\['num_beams'\] are not supported"):
+        ours.generate_until([request])
 
 
 def test_sharing_the_context_and_batching_change_no_score(base, lora_adapter):
