@@ -22,6 +22,8 @@ from helpers import ROOT, TOKENIZER_PATH, hf_checkpoint, randomize_lora_b, run
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is the [eval] extra: pip install -e .[eval]")
 
+from lm_eval.api.instance import Instance  # noqa: E402
+
 import eval as eval_cmd  # noqa: E402 - after the extra is known to be there
 from evaluation.harness import HarnessLM  # noqa: E402
 from tinyllama.checkpoint import load_model  # noqa: E402
@@ -81,6 +83,14 @@ def lora_adapter(base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dora_adapter(base, tmp_path_factory):
     return _adapter(base, tmp_path_factory.mktemp("eval") / "dora", dora=True)
+
+
+def adapted(base, adapter):
+    """Our model with the adapter loaded, unmerged."""
+    found = lora.read_adapter_file(adapter)
+    model = load_model(base, lora_config=found.config)
+    lora.load_adapter(model, found)
+    return model
 
 
 def hf_lm(base, adapter, batch_size=4):
@@ -166,9 +176,15 @@ def test_lora_equals_the_hf_model_on_every_request_kind(base, lora_adapter, task
     # (so shorter than 12 tokens would give, and holding none of them) and a few-shot prompt.
     ppl = {s["doc_id"]: s for s in ours["samples"]["tiny_ppl"]}
     assert len(load_tokenizer(base).encode(ppl[2]["doc"]["text"])) > 256
-    answers = [s["resps"][0][0] for s in ours["samples"]["tiny_gen"]]
-    assert any(answers)
-    assert all(not any(stop in a for stop in ("\n", ".", "e")) for a in answers)
+    # Each answer is the stop-free generation cut before its first stop string, and some were cut.
+    gen = sorted(ours["samples"]["tiny_gen"], key=lambda s: s["doc_id"])
+    unstopped = HarnessLM(adapted(base, lora_adapter), load_tokenizer(base)).generate_until(
+        [Instance("generate_until", {}, (s["arguments"]["gen_args_0"]["arg_0"], {"max_gen_toks": 12}), idx=0)
+         for s in gen])
+    stops = ("\n", ".", "id g", "NSS")  # tiny_gen.yaml's until
+    cuts = [min([text.find(stop) for stop in stops if stop in text] + [len(text)]) for text in unstopped]
+    assert [s["resps"][0][0] for s in gen] == [text[:cut] for text, cut in zip(unstopped, cuts, strict=True)]
+    assert any(cut < len(text) for text, cut in zip(unstopped, cuts, strict=True)) and any(cuts), unstopped
     assert ours["samples"]["tiny_mc"][0]["arguments"]["gen_args_0"]["arg_0"].count("Question:") == 3
 
 
@@ -254,8 +270,6 @@ def test_chat_prompts_equal_the_hf_models_including_a_continued_final_message(ba
 
 
 def test_generation_settings_it_cannot_honour_are_refused(base):
-    from lm_eval.api.instance import Instance
-
     ours = HarnessLM(load_model(base), load_tokenizer(base))
     request = Instance("generate_until", {}, ("Q:", {"until": ["\n"], "num_beams": 4}), idx=0)
     with pytest.raises(ValueError, match=r"\['num_beams'\] are not supported"):
@@ -265,12 +279,7 @@ def test_generation_settings_it_cannot_honour_are_refused(base):
 def test_sharing_the_context_and_batching_change_no_score(base, lora_adapter):
     """Each context's forward pass shared across its continuations, in batches of padded rows, gives what every
     request scored alone gives (ragged contexts and continuations, one-token continuations among them)."""
-    from lm_eval.api.instance import Instance
-
-    found = lora.read_adapter_file(lora_adapter)
-    model = load_model(base, lora_config=found.config)
-    lora.load_adapter(model, found)
-    tokenizer = load_tokenizer(base)
+    model, tokenizer = adapted(base, lora_adapter), load_tokenizer(base)
     contexts = ["Question: what is it?\nAnswer:", "A", "The weather today is", "Count: one, two, three,"]
     conts = [" yes", " no, not at all", " maybe so", "!"]
     requests = [Instance("loglikelihood", {}, (c, k), idx=0) for c in contexts for k in conts]
