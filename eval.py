@@ -127,6 +127,12 @@ def build(args, device: torch.device, dtype: torch.dtype):
     return lm, model_args
 
 
+def _error(e: Exception) -> int:
+    # One line, whatever raised it: lm-eval's and datasets' messages may span several.
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     try:
@@ -136,8 +142,7 @@ def main(argv=None) -> int:
         print("error: eval.py needs lm-evaluation-harness: pip install -e .[eval]", file=sys.stderr)
         return 2
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.utils import make_table
@@ -159,9 +164,8 @@ def main(argv=None) -> int:
                                   batch_size=args.batch_size, device=str(device), log_samples=args.log_samples,
                                   evaluation_tracker=tracker, apply_chat_template=args.apply_chat_template,
                                   task_manager=manager, **seeds)
-    except (ValueError, OSError, RuntimeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError, RuntimeError, KeyError) as e:  # lm-eval's and datasets' errors end here too
+        return _error(e)
     samples = results.pop("samples", None)
     if tracker is not None:
         tracker.save_results_aggregated(results=results, samples=samples)

@@ -316,3 +316,12 @@ def test_no_adapter_scores_the_recorded_base_alone(base, lora_adapter, task_mana
     loglikelihood), as lm-eval's hf model scores that base."""
     theirs = evaluate(hf_lm(base, None), task_manager, tmp_path / "hf", ["tiny_mc"])
     assert_same_evaluation(ours_via_cli(tmp_path, lora_adapter, ["tiny_mc"], "--no-adapter"), theirs, ["tiny_mc"])
+
+
+def test_a_task_whose_data_is_missing_is_one_line_error(lora_adapter, tmp_path, capsys):
+    yaml = (TASKS_DIR / "tiny_mc.yaml").read_text().replace("tests/assets/eval_tasks/mc_", str(tmp_path / "gone_"))
+    (tmp_path / "tiny_mc.yaml").write_text(yaml)
+    assert eval_cmd.main(["--adapter", str(lora_adapter), "--tasks", "tiny_mc", "--include-path", str(tmp_path),
+                          "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "gone_" in err, err
