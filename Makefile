@@ -6,7 +6,7 @@ ALPHA ?= $(RANK)
 MODEL ?=
 ARGS ?=
 
-.PHONY: setup lint test test-fast train smoke params plan bench chat export clean
+.PHONY: setup lint test test-fast train smoke params plan bench chat export eval clean
 
 setup: .venv/.installed
 
@@ -63,3 +63,10 @@ EXPORT_FLAGS = $(if $(MODEL), --model $(MODEL))$(if $(filter-out 0,$(OVERWRITE))
 export: setup
 	$(if $(and $(ADAPTER),$(OUT)),,$(error make export needs ADAPTER=<adapter folder> and OUT=<folder to write>))
 	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT)$(EXPORT_FLAGS) $(ARGS)
+
+# lm-evaluation-harness on an adapter (unmerged) or, with ARGS=--no-adapter, on the base it records (docs/eval.md):
+# make eval ADAPTER=runs/rank64/adapter TASKS=hellaswag,arc_easy ARGS="--limit 200 --output results/"
+TASKS ?=
+eval: setup
+	$(if $(and $(ADAPTER),$(TASKS)),,$(error make eval needs ADAPTER=<adapter folder> and TASKS=<task,task>))
+	$(PY) eval.py --adapter $(ADAPTER) --tasks $(TASKS)$(if $(MODEL), --model $(MODEL)) $(ARGS)
