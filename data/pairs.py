@@ -216,6 +216,8 @@ class PairExample:
     chosen_ids: list[int]
     rejected_ids: list[int]
     max_len: int | None = None
+    ref_chosen_logps: float | None = None  # the reference's, when computed ahead (--precompute-ref)
+    ref_rejected_logps: float | None = None
 
     def sequences(self) -> tuple[list[int], list[int], int]:
         """(chosen sequence, rejected sequence, prompt length), each sequence cut to max_len."""
@@ -283,7 +285,7 @@ def encode_pairs(pairs: list[Pair], tokenizer, template=None, max_len: int | Non
 
 def collate_pairs(examples: list[PairExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """A micro-batch of pairs: every chosen sequence, then every rejected one, right-padded to the longest.
-    `completion_mask` marks the completion tokens; `pairs` is the number of pairs."""
+    `completion_mask` marks the completion tokens; the reference's log-probs come along where computed ahead."""
     rows, masks = [], []
     for side in (0, 1):
         for e in examples:
@@ -298,7 +300,11 @@ def collate_pairs(examples: list[PairExample], pad_id: int = 0) -> dict[str, tor
         input_ids[i, :len(r)] = torch.tensor(r)
         attention_mask[i, :len(r)] = 1
         completion_mask[i, :len(r)] = torch.tensor(m)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    if examples[0].ref_chosen_logps is not None:
+        batch["ref_chosen_logps"] = torch.tensor([e.ref_chosen_logps for e in examples])
+        batch["ref_rejected_logps"] = torch.tensor([e.ref_rejected_logps for e in examples])
+    return batch
 
 
 class PairStream(BatchStream):
