@@ -38,11 +38,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .batching import BatchStream
 from .encoding import encode_rendered
-from .sources import _jsonl_rows, is_parquet, require_pyarrow
+from .sources import AUTO, NONE, _jsonl_rows, hold_out, is_parquet, parse_sources, require_pyarrow, weighted
 
 STANDARD, CONVERSATIONAL, IMPLICIT = "standard", "conversational", "implicit prompt"
 IDENTICAL, EMPTY, NO_USER_LAST, NOT_ONE_REPLY, BAD_ROW, TOO_LONG = (
@@ -324,3 +325,37 @@ def pair_batches(examples, batch_size: int, rank: int = 0, world_size: int = 1, 
     for k, s in enumerate(range(0, len(examples), batch_size)):
         if k % world_size == rank:
             yield collate_pairs(examples[s:s + batch_size], pad_id)
+
+
+def load_pair_train_eval(data: str, eval_data: str, tokenizer, template, max_len: int, *, seed: int = 0,
+                         log=print) -> tuple[list[PairExample], list[PairExample]]:
+    """(training pairs, evaluation pairs) for `--data` / `--eval-data` with a preference objective: local files of
+    pairs, comma-separated, each optionally weighted (`a.jsonl:2`); evaluation `auto` holds out a share of each file
+    (as for conversations: `data.sources.hold_out`), `none` none, else the named files whole."""
+    train, held = [], []
+    for i, source in enumerate(parse_sources(data)):
+        if source.is_split:
+            raise ValueError(f"--data {source.name} is a guanaco split of conversations; a preference objective "
+                             "trains on a local file of pairs (prompt, chosen, rejected)")
+        pairs, report = load_pairs(Path(source.name))
+        log(report)
+        if eval_data.lower() == AUTO:
+            pairs, out = hold_out(pairs, seed, source.name)
+            held += out
+            log(f"eval: held out {len(out)} of {len(pairs) + len(out)} pairs of {source.name} (seed {seed})")
+        examples, encoded = encode_pairs(pairs, tokenizer, template, max_len, PairReport(source=source.name))
+        if encoded.skipped:
+            log(f"data {source.name}: " + ", ".join(f"{k}: {v}" for k, v in encoded.skipped.items()) + " skipped")
+        train += weighted(examples, source.weight, np.random.default_rng([seed, 1, i]))
+    if not train:
+        raise ValueError(f"no usable preference pairs in {data!r} (see the report above)")
+    if eval_data.lower() == NONE:
+        return train, []
+    if eval_data.lower() != AUTO:
+        for source in parse_sources(eval_data, weights=False):
+            pairs, report = load_pairs(Path(source.name))
+            log(report)
+            held += pairs
+    evaluation, _ = encode_pairs(held, tokenizer, template, max_len)
+    log(f"eval: {len(evaluation)} pairs")
+    return train, evaluation

@@ -43,7 +43,7 @@ AVERAGED = (SIMPO, ORPO)  # log-probs averaged over the completion, not summed
 # The step's metrics, each a mean over its pairs, under trl's names (ORPO adds ORPO_METRICS).
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
-ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+ORPO_METRICS = ("log_odds_ratio", "log_odds_chosen", "nll_loss")  # the NLL, a mean over tokens, last
 
 
 def metric_names(objective: str) -> tuple[str, ...]:
