@@ -343,10 +343,10 @@ def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
                  if getattr(cfg, name) != default[name] and getattr(cfg, name) != value
                  and not (name == "targets" and set(getattr(cfg, name).split(",")) == set(saved.targets))]
     if conflicts:
-        raise SystemExit(f"train.py: invalid settings: {', '.join(conflicts)} conflict with --init-adapter "
-                         f"{cfg.init_adapter} (rank {saved.rank}, alpha {saved.alpha:g}, targets {theirs['targets']}"
-                         f"{', rsLoRA' if saved.use_rslora else ''}{', DoRA' if saved.use_dora else ''}), whose "
-                         "settings the run takes: leave those flags out")
+        held = (f"rank {saved.rank}, alpha {saved.alpha:g}, targets {theirs['targets']}"
+                f"{', rsLoRA' if saved.use_rslora else ''}{', DoRA' if saved.use_dora else ''}")
+        raise SystemExit(f"train.py: invalid settings: {', '.join(conflicts)}: not what --init-adapter "
+                         f"{cfg.init_adapter} holds ({held}), whose settings the run takes: leave those flags out")
     return dataclasses.replace(cfg, **theirs)
 
 
