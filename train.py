@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of TinyLlama with LoRA: the loop in `train()`, top to bottom.
+"""Supervised fine-tuning of TinyLlama with LoRA, and preference tuning on the same loop (`--objective dpo|ipo|
+simpo|orpo`: `training.preference`, its step `training.preference_step`): the loop in `train()`, top to bottom.
 
     python train.py --rank 64 --alpha 64            # guanaco train split from the Hub, adapter in runs/
     torchrun --nproc_per_node 2 train.py --rank 64  # data parallel (NCCL on GPU, gloo on CPU)
