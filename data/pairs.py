@@ -114,7 +114,7 @@ def extract_prompt(chosen, rejected):
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def _check_messages(messages, name: str) -> list[dict]:
+def _check_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
@@ -129,7 +129,7 @@ def parse_pair(fmt: str, row) -> Pair:
     chosen, rejected = row["chosen"], row["rejected"]
     if fmt == IMPLICIT:
         if not (isinstance(chosen, str) and isinstance(rejected, str)):
-            chosen, rejected = _check_messages(chosen, "chosen"), _check_messages(rejected, "rejected")
+            chosen, rejected = _check_messages(chosen), _check_messages(rejected)
         if chosen == rejected:
             raise BadPair(IDENTICAL)
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
@@ -141,8 +141,8 @@ def parse_pair(fmt: str, row) -> Pair:
         if not chosen.strip() or not rejected.strip():
             raise BadPair(EMPTY)
     else:
-        prompt = _check_messages(prompt, "prompt")
-        chosen, rejected = _check_messages(chosen, "chosen"), _check_messages(rejected, "rejected")
+        prompt = _check_messages(prompt)
+        chosen, rejected = _check_messages(chosen), _check_messages(rejected)
         for reply in (chosen, rejected):
             if len(reply) != 1 or reply[0]["role"] != "assistant":
                 raise BadPair(NOT_ONE_REPLY)
@@ -314,7 +314,10 @@ class PairStream(BatchStream):
 
     def __init__(self, examples, batch_size: int, max_len: int, **kwargs):
         kwargs["packing"] = False
-        super().__init__(examples, batch_size, max_len, **kwargs)
+        try:
+            super().__init__(examples, batch_size, max_len, **kwargs)
+        except ValueError as e:  # its counts are of pairs here
+            raise ValueError(str(e).replace(" examples ", " pairs ", 1)) from None
 
     def collate(self, items: list[int]) -> dict[str, torch.Tensor]:
         return collate_pairs([self.examples[i] for i in items], self.pad_id)

@@ -173,3 +173,24 @@ def test_two_processes_equal_one_batch(tmp_path, tiny_ckpt, files):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_rows([r for r in metrics(tmp_path / "ddp") if r["split"] == "train"], one)
     assert_same_adapters(tmp_path / "one", tmp_path / "ddp", rtol=1e-4, atol=1e-6)
+
+
+def test_a_damaged_init_adapter_is_refused_before_training(tmp_path, tiny_ckpt, files):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import train
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(files / "init", damaged)
+    tensors = load_file(str(damaged / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(damaged / "adapter_model.safetensors"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", str(tiny_ckpt), "--data", str(files / "pairs.jsonl"), "--objective", "dpo",
+                    "--init-adapter", str(damaged), "--out", str(tmp_path / "o"), "--no-samples", "--max-len", "32",
+                    "--batch-size", "2", "--grad-accum", "1"])
+    assert f"--init-adapter {damaged}" in str(e.value) and "non-finite" in str(e.value)
+    assert not (tmp_path / "o" / "adapter").exists()
