@@ -211,7 +211,9 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
             f"template that ends a turn with one of this tokenizer's special tokens: of the built-ins, "
             f"{', '.join(usable)}")
     turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
-    log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
+    use = ("renders conversational pairs; standard pairs are used as they are"
+           if cfg.objective in preference.PREFERENCE else f"the loss on {turns} and its end-of-turn token")
+    log(f"chat template: {template.name} ({use})")
     return template
 
 
