@@ -194,3 +194,34 @@ def test_a_damaged_init_adapter_is_refused_before_training(tmp_path, tiny_ckpt, 
                     "--batch-size", "2", "--grad-accum", "1"])
     assert f"--init-adapter {damaged}" in str(e.value) and "non-finite" in str(e.value)
     assert not (tmp_path / "o" / "adapter").exists()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_the_plan_of_a_preference_step_is_what_the_real_step_saves(objective):
+    # Two sequences per pair, the reference's forward pass (which saves nothing) and ORPO's NLL positions: the
+    # traced plan's activations are the bytes the real step's saved-tensor hooks see, the adapter's own matrices
+    # aside (the plan holds those once, in lora_weights).
+    from tinyllama.checkpoint import random_model
+    from tinyllama.config import LlamaConfig
+    from tinyllama.runtime import apply_plan, plan_runtime
+    from training.plan import SavedTensors, pair_batch, plan_step
+    from training.preference import Reference, micro_batch_terms
+    from training.settings import TrainConfig
+
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    lora_config = lora.LoRAConfig(rank=8, alpha=16.0, dropout=0.05)
+    planned = plan_step(TrainConfig(device="cpu", batch_size=2, max_len=32, objective=objective), lora_config, config)
+    torch.manual_seed(0)
+    model = random_model(config, lora_config=lora_config).train()
+    plan = plan_runtime(config, torch.device("cpu"), torch.float32, lora_config=lora_config)
+    apply_plan(model, plan)
+    reference = Reference(model, from_adapter=False) if objective == "dpo" else None
+    frozen = [p for p in [*model.parameters(), *model.buffers()] if not p.requires_grad]
+    with SavedTensors(frozen) as saved, plan.forward():
+        micro_batch_terms(model, pair_batch(2, 32, objective == "orpo"), objective, beta=0.1, gamma=0.5,
+                          label_smoothing=0.0, reference=reference)
+    adapter = {p.untyped_storage()._cdata for p in model.parameters() if p.requires_grad}
+    real = saved.bytes - sum(n for key, n in saved.storages.items() if key in adapter)
+    assert planned["parts"]["activations"] == real > 0
+    assert planned["activation_bytes_per_token"] == real / (2 * 2 * 32)

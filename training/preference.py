@@ -93,37 +93,47 @@ def pair_losses(objective: str, chosen: torch.Tensor, rejected: torch.Tensor, *,
 
 # ---- log-probabilities of the model ---------------------------------------------------------------------------
 
+def logp_positions(batch: dict, nll: bool = False) -> dict[str, torch.Tensor]:
+    """Where a pair micro-batch's log-probs are read: the flat positions (into [rows * (width - 1)]) that predict a
+    completion token (and, with `nll`, any real token of a chosen row but its first), their rows, and which of them
+    are completion and NLL tokens. Call it on the CPU copy, as `tinyllama.loss.label_positions`: a boolean
+    selection on the GPU would make the host wait for the device."""
+    input_ids, completion = batch["input_ids"], batch["completion_mask"]
+    rows, width = input_ids.shape
+    wanted = completion[:, 1:].bool()
+    real = batch["attention_mask"][:, 1:].bool() & (torch.arange(rows)[:, None] < rows // 2)
+    if nll:
+        wanted = wanted | real
+    index = wanted.flatten().nonzero().squeeze(1)
+    return {"logp_index": index, "logp_row": index // (width - 1),
+            "logp_completion": completion[:, 1:].flatten()[index].bool(), "logp_nll": real.flatten()[index]}
+
+
 def sequence_logps(model, batch: dict, *, nll: bool = False, chunk_size: int = 4096) -> dict[str, torch.Tensor]:
     """Per sequence of a pair micro-batch: the sum of its completion tokens' log-probs (`logps` [2B]) and their
     count (`tokens`); with `nll`, also the chosen sequences' summed cross-entropy over every real token but the
     first (`nll_sum`, prompt included, as ORPO's NLL) and its count (`nll_tokens`). The LM head runs only at the
-    positions that predict one of those tokens, in chunks."""
+    positions that predict one of those tokens (`logp_positions`, in the batch or found here), in chunks."""
+    if "logp_index" not in batch:
+        batch = {**batch, **logp_positions(batch, nll)}
     input_ids, completion = batch["input_ids"], batch["completion_mask"]
+    index, row = batch["logp_index"], batch["logp_row"]
+    is_completion, is_real = batch["logp_completion"], batch["logp_nll"]
     hidden = model.hidden_states(input_ids)  # right-padded: the causal mask alone keeps padding out of real tokens
-    rows, width = input_ids.shape
-    targets = input_ids[:, 1:]
-    wanted = completion[:, 1:].bool()
-    chosen_rows = torch.arange(rows, device=input_ids.device)[:, None] < rows // 2
-    if nll:
-        real = batch["attention_mask"][:, 1:].bool() & chosen_rows
-        wanted = wanted | real
-    index = wanted.flatten().nonzero().squeeze(1)
     h = hidden[:, :-1].flatten(0, 1).index_select(0, index)
-    t = targets.flatten().index_select(0, index)
+    t = input_ids[:, 1:].flatten().index_select(0, index)
     token_logps = torch.cat([
         -F.cross_entropy(softcap_logits(F.linear(h[s:s + chunk_size], model.lm_head.weight),
                                         model.config.final_logit_softcapping).float(),
                          t[s:s + chunk_size], reduction="none")
-        for s in range(0, t.numel(), chunk_size)]) if t.numel() else hidden.new_zeros(0, dtype=torch.float32)
-    row = index // (width - 1)
-    is_completion = completion[:, 1:].flatten().index_select(0, index).bool()
-    out = {"logps": torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(
-               0, row[is_completion], token_logps[is_completion]),
-           "tokens": completion.sum(1)}
+        for s in range(0, index.numel(), chunk_size)]) if index.numel() else hidden.new_zeros(0, dtype=torch.float32)
+    # Masked sums, not boolean selections: their shapes are fixed, so nothing waits for the device.
+    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device).index_add(
+        0, row, token_logps * is_completion)
+    out = {"logps": logps, "tokens": completion.sum(1)}
     if nll:
-        is_real = real.flatten().index_select(0, index)
-        out["nll_sum"] = -token_logps[is_real].sum()
-        out["nll_tokens"] = real.sum()
+        out["nll_sum"] = -(token_logps * is_real).sum()
+        out["nll_tokens"] = is_real.sum()
     return out
 
 

@@ -15,11 +15,13 @@ import math
 import torch
 
 from . import fsdp, parallel
-from .preference import ORPO, metric_names, micro_batch_terms
+from .preference import ORPO, logp_positions, metric_names, micro_batch_terms
 from .step import QueuedStep, Timer
 
 
-def _device_batch(batch: dict, device) -> dict:
+def _device_batch(batch: dict, device, nll: bool) -> dict:
+    """The micro-batch on `device`, with the positions its log-probs are read at found first, on the CPU."""
+    batch = {**batch, **logp_positions(batch, nll)}
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
@@ -44,7 +46,7 @@ def queue_step(run, cfg, proc, step: int, lr: float, micro: list[dict], bad: tor
     if proc.world > 1:
         counts = parallel.all_reduce_sum(counts.to(device)).cpu()
     n_pairs, n_tokens, n_completion, n_nll = counts.tolist()
-    micro = [_device_batch(b, device) for b in micro]
+    micro = [_device_batch(b, device, orpo) for b in micro]
     names = metric_names(cfg.objective)
     timer = Timer(device)
     loss_total = torch.zeros((), device=device)
@@ -91,7 +93,7 @@ def evaluate(run, cfg, proc, batches) -> dict:
     with torch.no_grad(), run.plan.forward():
         for batch in batches:
             pairs, _, _, nll = step_counts([batch], orpo)
-            terms = micro_batch_terms(model, _device_batch(batch, device), cfg.objective, beta=cfg.beta,
+            terms = micro_batch_terms(model, _device_batch(batch, device, orpo), cfg.objective, beta=cfg.beta,
                                       gamma=cfg.gamma, label_smoothing=cfg.label_smoothing, reference=run.reference)
             total[0] += terms["loss_sum"].double()
             total[1] += pairs

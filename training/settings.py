@@ -323,7 +323,6 @@ def objective_problems(cfg: TrainConfig) -> list[str]:
         need(not cfg.packing, f"{flag} runs padded micro-batches of whole pairs: leave --packing out")
         need(cfg.fsdp == "none", f"{flag} with --fsdp is not supported yet; use plain data parallel")
         need(not is_random(cfg.data), f"{flag} trains on a file of preference pairs, not --data random")
-        need(not cfg.dry_run, f"--dry-run plans an SFT step; {flag} has no plan yet")
     return problems
 
 
