@@ -93,9 +93,11 @@ def test_a_continued_dpo_run_resumes_bit_exactly(tmp_path, tiny_ckpt, files):
     assert_same_adapters(tmp_path / "full", tmp_path / "resumed", rtol=0, atol=0)
 
 
-def test_qlora_dpo_runs_from_its_reference(tmp_path, tiny_ckpt, files):
-    _, rows = pref_run(tmp_path, tiny_ckpt, files, "nf4", quantize="nf4", steps=2)
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the NF4 base is the reference, exactly
+@pytest.mark.parametrize("settings", [dict(quantize="nf4"), dict(dora=True), dict(grad_checkpointing=True)],
+                         ids=["QLoRA", "DoRA", "gradient checkpointing"])
+def test_dpo_runs_from_its_reference_with_qlora_dora_and_checkpointing(tmp_path, tiny_ckpt, files, settings):
+    _, rows = pref_run(tmp_path, tiny_ckpt, files, "run", steps=2, **settings)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the base is the reference, exactly
     assert rows[1]["loss"] < rows[0]["loss"]
 
 
