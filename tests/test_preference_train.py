@@ -133,6 +133,7 @@ def test_sft_continues_from_an_init_adapter(tmp_path, tiny_ckpt, files):
     (["--objective", "kto"], "--objective must be one of sft, dpo, ipo, simpo, orpo"),
     (["--objective", "simpo", "--precompute-ref"], "--precompute-ref applies to --objective dpo or ipo"),
     (["--objective", "dpo", "--beta", "0"], "--beta must be a finite number > 0"),
+    ([], "holds preference pairs (chosen, rejected): pass --objective dpo, ipo, simpo or orpo"),
 ])
 def test_bad_preference_settings_are_refused_in_one_line(tmp_path, files, flags, message):
     import train

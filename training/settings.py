@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from data.encoding import DEFAULT_MAX_LEN, TRAIN_ON
-from data.sources import AUTO, NONE, is_random, source_problems
+from data.pairs import is_pair_file
+from data.sources import AUTO, NONE, is_random, parse_sources, source_problems
 from lora import LoRAConfig, read_adapter_config, resolve_targets
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
 from tinyllama.flops import lora_shapes
@@ -37,7 +38,7 @@ from tinyllama.templates import BUILTINS, DEFAULT_TIMEOUT, MODEL
 from . import run_folder
 from .fsdp import MODES as FSDP_MODES
 from .plan import parse_bytes
-from .preference import OBJECTIVES, PREFERENCE, SIMPO, WITH_REFERENCE
+from .preference import OBJECTIVES, PREFERENCE, SFT, SIMPO, WITH_REFERENCE
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -318,6 +319,11 @@ def objective_problems(cfg: TrainConfig) -> list[str]:
     need(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     need(not cfg.precompute_ref or cfg.objective in WITH_REFERENCE,
          f"--precompute-ref applies to --objective dpo or ipo (they have a reference model), not {cfg.objective}")
+    if cfg.objective == SFT and not is_random(cfg.data):
+        with contextlib.suppress(ValueError, OSError):  # a bad --data is source_problems' to report
+            pair_files = [s.name for s in parse_sources(cfg.data) if is_pair_file(s.name)]
+            need(not pair_files, f"--data {', '.join(pair_files)} holds preference pairs (chosen, rejected): pass "
+                 "--objective dpo, ipo, simpo or orpo to train on them")
     if cfg.objective in PREFERENCE:
         flag = f"--objective {cfg.objective}"
         need(not cfg.packing, f"{flag} runs padded micro-batches of whole pairs: leave --packing out")
