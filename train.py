@@ -1,4 +1,5 @@
-"""Supervised fine-tuning of TinyLlama with LoRA: the loop in `train()`, top to bottom.
+"""Supervised fine-tuning of TinyLlama with LoRA, and preference tuning on the same loop (`--objective dpo|ipo|
+simpo|orpo`: `training.preference`, its step `training.preference_step`): the loop in `train()`, top to bottom.
 
     python train.py --rank 64 --alpha 64            # guanaco train split from the Hub, adapter in runs/
     torchrun --nproc_per_node 2 train.py --rank 64  # data parallel (NCCL on GPU, gloo on CPU)
@@ -34,6 +35,7 @@ import torch
 
 import lora
 from data import BUILTINS, BatchStream, eval_batches, load_template, load_train_eval
+from data.pairs import PairStream, collate_pairs, load_pair_train_eval, pair_batches
 from lora import LoRAConfig
 from tinyllama import load_model, load_tokenizer
 from tinyllama.checkpoint import HubUnavailable, model_config, random_model, resolve_checkpoint
@@ -45,7 +47,7 @@ from tinyllama.runtime import (
 )
 from tinyllama.shapes import SHAPES
 from tinyllama.startup_check import FastPathError, check_fast_paths
-from training import TrainingError, fsdp, parallel, report, run_folder
+from training import TrainingError, fsdp, parallel, preference, preference_step, report, run_folder
 from training.plan import GIB, fit_batch_size, format_plan, largest_part, parse_bytes, plan_step
 from training.run_folder import Totals
 from training.settings import (
@@ -57,6 +59,7 @@ from training.settings import (
     parse_args,
     rank_warning,
     validate,
+    with_init_adapter,
     with_machine_defaults,
 )
 from training.step import (
@@ -125,12 +128,19 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     template = None if tokenizer is None else chat_template(cfg, folder, tokenizer, log)
     n_random = max(64, cfg.batch_size * cfg.grad_accum * 16)  # `--data random` without a count
     example_len = min(cfg.max_len, config.max_position_embeddings)  # the row length, or less in packed rows
-    train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
-                                                    vocab_size=config.vocab_size, seed=cfg.seed, n_random=n_random,
-                                                    template=template, train_on=cfg.train_on, log=log)
-    stream = BatchStream(train_examples, cfg.batch_size, cfg.max_len, grad_accum=cfg.grad_accum,
-                         packing=cfg.packing, group_by_length=cfg.group_by_length and not cfg.packing,
-                         seed=cfg.seed, rank=proc.rank, world_size=proc.world)
+    pairs = cfg.objective in preference.PREFERENCE
+    if pairs:  # --batch-size counts pairs: a pair's two sequences share a micro-batch
+        train_examples, eval_examples = load_pair_train_eval(cfg.data, cfg.eval_data, tokenizer, template,
+                                                             example_len, seed=cfg.seed, log=log)
+    else:
+        train_examples, eval_examples = load_train_eval(cfg.data, cfg.eval_data, tokenizer, example_len,
+                                                        vocab_size=config.vocab_size, seed=cfg.seed,
+                                                        n_random=n_random, template=template, train_on=cfg.train_on,
+                                                        log=log)
+    stream = (PairStream if pairs else BatchStream)(
+        train_examples, cfg.batch_size, cfg.max_len, grad_accum=cfg.grad_accum, packing=cfg.packing,
+        group_by_length=cfg.group_by_length and not cfg.packing, seed=cfg.seed, rank=proc.rank,
+        world_size=proc.world)
     total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * stream.steps_per_epoch))
     if cfg.warmup > total_steps:
         log(f"warning: --warmup {cfg.warmup} is longer than the run ({total_steps} steps): the learning rate "
@@ -156,7 +166,12 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
     if changes:
         log("resuming with settings that differ from the checkpoint's: " + ", ".join(changes))
 
-    model, plan = build_model(cfg, lora_config, proc, folder, config, resume_from)
+    model, plan, reference = build_model(cfg, lora_config, proc, folder, config, resume_from)
+    if reference is not None and cfg.precompute_ref:
+        log(f"reference: log-probs of {len(train_examples) + len(eval_examples)} pairs computed ahead")
+        with plan.forward():
+            preference.precompute_reference(reference, train_examples + eval_examples, cfg.batch_size,
+                                            lambda chunk: {k: v.to(device) for k, v in collate_pairs(chunk).items()})
     param_bytes = int(parallel.all_reduce_max(torch.tensor(fsdp.local_bytes(model), dtype=torch.float64,
                                                            device=device)).item())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,7 +186,8 @@ def load_run(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, 
         log(f"resumed from {resume_from} at step {start_step}")
     return Run(model, tokenizer, stream, eval_examples[proc.rank::proc.world], optimizer, plan, total_steps,
                start_step, totals, training_flops_per_token(model.config, lora_config, cfg.max_len),
-               measure_matmul_peak(device, dtype), template, param_bytes, evaluates=bool(eval_examples))
+               measure_matmul_peak(device, dtype), template, param_bytes, evaluates=bool(eval_examples),
+               reference=reference)
 
 
 def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
@@ -195,14 +211,17 @@ def chat_template(cfg: TrainConfig, folder: Path | None, tokenizer, log):
             f"template that ends a turn with one of this tokenizer's special tokens: of the built-ins, "
             f"{', '.join(usable)}")
     turns = "the last assistant turn" if cfg.train_on == "last" else "every assistant turn"
-    log(f"chat template: {template.name} (the loss on {turns} and its end-of-turn token)")
+    use = ("renders conversational pairs; standard pairs are used as they are"
+           if cfg.objective in preference.PREFERENCE else f"the loss on {turns} and its end-of-turn token")
+    log(f"chat template: {template.name} ({use})")
     return template
 
 
 def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Process, folder: Path | None, config,
                 resume_from: Path | None):
-    """The model with LoRA built in (base frozen; under --fsdp loaded straight into its shards), the checkpoint's
-    adapter loaded when resuming, run as its RuntimePlan says (fast paths checked); (model, plan)."""
+    """The model with LoRA built in (base frozen; under --fsdp loaded straight into its shards), --init-adapter's
+    weights, the checkpoint's adapter loaded when resuming, run as its RuntimePlan says (fast paths checked);
+    (model, plan, the reference of a dpo or ipo run: the model as it is before the checkpoint's adapter)."""
     log, device = proc.log, proc.device
     dtype = resolve_dtype(cfg.dtype, device)
     quantize = None if cfg.quantize == "none" else cfg.quantize
@@ -220,6 +239,15 @@ def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Proces
         log(f"sharded with FSDP2 over a {'x'.join(map(str, mesh.shape))} mesh ({', '.join(mesh.mesh_dim_names)})")
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
+    if cfg.init_adapter:
+        try:
+            lora.load_adapter(model, cfg.init_adapter, copy=fsdp.copy_into)
+        except (ValueError, OSError) as e:
+            raise TrainingError(f"--init-adapter {cfg.init_adapter}: {e}") from None
+        log(f"starting from the adapter {cfg.init_adapter}")
+    reference = None
+    if cfg.objective in preference.WITH_REFERENCE:
+        reference = preference.Reference(model, from_adapter=bool(cfg.init_adapter))
     if resume_from:
         try:
             lora.load_adapter(model, resume_from, copy=fsdp.copy_into)
@@ -238,7 +266,7 @@ def build_model(cfg: TrainConfig, lora_config: LoRAConfig, proc: parallel.Proces
         raise TrainingError(str(e)) from e
     apply_plan(model, plan)
     log(f"runs as: {plan.describe()}")
-    return model, plan
+    return model, plan, reference
 
 
 def dry_run(cfg: TrainConfig, lora_config: LoRAConfig) -> dict:
@@ -267,7 +295,7 @@ def dry_run(cfg: TrainConfig, lora_config: LoRAConfig) -> dict:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as `cfg` says; the run's summary (summary.json), or the parameter table with --dry-run."""
-    cfg = with_machine_defaults(cfg)
+    cfg = with_init_adapter(with_machine_defaults(cfg))
     lora_config = validate(cfg)
     if cfg.dry_run:
         return dry_run(cfg, lora_config)
@@ -314,7 +342,14 @@ def train(cfg: TrainConfig) -> dict:
             if evaluate_now or save_now or done == run.total_steps:  # checked before anything is evaluated or saved
                 finish_step(pending, run, cfg.log_every, proc, out, progress)
                 pending = None
-            if evaluate_now:
+            if evaluate_now and cfg.objective in preference.PREFERENCE:
+                with parallel.peers_answer():
+                    row = preference_step.evaluate(run, cfg, proc, pair_batches(run.eval_examples, cfg.batch_size))
+                run.totals.eval_loss = row["loss"]
+                run.metrics.write({"step": done, "split": "eval", **row, "lr": lr, "tokens_per_s": None})
+                progress.note(f"step {done}: eval loss {row['loss']:.4f}, reward accuracy "
+                              f"{row['rewards/accuracies']:.3f}")
+            elif evaluate_now:
                 batches = eval_batches(run.eval_examples, cfg.batch_size, cfg.max_len, packing=cfg.packing)
                 with parallel.peers_answer():
                     run.totals.eval_loss, run.totals.eval_ppl = evaluate(model, batches, run.plan,
@@ -347,6 +382,9 @@ def queue_step(run: Run, cfg: TrainConfig, proc: parallel.Process, step: int, ba
     for group in optimizer.param_groups:
         group["lr"] = lr
     micro = [next(run.stream) for _ in range(cfg.grad_accum)]
+    if cfg.objective in preference.PREFERENCE:
+        seeds = [dropout_seed(cfg.seed, step, i * proc.world + proc.rank) for i in range(cfg.grad_accum)]
+        return preference_step.queue_step(run, cfg, proc, step, lr, micro, bad, params, seeds)
     n_real = sum(real_token_count(b) for b in micro)  # before prepare() drops a right-padded mask
     micro = [prepare(b, device) for b in micro]  # copies queued now; labelled positions found on the CPU
     counts = torch.tensor([sum(b["label_index"].numel() for b in micro), n_real], dtype=torch.float64)
@@ -406,6 +444,7 @@ def finish_run(run: Run, cfg: TrainConfig, proc: parallel.Process, out: Path) ->
                              flops_per_token=run.flops_per_token, peak_flops=run.peak_flops, device=proc.device,
                              world=proc.world, out=out, largest_weight=report.largest_weight(tensors.values()),
                              param_bytes=run.param_bytes)
+    summary.update(run.last_metrics or {})  # a preference run's last step, under trl's names
     if proc.main:
         card = report.model_card(cfg, run.totals, run.total_steps, command_line(cfg))
         run_folder.claim(out, "adapter", "summary.json")

@@ -13,7 +13,8 @@ evaluation hold-out: `load_train_eval`), templates (`tinyllama.templates`, re-ex
 rendered as transformers renders them),
 `encoding` (tokens and labels through a template: `encode_messages`), `batching` (padding, packing, the
 stream), `dialogue` (a conversation as the model continues it: the prompt ids, the streamed reply cut where the
-template ends a turn), `synthetic` (the random benchmark workload), `stats` (a
+template ends a turn), `synthetic` (the random benchmark workload), `pairs` (preference pairs for DPO and
+its kin: formats, trl's token ids, batches of whole pairs), `stats` (a
 command-line summary of a data file). Runtime code uses torch, numpy, huggingface_hub and the tokenizer it is
 given (pyarrow, for Parquet files, when installed); never transformers or datasets. It sits above `tinyllama`
 (the loss's IGNORE_INDEX, the Hub's error, generation for `dialogue`) and below `training` and the commands.

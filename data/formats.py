@@ -37,7 +37,7 @@ Deliberately left out: tool use (tool messages and assistant `tool_calls` skip t
 and other non-text parts ("non-text content"), a row's `tools` list and other extra keys (ignored), OpenAI's
 per-message training `weight` (every assistant turn is trained on; a weight of 0 is noted), role spellings other
 than the ones above (matched exactly, case included), more than one system turn or one anywhere but first,
-preference formats (chosen / rejected), and custom column names.
+preference formats (chosen / rejected: `data.pairs` reads those), and custom column names.
 """
 
 from __future__ import annotations

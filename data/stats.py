@@ -10,6 +10,9 @@ label boundary, see data.encoding), and the padding fraction of each batching mo
 same numbers as a dict for benchmarks. `--speed N` times encoding N conversations (the file's, repeated) with the
 template and with guanaco.
 
+A file of preference pairs (`data.pairs`) gets its pairs, skips and the lengths of prompts, completions and
+sequences instead.
+
 Works offline for a local file: the tokenizer defaults to the repository's copy of the Llama 2 / TinyLlama
 `tokenizer.model` (assets/, byte-identical to TinyLlama's). Deliberately left out: plots, per-language
 breakdowns, and anything that needs the model.
@@ -39,6 +42,7 @@ from .encoding import (
     to_messages,
 )
 from .guanaco import SYSTEM, BadRow, Turn
+from .pairs import encode_pairs, is_pair_file, load_pairs
 from .sources import load_conversations
 
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer.model"
@@ -84,6 +88,32 @@ def dataset_stats(conversations, tokenizer, max_len: int, batch_size: int, seed:
     out["padding_packed"] = padding_fraction(lengths_in, rows, max_len)
     out["packing_efficiency"] = 1.0 - out["padding_packed"]
     return out
+
+
+def pair_stats(pairs, report, tokenizer, max_len: int, template=None) -> dict:
+    """A preference file's numbers: pairs kept and skipped (by reason, `max_len` included) and the lengths of
+    prompts, completions and sequences, as training encodes them (`data.pairs`)."""
+    examples, report = encode_pairs(pairs, tokenizer, template, max_len=max_len, report=report)
+    prompt = np.array([len(e.prompt_ids) for e in examples] or [0])
+    completion = np.array([len(x) for e in examples for x in (e.chosen_ids, e.rejected_ids)] or [0])
+    sequence = np.array([n for e in examples for n in (len(e.prompt_ids) + len(e.chosen_ids),
+                                                      len(e.prompt_ids) + len(e.rejected_ids))] or [0])
+    return {"pairs": report.pairs, "skipped": dict(report.skipped), "max_len": max_len,
+            "truncated": int((sequence > max_len).sum()),
+            **{f"{name}_p{q}": float(np.percentile(a, q)) for name, a in
+               (("prompt", prompt), ("completion", completion), ("sequence", sequence)) for q in (50, 90)},
+            "sequence_max": int(sequence.max())}
+
+
+def format_pair_stats(s: dict) -> str:
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(s["skipped"].items())) or "none"
+    return "\n".join([
+        f"pairs: {s['pairs']} (skipped: {skipped})",
+        f"tokens (p50/p90): prompt {s['prompt_p50']:.0f}/{s['prompt_p90']:.0f}, completion "
+        f"{s['completion_p50']:.0f}/{s['completion_p90']:.0f}, sequence {s['sequence_p50']:.0f}/"
+        f"{s['sequence_p90']:.0f}, max {s['sequence_max']}",
+        f"max_len {s['max_len']}: {s['truncated']} sequences cut (the start is kept)",
+    ])
 
 
 def format_stats(s: dict) -> str:
@@ -140,6 +170,12 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         folder = Path(args.tokenizer) if Path(args.tokenizer).is_dir() else None
         template = load_template(args.chat_template, folder, tokenizer)
+        if isinstance(source, Path) and is_pair_file(source):
+            pairs, report = load_pairs(source)
+            print(report)
+            print(f"chat template: {template.name}")
+            print(format_pair_stats(pair_stats(pairs, report, tokenizer, args.max_len, template)))
+            return 0
         conversations = load_conversations(source, all_threads=args.all_threads, verbose=False)
     except (ImportError, OSError, RuntimeError, ValueError) as e:  # messages for people (ImportError: an extra)
         print(f"error: {e}", file=sys.stderr)

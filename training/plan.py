@@ -30,6 +30,10 @@ PyTorch's `torch.distributed._tools.mem_tracker.MemTracker` was the first choice
 gradient hook on every parameter, which a frozen base parameter refuses, so the parts come from the shapes and
 the saved-tensor hooks instead. Calibrated against every peak recorded on an H200 (docs/will-it-fit.md): +1% to
 +10%, on the safe side.
+A preference objective (`--objective dpo|ipo|simpo|orpo`) is traced on `--batch-size` pairs: 2 x batch_size rows
+of `--max-len`, every token but the first a completion token, through `training.preference.micro_batch_terms`,
+the reference's forward pass included (no gradient: it saves nothing, its largest tensor is transient); a frozen
+copy of `--init-adapter`'s weights (the dpo and ipo reference) is counted in `weights`.
 Deliberately left out: the CUDA caching allocator's fragmentation and cuBLAS/flash workspaces (not needed to
 stay on the safe side so far), and torch.compile's fusions (planned eagerly).
 """
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 
 import torch
@@ -53,6 +58,7 @@ from tinyllama.quant import is_projection, nf4_quantize, quantized_module, repla
 from tinyllama.runtime import apply_plan, plan_runtime, resolve_dtype
 
 from .fsdp import planned_param_bytes
+from .preference import ORPO, PREFERENCE, SFT, WITH_REFERENCE, Reference, logp_positions, micro_batch_terms
 
 PARTS = ("weights", "lora_weights", "gradients", "adamw", "activations", "transient")
 GIB = 2 ** 30
@@ -136,6 +142,32 @@ def measure_step(model, batch, plan) -> dict:
             "tokens": ids.numel()}
 
 
+def pair_batch(batch_size: int, max_len: int, nll: bool = False) -> dict:
+    """A micro-batch of `batch_size` pairs (2 x batch_size full rows) whose every token but the first is a
+    completion token, its log-prob positions found (`training.preference.logp_positions`): what the plan of a
+    preference step is traced on, and the tests measure on."""
+    ids = torch.zeros(2 * batch_size, max_len, dtype=torch.long)
+    completion = torch.ones_like(ids)
+    completion[:, 0] = 0
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
+    return {**batch, **logp_positions(batch, nll)}
+
+
+def measure_preference_step(model, batch: dict, plan, objective: str, reference=None) -> dict:
+    """`measure_step` of a preference objective's micro-batch (`pair_batch`'s): the reference's forward pass (no
+    gradient, so nothing saved; its largest tensor counts as transient), then the policy's, forward and
+    backward."""
+    exclude = [*model.parameters(), *model.buffers()]
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as flops, _LargestOutput() as largest:
+        with SavedTensors(exclude) as saved, plan.forward():
+            terms = micro_batch_terms(model, batch, objective, beta=0.1, gamma=0.5, label_smoothing=0.0,
+                                      reference=reference)
+            loss = terms["loss_sum"] + terms.get("nll_sum", 0.0)
+        loss.backward()
+    return {"activations": saved.bytes, "transient": largest.largest, "flops": flops.get_total_flops(),
+            "tokens": batch["input_ids"].numel()}
+
+
 def fake_model(config, lora_config, dtype: torch.dtype, quantize: bool = False, double_quant: bool = False):
     """The model as `load_model` builds it (base in `dtype` or NF4 projections, LoRA in float32), on the fake
     tensors of the active FakeTensorMode: every shape and dtype, no values."""
@@ -181,16 +213,26 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
     runtime = plan_runtime(config, device, dtype, lora_config=lora_config, quantized=quantize, packing=cfg.packing,
                            fused_mlp=cfg.fused_mlp, varlen=cfg.varlen, sharded=sharded)
     traced = dataclasses.replace(runtime, device=torch.device("cpu"))
-    batch = labelled_batch(cfg.batch_size, cfg.max_len)
+    objective = getattr(cfg, "objective", SFT)
+    pairs = objective in PREFERENCE
+    batch = pair_batch(cfg.batch_size, cfg.max_len, objective == ORPO) if pairs else labelled_batch(
+        cfg.batch_size, cfg.max_len)
+    reference = None
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.random.fork_rng(), _dropout_as_on(device):
         model = fake_model(config, lora_config, dtype, quantize, cfg.double_quant)
         model.train()
         apply_plan(model, traced)
-        fake_batch = [mode.from_tensor(t) for t in batch]
+        if pairs:
+            fake_batch = {k: mode.from_tensor(t) for k, t in batch.items()}
+            if objective in WITH_REFERENCE:
+                reference = Reference(model, from_adapter=bool(cfg.init_adapter))
+            measure = functools.partial(measure_preference_step, objective=objective, reference=reference)
+        else:
+            fake_batch, measure = [mode.from_tensor(t) for t in batch], measure_step
         if cfg.grad_checkpointing:  # the backward pass recomputes one layer at a time: its activations come back
-            whole = measure_step(model, fake_batch, traced)["activations"]
+            whole = measure(model, fake_batch, traced)["activations"]
         model.gradient_checkpointing = cfg.grad_checkpointing
-        step = measure_step(model, fake_batch, traced)
+        step = measure(model, fake_batch, traced)
     if cfg.grad_checkpointing:
         step["transient"] += max(whole - step["activations"], 0) // config.num_hidden_layers
     if sharded:  # FSDP gathers a layer whole before it runs, and prefetches the next one meanwhile
@@ -200,6 +242,8 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
     lora_bytes = math.ceil(lora_params / world) * 4
     weights = planned_param_bytes(config, lora_config, world=world if sharded else 1, dtype=dtype,
                                   quantize=quantize, double_quant=cfg.double_quant)
+    if reference is not None and reference.frozen is not None:  # the initial adapter, frozen beside the trained one
+        weights += lora_params * 4
     parts = {"weights": weights - (lora_bytes if sharded else lora_params * 4), "lora_weights":
              lora_bytes if sharded else lora_params * 4, "activations": step["activations"],
              "transient": step["transient"]}

@@ -140,7 +140,8 @@ def print_summary(s: dict, log) -> None:
     log(f"| {s['training_time_s']:.2f} | {s['trainable_params']:,} | {s['total_params']:,} | "
         f"{s['trainable_percent']:.2f} | {s['tokens_per_s']:,.0f} | {100 * s['mfu']:.1f}% | {peak} |")
     log(f"loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
-        + (f"; eval loss {s['eval_loss']:.4f} (ppl {s['eval_ppl']:.2f})" if s["eval_loss"] is not None else "")
+        + (f"; eval loss {s['eval_loss']:.4f}" if s["eval_loss"] is not None else "")
+        + (f" (ppl {s['eval_ppl']:.2f})" if s["eval_ppl"] is not None else "")
         + f"; adapter saved to {s['out']}/adapter")
     for warning in s["warnings"]:
         log(f"warning: {warning}")

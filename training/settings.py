@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from data.encoding import DEFAULT_MAX_LEN, TRAIN_ON
-from data.sources import AUTO, NONE, is_random, source_problems
-from lora import LoRAConfig, resolve_targets
+from data.pairs import is_pair_file
+from data.sources import AUTO, NONE, is_random, parse_sources, source_problems
+from lora import LoRAConfig, read_adapter_config, resolve_targets
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
 from tinyllama.flops import lora_shapes
 from tinyllama.model import check_targets
@@ -37,6 +38,7 @@ from tinyllama.templates import BUILTINS, DEFAULT_TIMEOUT, MODEL
 from . import run_folder
 from .fsdp import MODES as FSDP_MODES
 from .plan import parse_bytes
+from .preference import OBJECTIVES, PREFERENCE, SFT, SIMPO, WITH_REFERENCE
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -115,6 +117,21 @@ class TrainConfig:
     random_init: bool = field(default=False, metadata={
         "help": "random weights of --model's shape instead of its weights; --model may then also be a shape name "
                 "(tinyllama.shapes: llama-2-7b, llama-3.2-1b, ...) or a config.json"})
+    # Preference tuning (training.preference)
+    objective: str = field(default="sft", metadata={
+        "help": "sft: supervised fine-tuning on conversations; dpo, ipo, simpo, orpo: preference tuning on a file of "
+                "pairs (prompt, chosen, rejected; see docs/preference.md), as trl 1.16's DPOTrainer (dpo, ipo), "
+                "CPOTrainer (simpo) and ORPOTrainer (orpo) compute it"})
+    beta: float = field(default=0.1, metadata={"help": "the preference objective's beta (ORPO's lambda)"})
+    gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (trl's simpo_gamma)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "SimPO's label smoothing (trl 1.16 reads it there only), in [0, 0.5)"})
+    precompute_ref: bool = field(default=False, metadata={
+        "help": "dpo, ipo: compute the reference's log-probs of every pair once before training (trl's "
+                "precompute_ref_log_probs) instead of a reference forward pass per step"})
+    init_adapter: str = field(default="", metadata={
+        "help": "start from this PEFT adapter folder (an SFT run's OUT/adapter) and train it further; its rank, "
+                "alpha, targets, rsLoRA and DoRA become the run's. For dpo and ipo it is also the reference"})
     # LoRA
     rank: int = field(default=64, metadata={"help": "LoRA rank r: the inner size of each B A product"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to --rank)"})
@@ -222,7 +239,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 def validate(cfg: TrainConfig) -> LoRAConfig:
     """Refuse bad settings before anything is downloaded or put on a GPU: every problem found, a line each."""
-    problems = number_problems(cfg) + machine_problems(cfg) + input_problems(cfg)
+    problems = number_problems(cfg) + machine_problems(cfg) + input_problems(cfg) + objective_problems(cfg)
     lora_config = None
     try:
         config = None
@@ -288,6 +305,54 @@ def number_problems(cfg: TrainConfig) -> list[str]:
     for name in ("eval_every", "save_every", "log_every", "keep_checkpoints"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     return problems
+
+
+def objective_problems(cfg: TrainConfig) -> list[str]:
+    """The preference settings: an objective that exists, its numbers, and what it does not run with."""
+    problems, need = _checker()
+    need(cfg.objective in OBJECTIVES, f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    need(cfg.beta > 0 and math.isfinite(cfg.beta), f"--beta must be a finite number > 0, got {cfg.beta}")
+    need(math.isfinite(cfg.gamma), f"--gamma must be finite, got {cfg.gamma}")
+    need(cfg.label_smoothing == 0 or cfg.objective == SIMPO,
+         f"--label-smoothing applies to --objective simpo only (trl 1.16's {cfg.objective} does not read it); leave "
+         "it out")
+    need(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    need(not cfg.precompute_ref or cfg.objective in WITH_REFERENCE,
+         f"--precompute-ref applies to --objective dpo or ipo (they have a reference model), not {cfg.objective}")
+    if cfg.objective == SFT and not is_random(cfg.data):
+        with contextlib.suppress(ValueError, OSError):  # a bad --data is source_problems' to report
+            pair_files = [s.name for s in parse_sources(cfg.data) if is_pair_file(s.name)]
+            need(not pair_files, f"--data {', '.join(pair_files)} holds preference pairs (chosen, rejected): pass "
+                 "--objective dpo, ipo, simpo or orpo to train on them")
+    if cfg.objective in PREFERENCE:
+        flag = f"--objective {cfg.objective}"
+        need(not cfg.packing, f"{flag} runs padded micro-batches of whole pairs: leave --packing out")
+        need(cfg.fsdp == "none", f"{flag} with --fsdp is not supported yet; use plain data parallel")
+        need(not is_random(cfg.data), f"{flag} trains on a file of preference pairs, not --data random")
+    return problems
+
+
+def with_init_adapter(cfg: TrainConfig) -> TrainConfig:
+    """--init-adapter's rank, alpha, targets, rsLoRA and DoRA as the run's; a flag set to another value is refused
+    in one line (its default is not a choice, so it gives way)."""
+    if not cfg.init_adapter:
+        return cfg
+    try:
+        saved = read_adapter_config(cfg.init_adapter)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"train.py: invalid settings: --init-adapter {cfg.init_adapter}: {e}") from None
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    theirs = {"rank": saved.rank, "alpha": saved.alpha, "targets": ",".join(saved.targets),
+              "rslora": saved.use_rslora, "dora": saved.use_dora}
+    conflicts = [f"--{name} {getattr(cfg, name)}" for name, value in theirs.items()
+                 if getattr(cfg, name) != default[name] and getattr(cfg, name) != value
+                 and not (name == "targets" and set(getattr(cfg, name).split(",")) == set(saved.targets))]
+    if conflicts:
+        held = (f"rank {saved.rank}, alpha {saved.alpha:g}, targets {theirs['targets']}"
+                f"{', rsLoRA' if saved.use_rslora else ''}{', DoRA' if saved.use_dora else ''}")
+        raise SystemExit(f"train.py: invalid settings: {', '.join(conflicts)}: not what --init-adapter "
+                         f"{cfg.init_adapter} holds ({held}), whose settings the run takes: leave those flags out")
+    return dataclasses.replace(cfg, **theirs)
 
 
 def machine_problems(cfg: TrainConfig) -> list[str]:
@@ -378,7 +443,10 @@ def input_problems(cfg: TrainConfig) -> list[str]:
 
 
 def with_machine_defaults(cfg: TrainConfig) -> TrainConfig:
-    """--packing decided (`runtime.default_packing`), so config.json and checkpoints record what ran."""
+    """--packing decided (`runtime.default_packing`; off for preference objectives, whose micro-batches hold whole
+    pairs), so config.json and checkpoints record what ran."""
+    if cfg.packing is None and cfg.objective in PREFERENCE:
+        cfg = dataclasses.replace(cfg, packing=False)
     if cfg.packing is None:
         try:
             device = resolve_device(cfg.device)

@@ -118,13 +118,15 @@ class QueuedStep:
     n_tokens: float  # real (non-pad) tokens, all processes
     n_labelled: float  # labelled tokens, all processes
     epoch: int
+    loss_count: float | None = None  # what numbers[0] is divided by (None: n_labelled; 1: it is the loss already)
+    metric_names: tuple[str, ...] = ()  # numbers[2:], already means (a preference step's rewards, ...)
 
 
 def read_step(q: QueuedStep, out: Path | None = None) -> dict:
     """Wait for a queued step (that step only) and return its metrics row; a non-finite one raises, naming the
     last good checkpoint in `out` (looked up only then: the output folder is not read every step)."""
-    loss_sum, norm = q.numbers.tolist()
-    loss = loss_sum / q.n_labelled
+    loss_sum, norm, *extra = q.numbers.tolist()
+    loss = loss_sum / (q.n_labelled if q.loss_count is None else q.loss_count)
     if not (math.isfinite(loss) and math.isfinite(norm)):
         what = (f"loss is {loss}" if not math.isfinite(loss) else
                 f"gradient norm is {norm} (the loss, {loss:.4f}, is finite; clipping would zero the update)")
@@ -136,7 +138,8 @@ def read_step(q: QueuedStep, out: Path | None = None) -> dict:
     seconds = q.timer.elapsed()
     return {"step": q.step, "split": "train", "loss": loss, "lr": q.lr, "tokens_per_s": q.n_tokens / seconds,
             "labelled_tokens_per_s": q.n_labelled / seconds, "step_s": seconds, "grad_norm": norm,
-            "epoch": q.epoch, "tokens": q.n_tokens, "labelled": q.n_labelled}
+            "epoch": q.epoch, "tokens": q.n_tokens, "labelled": q.n_labelled,
+            **dict(zip(q.metric_names, extra, strict=True))}
 
 
 def evaluate(model, batches, plan, lockstep: bool = False) -> tuple[float, float]:
@@ -166,6 +169,8 @@ def finish_step(q: QueuedStep, run: Run, log_every: int, proc, out, progress) ->
     count, and log them to the progress line and, every `log_every` steps, to `run.metrics`."""
     row = read_step(q, out if proc.main else None)
     run.totals.add(row)
+    if q.metric_names:
+        run.last_metrics = {name: row[name] for name in q.metric_names}
     progress.update(q.step, row["loss"], q.lr, row["tokens_per_s"])
     if q.step % max(log_every, 1) == 0 or q.step == run.total_steps or q.step == run.start_step + 1:
         row["mfu"] = q.n_tokens * run.flops_per_token / row["step_s"] / run.peak_flops / proc.world
@@ -191,3 +196,5 @@ class Run:
     param_bytes: int = 0  # parameters and buffers held by the largest process (after sharding, under --fsdp)
     evaluates: bool = False  # the run has evaluation examples (this process's share, eval_examples, may be empty)
     metrics: report.Metrics | None = None  # set once the output folder is ready
+    reference: object | None = None  # training.preference.Reference of a dpo or ipo run
+    last_metrics: dict | None = None  # a preference run's last step's metrics, for summary.json
