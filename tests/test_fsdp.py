@@ -89,6 +89,7 @@ def launched(tmp_path_factory, tiny_ckpt, single):
         "ddp": _ddp_args(tmp, tiny_ckpt),
         "phi3": ["--model", str(_phi3(tmp)), *_phi3_flags(), "--batch-size=2", "--grad-accum=1", "--no-samples",
                  "--fsdp"],
+        "orpo": [*_orpo_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt), "--batch-size", "4"],
     }
     logs = _torchrun(tmp, runs)
     return {name: tmp / name for name in runs}, logs
@@ -272,3 +273,41 @@ def test_phi3_under_fsdp_trains_as_one_process(tmp_path, launched):
     norms = [[r["grad_norm"] for r in x if r["split"] == "train"] for x in (sharded, single)]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4) and min(norms[1]) > 3 * PHI3["grad_clip"]
     assert_same_adapters(tmp_path / "single", sharded_folder, rtol=1e-4, atol=1e-6)
+
+
+def _pair_files(tmp_path, ckpt):
+    """8 preference pairs and an initial adapter (test_preference_train's `files`)."""
+    from test_preference_train import pairs
+
+    import lora
+    from helpers import randomize_lora_b
+    from tinyllama import load_model
+
+    folder = tmp_path / "prefs"
+    if not folder.is_dir():
+        folder.mkdir()
+        (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(8)))
+        config = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("gate_proj", "up_proj", "down_proj"))
+        model = randomize_lora_b(load_model(ckpt, lora_config=config), std=0.2, seed=1)
+        lora.save_adapter(model, folder / "init", base_model=str(ckpt))
+    return folder
+
+
+def _orpo_args(files, ckpt):
+    return ["--model", str(ckpt), "--data", str(files / "pairs.jsonl"), "--eval-data", "none", "--objective", "orpo",
+            "--init-adapter", str(files / "init"), "--grad-accum", "1", "--dropout", "0", "--lr", "1e-2",
+            "--warmup", "0", "--schedule", "constant", "--grad-clip", "0", "--max-len", "32", "--steps", "3",
+            "--no-group-by-length", "--log-every", "1", "--no-samples"]
+
+
+@pytest.mark.slow
+def test_orpo_on_two_processes_equals_one_batch(tmp_path, tiny_ckpt, launched):
+    # ORPO: the ranks hold different numbers of chosen tokens, so the NLL must be divided by the step's count over
+    # both processes, and the pair losses by both processes' pairs.
+    from test_preference_train import assert_same_rows, pref_run
+
+    files = launched[0]["orpo"].parent / "prefs"
+    _, one = pref_run(tmp_path, tiny_ckpt, files, "one", objective="orpo", init_adapter=str(files / "init"))
+    ddp = launched[0]["orpo"]
+    assert_same_rows([r for r in metrics(ddp) if r["split"] == "train"], one)
+    assert_same_adapters(tmp_path / "one", ddp, rtol=1e-4, atol=1e-6)

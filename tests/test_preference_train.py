@@ -155,29 +155,6 @@ def test_flags_that_conflict_with_the_init_adapter_are_refused(tmp_path, files):
     assert "--alpha" not in text.split("not what")[0]  # alpha 8 is the adapter's own: no conflict
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_batch(tmp_path, tiny_ckpt, files):
-    # ORPO: the ranks hold different numbers of chosen tokens, so the NLL must be divided by the step's count over
-    # both processes, and the pair losses by both processes' pairs.
-    import os
-    import subprocess
-    import sys
-
-    from helpers import ROOT, free_port
-
-    _, one = pref_run(tmp_path, tiny_ckpt, files, "one", objective="orpo", init_adapter=str(files / "init"))
-    args = ["--model", str(tiny_ckpt), "--data", str(files / "pairs.jsonl"), "--eval-data", "none", "--objective",
-            "orpo", "--init-adapter", str(files / "init"), "--batch-size", "4", "--grad-accum", "1", "--dropout", "0",
-            "--lr", "1e-2", "--warmup", "0", "--schedule", "constant", "--grad-clip", "0", "--max-len", "32",
-            "--steps", "3", "--no-group-by-length", "--log-every", "1", "--no-samples", "--out", str(tmp_path / "ddp")]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), "train.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_rows([r for r in metrics(tmp_path / "ddp") if r["split"] == "train"], one)
-    assert_same_adapters(tmp_path / "one", tmp_path / "ddp", rtol=1e-4, atol=1e-6)
-
-
 def test_a_damaged_init_adapter_is_refused_before_training(tmp_path, tiny_ckpt, files):
     import shutil
 
