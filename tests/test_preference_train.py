@@ -77,7 +77,9 @@ def test_accumulating_2x4_pairs_equals_one_batch_of_8(tmp_path, tiny_ckpt, files
     _, one = pref_run(tmp_path, tiny_ckpt, files, "one", **settings)
     _, acc = pref_run(tmp_path, tiny_ckpt, files, "acc", batch_size=4, grad_accum=2, **settings)
     assert_same_rows(acc, one)
-    assert_same_adapters(tmp_path / "one", tmp_path / "acc", rtol=1e-4, atol=1e-6)
+    # The step's pairs summed in another order (8 at once, or 4 + 4) differ in the last float32 bits, which Adam
+    # can turn into ~1e-4 relative in a weight whose gradient is near zero: test_fsdp's REORDERED tolerance.
+    assert_same_adapters(tmp_path / "one", tmp_path / "acc", rtol=1e-3, atol=1e-4)
 
 
 def test_a_continued_dpo_run_resumes_bit_exactly(tmp_path, tiny_ckpt, files):
