@@ -14,9 +14,19 @@ import warnings
 
 import pytest
 import torch
+from test_dora import _peft_config, _perturb
 
 import lora
-from helpers import LazyModule, compare_gradients, hf_checkpoint, hf_greedy, hf_model, lm_batch, our_name
+from helpers import (
+    LazyModule,
+    compare_gradients,
+    hf_checkpoint,
+    hf_greedy,
+    hf_model,
+    lm_batch,
+    our_name,
+    peft_lora_model,
+)
 from lora import LoRAConfig
 from tinyllama import LlamaConfig, causal_lm_loss, generate, load_model, reference_loss
 from tinyllama.config import FAMILIES, FULL, SLIDING
@@ -179,14 +189,21 @@ def _every_projection(config: LlamaConfig) -> tuple[str, ...]:
     return config.attention_projections + config.mlp_projections
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_pefts_adapter_on_every_projection_loads_here_with_pefts_logits_and_gradients(checkpoints, family, tmp_path):
+def test_pefts_adapter_on_every_projection_loads_here_with_pefts_logits_and_gradients(checkpoints, family, dora,
+                                                                                     tmp_path):
+    """With DoRA too: on Qwen's biased q/k/v, PEFT's DoRA scales W x without the bias, then adds it once."""
     path = checkpoints[family]
     targets = _every_projection(LlamaConfig.from_json(path / "config.json"))
-    config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=targets)
-    ref = _peft(path, config)
+    config = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=targets, use_dora=dora)
+    if dora:
+        ref = _perturb(peft.get_peft_model(hf_model(path), _peft_config(config)), seed=3).eval()
+    else:
+        ref = peft_lora_model(path, config)  # random non-zero A and B
     ref.save_pretrained(tmp_path / "adapter")
     ours = load_model(path, lora_config=lora.read_adapter_config(tmp_path / "adapter"))
+    assert ours.lora_config.use_dora == dora
     lora.load_adapter(ours, tmp_path / "adapter")
     ours.eval()
     ids, labels = lm_batch(VOCAB, T=SEQ)
@@ -198,7 +215,7 @@ def test_pefts_adapter_on_every_projection_loads_here_with_pefts_logits_and_grad
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(input_ids=ids).logits, rtol=0, atol=1e-4)
     layers = ours.config.num_hidden_layers
-    assert compare_gradients(ref, ours, tol=1e-4) == 2 * len(targets) * layers
+    assert compare_gradients(ref, ours, tol=1e-4) == (3 if dora else 2) * len(targets) * layers
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -219,19 +236,6 @@ def test_our_adapter_loads_in_peft_with_our_logits(checkpoints, family, tmp_path
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), ref(input_ids=ids).logits, rtol=0, atol=1e-4)
-
-
-def _peft(path, config: LoRAConfig, seed=3):
-    base = hf_model(path)
-    pcfg = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                           target_modules=list(config.targets), task_type="CAUSAL_LM")
-    model = peft.get_peft_model(base, pcfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
 
 
 def test_phi3s_targets_are_its_own_module_names(checkpoints):
