@@ -45,7 +45,7 @@ from tinyllama.runtime import (
 )
 from tinyllama.shapes import SHAPES
 from tinyllama.startup_check import FastPathError, check_fast_paths
-from training import TrainingError, fsdp, parallel, report, run_folder
+from training import TrainingError, fsdp, parallel, report, run_folder, trackers
 from training.plan import GIB, fit_batch_size, format_plan, largest_part, parse_bytes, plan_step
 from training.run_folder import Totals
 from training.settings import (
@@ -285,10 +285,13 @@ def train(cfg: TrainConfig) -> dict:
             run_folder.check_out(out, resume_from, cfg.overwrite)
         run = load_run(cfg, lora_config, proc, resume_from, out)
         model, optimizer, stream = run.model, run.optimizer, run.stream
+        logged = run_folder.last_step(out) if proc.main and resume_from else 0  # before begin() trims metrics
         if proc.main:  # the first write into the output folder
             run_folder.begin(out, resume_from, cfg.overwrite, log)
             run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        run.metrics = report.Metrics(out, tensorboard=cfg.tensorboard, start_step=run.start_step, enabled=proc.main)
+        run.metrics = report.Metrics(out, trackers.requested(cfg), settings=dataclasses.asdict(cfg),
+                                     run_name=cfg.run_name, start_step=run.start_step, logged_through=logged,
+                                     enabled=proc.main, log=log)
         trainable, total = lora.count_parameters(model)
         log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
             f"({run.plan.dtype}), {proc.world} process(es), {run.total_steps} steps of "
@@ -331,8 +334,8 @@ def train(cfg: TrainConfig) -> dict:
                         {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
                          "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints, adapter=tensors)
         progress.close()
-        run.metrics.close()
         summary = finish_run(run, cfg, proc, out)
+        run.metrics.close(summary)
     parallel.stop()
     return summary
 
