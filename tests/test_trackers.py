@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -73,17 +75,33 @@ def by_tag(rows) -> dict[str, list[tuple[int, float]]]:
     return found
 
 
+def empty_mlflow_store(cache, dest: Path) -> str:
+    """A new sqlite MLflow store at `dest`, as the tracking URI. MLflow builds one by running its ~100 schema
+    migrations (9 s on a busy 2-core machine, more than everything else here), so the empty store it built is kept
+    in pytest's cache, per MLflow version, and copied."""
+    import mlflow
+
+    kept = Path(cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store")) / "mlflow.db"
+    if not kept.is_file():
+        building = kept.with_name(f".{os.getpid()}.db")
+        mlflow.tracking.MlflowClient(f"sqlite:///{building}").search_experiments()  # creates the tables
+        os.replace(building, kept)
+    shutil.copy(kept, dest)
+    return f"sqlite:///{dest}"
+
+
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, tiny_ckpt):
+def tracked(tmp_path_factory, tiny_ckpt, pytestconfig):
     """One tiny run reported to W&B (offline) and MLflow (sqlite), 4 steps, then resumed from its step 2 to 6 steps:
     the resume repeats steps 3 and 4 and adds 5 and 6."""
     tmp = tmp_path_factory.mktemp("tracked")
+    store = empty_mlflow_store(pytestconfig.cache, tmp / "mlflow.db")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_DIR", str(tmp))
         env.setenv("WANDB_SILENT", "true")
         env.setenv("WANDB_PROJECT", "tests")
-        env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        env.setenv("MLFLOW_TRACKING_URI", store)
         env.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
         settings = dict(report_to="wandb,mlflow", steps=4, eval_every=2, eval_data=str(GUANACO_SAMPLE), save_every=2,
                         keep_checkpoints=3)
@@ -103,6 +121,7 @@ def sent(t) -> dict:
     return by_tag(t["first_rows"] + [r for r in t["rows"] if r["step"] > 4])
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_files_hold_every_metric_the_config_and_the_summary(tracked):
     wandb_id = tracked["ids"]["wandb"]["id"]
     assert wandb_id == tracked["first_ids"]["wandb"]["id"]  # the resumed leg continued the same run
@@ -118,6 +137,7 @@ def test_wandb_offline_run_files_hold_every_metric_the_config_and_the_summary(tr
     assert found["summary"]["steps"] == 6
 
 
+@pytest.mark.slow
 def test_mlflow_sqlite_store_holds_every_metric_the_params_and_the_summary(tracked):
     from mlflow.tracking import MlflowClient
 

@@ -37,9 +37,14 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 def parse_with_file(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """`parser.parse_args(argv)`, with `--config FILE`'s values as the defaults. A bad file ends the command as
     argparse ends it for a bad flag (status 2), with one line on stderr."""
+    required = [a for a in parser._actions if a.required]
+    for action in required:  # the file may give them: asked for once it is read
+        action.required = False
     args = parser.parse_args(argv)
+    for action in required:
+        action.required = True
     if not getattr(args, "config", None):
-        return args
+        return parser.parse_args(argv) if required else args
     try:
         values = file_values(parser, read_settings_file(args.config), args.config)
     except SettingsFileError as e:

@@ -55,12 +55,12 @@ def setting_type(cls, name: str):
     return {"bool": bool, "int": int, "float": float, "str": str}[kind.removesuffix(" | None")]
 
 
-def parse_settings(cls, argv=None, description: str = "", resolve=None):
+def parse_settings(cls, argv=None, description: str = "", resolve=None, prog: str | None = None):
     """An instance of `cls` from the command line: `--field-name VALUE`, or `--flag/--no-flag` for a bool, over the
     values of `--config FILE` (`tinyllama.settings_file`: every field, by its flag's name). `--print-config` prints
     the settings as YAML, as `resolve(settings)` decides them (None: as they are), and exits: that YAML is itself a
     `--config`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     settings_file.add_config_flag(parser)
     parser.add_argument("--print-config", action="store_true", help="print the settings (the file's, then the "
                         "flags', then what the machine decides) as YAML, which --config reads, and exit; nothing is "
@@ -242,7 +242,7 @@ class TrainConfig:
 
 def parse_args(argv=None) -> TrainConfig:
     return parse_settings(TrainConfig, argv, description="Supervised fine-tuning with LoRA (python train.py)",
-                          resolve=with_machine_defaults)
+                          resolve=with_machine_defaults, prog="train.py")
 
 
 def validate(cfg: TrainConfig) -> LoRAConfig:
