@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +64,7 @@ def test_every_field_of_trainconfig_can_be_set_in_a_file(tmp_path):
 
 
 def test_print_config_is_the_run_config_json_and_reads_back(tmp_path, capsys, trained_run):
-    trained_run(tmp_path / "first")
+    trained_run(tmp_path / "first", steps=2, save_every=2)  # the run test_run_folder trains too
     saved = json.loads((tmp_path / "first" / "config.json").read_text())
     shown = printed(capsys, ["--config", str(tmp_path / "first" / "config.json")])
     assert shown == saved  # the same values, with what with_machine_defaults decided (packing), no print flag
@@ -78,7 +77,7 @@ def test_print_config_is_the_run_config_json_and_reads_back(tmp_path, capsys, tr
 
 @pytest.mark.slow
 def test_a_runs_config_json_trains_the_same_adapter_bit_for_bit(tmp_path, trained_run):
-    trained_run(tmp_path / "first")
+    trained_run(tmp_path / "first", steps=2, save_every=2)  # the run test_run_folder trains too
     cfg = train.parse_args(["--config", str(tmp_path / "first" / "config.json"), "--out", str(tmp_path / "again")])
     train.train(cfg)
     first, again = adapter_weights(tmp_path / "first"), adapter_weights(tmp_path / "again")
@@ -111,7 +110,8 @@ def test_a_bad_yaml_file_is_refused_in_one_line_naming_it(tmp_path, capsys, text
 
 def test_bad_json_and_other_files_are_refused_in_one_line(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"rank": 4,\n "lr": }\n')
-    assert f"{tmp_path / 'bad.json'} line 2: not valid JSON" in refusal(capsys, ["--config", str(tmp_path / "bad.json")])
+    line = refusal(capsys, ["--config", str(tmp_path / "bad.json")])
+    assert f"{tmp_path / 'bad.json'} line 2: not valid JSON" in line
     (tmp_path / "run.toml").write_text("rank = 4\n")
     assert "expected a .yaml, .yml or .json file" in refusal(capsys, ["--config", str(tmp_path / "run.toml")])
     assert "cannot be read" in refusal(capsys, ["--config", str(tmp_path / "missing.yaml")])
