@@ -1,6 +1,7 @@
 """Supervised fine-tuning of TinyLlama with LoRA: the loop in `train()`, top to bottom.
 
     python train.py --rank 64 --alpha 64            # guanaco train split from the Hub, adapter in runs/
+    python train.py --config configs/qlora.yaml     # the settings kept in a file (flags given here win)
     torchrun --nproc_per_node 2 train.py --rank 64  # data parallel (NCCL on GPU, gloo on CPU)
 
 Every setting is a field of `TrainConfig` (`training.settings`, with `validate`); the command line is generated
@@ -10,8 +11,8 @@ optimizer step (`queue_step`) run `grad_accum` micro-batches whose summed token 
 labelled-token count of the whole step (across micro-batches and ranks), clip, step AdamW over the LoRA weights
 only; then log, evaluate, checkpoint, and at the end write the adapter and summary (`finish_run`). The pieces it
 uses: `training.step` (a step's parts, and why the host never waits for the GPU), `training.parallel`,
-`training.run_folder` (lock, checkpoints, resume), `training.report`, and `tinyllama.runtime` (how the model runs
-on this machine: `RuntimePlan`).
+`training.run_folder` (lock, checkpoints, resume), `training.report` (with `training.trackers`: W&B, MLflow,
+TensorBoard), and `tinyllama.runtime` (how the model runs on this machine: `RuntimePlan`).
 
 Deliberately left out: full fine-tuning, mixed LoRA ranks per layer, fp16 loss scaling (bf16 needs none),
 tensor and pipeline parallelism (FSDP2 with `--fsdp` shards a base too large for one GPU; the adapters are small

@@ -1,5 +1,5 @@
-"""What a run tells its user: the progress line, metrics (metrics.jsonl, optionally TensorBoard), the summary
-table, loss.png and base vs fine-tuned samples."""
+"""What a run tells its user: the progress line, metrics (metrics.jsonl, and the trackers of --report-to:
+`training.trackers`), the summary table, loss.png and base vs fine-tuned samples."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The settings of a training run: `TrainConfig` (every setting, with its help), `validate` (bad settings refused
 before anything is downloaded or put on a GPU, a line each), and the command line generated from the dataclass:
 one flag per field, typed as the field is, its help from the field's metadata (`bench.bench --variant` parses
-settings with the same types)."""
+settings with the same types), over the values of `--config FILE` (`tinyllama.settings_file`), and
+`--print-config`."""
 
 from __future__ import annotations
 
