@@ -21,6 +21,8 @@ resumed run's history into a tracker run that already has it.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.util
 import json
 import os
@@ -198,6 +200,13 @@ class MLflow:
         for i in range(0, len(params), MLFLOW_BATCH):
             client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
         self.ids = {"run_id": self.run_id, "tracking_uri": client.tracking_uri}
+        # A run stopped by an error or Ctrl-C never reaches close(): marked FAILED at exit rather than left RUNNING
+        # (W&B's own exit hook does this for W&B).
+        atexit.register(self._abandoned)
+
+    def _abandoned(self) -> None:
+        with contextlib.suppress(Exception):  # the interpreter is exiting: nothing left to report to
+            self.client.set_terminated(self.run_id, "FAILED")
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -212,9 +221,10 @@ class MLflow:
         numbers = [Metric(f"summary/{k}", float(v), now, step) for k, v in summary.items() if _number(v)]
         tags = [RunTag(f"summary.{k}", _param(v)) for k, v in summary.items() if v is not None and not _number(v)]
         self.client.log_batch(self.run_id, metrics=numbers, tags=tags[:MLFLOW_BATCH])
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.close()
 
     def close(self) -> None:
+        atexit.unregister(self._abandoned)
         self.client.set_terminated(self.run_id, "FINISHED")
 
 
