@@ -216,3 +216,37 @@ def test_an_unreachable_server_is_refused_before_anything_loads(tmp_path, tiny_c
 def test_an_unknown_tracker_is_refused(tmp_path, tiny_ckpt):
     message = refused(tmp_path, tiny_ckpt, report_to="wandb,comet")
     assert "comet is no tracker this project reports to; expected some of tensorboard, wandb, mlflow" in message
+
+
+class Recording:
+    """A tracker that keeps what it is sent."""
+
+    def __init__(self, name, continues):
+        self.name, self.continues, self.sent, self.summary = name, continues, [], None
+
+    def log(self, values, step):
+        self.sent.append((step, values))
+
+    def finish(self, summary):
+        self.summary = summary
+
+
+@pytest.mark.parametrize("continues, want", [(False, [1, 2, 3, 4]), (True, [4])])
+def test_a_new_tracker_run_gets_the_earlier_rows_and_a_continued_one_only_new_steps(tmp_path, monkeypatch,
+                                                                                      continues, want):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n"
+                                                    for s in (1, 2, 3)))
+    tracker = Recording("mlflow", continues)
+    monkeypatch.setattr(trackers, "start", lambda *args: [tracker])
+    m = report.Metrics(tmp_path, ["mlflow"], start_step=2, logged_through=3)  # resumed at 2; 3 was sent already
+    m.write({"step": 4, "split": "train", "loss": 0.25, "tokens_per_s": None})
+    m.close({"steps": 4, "last_loss": 0.25})
+    assert [step for step, _ in tracker.sent] == want
+    assert tracker.sent[-1] == (4, {"train/loss": 0.25})  # numbers only, under their tags
+    assert tracker.summary == {"steps": 4, "last_loss": 0.25}
+
+
+def test_report_to_names_each_tracker_once_and_tensorboard_is_its_shorthand():
+    cfg = train.TrainConfig(report_to=" wandb,MLflow,wandb ", tensorboard=True)
+    assert trackers.requested(cfg) == ["wandb", "mlflow", "tensorboard"]
+    assert trackers.requested(train.TrainConfig(report_to="none")) == []
