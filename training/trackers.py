@@ -27,8 +27,6 @@ import importlib.util
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -96,6 +94,9 @@ def unreachable(name: str) -> str | None:
 
 def _no_answer(url: str) -> str | None:
     """None when a server answers at `url` (any HTTP status: authentication is the tool's to check)."""
+    import urllib.error
+    import urllib.request
+
     try:
         urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S).close()  # noqa: S310  (an http(s) URL, checked above)
     except urllib.error.HTTPError:
