@@ -16,7 +16,7 @@ import chat
 import train
 from helpers import ROOT, adapter_weights, metrics
 from tinyllama import export
-from training.settings import TrainConfig, with_machine_defaults
+from training.settings import TrainConfig, validate, with_machine_defaults
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -129,9 +129,22 @@ def test_every_recipe_in_configs_reads_and_prints(path, capsys):
         assert shown[key.replace("-", "_")] == (float(value) if isinstance(shown[key], float) else value), key
 
 
-def test_the_recipes_cover_the_documented_runs():
-    assert {p.name for p in CONFIGS} >= {"default.yaml", "qlora.yaml", "dora.yaml", "llama-3.2-1b-chat.yaml",
-                                         "fsdp-2gpu.yaml", "qwen2.5-0.5b.yaml"}
+# The shape (tinyllama.shapes) of each recipe's model: its settings are validated against it offline.
+RECIPE_SHAPES = {"default.yaml": "tinyllama-1.1b", "qlora.yaml": "tinyllama-1.1b", "dora.yaml": "tinyllama-1.1b",
+                 "llama-3.2-1b-chat.yaml": "llama-3.2-1b", "fsdp-2gpu.yaml": "llama-2-13b",
+                 "qwen2.5-0.5b.yaml": "qwen2.5-0.5b"}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_SHAPES))
+def test_every_recipe_passes_validation_on_its_models_shape(name):
+    cfg = train.parse_args(["--config", str(ROOT / "configs" / name), "--model", RECIPE_SHAPES[name], "--dry-run",
+                            "--device", "cpu"])
+    lora_config = validate(with_machine_defaults(cfg))  # raises SystemExit naming every problem
+    assert lora_config.rank == cfg.rank
+
+
+def test_the_recipes_are_the_documented_runs_each_validated():
+    assert {p.name for p in CONFIGS} == set(RECIPE_SHAPES)  # a new recipe gets a shape to be validated on
 
 
 def test_make_train_passes_the_config_and_only_the_overrides_given():
