@@ -284,15 +284,20 @@ def train(cfg: TrainConfig) -> dict:
     with run_folder.lock(out, log) if proc.main else contextlib.nullcontext():
         if proc.main:
             run_folder.check_out(out, resume_from, cfg.overwrite)
-        run = load_run(cfg, lora_config, proc, resume_from, out)
+        started = trackers.start_remote(cfg, out, resume_from, log) if proc.main else []  # their errors: at once
+        try:
+            run = load_run(cfg, lora_config, proc, resume_from, out)
+        except BaseException:
+            trackers.close_failed(started)
+            raise
         model, optimizer, stream = run.model, run.optimizer, run.stream
         logged = run_folder.last_step(out) if proc.main and resume_from else 0  # before begin() trims metrics
         if proc.main:  # the first write into the output folder
             run_folder.begin(out, resume_from, cfg.overwrite, log)
             run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        run.metrics = report.Metrics(out, trackers.requested(cfg), settings=dataclasses.asdict(cfg),
-                                     run_name=cfg.run_name, start_step=run.start_step, logged_through=logged,
-                                     enabled=proc.main, log=log)
+        run.metrics = report.Metrics(out, started, tensorboard="tensorboard" in trackers.requested(cfg),
+                                     settings=dataclasses.asdict(cfg), start_step=run.start_step,
+                                     logged_through=logged, enabled=proc.main, log=log)
         trainable, total = lora.count_parameters(model)
         log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
             f"({run.plan.dtype}), {proc.world} process(es), {run.total_steps} steps of "

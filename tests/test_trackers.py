@@ -16,7 +16,7 @@ import pytest
 
 import train
 from helpers import GUANACO_SAMPLE, metrics, run
-from training import report, trackers
+from training import TrainingError, report, trackers
 
 
 def wandb_records(path: Path):
@@ -157,6 +157,19 @@ def test_mlflow_sqlite_store_holds_every_metric_the_params_and_the_summary(track
     assert found.data.metrics["summary/steps"] == 6
 
 
+class Recording:
+    """A tracker that keeps what it is sent."""
+
+    def __init__(self, name, continues):
+        self.name, self.continues, self.sent, self.summary = name, continues, [], None
+
+    def log(self, values, step):
+        self.sent.append((step, values))
+
+    def finish(self, summary):
+        self.summary = summary
+
+
 def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_rows_go_on(tmp_path, monkeypatch):
     class Failing:
         name, continues, calls = "wandb", False, 0
@@ -165,9 +178,8 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_rows_go_on(tmp_path
             Failing.calls += 1
             raise ConnectionError("the server went away")
 
-    monkeypatch.setattr(trackers, "start", lambda *args: [Failing()])
     said = []
-    m = report.Metrics(tmp_path, ["wandb"], log=said.append)
+    m = report.Metrics(tmp_path, [Failing()], log=said.append)
     for step in (1, 2, 3):
         m.write({"step": step, "split": "train", "loss": 1.0 / step})
     m.close({"steps": 3})
@@ -176,11 +188,12 @@ def test_a_tracker_that_fails_mid_run_is_one_warning_and_the_rows_go_on(tmp_path
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_only_the_main_process_starts_trackers(tmp_path, monkeypatch):
-    monkeypatch.setattr(trackers, "start", lambda *args: pytest.fail("a disabled Metrics started a tracker"))
-    m = report.Metrics(tmp_path, ["wandb", "mlflow"], enabled=False)
+def test_only_the_main_process_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(trackers, "start_tensorboard", lambda *args: pytest.fail("another process started one"))
+    tracker = Recording("wandb", False)
+    m = report.Metrics(tmp_path, [tracker], tensorboard=True, enabled=False)
     m.write({"step": 1, "split": "train", "loss": 1.0})
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert tracker.sent == [] and not (tmp_path / "metrics.jsonl").exists()
 
 
 def refused(tmp_path, tiny_ckpt, **settings) -> str:
@@ -218,27 +231,13 @@ def test_an_unknown_tracker_is_refused(tmp_path, tiny_ckpt):
     assert "comet is no tracker this project reports to; expected some of tensorboard, wandb, mlflow" in message
 
 
-class Recording:
-    """A tracker that keeps what it is sent."""
-
-    def __init__(self, name, continues):
-        self.name, self.continues, self.sent, self.summary = name, continues, [], None
-
-    def log(self, values, step):
-        self.sent.append((step, values))
-
-    def finish(self, summary):
-        self.summary = summary
-
-
 @pytest.mark.parametrize("continues, want", [(False, [1, 2, 3, 4]), (True, [4])])
 def test_a_new_tracker_run_gets_the_earlier_rows_and_a_continued_one_only_new_steps(tmp_path, monkeypatch,
                                                                                       continues, want):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0 / s}) + "\n"
                                                     for s in (1, 2, 3)))
     tracker = Recording("mlflow", continues)
-    monkeypatch.setattr(trackers, "start", lambda *args: [tracker])
-    m = report.Metrics(tmp_path, ["mlflow"], start_step=2, logged_through=3)  # resumed at 2; 3 was sent already
+    m = report.Metrics(tmp_path, [tracker], start_step=2, logged_through=3)  # resumed at 2; 3 was sent already
     m.write({"step": 4, "split": "train", "loss": 0.25, "tokens_per_s": None})
     m.close({"steps": 4, "last_loss": 0.25})
     assert [step for step, _ in tracker.sent] == want
@@ -250,3 +249,17 @@ def test_report_to_names_each_tracker_once_and_tensorboard_is_its_shorthand():
     cfg = train.TrainConfig(report_to=" wandb,MLflow,wandb ", tensorboard=True)
     assert trackers.requested(cfg) == ["wandb", "mlflow", "tensorboard"]
     assert trackers.requested(train.TrainConfig(report_to="none")) == []
+
+
+def test_a_tracker_that_cannot_start_stops_the_run_before_the_model_loads(tmp_path, tiny_ckpt, monkeypatch):
+    def no_login(*args, **kwargs):
+        raise PermissionError("api_key not configured (no-tty)\nrun wandb login")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no server to check first
+    monkeypatch.setattr(trackers, "WandB", no_login)
+    monkeypatch.setattr(train, "load_run", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(TrainingError, match=r"^--report-to wandb: could not start its run \(PermissionError: "
+                                            r"api_key not configured \(no-tty\)\)$"):
+        train.train(train.TrainConfig(model=str(tiny_ckpt), data=str(GUANACO_SAMPLE), out=str(tmp_path / "x"),
+                                      max_len=128, report_to="wandb"))
+    assert not (tmp_path / "x" / "config.json").exists()

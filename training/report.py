@@ -38,16 +38,17 @@ class Metrics:
     metrics.jsonl). A W&B or MLflow run that the run continues gets no step up to it again; one that starts now
     first gets the rows metrics.jsonl already holds, so each tracker holds the whole run."""
 
-    def __init__(self, out: Path, names: list[str] = (), *, settings: dict | None = None, run_name: str = "",
+    def __init__(self, out: Path, started: list = (), *, tensorboard: bool = False, settings: dict | None = None,
                  start_step: int = 0, logged_through: int = 0, enabled: bool = True, log=print):
-        self.out, self.enabled, self.log, self.trackers, self.skip_through = out, enabled, log, [], {}
-        if not enabled or not names:
+        self.out, self.enabled, self.log, self.trackers = out, enabled, log, list(started)
+        if not enabled:
             return
-        self.trackers = trackers.start(list(names), out, settings or {}, run_name or out.resolve().name,
-                                       start_step, log)
+        if tensorboard:
+            self.trackers.append(trackers.start_tensorboard(out, settings or {}, start_step))
+        trackers.save_ids(out, self.trackers)
         self.skip_through = {t.name: logged_through if t.continues else 0 for t in self.trackers}
         earlier = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-            if (out / "metrics.jsonl").is_file() else []
+            if self.trackers and (out / "metrics.jsonl").is_file() else []
         for row in earlier:
             self._report(row, [t for t in self.trackers if t.name != "tensorboard"])
 

@@ -8,21 +8,24 @@ the summary at the end. `metrics.jsonl` stays the record that resume, plots and 
   params the settings, the summary's numbers as `summary/NAME` metrics and its text as `summary.NAME` tags.
 - TensorBoard: event files in OUT/tensorboard, the settings and summary as text.
 
-Checked before anything loads (`problems`): a name that is no tracker, a package that is not installed (naming the
-extra), a server that does not answer. Started by the main process alone, after the output folder is secured
-(`start`); the ids of the W&B and MLflow runs are kept in OUT/trackers.json, so a resumed run continues the same
-runs. Neither can replace a value it holds (W&B drops a step below its last one, MLflow keeps both), so the steps
-a resume repeats are not sent again (TensorBoard hides the old ones with `purge_step`). A tracker that fails
-mid-run is warned about once and dropped; training goes on.
+Checked with the settings (`problems`): a name that is no tracker, a package that is not installed (naming the
+extra), a server that does not answer. Started by the main process alone: W&B and MLflow once the output folder
+is locked and checked, before the model loads (`start_remote`), so a login or a store they refuse stops the run at
+once; TensorBoard once the folder is begun, since it writes there. The ids of the W&B and MLflow runs are kept in
+OUT/trackers.json (`save_ids`), so a resumed run continues the same runs. Neither can replace a value it holds
+(W&B drops a step below its last one, MLflow keeps both), so the steps a resume repeats are not sent again
+(TensorBoard hides the old ones with `purge_step`). A tracker that fails mid-run is warned about once and dropped
+(`report.Metrics`); training goes on.
 
-Deliberately left out: artifacts (the adapter and checkpoints stay in OUT), system metrics, and replaying a
-resumed run's history into a tracker run that already has it.
+Deliberately left out: artifacts (the adapter and checkpoints stay in OUT), system metrics, W&B's run rewind
+(`resume_from`, a preview feature that offline runs do not have).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
@@ -145,7 +148,7 @@ class TensorBoard:
         self.writer.add_text("summary", _code(summary), summary.get("steps", 0))
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -168,8 +171,8 @@ class WandB:
         self.run.summary.update(summary)
         self.close()
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MLflow:
@@ -224,9 +227,9 @@ class MLflow:
         self.client.log_batch(self.run_id, metrics=numbers, tags=tags[:MLFLOW_BATCH])
         self.close()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         atexit.unregister(self._abandoned)
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
 def _number(value) -> bool:
@@ -242,27 +245,50 @@ def _code(values: dict) -> str:
     return "```\n" + json.dumps(values, indent=2) + "\n```"
 
 
-def start(names: list[str], out: Path, settings: dict, run_name: str, start_step: int, log) -> list:
-    """The trackers `names` started for the run in `out` (the main process's), continuing the W&B and MLflow runs
-    OUT/trackers.json names; their ids written there. A tracker that cannot start stops the run, in one line."""
-    saved, started = read_ids(out), []
+REMOTE = ("wandb", "mlflow")
+
+
+def start_remote(cfg, out: Path, resume_from: Path | None, log) -> list:
+    """The W&B and MLflow runs `cfg` asks for, started by the main process before the model loads: one that cannot
+    start (no login, a project it may not write, a store it cannot open) stops the run then, in one line. A resume
+    that continues in its checkpoint's folder continues the runs OUT/trackers.json names (`save_ids`)."""
+    names = [n for n in requested(cfg) if n in REMOTE]
+    saved = read_ids(out) if names and run_folder.continues_in(resume_from, out) else {}
+    settings, run_name, started = dataclasses.asdict(cfg), cfg.run_name or out.resolve().name, []
     for name in names:
-        try:
-            if name == "tensorboard":
-                started.append(TensorBoard(out, settings, start_step))
-            elif name == "wandb":
-                started.append(WandB(settings, run_name, saved.get("wandb", {})))
-            else:
-                started.append(MLflow(settings, run_name, saved.get("mlflow", {}), log))
-        except TrainingError:
-            raise
-        except Exception as e:  # noqa: BLE001  (each tool raises its own kinds; all mean the same here)
-            for tracker in started:
-                tracker.close()
-            raise TrainingError(f"--report-to {name}: could not start its run ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        with _starting(name, started):
+            started.append(WandB(settings, run_name, saved.get("wandb", {})) if name == "wandb" else
+                           MLflow(settings, run_name, saved.get("mlflow", {}), log))
+    return started
+
+
+def start_tensorboard(out: Path, settings: dict, start_step: int) -> TensorBoard:
+    """TensorBoard's writer, once the output folder is begun (it writes into OUT/tensorboard)."""
+    with _starting("tensorboard", []):
+        return TensorBoard(out, settings, start_step)
+
+
+@contextlib.contextmanager
+def _starting(name: str, started: list):
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (each tool raises its own kinds; all mean the same here)
+        close_failed(started)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TrainingError(f"--report-to {name}: could not start its run ({type(e).__name__}: {first})") from e
+
+
+def close_failed(started: list) -> None:
+    """End runs a run that stopped before training leaves behind, marked as failed."""
+    for tracker in started:
+        with contextlib.suppress(Exception):  # already failing: the first error is the one to report
+            tracker.close(failed=True)
+
+
+def save_ids(out: Path, started: list) -> None:
+    """OUT/trackers.json: the ids of the W&B and MLflow runs, once the output folder is begun."""
+    saved = read_ids(out)
     ids = {**saved, **{t.name: t.ids for t in started if hasattr(t, "ids")}}
     if ids != saved:
         run_folder.claim(out, IDS_FILE)
         run_folder.write_text(out / IDS_FILE, json.dumps(ids, indent=2) + "\n")
-    return started
