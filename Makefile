@@ -32,8 +32,13 @@ test-fast: setup
 clean:
 	rm -rf .venv .pytest_cache runs/smoke
 
+# With CONFIG=FILE the file holds the run (configs/), and RANK, ALPHA and MODEL override it only when given.
+CONFIG ?=
+GIVEN = $(filter command line environment,$(origin $(1)))
+TRAIN_FLAGS = $(if $(CONFIG),--config $(CONFIG) $(if $(call GIVEN,RANK),--rank $(RANK)) \
+	$(if $(call GIVEN,ALPHA),--alpha $(ALPHA),$(if $(call GIVEN,RANK),--alpha $(RANK))),--rank $(RANK) --alpha $(ALPHA))
 train: setup
-	$(PY) train.py --rank $(RANK) --alpha $(ALPHA) $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	$(PY) train.py $(TRAIN_FLAGS) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 smoke: setup
 	$(PY) -m scripts.smoke

@@ -33,6 +33,7 @@ from data.dialogue import answer, fit_history
 from tinyllama.checkpoint import DEFAULT_MODEL, resolve_checkpoint
 from tinyllama.export import load_adapted, resolve_base
 from tinyllama.runtime import DTYPES, apply_plan, plan_runtime, resolve_device, resolve_dtype
+from tinyllama.settings_file import add_config_flag, parse_with_file
 from tinyllama.templates import adapter_template
 from tinyllama.tokenizer import load_tokenizer
 
@@ -72,7 +73,8 @@ def _parse(argv):
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
-    return p.parse_args(argv)
+    add_config_flag(p)
+    return parse_with_file(p, argv)
 
 
 def _write(text: str) -> None:

@@ -2,6 +2,7 @@
 simpo|orpo`: `training.preference`, its step `training.preference_step`): the loop in `train()`, top to bottom.
 
     python train.py --rank 64 --alpha 64            # guanaco train split from the Hub, adapter in runs/
+    python train.py --config configs/qlora.yaml     # the settings kept in a file (flags given here win)
     torchrun --nproc_per_node 2 train.py --rank 64  # data parallel (NCCL on GPU, gloo on CPU)
 
 Every setting is a field of `TrainConfig` (`training.settings`, with `validate`); the command line is generated
@@ -11,8 +12,8 @@ optimizer step (`queue_step`) run `grad_accum` micro-batches whose summed token 
 labelled-token count of the whole step (across micro-batches and ranks), clip, step AdamW over the LoRA weights
 only; then log, evaluate, checkpoint, and at the end write the adapter and summary (`finish_run`). The pieces it
 uses: `training.step` (a step's parts, and why the host never waits for the GPU), `training.parallel`,
-`training.run_folder` (lock, checkpoints, resume), `training.report`, and `tinyllama.runtime` (how the model runs
-on this machine: `RuntimePlan`).
+`training.run_folder` (lock, checkpoints, resume), `training.report` (with `training.trackers`: W&B, MLflow,
+TensorBoard), and `tinyllama.runtime` (how the model runs on this machine: `RuntimePlan`).
 
 Deliberately left out: full fine-tuning, mixed LoRA ranks per layer, fp16 loss scaling (bf16 needs none),
 tensor and pipeline parallelism (FSDP2 with `--fsdp` shards a base too large for one GPU; the adapters are small
@@ -47,7 +48,7 @@ from tinyllama.runtime import (
 )
 from tinyllama.shapes import SHAPES
 from tinyllama.startup_check import FastPathError, check_fast_paths
-from training import TrainingError, fsdp, parallel, preference, preference_step, report, run_folder
+from training import TrainingError, fsdp, parallel, preference, preference_step, report, run_folder, trackers
 from training.plan import GIB, fit_batch_size, format_plan, largest_part, parse_bytes, plan_step
 from training.run_folder import Totals
 from training.settings import (
@@ -311,12 +312,20 @@ def train(cfg: TrainConfig) -> dict:
     with run_folder.lock(out, log) if proc.main else contextlib.nullcontext():
         if proc.main:
             run_folder.check_out(out, resume_from, cfg.overwrite)
-        run = load_run(cfg, lora_config, proc, resume_from, out)
+        started = trackers.start_remote(cfg, out, resume_from, log) if proc.main else []  # their errors: at once
+        try:
+            run = load_run(cfg, lora_config, proc, resume_from, out)
+        except BaseException:
+            trackers.close_failed(started)
+            raise
         model, optimizer, stream = run.model, run.optimizer, run.stream
+        logged = run_folder.last_step(out) if proc.main and resume_from else 0  # before begin() trims metrics
         if proc.main:  # the first write into the output folder
             run_folder.begin(out, resume_from, cfg.overwrite, log)
             run_folder.write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        run.metrics = report.Metrics(out, tensorboard=cfg.tensorboard, start_step=run.start_step, enabled=proc.main)
+        run.metrics = report.Metrics(out, started, tensorboard="tensorboard" in trackers.requested(cfg),
+                                     settings=dataclasses.asdict(cfg), start_step=run.start_step,
+                                     logged_through=logged, enabled=proc.main, log=log)
         trainable, total = lora.count_parameters(model)
         log(f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%) on {device} "
             f"({run.plan.dtype}), {proc.world} process(es), {run.total_steps} steps of "
@@ -366,8 +375,8 @@ def train(cfg: TrainConfig) -> dict:
                         {"stream": stream.state_dict(), "config": dataclasses.asdict(cfg),
                          "totals": dataclasses.asdict(run.totals)}, cfg.keep_checkpoints, adapter=tensors)
         progress.close()
-        run.metrics.close()
         summary = finish_run(run, cfg, proc, out)
+        run.metrics.close(summary)
     parallel.stop()
     return summary
 

@@ -64,6 +64,7 @@ from .checkpoint import (
 from .files import lock, write_dir
 from .model import Llama
 from .runtime import DTYPES
+from .settings_file import add_config_flag, parse_with_file
 from .templates import ADAPTER_FILE, adapter_template
 from .tokenizer import Tokenizer, load_tokenizer, read_tokenizer_config, write_tokenizer_config
 
@@ -276,7 +277,8 @@ def _parse(argv):
                    "files an export writes (config.json, generation_config.json, model.safetensors or "
                    "model-NNNNN-of-NNNNN.safetensors shards and model.safetensors.index.json, tokenizer files); "
                    "anything else is refused and left as it was")
-    return p.parse_args(argv)
+    add_config_flag(p)
+    return parse_with_file(p, argv)
 
 
 def _size(text: str) -> int:

@@ -1,5 +1,5 @@
-"""What a run tells its user: the progress line, metrics (metrics.jsonl, optionally TensorBoard), the summary
-table, loss.png and base vs fine-tuned samples."""
+"""What a run tells its user: the progress line, metrics (metrics.jsonl, and the trackers of --report-to:
+`training.trackers`), the summary table, loss.png and base vs fine-tuned samples."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from data.sources import AUTO, HOLDOUT_MAX, HOLDOUT_PERCENT, HUB_REPO, NONE, SPL
 from tinyllama import Llama
 from tinyllama.runtime import device_name, peak_memory_gib
 
-from . import run_folder
+from . import run_folder, trackers
 from .run_folder import Totals
 from .settings import TrainConfig
 
@@ -29,38 +29,58 @@ SAMPLE_PROMPTS = [
 ]
 
 
-TENSORBOARD_DIR = "tensorboard"
-
-
 class Metrics:
-    """Where each metrics row goes: `metrics.jsonl` (the record that resume, plots and tests read), and with
-    `tensorboard` the same numbers as TensorBoard scalars in `out/tensorboard/`, tagged `split/name`
-    (`train/loss`, `eval/ppl`, ...). Only the main process writes; the others get a disabled instance."""
+    """Where each metrics row goes: `metrics.jsonl` (the record that resume, plots and tests read), then each
+    tracker of `training.trackers` (`--report-to`), under the TensorBoard tags (`train/loss`, `eval/ppl`, ...).
+    Only the main process writes and reports; the others get a disabled instance.
 
-    def __init__(self, out: Path, *, tensorboard: bool = False, start_step: int = 0, enabled: bool = True):
-        self.out, self.enabled, self.writer = out, enabled, None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    `logged_through`: the last step an earlier leg of this run logged (read before a resume trimmed
+    metrics.jsonl). A W&B or MLflow run that the run continues gets no step up to it again; one that starts now
+    first gets the rows metrics.jsonl already holds, so each tracker holds the whole run."""
 
-            run_folder.claim(out, TENSORBOARD_DIR)
-            # A resumed run may start before steps an earlier leg logged (resume from an older checkpoint):
-            # purge_step hides those events, as start_resume sets metrics.jsonl's later rows aside.
-            self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1 if start_step else None)
-            run_folder.record(out, TENSORBOARD_DIR)
+    def __init__(self, out: Path, started: list = (), *, tensorboard: bool = False, settings: dict | None = None,
+                 start_step: int = 0, logged_through: int = 0, enabled: bool = True, log=print):
+        self.out, self.enabled, self.log, self.trackers = out, enabled, log, list(started)
+        if not enabled:
+            return
+        if tensorboard:
+            self.trackers.append(trackers.start_tensorboard(out, settings or {}, start_step))
+        trackers.save_ids(out, self.trackers)
+        self.skip_through = {t.name: logged_through if t.continues else 0 for t in self.trackers}
+        earlier = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
+            if self.trackers and (out / "metrics.jsonl").is_file() else []
+        for row in earlier:
+            self._report(row, [t for t in self.trackers if t.name != "tensorboard"])
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         run_folder.append_metrics(self.out, row)
-        if self.writer is not None:
-            for name, value in row.items():
-                if name not in ("step", "split") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{row['split']}/{name}", value, row["step"])
-            self.writer.flush()  # a crash loses at most the step being written, as with metrics.jsonl
+        self._report(row, self.trackers)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def _report(self, row: dict, to: list) -> None:
+        values = trackers.values_of(row)
+        for tracker in to:
+            if row["step"] > self.skip_through[tracker.name]:
+                self._call(tracker, "log", values, row["step"])
+
+    def _call(self, tracker, method: str, *args) -> None:
+        """A tracker that fails is warned about once and dropped: the run goes on, metrics.jsonl holds it all."""
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as e:  # noqa: BLE001  (each tool raises its own kinds; none should stop the training)
+            self.trackers.remove(tracker)
+            self.log(f"warning: {tracker.name} failed ({type(e).__name__}: {str(e).strip()[:200]}); it gets nothing "
+                     f"more from this run, which goes on (metrics.jsonl holds every value)")
+
+    def close(self, summary: dict | None = None) -> None:
+        """End each tracker's run, with the run's summary when it finished."""
+        for tracker in list(self.trackers):
+            if summary is None:
+                self._call(tracker, "close")
+            else:
+                self._call(tracker, "finish", summary)
+        self.trackers = []
 
 
 def model_card(cfg: TrainConfig, totals: Totals, steps: int, command: str) -> lora.ModelCard:

@@ -47,7 +47,7 @@ from . import TrainingError
 
 # Everything a run writes into its folder, besides checkpoint-N/ and superseded-*/ (see _run_name).
 RUN_FILES = ("adapter", "metrics.jsonl", "summary.json", "config.json", "loss.png", "samples.md", "latest",
-             "tensorboard")
+             "tensorboard", "trackers.json")
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 STATE = "trainer_state.json"  # step, data position, settings, running totals
 OPTIMIZER = "optimizer.pt"  # AdamW state: tensors and numbers only
@@ -356,6 +356,16 @@ def start_resume(out: Path, checkpoint: Path, log) -> None:
     write_text(out / "metrics.jsonl", "".join(r + "\n" for r in rows))
     if dropped and same_folder:
         log(f"metrics.jsonl: dropped {dropped} rows written after step {step} (they are run again)")
+
+
+def last_step(out: Path) -> int:
+    """The last step `out/metrics.jsonl` holds (0: none): what the trackers of the run there were sent."""
+    steps = [0]
+    with contextlib.suppress(OSError):
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):  # a line cut short by a kill
+                steps.append(int(json.loads(line)["step"]))
+    return max(steps)
 
 
 def _new_name(out: Path, name: str) -> Path:

@@ -1,7 +1,8 @@
 """The settings of a training run: `TrainConfig` (every setting, with its help), `validate` (bad settings refused
 before anything is downloaded or put on a GPU, a line each), and the command line generated from the dataclass:
 one flag per field, typed as the field is, its help from the field's metadata (`bench.bench --variant` parses
-settings with the same types)."""
+settings with the same types), over the values of `--config FILE` (`tinyllama.settings_file`), and
+`--print-config`."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from data.encoding import DEFAULT_MAX_LEN, TRAIN_ON
 from data.pairs import is_pair_file
 from data.sources import AUTO, NONE, is_random, parse_sources, source_problems
 from lora import LoRAConfig, read_adapter_config, resolve_targets
+from tinyllama import settings_file
 from tinyllama.checkpoint import DEFAULT_MODEL, is_hub_id, model_config
 from tinyllama.flops import lora_shapes
 from tinyllama.model import check_targets
@@ -35,7 +37,7 @@ from tinyllama.runtime import (
 from tinyllama.shapes import SHAPES
 from tinyllama.templates import BUILTINS, DEFAULT_TIMEOUT, MODEL
 
-from . import run_folder
+from . import run_folder, trackers
 from .fsdp import MODES as FSDP_MODES
 from .plan import parse_bytes
 from .preference import OBJECTIVES, PREFERENCE, SFT, SIMPO, WITH_REFERENCE
@@ -56,9 +58,16 @@ def setting_type(cls, name: str):
     return {"bool": bool, "int": int, "float": float, "str": str}[kind.removesuffix(" | None")]
 
 
-def parse_settings(cls, argv=None, description: str = ""):
-    """An instance of `cls` from the command line: `--field-name VALUE`, or `--flag/--no-flag` for a bool."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+def parse_settings(cls, argv=None, description: str = "", resolve=None, prog: str | None = None):
+    """An instance of `cls` from the command line: `--field-name VALUE`, or `--flag/--no-flag` for a bool, over the
+    values of `--config FILE` (`tinyllama.settings_file`: every field, by its flag's name). `--print-config` prints
+    the settings as YAML, as `resolve(settings)` decides them (None: as they are), and exits: that YAML is itself a
+    `--config`."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    settings_file.add_config_flag(parser)
+    parser.add_argument("--print-config", action="store_true", help="print the settings (the file's, then the "
+                        "flags', then what the machine decides) as YAML, which --config reads, and exit; nothing is "
+                        "loaded or written")
     for f in dataclasses.fields(cls):
         flag, help_, kind = "--" + f.name.replace("_", "-"), f.metadata.get("help", " "), setting_type(cls, f.name)
         if kind is bool:
@@ -68,7 +77,16 @@ def parse_settings(cls, argv=None, description: str = ""):
                                 help=help_)
         else:
             parser.add_argument(flag, type=kind, default=f.default, help=help_)
-    return cls(**vars(parser.parse_args(argv)))
+    args = vars(settings_file.parse_with_file(parser, argv))
+    args.pop("config")
+    print_only = args.pop("print_config")
+    settings = cls(**args)
+    if print_only:
+        shown = resolve(settings) if resolve else settings
+        print(settings_file.to_yaml(dataclasses.asdict(shown), f"{parser.prog} settings: pass this file to "
+                                    "--config to run them"), end="")
+        raise SystemExit(0)
+    return settings
 
 
 def command_line(settings, program: str = "python train.py") -> str:
@@ -179,7 +197,14 @@ class TrainConfig:
         "help": "checkpoints kept (the newest; older ones this run wrote are pruned); 0 keeps them all"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl rows"})
     tensorboard: bool = field(default=False, metadata={
-        "help": "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install -e .[tensorboard])"})
+        "help": "also write the metrics as TensorBoard scalars to OUT/tensorboard (pip install -e .[tensorboard]); "
+                "the same as --report-to tensorboard"})
+    report_to: str = field(default="", metadata={
+        "help": "trackers that also get every metrics.jsonl value, the settings and the summary, comma-separated: "
+                "tensorboard, wandb (pip install -e .[wandb]; WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, WANDB_DIR), "
+                "mlflow (pip install -e .[mlflow]; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME); none by default"})
+    run_name: str = field(default="", metadata={
+        "help": "the run's name in the trackers (default: the --out folder's name)"})
     out: str = field(default="", metadata={
         "help": "output folder (default: runs/rank{rank}; with --resume, the checkpoint's own folder)"})
     overwrite: bool = field(default=False, metadata={
@@ -234,7 +259,8 @@ class TrainConfig:
 
 
 def parse_args(argv=None) -> TrainConfig:
-    return parse_settings(TrainConfig, argv, description="Supervised fine-tuning with LoRA (python train.py)")
+    return parse_settings(TrainConfig, argv, description="Supervised fine-tuning with LoRA (python train.py)",
+                          resolve=with_machine_defaults, prog="train.py")
 
 
 def validate(cfg: TrainConfig) -> LoRAConfig:
@@ -402,24 +428,11 @@ def machine_problems(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def require_tensorboard() -> None:
-    """Fail before anything is loaded when --tensorboard cannot work (the package is an optional extra)."""
-    try:
-        import torch.utils.tensorboard  # noqa: F401  (imports the tensorboard package itself)
-    except ImportError as e:
-        raise ImportError(f"--tensorboard needs the tensorboard package ({e}); install it with "
-                          "pip install -e .[tensorboard], or leave --tensorboard out") from None
-
-
 def input_problems(cfg: TrainConfig) -> list[str]:
     """The output folder, extras, model, tokenizer and data: what is missing or does not fit."""
     problems, need = _checker()
     need(not cfg.out or not Path(cfg.out).is_file(), f"--out {cfg.out} is a file; expected a folder")
-    if cfg.tensorboard:
-        try:
-            require_tensorboard()
-        except ImportError as e:
-            problems.append(str(e))
+    problems += trackers.problems(cfg)
     model_path = Path(cfg.model)
     shape_only = cfg.random_init or cfg.dry_run  # no weights needed: a shape name or a config.json will do
     is_shape = cfg.model in SHAPES or (model_path.suffix == ".json" and model_path.is_file())
