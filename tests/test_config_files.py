@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 
 import pytest
@@ -149,7 +150,10 @@ def test_the_recipes_are_the_documented_runs_each_validated():
 
 def test_make_train_passes_the_config_and_only_the_overrides_given():
     def command(*words):
-        found = subprocess.run(["make", "-n", "train", *words], cwd=ROOT, capture_output=True, text=True, check=True)
+        # Under `make test` the parent make's flags (MAKEFLAGS, MAKELEVEL) would make this one print its directory.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        found = subprocess.run(["make", "--no-print-directory", "-n", "train", *words], cwd=ROOT, env=env,
+                               capture_output=True, text=True, check=True)
         return found.stdout.strip().splitlines()[-1].split()
 
     assert command("CONFIG=configs/qlora.yaml")[1:] == ["train.py", "--config", "configs/qlora.yaml"]
