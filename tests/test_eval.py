@@ -30,6 +30,9 @@ from tinyllama.checkpoint import load_model  # noqa: E402
 from tinyllama.templates import BUILTINS, load_template  # noqa: E402
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config  # noqa: E402
 
+# lm-eval's hf model beside ours: seconds of imports and reference runs, so `make test` only, not test-fast.
+pytestmark = pytest.mark.slow
+
 TASKS_DIR = ROOT / "tests" / "assets" / "eval_tasks"
 TASKS = ["tiny_mc", "tiny_ppl", "tiny_gen"]
 TOL = 2e-4

@@ -25,6 +25,9 @@ from helpers import ROOT, TOKENIZER_PATH
 from tinyllama import load_tokenizer
 from tinyllama.templates import load_template
 
+# Compared with trl, which takes seconds to import: `make test` only, not test-fast.
+pytestmark = pytest.mark.slow
+
 ZEPHYR_FILE = ROOT / "tests/assets/chat_templates/tinyllama-1.1b-chat-v1.0.jinja"
 
 

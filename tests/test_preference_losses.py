@@ -13,6 +13,9 @@ import torch
 
 from training.preference import DPO, IPO, ORPO, SIMPO, pair_losses
 
+# Compared with trl's own functions; trl takes seconds to import: `make test` only, not test-fast.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("trl")
 
 B, T = 4, 9

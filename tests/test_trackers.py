@@ -18,6 +18,9 @@ import train
 from helpers import GUANACO_SAMPLE, metrics, run
 from training import TrainingError, report, trackers
 
+# W&B and MLflow take seconds to import and to build a store: `make test` only, not test-fast.
+pytestmark = pytest.mark.slow
+
 
 def wandb_records(path: Path):
     """The records of a W&B run file (`run-ID.wandb`): a 7-byte header (`:W&B`, magic, version), then LevelDB's log
