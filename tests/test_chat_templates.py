@@ -16,7 +16,7 @@ import pytest
 from data import IGNORE_INDEX, BadRow, encode_all, encode_messages, encode_prompt, encode_rendered, load_template
 from data.encoding import SPECIAL_TEXT, end_of_turn_ids
 from data.sources import load_train_eval
-from tests.helpers import (
+from helpers import (
     CHAT_FAMILIES,
     TOKENIZER_PATH,
     assert_encodes_as_transformers,

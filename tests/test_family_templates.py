@@ -17,10 +17,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_chat_templates import CONVERSATIONS as CHAT_TEMPLATE_CONVERSATIONS
 
 from data import IGNORE_INDEX, BadRow, encode_all, encode_messages, load_template
 from data.encoding import SYSTEM_NOT_RENDERED, end_of_turn_ids
-from tests.helpers import TOKENIZER_PATH, assert_encodes_as_transformers, chat_family_tokenizer
+from helpers import TOKENIZER_PATH, assert_encodes_as_transformers, chat_family_tokenizer
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config
 
 transformers = pytest.importorskip("transformers")
@@ -65,18 +66,8 @@ END_OF_TURN = {"qwen3-0.6b": "<|im_end|>", "gemma-2-2b-it": "<end_of_turn>", "ge
                "phi-3-mini-4k-instruct": "<|end|>", "phi-3.5-mini-instruct": "<|end|>",
                "phi-4-mini-instruct": "<|end|>"}
 
-SYSTEM = {"role": "system", "content": "You are a terse assistant"}
 CONVERSATIONS = {
-    "one exchange": [{"role": "user", "content": "Hi there"},
-                     {"role": "assistant", "content": "Hello, how can I help"}],
-    "system and two exchanges": [
-        SYSTEM, {"role": "user", "content": "What is 2+2"}, {"role": "assistant", "content": "It is four"},
-        {"role": "user", "content": "And 3+3"}, {"role": "assistant", "content": "Six, of course"}],
-    "three exchanges, code and languages": [
-        {"role": "user", "content": "Write a loop in Python"},
-        {"role": "assistant", "content": "for i in range(3):\n\tprint(i)"},
-        {"role": "user", "content": "¿Y en español? 你好"}, {"role": "assistant", "content": "Claro: un bucle"},
-        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome"}],
+    **CHAT_TEMPLATE_CONVERSATIONS,
     "edge whitespace": [
         {"role": "system", "content": " Be brief.\n"}, {"role": "user", "content": "\nWhat is 2+2 "},
         {"role": "assistant", "content": " It is four\n"}, {"role": "user", "content": "\tAnd 3+3?\n\n"},
@@ -106,7 +97,7 @@ def _gemma_sentencepiece(folder: Path) -> Path:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    from tests.helpers import GUANACO_SAMPLE
+    from helpers import GUANACO_SAMPLE
 
     folder.mkdir(parents=True)
     rows = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()]

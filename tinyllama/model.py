@@ -433,7 +433,9 @@ class Llama(nn.Module):
         x = self.embed(input_ids)
         # RoPE and attention inputs once per kind of layer (full, sliding), shared by the layers of that kind.
         kinds = dict.fromkeys(self.config.layer_types)
-        rope = {kind: rope_cos_sin(self.config, position_ids, x.dtype, kind) for kind in kinds}
+        # The layer kinds share one cos/sin unless the sliding layers have a RoPE base of their own (Gemma 3).
+        shared = rope_cos_sin(self.config, position_ids, x.dtype) if self.config.rope_local_theta is None else None
+        rope = {kind: shared or rope_cos_sin(self.config, position_ids, x.dtype, kind) for kind in kinds}
         attn = {kind: self.attention_inputs(B, T, past, attention_mask, cu_seqlens, cache, plan, input_ids.device,
                                             window=self.config.sliding_window if kind == SLIDING else None)
                 for kind in kinds}
