@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import TOKENIZER_PATH, hf_checkpoint, run
+from training import report
 
 # One torch thread per test process (and, through the environment, per process a test starts: torchrun's workers,
 # chat.py, the export). The tensors here are tiny, so a second intra-op thread gains next to nothing, while with
@@ -32,6 +33,15 @@ def one_matmul_peak_per_process():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "measure_matmul_peak", peak)
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_loss_plot(request, monkeypatch):
+    """train.py draws loss.png at the end of every run: about 0.1 s of matplotlib, as much as a 3-step tiny run
+    trains, in each of the suite's ~270 runs. Only tests marked `plots` draw it (they check the file, and what
+    --overwrite does with it); runs in a subprocess draw their own."""
+    if "plots" not in request.keywords:
+        monkeypatch.setattr(report, "plot_losses", lambda out, log=print: None)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from tinyllama.checkpoint import random_model
 from tinyllama.config import LlamaConfig
 from tinyllama.loss import causal_lm_loss
 from tinyllama.runtime import apply_plan, plan_runtime
+from tinyllama.shapes import named_shape
 from training.plan import PARTS, SavedTensors, labelled_batch, parse_bytes, plan_step
 from training.settings import TrainConfig
 
@@ -238,3 +239,41 @@ def test_saved_tensors_counts_each_storage_once_and_leaves_weights_out():
     with SavedTensors() as saved:
         layer(x)
     assert saved.bytes == layer.weight.numel() * 4  # not excluded: counted
+
+
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention_heads=2, num_key_value_heads=1,
+             head_dim=32, sliding_window=16)
+LONG = CONFIG.with_layers(6)  # the fewest layers at which two short traces (2 and 3 layers) cost less than all 6
+REPEATING = {
+    "checkpointing, FSDP, DoRA": (LONG, dict(grad_checkpointing=True, fsdp="full", dora=True)),
+    "NF4, DPO from an initial adapter": (LONG, dict(quantize="nf4", objective="dpo", init_adapter="adapter")),
+    # Gemma 2's alternating windows: period 2, with a layer over (12 = 1 + 5 x 2 + 1).
+    "gemma2": (named_shape("gemma-2-2b").with_layers(12, **SMALL), dict()),
+}
+
+
+@pytest.mark.slow  # traces every layer once to compare
+@pytest.mark.parametrize("name", list(REPEATING))
+def test_tracing_two_short_cuts_of_a_deep_model_plans_what_tracing_every_layer_does(name, monkeypatch):
+    import training.plan
+
+    config, settings = REPEATING[name]
+    config = LlamaConfig(**dataclasses.asdict(config))  # checked as a config.json's would be
+    cfg = TrainConfig(device="cpu", batch_size=2, max_len=32, **settings)
+    cut = training.plan.repeating_layers(config)
+    assert cut is not None and cut[1] < config.num_hidden_layers
+    shortcut = plan_step(cfg, _lora(settings), config, world=2)
+    monkeypatch.setattr(training.plan, "repeating_layers", lambda config: None)
+    assert shortcut == plan_step(cfg, _lora(settings), config, world=2)
+
+
+def test_layers_that_do_not_repeat_are_all_traced():
+    # Qwen 2's max_window_layers: full attention up to a layer, sliding after it; and a model too short to gain.
+    from training.plan import repeating_layers
+
+    qwen = dataclasses.replace(named_shape("qwen2.5-0.5b").with_layers(9), sliding_window=16,
+                               layer_types=["full_attention"] * 4 + ["sliding_attention"] * 5)
+    assert repeating_layers(qwen) is None and repeating_layers(CONFIG.with_layers(5)) is None
+    assert repeating_layers(CONFIG.with_layers(22)) == (2, 3, 21)  # TinyLlama: 1 + 21 repeats of one layer
+    # Gemma 3 1B: five sliding layers to one global from the first, 26 = 1 + 4 x 6 + 1: cuts of 8 and 14 layers.
+    assert repeating_layers(named_shape("gemma-3-1b")) == (8, 14, 4)

@@ -89,8 +89,8 @@ def test_code_tables_are_bitsandbytes():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double-quant"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dtype", "double_quant"), [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32-absmax", "bfloat16-double-quant"])  # each pairing: the small shapes below
 def test_tinyllama_mlp_shape_is_bit_identical_to_bitsandbytes(dtype, double_quant):
     torch.manual_seed(0)
     w = (torch.randn(5632, 2048) * 0.02).to(dtype)

@@ -3,6 +3,7 @@ runs keep one history, and a crash or a full disk leaves every folder whole."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -244,35 +245,49 @@ def test_a_lock_whose_holder_was_killed_is_free_and_the_lock_file_stays(tmp_path
         pass
 
 
-def _race_for_the_lock(out, barrier, journal):
-    barrier.wait()
-    try:
-        with run_folder.lock(out, print):
-            with open(journal, "a") as f:  # O_APPEND: each short line lands whole
-                f.write(f"in {os.getpid()}\n")
-            time.sleep(0.02)
-            with open(journal, "a") as f:
-                f.write(f"out {os.getpid()}\n")
-    except TrainingError:
-        pass
+def _die_holding_the_locks(folders):
+    with contextlib.ExitStack() as held:
+        for out in folders:
+            held.enter_context(run_folder.lock(out, print))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _race_for_the_locks(trials, barrier):
+    for out, journal in trials:  # every racer at the same trial: the barrier starts each one together
+        barrier.wait()
+        try:
+            with run_folder.lock(out, print):
+                with open(journal, "a") as f:  # O_APPEND: each short line lands whole
+                    f.write(f"in {os.getpid()}\n")
+                time.sleep(0.02)
+                with open(journal, "a") as f:
+                    f.write(f"out {os.getpid()}\n")
+        except TrainingError:
+            pass
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "after a killed holder"])
 def test_racing_processes_never_hold_the_lock_together(tmp_path, stale):
+    # 30 trials, each a folder four processes race for at once (the same four racers go through all of them: a
+    # fork of the test process costs more than a trial). "After a killed holder": one process locked all 30
+    # folders and was killed, so every race starts at a lock file naming a dead process.
     ctx = multiprocessing.get_context("fork")
-    for trial in range(30):
-        out, journal = tmp_path / f"out{trial}", tmp_path / f"journal{trial}"
-        if stale:
-            killed = ctx.Process(target=_die_holding_the_lock, args=(out,))
-            killed.start()
-            killed.join(30)
-        barrier = ctx.Barrier(4)
-        racers = [ctx.Process(target=_race_for_the_lock, args=(out, barrier, journal)) for _ in range(4)]
-        for r in racers:
-            r.start()
-        for r in racers:
-            r.join(30)
+    trials = [(tmp_path / f"out{trial}", tmp_path / f"journal{trial}") for trial in range(30)]
+    if stale:
+        killed = ctx.Process(target=_die_holding_the_locks, args=([out for out, _ in trials],))
+        killed.start()
+        killed.join(30)
+        assert killed.exitcode == -signal.SIGKILL
+        assert all(str(killed.pid) in (out / ".lock").read_text() for out, _ in trials)
+    barrier = ctx.Barrier(4)
+    racers = [ctx.Process(target=_race_for_the_locks, args=(trials, barrier)) for _ in range(4)]
+    for r in racers:
+        r.start()
+    for r in racers:
+        r.join(60)
+    assert [r.exitcode for r in racers] == [0] * 4
+    for trial, (_, journal) in enumerate(trials):
         holders, most = 0, 0
         for line in journal.read_text().splitlines():
             holders += 1 if line.startswith("in ") else -1
@@ -404,6 +419,7 @@ def test_a_folder_holding_names_no_run_wrote_is_refused_even_with_overwrite(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.plots
 def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     run(tmp_path, tiny_ckpt, "out", steps=4, save_every=2, keep_checkpoints=0, tensorboard=False)
@@ -421,7 +437,7 @@ def test_overwrite_deletes_exactly_what_the_manifest_lists(tmp_path, tiny_ckpt):
     assert (out / "thesis.tex").read_text() == "mine"
     assert not (out / "checkpoint-4").exists()
     assert run_folder.listed(out) == {p.name for p in out.iterdir() if not p.name.startswith(".")} - {"thesis.tex"}
-    assert run_folder.listed(out) >= {"adapter", "config.json", "metrics.jsonl", "summary.json"}
+    assert run_folder.listed(out) >= {"adapter", "config.json", "loss.png", "metrics.jsonl", "summary.json"}
 
 
 def test_the_model_folder_or_one_holding_weights_is_never_an_output_folder(tmp_path, tiny_ckpt):
@@ -667,6 +683,7 @@ def test_a_full_disk_while_writing_a_text_file_or_a_metrics_row_names_the_file(t
 
 
 @pytest.mark.slow
+@pytest.mark.plots
 def test_a_full_disk_while_writing_loss_png_is_a_warning_naming_it_after_the_adapter_is_saved(
         tmp_path, tiny_ckpt, monkeypatch, capsys):
     import errno

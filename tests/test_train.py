@@ -235,6 +235,7 @@ def test_trained_adapter_loads_in_peft_with_same_logits(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.slow
+@pytest.mark.plots
 def test_summary_reports_the_reference_table_columns_of_the_run(tmp_path, tiny_ckpt, tokenizer):
     out = tmp_path / "summary"
     summary, rows = run(tmp_path, tiny_ckpt, "summary", steps=2, eval_data=str(GUANACO_SAMPLE), eval_every=1)

@@ -217,32 +217,47 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
     pairs = objective in PREFERENCE
     batch = pair_batch(cfg.batch_size, cfg.max_len, objective == ORPO) if pairs else labelled_batch(
         cfg.batch_size, cfg.max_len)
-    reference = None
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.random.fork_rng(), _dropout_as_on(device):
-        model = fake_model(config, lora_config, dtype, quantize, cfg.double_quant)
-        model.train()
-        apply_plan(model, traced)
-        if pairs:
-            fake_batch = {k: mode.from_tensor(t) for k, t in batch.items()}
-            if objective in WITH_REFERENCE:
-                reference = Reference(model, from_adapter=bool(cfg.init_adapter))
-            measure = functools.partial(measure_preference_step, objective=objective, reference=reference)
-        else:
-            fake_batch, measure = [mode.from_tensor(t) for t in batch], measure_step
-        if cfg.grad_checkpointing:  # the backward pass recomputes one layer at a time: its activations come back
-            whole = measure(model, fake_batch, traced)["activations"]
-        model.gradient_checkpointing = cfg.grad_checkpointing
-        step = measure(model, fake_batch, traced)
+
+    def trace(layers: int) -> dict:
+        """measure_step on a model of `config` cut to its first `layers` layers, and "whole": the activations
+        without gradient checkpointing, which its backward pass recomputes one layer at a time."""
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.random.fork_rng(), _dropout_as_on(device):
+            model = fake_model(config.with_layers(layers), lora_config, dtype, quantize, cfg.double_quant)
+            model.train()
+            apply_plan(model, traced)
+            if pairs:
+                fake_batch = {k: mode.from_tensor(t) for k, t in batch.items()}
+                reference = Reference(model, from_adapter=bool(cfg.init_adapter)) if objective in WITH_REFERENCE \
+                    else None
+                measure = functools.partial(measure_preference_step, objective=objective, reference=reference)
+            else:
+                fake_batch, measure = [mode.from_tensor(t) for t in batch], measure_step
+            whole = measure(model, fake_batch, traced)["activations"] if cfg.grad_checkpointing else 0
+            model.gradient_checkpointing = cfg.grad_checkpointing
+            return {**measure(model, fake_batch, traced), "whole": whole}
+
+    cut = repeating_layers(config)
+    if cut is None:
+        step = trace(config.num_hidden_layers)
+    else:  # the layers past the first repeat: trace one and two repeats, and add the difference for the rest
+        short, long, repeats = cut
+        one, two = trace(short), trace(long)
+        step = {k: one[k] + (repeats - 1) * (two[k] - one[k]) for k in ("activations", "flops", "whole")}
+        step.update(tokens=one["tokens"], transient=one["transient"])
     if cfg.grad_checkpointing:
-        step["transient"] += max(whole - step["activations"], 0) // config.num_hidden_layers
+        step["transient"] += max(step["whole"] - step["activations"], 0) // config.num_hidden_layers
+    with FakeTensorMode(), torch.random.fork_rng():  # the parameters' shapes: one layer's, and the adapter's
+        model = fake_model(config.with_layers(1), lora_config, dtype, quantize, cfg.double_quant)
+    layer = model.model.layers[0]
     if sharded:  # FSDP gathers a layer whole before it runs, and prefetches the next one meanwhile
-        layer = model.model.layers[0]
         step["transient"] += 2 * sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
-    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_layer = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad) + (config.num_hidden_layers - 1) * \
+        per_layer
     lora_bytes = math.ceil(lora_params / world) * 4
     weights = planned_param_bytes(config, lora_config, world=world if sharded else 1, dtype=dtype,
                                   quantize=quantize, double_quant=cfg.double_quant)
-    if reference is not None and reference.frozen is not None:  # the initial adapter, frozen beside the trained one
+    if objective in WITH_REFERENCE and cfg.init_adapter:  # the initial adapter, frozen beside the trained one
         weights += lora_params * 4
     parts = {"weights": weights - (lora_bytes if sharded else lora_params * 4), "lora_weights":
              lora_bytes if sharded else lora_params * 4, "activations": step["activations"],
@@ -257,6 +272,20 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
             "micro_batch": [cfg.batch_size, cfg.max_len], "world": world if sharded else 1,
             "device": device.type, "dtype": str(dtype).removeprefix("torch."),
             "paths": runtime.describe()}
+
+
+def repeating_layers(config) -> tuple[int, int, int] | None:
+    """(short, long, repeats) when tracing `config` cut to `short` and to `long` layers tells the whole model's
+    step: every layer after the first costs what any other of its kind (full or sliding attention) costs, and the
+    kinds repeat with a period p from layer 1 on (the first layer differs: its input needs no gradient). With
+    n = 1 + repeats * p + r layers, short = 1 + p + r and long = short + p; the whole step is the short one plus
+    (repeats - 1) times their difference, exactly, for sums (saved bytes, FLOPs). None where tracing every
+    layer costs no more."""
+    kinds, n = config.layer_types, config.num_hidden_layers
+    period = next((p for p in range(1, n) if all(kinds[i] == kinds[i - p] for i in range(1 + p, n))), n)
+    repeats, rest = divmod(n - 1, period)
+    short = 1 + period + rest
+    return (short, short + period, repeats) if 2 * short + period < n else None
 
 
 def fit_batch_size(cfg, lora_config, config, budget_bytes: int, *, world: int = 1, device=None,
