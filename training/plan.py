@@ -7,9 +7,11 @@ The step is traced, not guessed: a model of `config`'s shape is built on fake te
 (`torch._subclasses.FakeTensorMode`: shapes and dtypes, no storage, any size) and one micro-batch of
 `--batch-size` x `--max-len` tokens, every position labelled, goes forward and backward through the project's own
 step (`tinyllama.loss.causal_lm_loss`), in the dtype and on the paths `--device` would run (`RuntimePlan`: the
-fused MLP, packing, gradient checkpointing, NF4, DoRA). Traced on the CPU kernels, which save what CUDA's save
-for attention (the output and its log-sum-exp, no [T, T] probabilities); a CUDA plan is traced there too, on a
-machine without a GPU, with dropout run as CUDA runs it (a bool mask, where the CPU keeps one in bf16).
+fused MLP, packing, gradient checkpointing, NF4, DoRA). A deep model is traced cut to a few layers, the rest
+added (`repeating_layers`: each layer after the first costs what another of its kind costs). Traced on the CPU
+kernels, which save what CUDA's save for attention (the output and its log-sum-exp, no [T, T] probabilities); a
+CUDA plan is traced there too, on a machine without a GPU, with dropout run as CUDA runs it (a bool mask, where
+the CPU keeps one in bf16).
 
 Parts of the peak, per process (`PARTS`), in bytes:
 - `weights`: the frozen base (bf16, or NF4 projections), sharded under --fsdp (`training.fsdp.planned_param_bytes`);
