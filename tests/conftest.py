@@ -44,6 +44,17 @@ def no_loss_plot(request, monkeypatch):
         monkeypatch.setattr(report, "plot_losses", lambda out, log=print: None)
 
 
+@pytest.fixture
+def no_dataset_fingerprints(monkeypatch):
+    """trl's trainers tokenize through `datasets.Dataset.map`, which fingerprints each call for its cache by
+    pickling its arguments, the tokenizer with its 32,000-token vocabulary among them: seconds per trainer. A random
+    fingerprint (what `datasets` falls back to when a transform cannot be hashed) changes nothing else."""
+    from datasets import arrow_dataset, fingerprint
+
+    for module in (fingerprint, arrow_dataset):  # `Dataset.map` calls it by its imported name
+        monkeypatch.setattr(module, "update_fingerprint", lambda *a, **k: fingerprint.generate_random_fingerprint())
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tinyllama import Tokenizer

@@ -31,7 +31,7 @@ from tinyllama.templates import BUILTINS, load_template  # noqa: E402
 from tinyllama.tokenizer import Tokenizer, load_tokenizer, write_tokenizer_config  # noqa: E402
 
 # lm-eval's hf model beside ours: seconds of imports and reference runs, so `make test` only, not test-fast.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_dataset_fingerprints")]
 
 TASKS_DIR = ROOT / "tests" / "assets" / "eval_tasks"
 TASKS = ["tiny_mc", "tiny_ppl", "tiny_gen"]

@@ -26,7 +26,7 @@ from tinyllama import load_tokenizer
 from tinyllama.templates import load_template
 
 # Compared with trl, which takes seconds to import: `make test` only, not test-fast.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_dataset_fingerprints")]
 
 ZEPHYR_FILE = ROOT / "tests/assets/chat_templates/tinyllama-1.1b-chat-v1.0.jinja"
 

@@ -15,6 +15,7 @@ import train
 from helpers import ROOT, TOKENIZER_PATH, adapter_weights, hf_checkpoint, hf_model, metrics
 
 pytest.importorskip("trl")
+pytestmark = pytest.mark.usefixtures("no_dataset_fingerprints")  # trl tokenizes through datasets.map
 
 ZEPHYR_FILE = ROOT / "tests/assets/chat_templates/tinyllama-1.1b-chat-v1.0.jinja"
 SMALL = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
