@@ -5,7 +5,10 @@ clipped, AdamW, all queued on the device and read one step later (`training.step
 Exactness across accumulation and processes: the step's pair count (and, for ORPO, its count of chosen tokens)
 is summed over micro-batches and processes first, on the host, and every micro-batch's summed per-pair losses
 are divided by it. So 2 micro-batches of 4 pairs, or 2 processes of 4, give the gradient of one batch of 8.
-The metrics are sums over pairs, divided by the pair count when read.
+The metrics are sums over pairs, divided by the pair count when read. Under --fsdp (and --fsdp hybrid) FSDP
+sums the gradients itself, once a step, as for SFT; the reference's frozen adapter copy is sharded as the adapter
+is (`preference.Reference` copies whatever tensors the parameters are), and the held-out evaluation runs in
+lockstep (`stand_in_pair`).
 """
 
 from __future__ import annotations
