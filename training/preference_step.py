@@ -90,8 +90,8 @@ def queue_step(run, cfg, proc, step: int, lr: float, micro: list[dict], bad: tor
 
 
 def stand_in_pair(with_ref: bool) -> dict:
-    """One pair of one-token sequences with no completion: what a sharded process with no held-out pairs left
-    runs while the others evaluate theirs, since every forward pass of a sharded model is a collective. With
+    """One pair of one-token sequences with no completion: what a sharded process with fewer held-out micro-batches
+    than another runs, once for each it lacks, since every forward pass of a sharded model is a collective. With
     `with_ref` it carries reference log-probs, as --precompute-ref's pairs do, so it skips the reference's pass
     as theirs do."""
     batch = {"input_ids": torch.zeros(2, 1, dtype=torch.long), "attention_mask": torch.ones(2, 1, dtype=torch.long),
