@@ -43,7 +43,7 @@
 #                 (hf-compile on pad-to-longest W2 would recompile for new lengths: left out)     ~370 s
 #   dpo           bench.preference_bench: a DPO step, this project against trl's DPOTrainer, TinyLlama's shape
 #                 with random weights, 8 pairs a step, 2 warm-up and 8 timed steps, each system in its own
-#                 process: tokens/s and peak GiB                                                   ~60-90 s
+#                 process (the 1.1B model made and saved first, in fp32): tokens/s and peak GiB   ~90-150 s
 #   qlora         W1 rank 64 [48 steps each]: bf16 base (plain `this`), + gradient checkpointing, NF4, NF4 +
 #                 checkpointing, NF4 + double quant + checkpointing, DoRA, QDoRA: tokens/s, peak GiB  ~60-90 s
 #   shapes        bench.shape_bench: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
@@ -198,7 +198,7 @@ stage train 420 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus
   --variant "plain:fused_mlp=false;varlen=false" --variant-workloads W1,W2-packed \
   --run-steps "$RUN_STEPS" --no-decode --out-dir "$WORK" --name train
 # DPO against trl's DPOTrainer: the same model, pairs and batch, each system in a process of its own.
-stage dpo 150 "0" "$PY" -m bench.preference_bench "${DPO[@]}" --folder "$SCRATCH/dpo" --out "$WORK/dpo.md"
+stage dpo 200 "0" "$PY" -m bench.preference_bench "${DPO[@]}" --folder "$SCRATCH/dpo" --out "$WORK/dpo.md"
 stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 --workloads W1 --systems this \
   --variant "gc:grad_checkpointing=true" --variant "nf4:quantize=nf4" \
   --variant "nf4-gc:quantize=nf4;grad_checkpointing=true" \
