@@ -20,7 +20,7 @@
 # gpu_check.log (everything printed), and parts.tar.gz: each stage's own .md/.json, the trajectory and the
 # profile, re-packed after every stage so a run cut short still brings back what it measured.
 #
-# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,familypaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile)
+# Stages (GPU_CHECK_STAGES, comma-separated; default env,fastpaths,familypaths,tests,train,dpo,qlora,shapes,plancheck,fsdp,trajectory,profile)
 # and their expected time on one H200. What the estimates rest on: an eager TinyLlama-shape run of 128 W1 steps takes ~10 s plus
 # ~1 s to build; transformers + peft eager pad-to-longest W2 ~0.35 s a step; a whole-model torch.compile
 # warm-up 60-90 s (transformers + peft: 70 s), per-layer compile ~13 s.
@@ -41,6 +41,9 @@
 #                   hf-liger on W1 [64], W2-padded [32], W2-packed [64]                           ~47 s
 #                 process start, data, matmul peak                                                ~15 s
 #                 (hf-compile on pad-to-longest W2 would recompile for new lengths: left out)     ~370 s
+#   dpo           bench.preference_bench: a DPO step, this project against trl's DPOTrainer, TinyLlama's shape
+#                 with random weights, 8 pairs a step, 2 warm-up and 8 timed steps, each system in its own
+#                 process (the 1.1B model made and saved first, in fp32): tokens/s and peak GiB   ~90-150 s
 #   qlora         W1 rank 64 [48 steps each]: bf16 base (plain `this`), + gradient checkpointing, NF4, NF4 +
 #                 checkpointing, NF4 + double quant + checkpointing, DoRA, QDoRA: tokens/s, peak GiB  ~60-90 s
 #   shapes        bench.shape_bench: Llama-3.2-1B-shaped (bf16, NF4, NF4 + checkpointing) and Llama-2-7B-shaped
@@ -74,11 +77,12 @@ MODE=${2:-gpu}
 PY=${PY:-python3}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 MIN_STAGE=${GPU_CHECK_MIN_STAGE_S:-45}
-STAGES=${GPU_CHECK_STAGES:-env,fastpaths,familypaths,tests,train,qlora,shapes,plancheck,fsdp,trajectory,profile}
+STAGES=${GPU_CHECK_STAGES:-env,fastpaths,familypaths,tests,train,dpo,qlora,shapes,plancheck,fsdp,trajectory,profile}
 PROFILE_SYSTEMS=${GPU_CHECK_PROFILE_SYSTEMS:---systems this}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 WORK=$(mktemp -d)  # per-stage results; packed into OUT/parts.tar.gz after each stage
+SCRATCH=$(mktemp -d)  # models and runs a stage makes, kept out of the results
 LOG="$OUT/gpu_check.log"
 : > "$LOG"
 printf 'stage\texit\tseconds\n' > "$OUT/stages.tsv"
@@ -98,6 +102,7 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   SHAPES=(--device cpu --tiny --steps 2 --warmup-steps 1 --max-len 64)
   PLANCHECK=(--device cpu --shape tiny --steps 2)
   DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
+  DPO=(--device cpu --width 64 --mlp 176 --layers 1 --warmup 1 --steps 1 --repeats 1)
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
   DEV=(--device cuda --shape full --steps 128)
@@ -112,6 +117,7 @@ elif [ "$MODE" = "gpu" ]; then
   SHAPES=(--device cuda)
   PLANCHECK=(--device cuda --shape full --steps 4)
   DECODE_ARGS="--full"
+  DPO=(--device cuda --width 2048 --mlp 5632 --layers 22 --batch-size 8 --warmup 2 --steps 8 --repeats 1)
   if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
          "On a CPU, use --cpu-dry-run." | tee -a "$LOG" >&2
@@ -191,6 +197,8 @@ stage train 420 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 4,16,64,256 --focus
   --hf-workloads W1,W2-padded,W2-packed --hf-compile-workloads W1,W2-packed \
   --variant "plain:fused_mlp=false;varlen=false" --variant-workloads W1,W2-packed \
   --run-steps "$RUN_STEPS" --no-decode --out-dir "$WORK" --name train
+# DPO against trl's DPOTrainer: the same model, pairs and batch, each system in a process of its own.
+stage dpo 200 "0" "$PY" -m bench.preference_bench "${DPO[@]}" --folder "$SCRATCH/dpo" --out "$WORK/dpo.md"
 stage qlora 150 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks 64 --focus-rank 64 --workloads W1 --systems this \
   --variant "gc:grad_checkpointing=true" --variant "nf4:quantize=nf4" \
   --variant "nf4-gc:quantize=nf4;grad_checkpointing=true" \

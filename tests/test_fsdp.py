@@ -1,11 +1,12 @@
 """Two gloo processes (CPU): data parallel and --fsdp train as one process accumulating the same micro-batches
 (dropout on, a clip that fires), checkpoints that resume with another number of processes and any split of the
-same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, and the bytes each process holds. Every two-process
-run here shares one torchrun launch (`launched`)."""
+same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, the bytes each process holds, and preference
+objectives (ORPO data parallel, DPO sharded). Every two-process run here shares one torchrun launch (`launched`)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,7 +90,9 @@ def launched(tmp_path_factory, tiny_ckpt, single):
         "ddp": _ddp_args(tmp, tiny_ckpt),
         "phi3": ["--model", str(_phi3(tmp)), *_phi3_flags(), "--batch-size=2", "--grad-accum=1", "--no-samples",
                  "--fsdp"],
-        "orpo": [*_orpo_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt), "--batch-size", "4"],
+        "orpo": [*_pref_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt, "orpo"), "--batch-size", "4"],
+        "dpo_fsdp": [*_pref_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt, "dpo", **DPO_FSDP), "--batch-size", "2",
+                     "--fsdp"],
     }
     logs = _torchrun(tmp, runs)
     return {name: tmp / name for name in runs}, logs
@@ -276,7 +279,7 @@ def test_phi3_under_fsdp_trains_as_one_process(tmp_path, launched):
 
 
 def _pair_files(tmp_path, ckpt):
-    """8 preference pairs and an initial adapter (test_preference_train's `files`)."""
+    """8 preference pairs, 5 held-out ones and an initial adapter (test_preference_train's `files`)."""
     from test_preference_train import pairs
 
     import lora
@@ -287,17 +290,19 @@ def _pair_files(tmp_path, ckpt):
     if not folder.is_dir():
         folder.mkdir()
         (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(8)))
+        (folder / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs(5)))
         config = lora.LoRAConfig(rank=4, alpha=8.0, dropout=0.0, targets=("gate_proj", "up_proj", "down_proj"))
         model = randomize_lora_b(load_model(ckpt, lora_config=config), std=0.2, seed=1)
         lora.save_adapter(model, folder / "init", base_model=str(ckpt))
     return folder
 
 
-def _orpo_args(files, ckpt):
-    return ["--model", str(ckpt), "--data", str(files / "pairs.jsonl"), "--eval-data", "none", "--objective", "orpo",
+def _pref_args(files, ckpt, objective, grad_clip=0.0, eval_data=None):
+    return ["--model", str(ckpt), "--data", str(files / "pairs.jsonl"), "--objective", objective,
+            "--eval-data", str(files / eval_data) if eval_data else "none", "--eval-every", "2",
             "--init-adapter", str(files / "init"), "--grad-accum", "1", "--dropout", "0", "--lr", "1e-2",
-            "--warmup", "0", "--schedule", "constant", "--grad-clip", "0", "--max-len", "32", "--steps", "3",
-            "--no-group-by-length", "--log-every", "1", "--no-samples"]
+            "--warmup", "0", "--schedule", "constant", "--grad-clip", str(grad_clip), "--max-len", "32",
+            "--steps", "3", "--no-group-by-length", "--log-every", "1", "--no-samples"]
 
 
 @pytest.mark.slow
@@ -311,3 +316,31 @@ def test_orpo_on_two_processes_equals_one_batch(tmp_path, tiny_ckpt, launched):
     ddp = launched[0]["orpo"]
     assert_same_rows([r for r in metrics(ddp) if r["split"] == "train"], one)
     assert_same_adapters(tmp_path / "one", ddp, rtol=1e-4, atol=1e-6)
+
+
+# 5 held-out pairs: one process evaluates 2 micro-batches of 2, the other 1, and runs a stand-in pair while its
+# peer evaluates the second (a sharded forward pass is a collective). The clip fires at every step.
+DPO_FSDP = dict(grad_clip=0.05, eval_data="held_out.jsonl")
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp_equals_one_process_with_the_whole_batch(tmp_path, tiny_ckpt, launched):
+    """DPO from an initial adapter, sharded over 2 processes of 2 pairs: the reference is the base and a frozen
+    copy of the initial adapter, sharded as the adapter is. Every reward is 0 at step 1, and each step's loss,
+    metrics, gradient norm and held-out evaluation, and the adapter, are one process's with 4 pairs a step."""
+    from test_preference_train import assert_same_rows, pref_run
+
+    files = launched[0]["dpo_fsdp"].parent / "prefs"
+    _, one = pref_run(tmp_path, tiny_ckpt, files, "one", batch_size=4, init_adapter=str(files / "init"),
+                      eval_every=2, grad_clip=DPO_FSDP["grad_clip"], eval_data=str(files / DPO_FSDP["eval_data"]))
+    sharded = metrics(launched[0]["dpo_fsdp"])
+    assert "sharded with FSDP2 over a 2 mesh (shard)" in launched[1]["dpo_fsdp"]
+    train_rows = [r for r in sharded if r["split"] == "train"]
+    assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) and train_rows[0]["rewards/margins"] == 0
+    assert_same_rows(train_rows, one)
+    norms = [[r["grad_norm"] for r in rows] for rows in (train_rows, one)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and min(norms[1]) > 3 * DPO_FSDP["grad_clip"]
+    evals = [[r for r in rows if r["split"] == "eval"] for rows in (sharded, metrics(tmp_path / "one"))]
+    assert [r["step"] for r in evals[0]] == [2, 3]
+    assert_same_rows(*evals)
+    assert_same_adapters(tmp_path / "one", launched[0]["dpo_fsdp"], **SHARDED)

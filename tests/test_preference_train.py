@@ -207,3 +207,21 @@ def test_the_plan_of_a_preference_step_is_what_the_real_step_saves(objective):
     real = saved.bytes - sum(n for key, n in saved.storages.items() if key in adapter)
     assert planned["parts"]["activations"] == real > 0
     assert planned["activation_bytes_per_token"] == real / (2 * 2 * 32)
+
+
+def test_the_plan_holds_the_frozen_initial_adapter_sharded_as_the_adapter():
+    # The reference's copy of --init-adapter's weights is split over the processes under --fsdp, as the adapter
+    # is: each of 2 processes holds half of it, beside its half of the base and of the trained adapter.
+    from tinyllama.config import LlamaConfig
+    from training.fsdp import planned_param_bytes
+    from training.plan import plan_step
+    from training.settings import TrainConfig
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    lora_config = lora.LoRAConfig(rank=8, alpha=16.0)  # on gate, up and down: 8 x (64 + 176) x 3 weights
+    parts = plan_step(TrainConfig(device="cpu", batch_size=1, max_len=8, objective="dpo", fsdp="full",
+                                  init_adapter="runs/sft/adapter"), lora_config, config, world=2)["parts"]
+    half = 8 * (64 + 176) * 3 * 4 // 2
+    base = planned_param_bytes(config, lora_config, world=2, dtype=torch.float32) - half  # this process's half
+    assert parts["lora_weights"] == half and parts["weights"] == base + half  # + half of the frozen copy

@@ -19,8 +19,9 @@ What FSDP is told, and why:
   (`NF4Storage.storage_as_parameters`), since FSDP shards parameters only; each projection is all-gathered in
   its 4-bit form and dequantised as without FSDP.
 - Gradients are summed, not averaged (`set_gradient_divide_factor(1.0)`): each process's loss is already
-  divided by the labelled-token count of the whole optimizer step over all processes (`train.queue_step`), so
-  the sum is what one process accumulating the same micro-batches computes.
+  divided by the labelled-token count (a preference objective: the pair count) of the whole optimizer step over
+  all processes (`train.queue_step`, `training.preference_step`), so the sum is what one process accumulating
+  the same micro-batches computes.
 - The loss runs the LM head outside the model's `forward` (`tinyllama.loss.causal_lm_loss`): `hidden_states`
   is registered as a forward method of the root, whose parameters (embeddings, final norm, head) stay gathered
   from its forward until the backward has used them.

@@ -260,7 +260,7 @@ def plan_step(cfg, lora_config, config, *, world: int = 1, device: torch.device 
     weights = planned_param_bytes(config, lora_config, world=world if sharded else 1, dtype=dtype,
                                   quantize=quantize, double_quant=cfg.double_quant)
     if objective in WITH_REFERENCE and cfg.init_adapter:  # the initial adapter, frozen beside the trained one
-        weights += lora_params * 4
+        weights += lora_bytes if sharded else lora_params * 4  # sharded as the adapter is
     parts = {"weights": weights - (lora_bytes if sharded else lora_params * 4), "lora_weights":
              lora_bytes if sharded else lora_params * 4, "activations": step["activations"],
              "transient": step["transient"]}

@@ -5,7 +5,10 @@ clipped, AdamW, all queued on the device and read one step later (`training.step
 Exactness across accumulation and processes: the step's pair count (and, for ORPO, its count of chosen tokens)
 is summed over micro-batches and processes first, on the host, and every micro-batch's summed per-pair losses
 are divided by it. So 2 micro-batches of 4 pairs, or 2 processes of 4, give the gradient of one batch of 8.
-The metrics are sums over pairs, divided by the pair count when read.
+The metrics are sums over pairs, divided by the pair count when read. Under --fsdp (and --fsdp hybrid) FSDP
+sums the gradients itself, once a step, as for SFT; the reference's frozen adapter copy is sharded as the adapter
+is (`preference.Reference` copies whatever tensors the parameters are), and the held-out evaluation runs in
+lockstep (`stand_in_pair`).
 """
 
 from __future__ import annotations
@@ -51,10 +54,13 @@ def queue_step(run, cfg, proc, step: int, lr: float, micro: list[dict], bad: tor
     timer = Timer(device)
     loss_total = torch.zeros((), device=device)
     sums = torch.zeros(len(names), device=device)  # per-pair metric sums; ORPO's NLL (token sum) last
-    with parallel.peers_answer():
+    sharded = cfg.fsdp != "none"
+    with parallel.peers_answer():  # FSDP's collectives run inside the model
         for i, batch in enumerate(micro):
             if cfg.dropout:
                 torch.manual_seed(seeds[i])
+            if sharded:  # reduce the gradients once, after the step's last micro-batch
+                model.set_requires_gradient_sync(i == len(micro) - 1)
             with run.plan.forward():
                 terms = micro_batch_terms(model, batch, cfg.objective, beta=cfg.beta, gamma=cfg.gamma,
                                           label_smoothing=cfg.label_smoothing, reference=run.reference)
@@ -66,7 +72,8 @@ def queue_step(run, cfg, proc, step: int, lr: float, micro: list[dict], bad: tor
             sums[:len(terms["metrics"])] += terms["metrics"]
             if orpo:
                 sums[-1] += terms["nll_sum"].detach()
-        parallel.all_reduce_grads(params)
+        if not sharded:  # FSDP has reduce-scattered them already
+            parallel.all_reduce_grads(params)
         loss_total = parallel.all_reduce_sum(loss_total)
         sums = parallel.all_reduce_sum(sums)
         grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
@@ -82,15 +89,36 @@ def queue_step(run, cfg, proc, step: int, lr: float, micro: list[dict], bad: tor
                       metric_names=names)
 
 
+def stand_in_pair(with_ref: bool) -> dict:
+    """One pair of one-token sequences with no completion: what a sharded process with fewer held-out micro-batches
+    than another runs, once for each it lacks, since every forward pass of a sharded model is a collective. With
+    `with_ref` it carries reference log-probs, as --precompute-ref's pairs do, so it skips the reference's pass
+    as theirs do."""
+    batch = {"input_ids": torch.zeros(2, 1, dtype=torch.long), "attention_mask": torch.ones(2, 1, dtype=torch.long),
+             "completion_mask": torch.zeros(2, 1, dtype=torch.long)}
+    if with_ref:
+        batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = torch.zeros(1)
+    return batch
+
+
 def evaluate(run, cfg, proc, batches) -> dict:
     """The loss and metrics over the held-out pairs (this process's `batches`, summed over processes), each a mean
-    over pairs (ORPO's NLL over tokens), as `eval` rows report them."""
+    over pairs (ORPO's NLL over tokens), as `eval` rows report them. Under --fsdp a process with fewer batches
+    than another runs `stand_in_pair`s, counted nowhere, until they match."""
     model, device = run.model, proc.device
     orpo = cfg.objective == ORPO
     names = metric_names(cfg.objective)
     total = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)  # loss, pairs, nll tokens, metrics
+    batches = list(batches)
+    missing = 0
+    if cfg.fsdp != "none":
+        missing = int(parallel.all_reduce_max(torch.tensor(float(len(batches)), device=device)).item()) - len(batches)
     model.eval()
     with torch.no_grad(), run.plan.forward():
+        for _ in range(missing):
+            micro_batch_terms(model, _device_batch(stand_in_pair(cfg.precompute_ref), device, orpo), cfg.objective,
+                              beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
+                              reference=run.reference)
         for batch in batches:
             pairs, _, _, nll = step_counts([batch], orpo)
             terms = micro_batch_terms(model, _device_batch(batch, device, orpo), cfg.objective, beta=cfg.beta,

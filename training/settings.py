@@ -353,7 +353,6 @@ def objective_problems(cfg: TrainConfig) -> list[str]:
     if cfg.objective in PREFERENCE:
         flag = f"--objective {cfg.objective}"
         need(not cfg.packing, f"{flag} runs padded micro-batches of whole pairs: leave --packing out")
-        need(cfg.fsdp == "none", f"{flag} with --fsdp is not supported yet; use plain data parallel")
         need(not is_random(cfg.data), f"{flag} trains on a file of preference pairs, not --data random")
     return problems
 
