@@ -69,9 +69,10 @@ export: setup
 	$(if $(and $(ADAPTER),$(OUT)),,$(error make export needs ADAPTER=<adapter folder> and OUT=<folder to write>))
 	$(PY) -m tinyllama.export --adapter $(ADAPTER) --out $(OUT)$(EXPORT_FLAGS) $(ARGS)
 
-# lm-evaluation-harness on an adapter (unmerged) or, with ARGS=--no-adapter, on the base it records (docs/eval.md):
+# lm-evaluation-harness on an adapter (unmerged) or, with ARGS=--no-adapter, on the base it records; with MODEL and
+# no ADAPTER, on that base alone, as before any adapter is trained (docs/eval.md):
 # make eval ADAPTER=runs/rank64/adapter TASKS=hellaswag,arc_easy ARGS="--limit 200 --output results/"
 TASKS ?=
 eval: setup
-	$(if $(and $(ADAPTER),$(TASKS)),,$(error make eval needs ADAPTER=<adapter folder> and TASKS=<task,task>))
-	$(PY) eval.py --adapter $(ADAPTER) --tasks $(TASKS)$(if $(MODEL), --model $(MODEL)) $(ARGS)
+	$(if $(and $(or $(ADAPTER),$(MODEL)),$(TASKS)),,$(error make eval needs TASKS=<task,task> and ADAPTER=<adapter folder> or MODEL=<base>))
+	$(PY) eval.py $(if $(ADAPTER),--adapter $(ADAPTER),--no-adapter) --tasks $(TASKS)$(if $(MODEL), --model $(MODEL)) $(ARGS)

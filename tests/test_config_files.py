@@ -5,6 +5,7 @@ are refused in one line before anything is made; export and chat take --config t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import chat
 import train
 from helpers import ROOT, adapter_weights, metrics
 from tinyllama import export
-from training.settings import TrainConfig, validate, with_machine_defaults
+from training.settings import TrainConfig, validate, with_init_adapter, with_machine_defaults
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -133,33 +134,72 @@ def test_every_recipe_in_configs_reads_and_prints(path, capsys):
 # The shape (tinyllama.shapes) of each recipe's model: its settings are validated against it offline.
 RECIPE_SHAPES = {"default.yaml": "tinyllama-1.1b", "qlora.yaml": "tinyllama-1.1b", "dora.yaml": "tinyllama-1.1b",
                  "llama-3.2-1b-chat.yaml": "llama-3.2-1b", "fsdp-2gpu.yaml": "llama-2-13b",
-                 "qwen2.5-0.5b.yaml": "qwen2.5-0.5b"}
+                 "qwen2.5-0.5b.yaml": "qwen2.5-0.5b", "dpo.yaml": "tinyllama-1.1b"}
+# The settings of a recipe that name files only its user has (a pairs file, an earlier run's adapter): the test
+# writes a small one of each kind (`users_file`) and passes it on the command line.
+USERS_FILES = {"dpo.yaml": ("data", "init_adapter")}
+
+
+def users_file(folder, setting: str) -> str:
+    if setting == "data":
+        path = folder / "prefs.jsonl"
+        path.write_text(json.dumps({"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}) + "\n")
+    else:  # the adapter_config.json configs/default.yaml's run saves (validation reads no weights)
+        default = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+        path = folder / "sft-adapter"
+        path.mkdir()
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "base_model_name_or_path": default["model"], "r": default["rank"],
+            "lora_alpha": default["alpha"], "lora_dropout": default["dropout"],
+            "target_modules": ["down_proj", "gate_proj", "up_proj"]}))
+    return str(path)
 
 
 @pytest.mark.parametrize("name", sorted(RECIPE_SHAPES))
-def test_every_recipe_passes_validation_on_its_models_shape(name):
+def test_every_recipe_passes_validation_on_its_models_shape(name, tmp_path):
+    given = [word for setting in USERS_FILES.get(name, ())
+             for word in (f"--{setting.replace('_', '-')}", users_file(tmp_path, setting))]
     cfg = train.parse_args(["--config", str(ROOT / "configs" / name), "--model", RECIPE_SHAPES[name], "--dry-run",
-                            "--device", "cpu"])
-    lora_config = validate(with_machine_defaults(cfg))  # raises SystemExit naming every problem
+                            "--device", "cpu", *given])
+    # As train.py resolves it: an initial adapter's rank, alpha and targets refused if the recipe sets others.
+    cfg = with_init_adapter(with_machine_defaults(cfg))
+    lora_config = validate(cfg)  # raises SystemExit naming every problem
     assert lora_config.rank == cfg.rank
+
+
+def test_the_dpo_recipe_continues_the_default_runs_adapter():
+    default, dpo = (yaml.safe_load((ROOT / "configs" / name).read_text()) for name in ("default.yaml", "dpo.yaml"))
+    assert dpo["init_adapter"] == f"{default['out']}/adapter"
+    assert dpo["model"] == default["model"] and dpo["objective"] == "dpo"
 
 
 def test_the_recipes_are_the_documented_runs_each_validated():
     assert {p.name for p in CONFIGS} == set(RECIPE_SHAPES)  # a new recipe gets a shape to be validated on
 
 
-def test_make_train_passes_the_config_and_only_the_overrides_given():
-    def command(*words):
-        # Under `make test` the parent make's flags (MAKEFLAGS, MAKELEVEL) would make this one print its directory.
-        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-        found = subprocess.run(["make", "--no-print-directory", "-n", "train", *words], cwd=ROOT, env=env,
-                               capture_output=True, text=True, check=True)
-        return found.stdout.strip().splitlines()[-1].split()
+def make_n(target, *words) -> list[str]:
+    """The command `make TARGET WORDS` runs (without running it)."""
+    # Under `make test` the parent make's flags (MAKEFLAGS, MAKELEVEL) would make this one print its directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    found = subprocess.run(["make", "--no-print-directory", "-n", target, *words], cwd=ROOT, env=env,
+                           capture_output=True, text=True, check=True)
+    return found.stdout.strip().splitlines()[-1].split()
 
+
+def test_make_train_passes_the_config_and_only_the_overrides_given():
+    command = functools.partial(make_n, "train")
     assert command("CONFIG=configs/qlora.yaml")[1:] == ["train.py", "--config", "configs/qlora.yaml"]
     assert command("CONFIG=configs/qlora.yaml", "RANK=16")[1:] == ["train.py", "--config", "configs/qlora.yaml",
                                                                     "--rank", "16", "--alpha", "16"]
     assert command("RANK=8")[1:] == ["train.py", "--rank", "8", "--alpha", "8"]
+
+
+def test_make_eval_scores_a_base_alone_before_any_adapter_exists():
+    # The walkthrough's before and after (docs/configs-and-tracking.md): the base by name, then the adapter.
+    assert make_n("eval", "MODEL=TinyLlama/TinyLlama_v1.1", "TASKS=hellaswag", "ARGS=--limit 5")[1:] == [
+        "eval.py", "--no-adapter", "--tasks", "hellaswag", "--model", "TinyLlama/TinyLlama_v1.1", "--limit", "5"]
+    assert make_n("eval", "ADAPTER=runs/rank64/adapter", "TASKS=hellaswag")[1:] == [
+        "eval.py", "--adapter", "runs/rank64/adapter", "--tasks", "hellaswag"]
 
 
 def test_export_and_chat_take_their_own_flags_from_a_file(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Two gloo processes (CPU): data parallel and --fsdp train as one process accumulating the same micro-batches
 (dropout on, a clip that fires), checkpoints that resume with another number of processes and any split of the
-same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, the bytes each process holds, and preference
-objectives (ORPO data parallel, DPO sharded). Every two-process run here shares one torchrun launch (`launched`)."""
+same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, the bytes each process holds, preference
+objectives (ORPO data parallel, DPO sharded) and only the main process reporting to trackers. Every two-process
+run here shares one torchrun launch (`launched`)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,9 @@ def launched(tmp_path_factory, tiny_ckpt, single):
     """Every two-process run of this module, in one torchrun launch: ({name: folder}, {name: rank 0's output})."""
     tmp = tmp_path_factory.mktemp("torchrun")
     runs = {
-        "fsdp": _args(tmp, tiny_ckpt, "--fsdp"),  # what `single` runs, two FSDP processes of 2 rows side by side
+        # What `single` runs, two FSDP processes of 2 rows side by side, both asked to report to TensorBoard (only
+        # the main one may: test_only_the_main_process_reports_to_trackers). W&B would cost this launch ~3 s.
+        "fsdp": _args(tmp, tiny_ckpt, "--fsdp", "--report-to", "tensorboard"),
         "hsdp21": _args(tmp, tiny_ckpt, "--fsdp", "hybrid", "--fsdp-shard-size", "1"),
         "fsdp_no_dropout": _args(tmp, tiny_ckpt, "--fsdp", dropout=0.0),
         "qlora": _args(tmp, tiny_ckpt, "--fsdp", "--quantize", "nf4"),
@@ -158,6 +161,17 @@ def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single,
     assert 0 < sharded <= 0.6 * whole, (sharded, whole)
     # The README's table is computed from the shapes: the same computation gives what was measured here.
     assert [_planned(tiny_ckpt, world) for world in (1, 2)] == [whole, sharded]
+
+
+@pytest.mark.slow
+def test_only_the_main_process_reports_to_trackers(launched):
+    """Both FSDP processes were given --report-to tensorboard and the same --out: a second reporting process would
+    leave a second event file beside the first (each writer names its file by host and process id)."""
+    from test_tensorboard import assert_same, from_jsonl, scalars
+
+    folder = launched[0]["fsdp"]
+    assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert_same(scalars(folder / "tensorboard"), from_jsonl(metrics(folder)))  # every step's every value, once
 
 
 @pytest.mark.slow
