@@ -255,8 +255,8 @@ def flex_block_mask(mask: torch.Tensor):
     keys masked, padded queries seeing nothing (their output is zeros, cut off by `flex_softcapped_attention`).
 
     The padding is there because compiled FlexAttention (torch 2.13, on a CPU) reads a last partial block of keys
-    past the end of k and scores them; the mask does not clear a NaN or inf score made from what lies there, so
-    the last (sequence, k/v head) slice, whose keys end k's storage, came out wrong or NaN
+    past the end of k and scores them, and the mask does not fully clear what it scored there (NaN stored after k
+    gives NaN rows): the last (sequence, k/v head) slice, whose keys end k's storage, came out wrong or NaN
     (tests/test_family_runtime.py has the reproduction)."""
     _, create_block_mask = flex_kernel()
     B, _, T, S = mask.shape
