@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=["tinyllama", "tiny", *sorted(SHAPES)], default="tinyllama")
     p.add_argument("--fused-mlp", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--varlen", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--flex-softcap", action="store_true", help="Gemma 2's softcapped attention via FlexAttention")
+    p.add_argument("--flex-softcap", action=argparse.BooleanOptionalAction, default=None,
+                   help="Gemma 2's softcapped attention via FlexAttention (default: on CUDA where torch has it)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)

@@ -244,43 +244,90 @@ def test_the_startup_check_probes_the_first_sliding_layer_with_a_window_that_cut
 
 # ---- Gemma 2's softcapped attention through FlexAttention ------------------------------------------------------
 
-def test_a_cpu_plan_keeps_the_plain_softcapped_attention_and_says_why():
-    from tinyllama.runtime import FAST_PATHS, plan_runtime
+def test_flex_softcap_is_planned_on_cuda_and_refused_on_a_cpu_with_the_reason():
+    from tinyllama.runtime import FAST_PATHS, has_flex_attention, plan_runtime
 
     gemma2 = LlamaConfig.from_dict({**TINY, **FAMILY_CONFIGS["gemma2"], "vocab_size": VOCAB})
-    plan = plan_runtime(gemma2, torch.device("cpu"), torch.float32, flex_softcap=True)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    plan = plan_runtime(gemma2, cpu, torch.float32, flex_softcap=True)
     assert plan.flex_softcap is False and "flex_softcap" in FAST_PATHS  # so the start-up check compares it
-    assert "softcapped attention: the plain path (FlexAttention runs on CUDA only)" in plan.describe()
-    unasked = plan_runtime(gemma2, torch.device("cpu"), torch.float32)
-    assert "softcapped attention: the plain path (FlexAttention not asked for)" in unasked.describe()
-    assert "softcapped" not in plan_runtime(LlamaConfig(**TINY), torch.device("cpu"), torch.float32).describe()
+    assert "softcapped attention: the plain path (FlexAttention has no backward pass on a CPU)" in plan.describe()
+    assert plan_runtime(gemma2, cuda, torch.bfloat16, varlen=False).flex_softcap is has_flex_attention()
+    off = plan_runtime(gemma2, cuda, torch.bfloat16, varlen=False, flex_softcap=False)
+    assert not off.flex_softcap and "the plain path (FlexAttention turned off)" in off.describe()
+    llama = plan_runtime(LlamaConfig(**TINY), cuda, torch.bfloat16, varlen=False)
+    assert not llama.flex_softcap and "softcapped" not in llama.describe()
+
+
+def _flex_case(device, packed: bool, requires_grad: bool = False, nan_after: bool = False):
+    """q, k, v and the mask of one sliding layer past its window (8 of 40 keys), 4 query heads on 2 k/v heads:
+    padded (the first sequence's 6 left pads) or packed (5 segments across the 2 rows). With `nan_after`, each
+    tensor is a view of a buffer whose next elements are NaN, so a kernel reading past its end gives NaN."""
+    from tinyllama.model import build_attention_mask, segment_ids
+
+    generator = torch.Generator().manual_seed(0)
+    B, H, KV, T, D, window = 2, 4, 2, 40, 16, 8
+
+    def tensor(heads):
+        t = torch.randn(B, heads, T, D, generator=generator)
+        if nan_after:
+            t = torch.cat((t.flatten(), torch.full((t.numel(),), float("nan"))))[:t.numel()].view(t.shape)
+        return t.to(device).requires_grad_(requires_grad)
+
+    q, k, v = tensor(H), tensor(KV), tensor(KV)
+    pad, docs = torch.ones(B, T, dtype=torch.long, device=device), None
+    if packed:
+        docs, pad = segment_ids(torch.tensor([0, 17, 25, 40, 57, 80], dtype=torch.int32, device=device), B, T), None
+    else:
+        pad[0, :6] = 0
+    mask = build_attention_mask(T, 0, pad, docs, torch.device(device), window=window, force=True)
+    return q, k, v, mask
+
+
+@pytest.mark.slow  # FlexAttention compiles on a CPU: about 5 s, 10 s with a cold inductor cache
+def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
+    """The forward pass (FlexAttention has no CPU backward): padded, packed, a window shorter than the sequence,
+    grouped k/v heads. Without `flex_block_mask`'s padding to whole blocks, torch 2.13's compiled kernel scores
+    keys read past the end of k, and NaN there survives the mask:
+
+        flex = torch.compile(flex_attention)
+        q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))  # 40 keys: part of one 128-key block
+        k = torch.cat((k.flatten(), torch.tensor([float("nan")])))[:-1].view(k.shape)  # NaN stored after k
+        mask = create_block_mask(lambda b, h, q, kv: kv <= q, None, None, 40, 40, device="cpu")
+        flex(q, k, v, block_mask=mask).isnan().any()  # True (SDPA: False; with 128 keys: False)
+
+    so the inputs here are stored with NaN after them, as chance memory may hold."""
+    from tinyllama.model import flex_block_mask, flex_softcapped_attention, softcapped_attention
+    from tinyllama.runtime import flex_kernel
+
+    if flex_kernel() is None:
+        pytest.skip(f"torch {torch.__version__} has no FlexAttention")
+    for packed in (False, True):  # the same shapes: one compiled kernel for both
+        q, k, v, mask = _flex_case("cpu", packed, nan_after=True)
+        with torch.no_grad():
+            got = flex_softcapped_attention(q, k, v, flex_block_mask(mask), 0.25, 5.0)
+        assert_close(got, softcapped_attention(q, k, v, mask, 0.25, 5.0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_flex_softcapped_attention_equals_the_plain_path_on_cuda(packed):
-    """Scores capped by a score_mod, the window/causal/document mask by a mask_mod: the plain path's output and
-    gradients, on a sliding layer past its window, padded (left padding: its rows left out) and packed."""
-    from tinyllama.model import build_attention_mask, flex_softcapped_attention, segment_ids, softcapped_attention
+    """Output and gradients of the plain path, on a sliding layer past its window, padded and packed; and the
+    start-up check of a Gemma 2 model keeps the path."""
+    from tinyllama.model import Llama, flex_block_mask, flex_softcapped_attention, softcapped_attention
     from tinyllama.runtime import flex_kernel
+    from tinyllama.startup_check import check_fast_paths
 
     assert flex_kernel() is not None, "torch has no FlexAttention: gemma2 runs its plain path on this machine"
-    torch.manual_seed(0)
-    B, H, KV, T, D, window = 2, 4, 2, 40, 16, 8
-    q, k, v = (torch.randn(B, n, T, D, device="cuda", requires_grad=True) for n in (H, KV, KV))
-    pad = torch.ones(B, T, dtype=torch.long, device="cuda")
-    docs = None
-    if packed:
-        docs = segment_ids(torch.tensor([0, 17, 25, 40, 57, 80], dtype=torch.int32, device="cuda"), B, T)
-        pad = None
-    else:
-        pad[0, :6] = 0
-    mask = build_attention_mask(T, 0, pad, docs, torch.device("cuda"), window=window, force=True)
-    keep = (pad if pad is not None else torch.ones(B, T, device="cuda")).bool()
+    q, k, v, mask = _flex_case("cuda", packed, requires_grad=True)
     outs = []
-    for attend in (flex_softcapped_attention, softcapped_attention):
-        y = attend(q, k, v, mask, 0.25, 5.0)
-        grads = torch.autograd.grad((y.transpose(1, 2)[keep] ** 2).sum(), (q, k, v))
-        outs.append((y.transpose(1, 2)[keep], *grads))
+    for y in (flex_softcapped_attention(q, k, v, flex_block_mask(mask), 0.25, 5.0),
+              softcapped_attention(q, k, v, mask, 0.25, 5.0)):
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum(), (q, k, v))
+        outs.append((y, *grads))
     for got, ref in zip(*outs, strict=True):
         assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    gemma2 = LlamaConfig.from_dict({**TINY, **FAMILY_CONFIGS["gemma2"], "vocab_size": VOCAB})
+    model = randomize_lora_b(Llama(gemma2, lora_config=LoRAConfig(4, 8, dropout=0.0)).cuda(), std=0.1)
+    plan = RuntimePlan(device=torch.device("cuda"), flex_softcap=True)
+    assert check_fast_paths(model, plan, print, strict=True) == plan

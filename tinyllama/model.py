@@ -161,7 +161,7 @@ class AttentionInputs(NamedTuple):
     path: AttentionPath
     mask: torch.Tensor | None = None  # MASKED, DECODE (None: nothing to mask)
     segments: Segments | None = None  # SEGMENTS
-    flex: bool = False  # softcapped layers: FlexAttention (RuntimePlan.flex_softcap), on CUDA
+    block_mask: object = None  # softcapped layers on FlexAttention (RuntimePlan.flex_softcap): `flex_block_mask`
 
 
 class Attention(nn.Module):
@@ -209,9 +209,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.softcap is not None:  # attention_inputs always gives these layers a mask
-            attend = flex_softcapped_attention if attn.flex else softcapped_attention
-            y = attend(q, k, v, attn.mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        if attn.block_mask is not None:  # given only to softcapped layers
+            y = flex_softcapped_attention(q, k, v, attn.block_mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        elif self.softcap is not None:  # attention_inputs always gives these layers a mask
+            y = softcapped_attention(q, k, v, attn.mask, self.scale or self.head_dim ** -0.5, self.softcap)
         elif attn.path is AttentionPath.SEGMENTS:
             return self.o_proj(varlen_attention(q, k, v, attn.segments, self.scale))
         elif attn.path is AttentionPath.DECODE:
@@ -245,24 +246,44 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
     return torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
-def flex_softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tensor:
+FLEX_BLOCK = 128  # create_block_mask's default block size, in queries and in keys
+
+
+def flex_block_mask(mask: torch.Tensor):
+    """The bool mask [B or 1, 1, T, S] (True = may attend) as FlexAttention's BlockMask, built once per forward
+    pass and shared by the layers of a kind, over queries and keys padded to whole blocks of `FLEX_BLOCK`: padded
+    keys masked, padded queries seeing nothing (their output is zeros, cut off by `flex_softcapped_attention`).
+
+    The padding is there because compiled FlexAttention (torch 2.13, on a CPU) reads a last partial block of keys
+    past the end of k and scores them, and the mask does not fully clear what it scored there (NaN stored after k
+    gives NaN rows): the last (sequence, k/v head) slice, whose keys end k's storage, came out wrong or NaN
+    (tests/test_family_runtime.py has the reproduction)."""
+    _, create_block_mask = flex_kernel()
+    B, _, T, S = mask.shape
+    pad_t, pad_s = -T % FLEX_BLOCK, -S % FLEX_BLOCK
+    padded = F.pad(mask, (0, pad_s, 0, pad_t), value=False)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return padded[b if B > 1 else 0, 0, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, B, None, T + pad_t, S + pad_s, device=mask.device)
+
+
+def flex_softcapped_attention(q, k, v, block_mask, scale: float, cap: float) -> torch.Tensor:
     """`softcapped_attention` through FlexAttention (`runtime.flex_kernel`, `RuntimePlan.flex_softcap`): the cap
-    as a `score_mod`, the bool mask (causal, window, documents, padding) read by a `mask_mod`, grouped k/v heads
-    read in place, no [B, H, T, S] scores kept. A query that may see no key (left padding) gives 0 here and the
-    mean of v there; those positions are never labelled."""
-    flex, create_block_mask = flex_kernel()
-    B, H, T, _ = q.shape
-    S = k.shape[2]
-    mask = mask.expand(B, 1, T, S)
+    as a `score_mod`, the mask as `flex_block_mask`'s padded BlockMask, grouped k/v heads read in place, no
+    [B, H, T, S] scores kept. q [B, H, T, D], k/v [B, KV, S, D] -> [B, H, T, D]."""
+    flex, _ = flex_kernel()
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    q_len, kv_len = block_mask.seq_lengths
+    q = F.pad(q, (0, 0, 0, q_len - T))
+    k, v = F.pad(k, (0, 0, 0, kv_len - S)), F.pad(v, (0, 0, 0, kv_len - S))
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return mask[b, 0, q_idx, kv_idx]
-
-    block_mask = create_block_mask(mask_mod, B, None, T, S, device=q.device)
-    return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+    y = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+    return y[:, :, :T]
 
 
 def varlen_attention(q, k, v, segments: Segments, scale: float | None = None) -> torch.Tensor:
@@ -469,8 +490,11 @@ class Llama(nn.Module):
             return AttentionInputs(AttentionPath.DECODE, mask=mask)
         if mask is None:
             return AttentionInputs(AttentionPath.CAUSAL_GQA if grouped and plan.gqa_in_place else AttentionPath.CAUSAL)
-        flex = softcap and plan.flex_softcap and device.type == "cuda"  # a CPU trace of a CUDA plan: plain
-        return AttentionInputs(AttentionPath.MASKED, mask=mask, flex=flex)
+        # Not with a cache: decoding's key count grows by one a step, and each new length would compile anew.
+        # A CPU trace of a CUDA plan (training.plan) runs the plain path.
+        if softcap and plan.flex_softcap and cache is None and device.type == "cuda":
+            return AttentionInputs(AttentionPath.MASKED, mask=mask, block_mask=flex_block_mask(mask))
+        return AttentionInputs(AttentionPath.MASKED, mask=mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head, and Gemma 2's final softcap: tanh(logits / cap) * cap."""

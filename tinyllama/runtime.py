@@ -17,7 +17,7 @@ is what a CPU runs and what `RuntimePlan()` is):
 | attention kernel order (`sdpa_backends`) | flash, cuDNN, efficient, math | PyTorch's own | PyTorch's own |
 | grouped k/v heads read in place (`gqa_in_place`) | where the preferred kernel takes them | yes | repeated |
 | packed rows (`varlen`) | varlen flash attention, where torch has it | a dense block mask | a dense block mask |
-| softcapped attention (`flex_softcap`) | scores materialised; FlexAttention if asked | the same | the same |
+| softcapped attention (`flex_softcap`) | FlexAttention, where torch has it | scores materialised | the same |
 | LoRA MLP (`fused_mlp`) | one function, gate/up one weight (SwiGLU; not DoRA, NF4, FSDP) | the modules | the modules |
 | torch.compile (`compile_scope`) | off unless asked | off unless asked | eager |
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import inspect
 import os
 from dataclasses import dataclass
@@ -101,11 +102,16 @@ def varlen_kernel():
     return kernel
 
 
+def has_flex_attention() -> bool:
+    """Whether this torch has FlexAttention, asked without compiling it (which imports torch._dynamo, seconds)."""
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 @functools.cache
 def flex_kernel():
     """(flex_attention compiled, create_block_mask), or None where torch has no FlexAttention. Compiled because
-    eager FlexAttention is torch's slow debugging path (seconds for a tiny layer on a CPU); CUDA only (`plan_runtime`),
-    since a CPU gains nothing over `softcapped_attention`'s matmuls."""
+    eager FlexAttention is torch's slow debugging path (seconds for a tiny layer on a CPU). CUDA only
+    (`plan_runtime`): torch 2.13 has no FlexAttention backward on a CPU."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -125,7 +131,7 @@ class RuntimePlan:
     varlen: bool = False  # packed rows as segments through `varlen_kernel()` instead of a dense block mask
     fused_mlp: bool = False  # the LoRA MLP as one autograd function (`tinyllama.lora_mlp`)
     # Gemma 2's softcapped attention through FlexAttention (`model.flex_softcapped_attention`, CUDA) instead of
-    # `model.softcapped_attention`, which materialises the [B, H, T, S] scores.
+    # `model.softcapped_attention`, which materialises the [B, H, T, S] scores and their float32 softmax.
     flex_softcap: bool = False
     compile_scope: str | None = None  # torch.compile: "layers" (each decoder layer), "model", or None (eager)
     compile_mode: str = "default"
@@ -169,7 +175,8 @@ def plan_problems(device: torch.device, *, dora: bool = False, quantized: bool =
 def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_config=None, quantized: bool = False,
                  packing: bool | None = None, fused_mlp: bool | None = None, varlen: bool | None = None,
                  sdpa_backends: str = DEFAULT_SDPA_BACKENDS, compile_scope: str | None = None,
-                 compile_mode: str = "default", sharded: bool = False, flex_softcap: bool = False) -> RuntimePlan:
+                 compile_mode: str = "default", sharded: bool = False,
+                 flex_softcap: bool | None = None) -> RuntimePlan:
     """Decide how a model of `config` runs on `device` (the table in the module docstring); None: the default
     there. `sharded`: the model is sharded with FSDP (`training.fsdp`), so no fused MLP (its fused gate/up
     weight is built from whole weights). Raises ValueError, a line per problem (`plan_problems`), for paths
@@ -191,14 +198,14 @@ def plan_runtime(config, device: torch.device, dtype: torch.dtype, *, lora_confi
     attention = ("cpu" if not cuda else f"{repeated} kernel"
                  + (", grouped k/v heads read in place" if in_place == repeated
                     else f" (k/v heads repeated: in place would take {in_place})"))
-    # Off unless asked (`flex_softcap=True`): on a CPU, torch's FlexAttention gave wrong rows for the second
-    # sequence of a batch in testing, so it waits for bench/gpu_check.sh's familypaths check on a GPU.
-    flex = flex_softcap and cuda and config.attn_logit_softcapping is not None and flex_kernel() is not None
-    if config.attn_logit_softcapping is not None:
+    # A CPU keeps the plain path even when asked: FlexAttention has no backward pass there (torch 2.13 raises).
+    softcap = config.attn_logit_softcapping is not None
+    flex = flex_softcap is not False and cuda and softcap and has_flex_attention()
+    if softcap:
         attention += ("; softcapped attention: FlexAttention" if flex else
                       "; softcapped attention: the plain path (" + (
-                          "FlexAttention not asked for)" if not flex_softcap
-                          else "FlexAttention runs on CUDA only)" if not cuda
+                          "FlexAttention turned off)" if flex_softcap is False
+                          else "FlexAttention has no backward pass on a CPU)" if not cuda
                           else f"torch {torch.__version__} has no FlexAttention)"))
     return RuntimePlan(
         device=device, dtype=dtype, packing=default_packing(device) if packing is None else packing,

@@ -29,6 +29,9 @@ SEGMENT_LENGTHS = (9, 8, 7)  # the packed row the check runs: three short segmen
 # `window_size`, the masked path's band) really cuts keys off; a real window (4096) would change nothing on a
 # probe this short, and the kernels take any window as an argument.
 PROBE_WINDOW = 5
+# The paths probed on the packed row: the ones that read its segments (varlen's cu_seqlens, FlexAttention's
+# mask_mod reading the document mask); the others on one sequence.
+PACKED_PROBES = ("varlen", "flex_softcap")
 
 
 def check_fast_paths(model, plan: RuntimePlan, log, strict: bool = False) -> RuntimePlan:
@@ -70,10 +73,10 @@ def _fast_path_error(model, plan: RuntimePlan, name: str) -> tuple[float, str | 
     for index in probe_layers(model.config):
         where = "" if index == 0 else f" on sliding layer {index}"
         try:
-            fast_out = _layer_outputs(model, fast, index, packed=name == "varlen")
+            fast_out = _layer_outputs(model, fast, index, packed=name in PACKED_PROBES)
         except Exception as e:  # a kernel that does not run here, whatever it raises
             return math.inf, f"{type(e).__name__}: {e}{where}"
-        plain_out = _layer_outputs(model, plain, index, packed=name == "varlen")
+        plain_out = _layer_outputs(model, plain, index, packed=name in PACKED_PROBES)
         for what, got, ref in zip(("output", "input gradient", "weight gradients"), fast_out, plain_out,
                                   strict=True):
             error = ((got - ref).abs().max() / ref.abs().max().clamp(min=1.0)).item()
