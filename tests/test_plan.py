@@ -245,8 +245,8 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_attention
              head_dim=32, sliding_window=16)
 LONG = CONFIG.with_layers(6)  # the fewest layers at which two short traces (2 and 3 layers) cost less than all 6
 REPEATING = {
-    "checkpointing, FSDP, DoRA": (LONG, dict(grad_checkpointing=True, fsdp="full", dora=True)),
-    "NF4, DPO from an initial adapter": (LONG, dict(quantize="nf4", objective="dpo", init_adapter="adapter")),
+    "checkpointing, FSDP": (LONG, dict(grad_checkpointing=True, fsdp="full")),
+    "DPO from an initial adapter": (LONG, dict(objective="dpo", init_adapter="adapter")),
     # Gemma 2's alternating windows: period 2, with a layer over (12 = 1 + 5 x 2 + 1).
     "gemma2": (named_shape("gemma-2-2b").with_layers(12, **SMALL), dict()),
 }
