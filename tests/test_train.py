@@ -64,7 +64,7 @@ def assert_same_adapters(a, b, rtol=1e-5, atol=1e-8):
     wa, wb = adapter_weights(a), adapter_weights(b)
     assert wa.keys() == wb.keys() and wa
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=k)
+        torch.testing.assert_close(wa[k], wb[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_lr_schedules_by_hand():
