@@ -178,6 +178,7 @@ def test_a_damaged_init_adapter_is_refused_before_training(tmp_path, tiny_ckpt, 
     assert not (tmp_path / "o" / "adapter").exists()
 
 
+@pytest.mark.slow  # traces a step, as test_plan's do
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_the_plan_of_a_preference_step_is_what_the_real_step_saves(objective):
     # Two sequences per pair, the reference's forward pass (which saves nothing) and ORPO's NLL positions: the
@@ -209,6 +210,7 @@ def test_the_plan_of_a_preference_step_is_what_the_real_step_saves(objective):
     assert planned["activation_bytes_per_token"] == real / (2 * 2 * 32)
 
 
+@pytest.mark.slow  # traces a step, as test_plan's do
 def test_the_plan_holds_the_frozen_initial_adapter_sharded_as_the_adapter():
     # The reference's copy of --init-adapter's weights is split over the processes under --fsdp, as the adapter
     # is: each of 2 processes holds half of it, beside its half of the base and of the trained adapter.
