@@ -102,8 +102,7 @@ def trained_run(tmp_path_factory, tiny_ckpt):
 # launch for all its two-process runs) are shared by its tests, and split across workers would run once on each.
 SLOW_FIRST = (
     ("tests/test_fsdp.py::",),
-    ("tests/test_train.py::test_a_stopped_worker_ends_the_job_after_dist_timeout",
-     "tests/test_train.py::test_compiled_model_trains_like_eager",
+    ("tests/test_train.py::test_compiled_model_trains_like_eager",
      "tests/test_run_folder.py::test_racing_processes_never_hold_the_lock_together",
      "tests/test_loss.py::test_the_compiled_loss_chunk_equals_the_eager_one",
      "tests/test_family_runtime.py::test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu",

@@ -111,8 +111,7 @@ def test_cli_one_shot_prints_the_answer_and_stops_at_the_marker(tmp_path, tokeni
     assert result.stdout == "Hello!\n"
 
 
-@pytest.mark.slow
-def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer):
+def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer, capsys):
     path = hf_checkpoint(tmp_path / "random", seed=11, **SMALL_32K)
     shutil.copy(TOKENIZER_PATH, path / "tokenizer.model")
     model = load_model(path, lora_config=LoRAConfig(rank=4, alpha=16, targets=lora.ALL_TARGETS))
@@ -121,10 +120,11 @@ def test_cli_one_shot_with_an_adapter_equals_answer(tmp_path, tokenizer):
     expected = answer(model, tokenizer, "Tell me a story.", max_new_tokens=12)
     assert expected and expected != answer(load_model(path), tokenizer, "Tell me a story.", max_new_tokens=12)
 
-    result = _run_chat("--model", path, "--adapter", tmp_path / "adapter", "--prompt", "Tell me a story.",
-                       "--max-new-tokens", 12)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected
+    capsys.readouterr()
+    # In this process (`python chat.py` itself: test_cli_one_shot_prints_the_answer_and_stops_at_the_marker).
+    assert chat.main(["--model", str(path), "--adapter", str(tmp_path / "adapter"), "--prompt", "Tell me a story.",
+                      "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip() == expected
     with torch.no_grad():
         lora.merge(model)
     assert answer(model, tokenizer, "Tell me a story.", max_new_tokens=12) == expected  # merged: same answer

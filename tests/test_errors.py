@@ -7,8 +7,6 @@ import gzip
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 
 import chat
 import train
-from helpers import GUANACO_SAMPLE, ROOT, TOKENIZER_PATH, hf_checkpoint
+from helpers import GUANACO_SAMPLE, TOKENIZER_PATH, hf_checkpoint
 from training.run_folder import Totals
 
 pytest.importorskip("transformers")
@@ -203,16 +201,17 @@ def test_every_output_folder_flag_says_what_it_keeps_and_deletes(capsys):
 
 # ---- the command line: one line, exit 1, no traceback ----------------------------------------------------------
 
-@pytest.mark.slow
 def test_the_command_line_prints_one_line_and_debug_shows_the_traceback(tmp_path, tiny_ckpt):
+    """`python train.py` runs `train.main()`: what it raises is what the process prints and exits with. A
+    SystemExit with a message prints just that line and exits 1, no traceback; --debug lets the error through."""
     folder = model_copy(tiny_ckpt, tmp_path, "*.safetensors")
-    argv = [sys.executable, "train.py", *args(folder, tmp_path)]
-    plain = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 1
-    assert plain.stderr.strip().splitlines()[-1].startswith("train.py: error: no *.safetensors weights in")
-    assert "Traceback" not in plain.stderr
-    debug = subprocess.run(argv + ["--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    with pytest.raises(SystemExit) as plain:
+        train.main(args(folder, tmp_path))
+    assert isinstance(plain.value.code, str) and "\n" not in plain.value.code
+    assert plain.value.code.startswith("train.py: error: no *.safetensors weights in")
+    assert plain.value.__suppress_context__  # raised `from None`: no chained traceback either
+    with pytest.raises(FileNotFoundError):
+        train.main([*args(folder, tmp_path), "--debug"])
 
 
 # ---- the chat -----------------------------------------------------------------------------------------------

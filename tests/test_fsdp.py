@@ -1,8 +1,8 @@
 """Two gloo processes (CPU): data parallel and --fsdp train as one process accumulating the same micro-batches
 (dropout on, a clip that fires), checkpoints that resume with another number of processes and any split of the
 same rows per step, HSDP on both 2-process meshes, FSDP-QLoRA, the bytes each process holds, preference
-objectives (ORPO data parallel, DPO sharded) and only the main process reporting to trackers. Every two-process
-run here shares one torchrun launch (`launched`)."""
+objectives (ORPO data parallel, DPO sharded), only the main process reporting to trackers, and a stopped process
+ending the run within --dist-timeout. Every two-process run here shares one torchrun launch (`launched`)."""
 
 from __future__ import annotations
 
@@ -39,25 +39,31 @@ def _args(tmp_path, ckpt, *extra, dropout=0.3):
             "--batch-size", "2", *extra]
 
 
-def _torchrun(tmp_path, runs: dict[str, list[str]]) -> dict[str, str]:
-    """The runs {name: train.py flags} one after another in one 2-process torchrun launch (tests/torchrun_runs.py:
-    a launch costs ~10 s of CPU, a run here well under one), each into tmp_path / name; what rank 0 printed for
-    each."""
-    # A run failing on one process alone leaves the other waiting in a collective: --dist-timeout ends that.
-    specs = [{"argv": [*argv, "--dist-timeout", "60", "--out", str(tmp_path / name)],
-              "log": str(tmp_path / f"{name}.log"), "port": free_port()} for name, argv in runs.items()]
+def _torchrun(tmp_path, runs: dict[str, list[str] | dict]) -> dict[str, str]:
+    """The runs {name: train.py flags, or {"argv": flags, ...tests/torchrun_runs.py's options}} one after another
+    in one 2-process torchrun launch (tests/torchrun_runs.py: a launch costs ~10 s of CPU, a run here well under
+    one), each into tmp_path / name; what rank 0 printed for each. Every run must end with status 0 on both
+    processes, except one with `stop_rank_1` (whose rank 0 must fail: `test_a_stopped_worker_ends_the_run...`)."""
+    runs = {name: spec if isinstance(spec, dict) else {"argv": spec} for name, spec in runs.items()}
+    specs = []
+    for name, spec in runs.items():
+        # A run failing on one process alone leaves the other waiting in a collective: --dist-timeout ends that.
+        timeout = [] if "--dist-timeout" in spec["argv"] else ["--dist-timeout", "60"]
+        specs.append({**spec, "argv": [*spec["argv"], *timeout, "--out", str(tmp_path / name)],
+                      "log": str(tmp_path / f"{name}.log"), "port": free_port()})
     (tmp_path / "runs.json").write_text(json.dumps(specs))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "tests/torchrun_runs.py", str(tmp_path / "runs.json")],
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=600)
     logs = {}
-    for name in runs:
+    for name, spec in runs.items():
         for rank in (0, 1):
             log = tmp_path / f"{name}.log.{rank}"
             status = (tmp_path / f"{name}.log.{rank}.status")
-            assert status.is_file() and status.read_text() == "0", (name, rank, proc.stderr[-3000:],
-                                                                     log.read_text()[-3000:] if log.is_file() else "")
+            assert status.is_file(), (name, rank, proc.stderr[-3000:])
+            if not spec.get("stop_rank_1"):
+                assert status.read_text() == "0", (name, rank, log.read_text()[-3000:] if log.is_file() else "")
         logs[name] = (tmp_path / f"{name}.log.0").read_text()
     assert proc.returncode == 0, proc.stderr[-3000:]
     return logs
@@ -82,9 +88,11 @@ def launched(tmp_path_factory, tiny_ckpt, single):
     """Every two-process run of this module, in one torchrun launch: ({name: folder}, {name: rank 0's output})."""
     tmp = tmp_path_factory.mktemp("torchrun")
     runs = {
-        # What `single` runs, two FSDP processes of 2 rows side by side, both asked to report to TensorBoard (only
-        # the main one may: test_only_the_main_process_reports_to_trackers). W&B would cost this launch ~3 s.
-        "fsdp": _args(tmp, tiny_ckpt, "--fsdp", "--report-to", "tensorboard"),
+        # What `single` runs, two FSDP processes of 2 rows side by side, both asked to report to TensorBoard and
+        # W&B (only the main one may: test_only_the_main_process_reports_to_trackers; W&B's calls recorded, its
+        # own service would cost this launch seconds).
+        "fsdp": {"argv": _args(tmp, tiny_ckpt, "--fsdp", "--report-to", "tensorboard,wandb"), "record_wandb": True,
+                 "env": {"WANDB_MODE": "offline"}},
         "hsdp21": _args(tmp, tiny_ckpt, "--fsdp", "hybrid", "--fsdp-shard-size", "1"),
         "fsdp_no_dropout": _args(tmp, tiny_ckpt, "--fsdp", dropout=0.0),
         "qlora": _args(tmp, tiny_ckpt, "--fsdp", "--quantize", "nf4"),
@@ -96,6 +104,8 @@ def launched(tmp_path_factory, tiny_ckpt, single):
         "orpo": [*_pref_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt, "orpo"), "--batch-size", "4"],
         "dpo_fsdp": [*_pref_args(_pair_files(tmp, tiny_ckpt), tiny_ckpt, "dpo", **DPO_FSDP), "--batch-size", "2",
                      "--fsdp"],
+        # Last: its second process stops itself once the first checkpoint is written.
+        "stopped": {"argv": STOPPED + ["--model", str(tiny_ckpt)], "stop_rank_1": True},
     }
     logs = _torchrun(tmp, runs)
     return {name: tmp / name for name in runs}, logs
@@ -164,13 +174,49 @@ def test_fsdp_two_processes_equal_one_and_hold_half_the_bytes(tiny_ckpt, single,
 
 @pytest.mark.slow
 def test_only_the_main_process_reports_to_trackers(launched):
-    """Both FSDP processes were given --report-to tensorboard and the same --out: a second reporting process would
-    leave a second event file beside the first (each writer names its file by host and process id)."""
+    """Both FSDP processes were given --report-to tensorboard,wandb and the same --out: a second reporting process
+    would leave a second event file beside the first (each writer names its file by host and process id), and
+    would start a W&B run of its own."""
     from test_tensorboard import assert_same, from_jsonl, scalars
 
     folder = launched[0]["fsdp"]
     assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_same(scalars(folder / "tensorboard"), from_jsonl(metrics(folder)))  # every step's every value, once
+    from test_trackers import by_tag
+
+    assert not (folder.parent / "fsdp.log.1.wandb").exists()
+    calls = [json.loads(line) for line in (folder.parent / "fsdp.log.0.wandb").read_text().splitlines()]
+    assert [c["call"] for c in calls] == ["init", *["log"] * len(metrics(folder)), "finish"]
+    assert calls[0]["config"] == json.loads((folder / "config.json").read_text())
+    logged = {}
+    for c in calls[1:-1]:
+        for tag, value in c["values"].items():
+            logged.setdefault(tag, []).append((c["step"], value))
+    assert logged == by_tag(metrics(folder))  # every step's every value, once
+    assert calls[-1]["summary"] == json.loads((folder / "summary.json").read_text())
+
+
+# A 2-process FSDP job (every layer's forward and backward pass is a collective) whose second process is stopped
+# (SIGSTOP: its sockets stay open) once the first checkpoint is written.
+STOPPED = ["--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4", "--max-len", "128", "--steps",
+           "100000", "--batch-size", "2", "--grad-accum", "1", "--log-every", "1", "--no-samples", "--dist-timeout",
+           "5", "--save-every", "1", "--fsdp"]
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_ends_the_run_after_dist_timeout_not_thirty_minutes(launched):
+    import lora
+    from training import run_folder
+
+    folder, log = launched[0]["stopped"], launched[1]["stopped"]
+    ended = (folder.parent / "stopped.log.0.status")
+    waited = ended.stat().st_mtime - float((folder.parent / "stopped.log.stopped").read_text())
+    assert waited < 5 + 20, f"rank 0 was still waiting {waited:.0f} s after its peer stopped"
+    assert ended.read_text() != "0"
+    assert "another process stopped answering within --dist-timeout" in log, log[-3000:]
+    checkpoint = run_folder.find_checkpoint(folder)  # what --resume continues from: whole, readable
+    assert checkpoint is not None and run_folder.read_state(checkpoint)["step"] >= 1
+    assert run_folder.resume_problems(str(folder), lora.read_adapter_config(checkpoint)) == []
 
 
 @pytest.mark.slow

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,10 +14,8 @@ import train
 from data import BatchStream, eval_batches, load_examples
 from helpers import (
     GUANACO_SAMPLE,
-    ROOT,
     TOKENIZER_PATH,
     adapter_weights,
-    free_port,
     hf_checkpoint,
     randomize_lora_b,
     run,
@@ -349,77 +344,3 @@ def test_compiled_model_trains_like_eager(tmp_path, tiny_ckpt, trained_run, scop
     _, compiled = run(tmp_path, ckpt, "compiled", steps=2, max_len=64, compile=True, compile_scope=scope)
     assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-5)
     assert_same_adapters(tmp_path / "eager", tmp_path / "compiled", atol=1e-5)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in os.listdir("/proc"):
-        if stat.isdigit():
-            try:
-                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(stat))
-    return found
-
-
-def _running(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
-def test_a_stopped_worker_ends_the_job_after_dist_timeout_not_thirty_minutes(tmp_path, tiny_ckpt):
-    # An FSDP job (there every layer's forward and backward pass is a collective) whose second worker is stopped
-    # mid-training: the first must give up within --dist-timeout.
-    import signal
-    import time
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs = {}
-    for name, sharding in (("fsdp", ["--fsdp"]),):
-        out = tmp_path / name
-        args = ["--model", str(tiny_ckpt), "--data", str(GUANACO_SAMPLE), "--eval-data", "none", "--rank", "4",
-                "--max-len", "128", "--steps", "100000", "--batch-size", "2", "--grad-accum", "1", "--log-every",
-                "1", "--no-samples", "--dist-timeout", "5", "--save-every", "1", "--out", str(out), *sharding]
-        jobs[name] = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                       "--master_port", str(free_port()), "train.py", *args], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr, waited = {}, {}
-    try:
-        deadline = time.time() + 120
-        while not all((tmp_path / name / "latest").is_file() for name in jobs):  # a first checkpoint in each
-            assert all(job.poll() is None for job in jobs.values()) and time.time() < deadline, "a job did not start"
-            time.sleep(0.2)
-        ranks = {}
-        for name, job in jobs.items():
-            ranks[name] = {}
-            for pid in _children(job.pid):
-                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-                ranks[name].update({int(v.split(b"=")[1]): pid for v in environ if v.startswith(b"LOCAL_RANK=")})
-            os.kill(ranks[name][1], signal.SIGSTOP)  # stopped, not dead: its sockets stay open
-        stopped = time.time()
-        while any(_running(r[0]) and name not in waited for name, r in ranks.items()) and time.time() < stopped + 60:
-            for name, r in ranks.items():
-                if name not in waited and not _running(r[0]):
-                    waited[name] = time.time() - stopped
-            time.sleep(0.2)
-        for name, job in jobs.items():
-            waited.setdefault(name, time.time() - stopped)
-            os.kill(ranks[name][1], signal.SIGCONT)  # so torchrun's SIGTERM reaches it
-            stderr[name] = job.communicate(timeout=120)[1]
-    finally:
-        for job in jobs.values():
-            if job.poll() is None:
-                job.kill()
-    for name, job in jobs.items():
-        assert waited[name] < 5 + 20, f"{name}: rank 0 was still waiting {waited[name]:.0f} s after its peer stopped"
-        assert job.returncode != 0, name
-        assert "another process stopped answering within --dist-timeout" in stderr[name], stderr[name][-3000:]
-        checkpoint = run_folder.find_checkpoint(tmp_path / name)  # what --resume continues from: whole, readable
-        assert checkpoint is not None and run_folder.read_state(checkpoint)["step"] >= 1
-        assert run_folder.resume_problems(str(tmp_path / name), lora.read_adapter_config(checkpoint)) == []

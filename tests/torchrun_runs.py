@@ -1,19 +1,30 @@
 """Several `train.py` runs, one after another, in one torchrun launch: `torchrun --nproc_per_node 2
-tests/torchrun_runs.py RUNS.json`, RUNS.json a list of {"argv": [...train.py flags], "log": PATH, "port": a free port}.
+tests/torchrun_runs.py RUNS.json`, RUNS.json a list of {"argv": [...train.py flags], "log": PATH, "port": a free port,
+and optionally "env": {NAME: value} for that run, "record_wandb": true, "stop_rank_1": true}.
 
 Each process writes what a run prints to `PATH.<rank>` (stdout and stderr together) and its exit status to
 `PATH.<rank>.status`. A torchrun launch costs about 10 s of CPU before training starts (the launcher, and torch
 and torch._dynamo imported in every worker); the tests' two-process runs each train for well under a second, so
 they share one launch. Each run makes and tears down its own process group (`training.parallel`), as it does
 when launched alone, on a store of its own (rank 0 serves it on the run's port): in torchrun's one store, a second
-run's groups would meet the keys the first run's device mesh left there and wait for peers that never come."""
+run's groups would meet the keys the first run's device mesh left there and wait for peers that never come.
+
+- `record_wandb`: W&B's tracker (`training.trackers.WandB`) is replaced by one that writes each call it gets to
+  `PATH.<rank>.wandb`, one JSON line a call: what each process would have reported, without W&B's own service.
+- `stop_rank_1`: once the run's first checkpoint is written, rank 1 stops itself (SIGSTOP: stopped, not dead, its
+  sockets stay open) after writing the time to `PATH.stopped`; rank 0, once its run has ended, wakes it (SIGCONT)
+  so that it can fail in turn and the launch go on.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,15 +32,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import train  # noqa: E402  (the project root, put on the path above)
+from training import trackers  # noqa: E402
+
+
+def recording_wandb(path: Path):
+    class Recorded:
+        name, continues = "wandb", False
+
+        def __init__(self, settings: dict, run_name: str, saved: dict):
+            self.ids = {"id": "recorded", "project": "tests", "entity": None}
+            self._write("init", run_name=run_name, config=settings)
+
+        def _write(self, call: str, **values):
+            with open(path, "a") as f:
+                f.write(json.dumps({"call": call, **values}) + "\n")
+
+        def log(self, values: dict, step: int) -> None:
+            self._write("log", values=values, step=step)
+
+        def finish(self, summary: dict) -> None:
+            self._write("finish", summary=summary)
+
+        def close(self, failed: bool = False) -> None:
+            self._write("close", failed=failed)
+
+    return Recorded
+
+
+def stop_after_first_checkpoint(out: Path, stopped: Path) -> None:
+    def watch():
+        while not (out / "latest").is_file():
+            time.sleep(0.02)
+        Path(f"{stopped}.pid").write_text(str(os.getpid()))
+        stopped.write_text(str(time.time()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def main(spec_file: str) -> None:
     rank = os.environ.get("RANK", "0")
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 serves each run's store on MASTER_PORT
+    real_wandb = trackers.WandB
     for spec in json.loads(Path(spec_file).read_text()):
         os.environ["MASTER_PORT"] = str(spec["port"])
         log = Path(f"{spec['log']}.{rank}")
-        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        trackers.WandB = recording_wandb(Path(f"{log}.wandb")) if spec.get("record_wandb") else real_wandb
+        stopped = Path(f"{spec['log']}.stopped")
+        if spec.get("stop_rank_1") and rank == "1":
+            stop_after_first_checkpoint(Path(spec["argv"][spec["argv"].index("--out") + 1]), stopped)
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
+                _environment(spec.get("env", {})):
             try:
                 train.main(spec["argv"])
                 status = 0
@@ -41,6 +94,22 @@ def main(spec_file: str) -> None:
                 if torch.distributed.is_initialized():
                     torch.distributed.destroy_process_group()
         Path(f"{log}.status").write_text(str(status))
+        if spec.get("stop_rank_1") and rank == "0" and Path(f"{stopped}.pid").is_file():
+            os.kill(int(Path(f"{stopped}.pid").read_text()), signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 if __name__ == "__main__":
