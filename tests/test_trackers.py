@@ -81,9 +81,12 @@ def by_tag(rows) -> dict[str, list[tuple[int, float]]]:
 def empty_mlflow_store(cache, dest: Path) -> str:
     """A new sqlite MLflow store at `dest`, as the tracking URI. MLflow builds one by running its ~100 schema
     migrations (9 s on a busy 2-core machine, more than everything else here), so the empty store it built is kept
-    in pytest's cache, per MLflow version, and copied."""
+    in pytest's cache, per MLflow version, and copied (built where it is needed under `-p no:cacheprovider`)."""
     import mlflow
 
+    if cache is None:
+        mlflow.tracking.MlflowClient(f"sqlite:///{dest}").search_experiments()
+        return f"sqlite:///{dest}"
     kept = Path(cache.mkdir(f"mlflow-{mlflow.__version__}-empty-store")) / "mlflow.db"
     if not kept.is_file():
         building = kept.with_name(f".{os.getpid()}.db")
@@ -98,7 +101,7 @@ def tracked(tmp_path_factory, tiny_ckpt, pytestconfig):
     """One tiny run reported to W&B (offline) and MLflow (sqlite), 4 steps, then resumed from its step 2 to 6 steps:
     the resume repeats steps 3 and 4 and adds 5 and 6."""
     tmp = tmp_path_factory.mktemp("tracked")
-    store = empty_mlflow_store(pytestconfig.cache, tmp / "mlflow.db")
+    store = empty_mlflow_store(getattr(pytestconfig, "cache", None), tmp / "mlflow.db")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "offline")
         env.setenv("WANDB_DIR", str(tmp))
