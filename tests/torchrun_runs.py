@@ -19,6 +19,7 @@ run's groups would meet the keys the first run's device mesh left there and wait
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -33,6 +34,10 @@ import torch  # noqa: E402
 
 import train  # noqa: E402  (the project root, put on the path above)
 from training import trackers  # noqa: E402
+
+# Each run measures the machine's matmul peak (for MFU): about 0.4 s of one CPU thread, more than a run here
+# trains. Measured once per process instead, as tests/conftest.py does in the test processes.
+train.measure_matmul_peak = functools.cache(train.measure_matmul_peak)
 
 
 def recording_wandb(path: Path):
