@@ -33,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import train  # noqa: E402  (the project root, put on the path above)
-from training import trackers  # noqa: E402
+from training import report, trackers  # noqa: E402
 
-# Each run measures the machine's matmul peak (for MFU): about 0.4 s of one CPU thread, more than a run here
-# trains. Measured once per process instead, as tests/conftest.py does in the test processes.
+# As in the test processes (tests/conftest.py): each run would measure the machine's matmul peak (for MFU), about
+# 0.4 s of one CPU thread, more than a run here trains; measured once per process instead. And no run here draws
+# loss.png (matplotlib's import and a plot, on the main process, while the other waits for it).
 train.measure_matmul_peak = functools.cache(train.measure_matmul_peak)
+report.plot_losses = lambda out, log=print: None
 
 
 def recording_wandb(path: Path):
