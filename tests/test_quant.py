@@ -250,10 +250,12 @@ def test_the_autograd_graph_keeps_no_dense_weight(checkpoint):
     assert any(dtype == torch.uint8 for _, dtype in saved)  # it keeps the packed ones
 
 
-def dense_tensors_alive(shapes) -> int:
+def dense_tensors(shapes) -> list[torch.Tensor]:
+    """Every float CPU tensor of one of `shapes` alive in this process (other tests' too: compiled graphs and
+    caches keep some of theirs)."""
     gc.collect()
-    return sum(1 for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)
-               and t.device.type == "cpu" and t.is_floating_point() and tuple(t.shape) in shapes)
+    return [t for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter)
+            and t.device.type == "cpu" and t.is_floating_point() and tuple(t.shape) in shapes]
 
 
 @pytest.mark.slow
@@ -264,12 +266,13 @@ def test_projections_are_quantised_one_at_a_time(checkpoint, monkeypatch, builde
     kv = config.num_key_value_heads * config.head_dim
     shapes, count = {(h, h), (kv, h), (i, h), (h, i)}, 7 * config.num_hidden_layers
     quantized, alive_at_last, quantize = [], [], checkpoint_module.nf4_quantize
+    earlier = {id(t): t for t in dense_tensors(shapes)}  # held: their ids stay theirs
 
     def spy(weight, **kwargs):
         assert all(ref() is None for ref in quantized), "a dense projection outlived its quantisation"
         quantized.append(weakref.ref(weight))
         if len(quantized) == count:  # every dense tensor of a projection's shape still referenced from Python
-            alive_at_last.append(dense_tensors_alive(shapes))
+            alive_at_last.append(sum(id(t) not in earlier for t in dense_tensors(shapes)))
         return quantize(weight, **kwargs)
 
     monkeypatch.setattr(checkpoint_module, "nf4_quantize", spy)
