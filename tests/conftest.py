@@ -42,6 +42,42 @@ def one_matmul_peak_per_process():
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def sentencepiece_merges_once():
+    """transformers' tokenizer read from a tokenizer.model (the reference of many tests here) derives the BPE
+    merges of its 32,000 pieces again on every load: `generate_merges`, about 0.23 s of each ~0.4 s load, ~36 loads
+    in a run of the suite. The merges are a function of the vocabulary alone, so each test process keeps them per
+    vocabulary; transformers builds the same tokenizer from them."""
+    import importlib
+
+    modules = []
+    for name in ("tokenization_utils_base", "convert_slow_tokenizer", "tokenization_utils_tokenizers",
+                 "tokenization_utils_sentencepiece"):
+        try:
+            modules.append(importlib.import_module(f"transformers.{name}"))
+        except ImportError:
+            continue
+    modules = [m for m in modules if hasattr(m, "generate_merges")]
+    if not modules:
+        yield
+        return
+    original, kept = modules[0].generate_merges, {}
+
+    def generate_merges(vocab, vocab_scores=None, skip_tokens=None):
+        if not isinstance(vocab, dict):
+            return original(vocab, vocab_scores, skip_tokens)
+        key = (tuple(vocab.items()), None if vocab_scores is None else tuple(dict(vocab_scores).items()),
+               None if skip_tokens is None else frozenset(skip_tokens))
+        if key not in kept:
+            kept[key] = original(vocab, vocab_scores, skip_tokens)
+        return list(kept[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in modules:
+            patch.setattr(module, "generate_merges", generate_merges)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def no_loss_plot(request, monkeypatch):
     """train.py draws loss.png at the end of every run: about 0.1 s of matplotlib, as much as a 3-step tiny run

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -40,6 +41,7 @@ from training import report, trackers  # noqa: E402
 # loss.png (matplotlib's import and a plot, on the main process, while the other waits for it).
 train.measure_matmul_peak = functools.cache(train.measure_matmul_peak)
 report.plot_losses = lambda out, log=print: None
+gc.set_threshold(10_000, 50, 100)  # the garbage collector's passes, rarer (tests/conftest.py says why)
 
 
 def recording_wandb(path: Path):
