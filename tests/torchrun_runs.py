@@ -10,7 +10,8 @@ when launched alone, on a store of its own (rank 0 serves it on the run's port):
 run's groups would meet the keys the first run's device mesh left there and wait for peers that never come.
 
 - `record_wandb`: W&B's tracker (`training.trackers.WandB`) is replaced by one that writes each call it gets to
-  `PATH.<rank>.wandb`, one JSON line a call: what each process would have reported, without W&B's own service.
+  `PATH.<rank>.wandb`, one JSON line a call: what each process would have reported, without W&B's own service
+  and whether or not the wandb package is installed.
 - `stop_rank_1`: once the run's first checkpoint is written, rank 1 stops itself (SIGSTOP: stopped, not dead, its
   sockets stay open) after writing the time to `PATH.stopped`; rank 0, once its run has ended, wakes it (SIGCONT)
   so that it can fail in turn and the launch go on.
@@ -82,11 +83,14 @@ def stop_after_first_checkpoint(out: Path, stopped: Path) -> None:
 def main(spec_file: str) -> None:
     rank = os.environ.get("RANK", "0")
     os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 serves each run's store on MASTER_PORT
-    real_wandb = trackers.WandB
+    real_wandb, real_missing = trackers.WandB, trackers.missing_package
     for spec in json.loads(Path(spec_file).read_text()):
         os.environ["MASTER_PORT"] = str(spec["port"])
         log = Path(f"{spec['log']}.{rank}")
-        trackers.WandB = recording_wandb(Path(f"{log}.wandb")) if spec.get("record_wandb") else real_wandb
+        trackers.WandB, trackers.missing_package = real_wandb, real_missing
+        if spec.get("record_wandb"):
+            trackers.WandB = recording_wandb(Path(f"{log}.wandb"))
+            trackers.missing_package = lambda name: None if name == "wandb" else real_missing(name)
         stopped = Path(f"{spec['log']}.stopped")
         if spec.get("stop_rank_1") and rank == "1":
             stop_after_first_checkpoint(Path(spec["argv"][spec["argv"].index("--out") + 1]), stopped)
