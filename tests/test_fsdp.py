@@ -91,8 +91,7 @@ def launched(tmp_path_factory, tiny_ckpt, single):
         # What `single` runs, two FSDP processes of 2 rows side by side, both asked to report to TensorBoard and
         # W&B (only the main one may: test_only_the_main_process_reports_to_trackers; W&B's calls recorded, its
         # own service would cost this launch seconds).
-        "fsdp": {"argv": _args(tmp, tiny_ckpt, "--fsdp", "--report-to", "tensorboard,wandb"), "record_wandb": True,
-                 "env": {"WANDB_MODE": "offline"}},
+        "fsdp": {"argv": _args(tmp, tiny_ckpt, "--fsdp", "--report-to", "tensorboard,wandb"), "record_wandb": True},
         "hsdp21": _args(tmp, tiny_ckpt, "--fsdp", "hybrid", "--fsdp-shard-size", "1"),
         "fsdp_no_dropout": _args(tmp, tiny_ckpt, "--fsdp", dropout=0.0),
         "qlora": _args(tmp, tiny_ckpt, "--fsdp", "--quantize", "nf4"),
@@ -178,12 +177,11 @@ def test_only_the_main_process_reports_to_trackers(launched):
     would leave a second event file beside the first (each writer names its file by host and process id), and
     would start a W&B run of its own."""
     from test_tensorboard import assert_same, from_jsonl, scalars
+    from test_trackers import by_tag
 
     folder = launched[0]["fsdp"]
     assert len(list((folder / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_same(scalars(folder / "tensorboard"), from_jsonl(metrics(folder)))  # every step's every value, once
-    from test_trackers import by_tag
-
     assert not (folder.parent / "fsdp.log.1.wandb").exists()
     calls = [json.loads(line) for line in (folder.parent / "fsdp.log.0.wandb").read_text().splitlines()]
     assert [c["call"] for c in calls] == ["init", *["log"] * len(metrics(folder)), "finish"]

@@ -1,6 +1,6 @@
 """Several `train.py` runs, one after another, in one torchrun launch: `torchrun --nproc_per_node 2
 tests/torchrun_runs.py RUNS.json`, RUNS.json a list of {"argv": [...train.py flags], "log": PATH, "port": a free port,
-and optionally "env": {NAME: value} for that run, "record_wandb": true, "stop_rank_1": true}.
+and optionally "record_wandb": true, "stop_rank_1": true}.
 
 Each process writes what a run prints to `PATH.<rank>` (stdout and stderr together) and its exit status to
 `PATH.<rank>.status`. A torchrun launch costs about 10 s of CPU before training starts (the launcher, and torch
@@ -10,8 +10,8 @@ when launched alone, on a store of its own (rank 0 serves it on the run's port):
 run's groups would meet the keys the first run's device mesh left there and wait for peers that never come.
 
 - `record_wandb`: W&B's tracker (`training.trackers.WandB`) is replaced by one that writes each call it gets to
-  `PATH.<rank>.wandb`, one JSON line a call: what each process would have reported, without W&B's own service
-  and whether or not the wandb package is installed.
+  `PATH.<rank>.wandb`, one JSON line a call: what each process would have reported, offline (no server to ask),
+  without W&B's own service and whether or not the wandb package is installed.
 - `stop_rank_1`: once the run's first checkpoint is written, rank 1 stops itself (SIGSTOP: stopped, not dead, its
   sockets stay open) after writing the time to `PATH.stopped`; rank 0, once its run has ended, wakes it (SIGCONT)
   so that it can fail in turn and the launch go on.
@@ -91,11 +91,11 @@ def main(spec_file: str) -> None:
         if spec.get("record_wandb"):
             trackers.WandB = recording_wandb(Path(f"{log}.wandb"))
             trackers.missing_package = lambda name: None if name == "wandb" else real_missing(name)
+            os.environ["WANDB_MODE"] = "offline"  # what `trackers.unreachable` reads: no W&B server is asked
         stopped = Path(f"{spec['log']}.stopped")
         if spec.get("stop_rank_1") and rank == "1":
             stop_after_first_checkpoint(Path(spec["argv"][spec["argv"].index("--out") + 1]), stopped)
-        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
-                _environment(spec.get("env", {})):
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             try:
                 train.main(spec["argv"])
                 status = 0
@@ -109,20 +109,6 @@ def main(spec_file: str) -> None:
         Path(f"{log}.status").write_text(str(status))
         if spec.get("stop_rank_1") and rank == "0" and Path(f"{stopped}.pid").is_file():
             os.kill(int(Path(f"{stopped}.pid").read_text()), signal.SIGCONT)
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 if __name__ == "__main__":
