@@ -64,12 +64,23 @@
 #   decode        bench.decode_bench --full (random TinyLlama checkpoint, batch 1 and 16)          ~60-90 s
 #   whole         W1 rank 64 with the whole model compiled (default mode)                          ~80 s
 #   compile       W2-padded under torch.compile, this project and transformers + peft             rest
+#   flexshapes    bench.flex_shapes: Gemma 2's softcapped attention over padded batches of 10 lengths
+#                 and 2 batch sizes, train then eval, twice: FlexAttention as this project compiles it
+#                 (power-of-two lengths), per whole-block length (torch's limit of 8), dynamic (as
+#                 transformers compiles it), and the plain path: compiles, seconds, peak GiB      ~60-200 s
+#   stepab        bench.step_ab: `make bench`'s W1 and W2-packed at rank 64 [64 steps], this tree against
+#                 the tree in GPU_CHECK_BASE (git archive COMMIT | tar -x -C DIR, brought along in
+#                 the working tree), ABBA: ms a step, this / base                                  ~120 s
 # A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
 # GPU_CHECK_MIN_STAGE_S. For example, this project's own compiled configurations after a default session:
 #   GPU_CHECK_STAGES=env,this,cudagraphs,whole GPU_CHECK_BUDGET_S=380
 # The default list overruns the budget when every stage takes its estimate: the stages at the end are skipped
 # and say so. QLoRA, DoRA and the other model shapes first (issues 15 and 16's measurements):
 #   GPU_CHECK_STAGES=env,qlora,shapes,train
+# The model families' GPU checks (issue 29): their fast paths, the CUDA tests (FlexAttention's gradients among
+# them), how to compile FlexAttention, and the TinyLlama step against the tree before the families (7f7c155):
+#   mkdir ab-7f7c155 && git archive 7f7c155 | tar -x -C ab-7f7c155   # on this machine, before the run
+#   GPU_CHECK_STAGES=env,familypaths,tests,flexshapes,stepab GPU_CHECK_BASE=ab-7f7c155 bash bench/gpu_check.sh OUT
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
@@ -103,6 +114,8 @@ if [ "$MODE" = "--cpu-dry-run" ] || [ "$MODE" = "--quick" ]; then
   PLANCHECK=(--device cpu --shape tiny --steps 2)
   DECODE_ARGS="--batches 1,2 --prompt-len 16 --new-tokens 4 --repeats 1"
   DPO=(--device cpu --width 64 --mlp 176 --layers 1 --warmup 1 --steps 1 --repeats 1)
+  FLEXSHAPES=(--device cpu --lengths 40,300 --batches 2 --modes flex,plain)
+  STEPAB=(--device cpu --shape tiny --ranks 4 --focus-rank 4 --workloads W1 --systems this --steps 3 --no-decode)
   BUDGET=${GPU_CHECK_BUDGET_S:-900}
 elif [ "$MODE" = "gpu" ]; then
   DEV=(--device cuda --shape full --steps 128)
@@ -118,6 +131,9 @@ elif [ "$MODE" = "gpu" ]; then
   PLANCHECK=(--device cuda --shape full --steps 4)
   DECODE_ARGS="--full"
   DPO=(--device cuda --width 2048 --mlp 5632 --layers 22 --batch-size 8 --warmup 2 --steps 8 --repeats 1)
+  FLEXSHAPES=(--device cuda)
+  STEPAB=(--device cuda --shape full --ranks 64 --focus-rank 64 --workloads W1,W2-packed --systems this --steps 64
+          --no-decode)
   if ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check.sh: $PY sees no CUDA device (torch.cuda.is_available() is False); nothing run." \
          "On a CPU, use --cpu-dry-run." | tee -a "$LOG" >&2
@@ -229,6 +245,8 @@ stage whole 180 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks "" --focus-rank 64 
 stage compile 400 "0" "$PY" -m bench.bench "${DEV[@]}" --focus-rank 64 --workloads W2-padded \
   --systems this-compile,hf-compile --this-compile-workloads W2-padded --hf-compile-workloads W2-padded \
   --no-decode --out-dir "$WORK" --name compile
+stage flexshapes 240 "0" "$PY" -m bench.flex_shapes "${FLEXSHAPES[@]}" --out "$WORK/flex_shapes"
+stage stepab 300 "0" "$PY" -m bench.step_ab --base "${GPU_CHECK_BASE:-ab-base}" --out "$WORK/step_ab" -- "${STEPAB[@]}"
 RESERVE=0
 parts=()
 for s in train qlora this cudagraphs whole compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done

@@ -214,3 +214,23 @@ def test_shapes_benchmark_counts_each_runs_parameters_and_refuses_unknown_varian
     for bad in ("llama-2-7b:bf16-dq", "llama-9b:nf4", "llama-2-7b:int8"):
         with pytest.raises(SystemExit, match="expected SHAPE:VARIANT"):
             shape_bench.parse_run(bad)
+
+
+def test_step_ab_alternates_the_trees_and_compares_their_median_steps():
+    """ABBA per round; per (system, workload, rank) each tree's runs' medians, their median, and this / base."""
+    from bench import step_ab
+
+    assert step_ab.order(2) == ["base", "this", "this", "base"] * 2
+
+    def result(w1_ms, packed_ms):
+        return {"rows": [{"system": "this", "workload": "W1", "rank": 64, "step_ms_median": w1_ms},
+                         {"system": "this", "workload": "W2-packed", "rank": 64, "step_ms_median": packed_ms}]}
+
+    runs = [("base", result(100.0, 200.0)), ("this", result(90.0, 210.0)), ("this", result(96.0, 214.0)),
+            ("base", result(104.0, 196.0))]
+    table = {r["workload"]: r for r in step_ab.summarize(runs)}
+    assert table["W1"]["base_ms"] == [100.0, 104.0] and table["W1"]["this_ms"] == [90.0, 96.0]
+    assert table["W1"]["base_median_ms"] == 102.0 and table["W1"]["this_median_ms"] == 93.0
+    assert table["W1"]["this_over_base"] == pytest.approx(93.0 / 102.0)
+    assert table["W2-packed"]["this_over_base"] == pytest.approx(212.0 / 198.0)
+    assert "| this | W1 | 64 | 102.0 (100.0-104.0) | 93.0 (90.0-96.0) | 0.912 |" in step_ab.lines(list(table.values()))

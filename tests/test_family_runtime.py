@@ -259,14 +259,14 @@ def test_flex_softcap_is_planned_on_cuda_and_refused_on_a_cpu_with_the_reason():
     assert not llama.flex_softcap and "softcapped" not in llama.describe()
 
 
-def _flex_case(device, packed: bool, requires_grad: bool = False, nan_after: bool = False):
-    """q, k, v and the mask of one sliding layer past its window (8 of 40 keys), 4 query heads on 2 k/v heads:
+def _flex_case(device, packed: bool, requires_grad: bool = False, nan_after: bool = False, T: int = 40):
+    """q, k, v and the mask of one sliding layer past its window (8 of T keys), 4 query heads on 2 k/v heads:
     padded (the first sequence's 6 left pads) or packed (5 segments across the 2 rows). With `nan_after`, each
     tensor is a view of a buffer whose next elements are NaN, so a kernel reading past its end gives NaN."""
     from tinyllama.model import build_attention_mask, segment_ids
 
     generator = torch.Generator().manual_seed(0)
-    B, H, KV, T, D, window = 2, 4, 2, 40, 16, 8
+    B, H, KV, D, window = 2, 4, 2, 16, 8
 
     def tensor(heads):
         t = torch.randn(B, heads, T, D, generator=generator)
@@ -277,18 +277,59 @@ def _flex_case(device, packed: bool, requires_grad: bool = False, nan_after: boo
     q, k, v = tensor(H), tensor(KV), tensor(KV)
     pad, docs = torch.ones(B, T, dtype=torch.long, device=device), None
     if packed:
-        docs, pad = segment_ids(torch.tensor([0, 17, 25, 40, 57, 80], dtype=torch.int32, device=device), B, T), None
+        cu_seqlens = torch.tensor([0, 17, 25, T, T + 17, 2 * T], dtype=torch.int32, device=device)
+        docs, pad = segment_ids(cu_seqlens, B, T), None
     else:
         pad[0, :6] = 0
     mask = build_attention_mask(T, 0, pad, docs, torch.device(device), window=window, force=True)
     return q, k, v, mask
 
 
+def test_flex_lengths_are_whole_blocks_a_power_of_two_of_them():
+    """Every length FlexAttention runs at holds the sequence in whole 128-token blocks, the fewest such that
+    their count is a power of two; so any padded length up to 8192 runs at one of 7."""
+    from tinyllama.model import FLEX_BLOCK, flex_length
+
+    seen = set()
+    for n in range(1, 8193):
+        got = flex_length(n)
+        blocks = got // FLEX_BLOCK
+        assert got % FLEX_BLOCK == 0 and got >= n and blocks & (blocks - 1) == 0, (n, got)
+        assert blocks == 1 or (blocks // 2) * FLEX_BLOCK < n, (n, got)  # the next power of two down is too short
+        seen.add(got)
+    assert sorted(seen) == [128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def test_a_compiled_function_gets_the_recompile_limit_it_is_given():
+    """torch compiles a function for at most 8 shapes, then runs it uncompiled (FlexAttention's reference path
+    keeps every score); `with_recompile_limit` lets it compile for more. A trivial function on the eager backend
+    (no code generated), 12 shapes."""
+    from torch._dynamo.utils import counters
+
+    from tinyllama.runtime import with_recompile_limit
+
+    def compiled_count(fn):
+        before = counters["stats"]["unique_graphs"]
+        for n in range(1, 13):
+            fn(torch.ones(n))
+        return counters["stats"]["unique_graphs"] - before
+
+    def twice(x):
+        return x * 2
+
+    def thrice(x):  # a code object of its own: torch counts compiles per code object
+        return x * 3
+
+    assert compiled_count(torch.compile(twice, dynamic=False, backend="eager")) == torch._dynamo.config.recompile_limit
+    assert compiled_count(with_recompile_limit(torch.compile(thrice, dynamic=False, backend="eager"), 16)) == 12
+
+
 @pytest.mark.slow  # FlexAttention compiles on a CPU: about 5 s, 10 s with a cold inductor cache
 def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
     """The forward pass (FlexAttention has no CPU backward): padded, packed, a window shorter than the sequence,
-    grouped k/v heads. Without `flex_block_mask`'s padding to whole blocks, torch 2.13's compiled kernel scores
-    keys read past the end of k, and NaN there survives the mask:
+    grouped k/v heads, 300 and 400 tokens: one length (`flex_length`, 512 tokens), so one compiled kernel, with a
+    wholly padded block of queries and keys. Without `flex_block_mask`'s padding to whole blocks, torch 2.13's
+    compiled kernel scores keys read past the end of k, and NaN there survives the mask:
 
         flex = torch.compile(flex_attention)
         q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))  # 40 keys: part of one 128-key block
@@ -297,16 +338,22 @@ def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
         flex(q, k, v, block_mask=mask).isnan().any()  # True (SDPA: False; with 128 keys: False)
 
     so the inputs here are stored with NaN after them, as chance memory may hold."""
+    from torch._dynamo.utils import counters
+
     from tinyllama.model import flex_block_mask, flex_softcapped_attention, softcapped_attention
     from tinyllama.runtime import flex_kernel
 
     if flex_kernel() is None:
         pytest.skip(f"torch {torch.__version__} has no FlexAttention")
-    for packed in (False, True):  # the same shapes: one compiled kernel for both
-        q, k, v, mask = _flex_case("cpu", packed, nan_after=True)
-        with torch.no_grad():
-            got = flex_softcapped_attention(q, k, v, flex_block_mask(mask), 0.25, 5.0)
-        assert_close(got, softcapped_attention(q, k, v, mask, 0.25, 5.0), rtol=1e-5, atol=1e-5)
+    compiled = []
+    for T in (300, 400):
+        for packed in (False, True):
+            q, k, v, mask = _flex_case("cpu", packed, nan_after=True, T=T)
+            with torch.no_grad():
+                got = flex_softcapped_attention(q, k, v, flex_block_mask(mask), 0.25, 5.0)
+            assert_close(got, softcapped_attention(q, k, v, mask, 0.25, 5.0), rtol=1e-5, atol=1e-5)
+            compiled.append(counters["stats"]["unique_graphs"])
+    assert compiled[1:] == compiled[:1] * 3, "a second length or packing compiled FlexAttention again"
 
 
 @pytest.mark.cuda
@@ -319,7 +366,7 @@ def test_flex_softcapped_attention_equals_the_plain_path_on_cuda(packed):
     from tinyllama.startup_check import check_fast_paths
 
     assert flex_kernel() is not None, "torch has no FlexAttention: gemma2 runs its plain path on this machine"
-    q, k, v, mask = _flex_case("cuda", packed, requires_grad=True)
+    q, k, v, mask = _flex_case("cuda", packed, requires_grad=True, T=300)  # a wholly padded block: 300 -> 512
     outs = []
     for y in (flex_softcapped_attention(q, k, v, flex_block_mask(mask), 0.25, 5.0),
               softcapped_attention(q, k, v, mask, 0.25, 5.0)):

@@ -249,10 +249,18 @@ def softcapped_attention(q, k, v, mask, scale: float, cap: float) -> torch.Tenso
 FLEX_BLOCK = 128  # create_block_mask's default block size, in queries and in keys
 
 
+def flex_length(n: int) -> int:
+    """The length FlexAttention runs `n` queries or keys at: whole blocks of `FLEX_BLOCK`, a power of two of
+    them. FlexAttention is compiled once per shape (`runtime.flex_kernel`), so padded batches of any length meet
+    a few (7 up to 8192 tokens), and the padding costs no compute: blocks wholly masked are skipped."""
+    blocks = -(-n // FLEX_BLOCK)
+    return FLEX_BLOCK << (blocks - 1).bit_length()
+
+
 def flex_block_mask(mask: torch.Tensor):
     """The bool mask [B or 1, 1, T, S] (True = may attend) as FlexAttention's BlockMask, built once per forward
-    pass and shared by the layers of a kind, over queries and keys padded to whole blocks of `FLEX_BLOCK`: padded
-    keys masked, padded queries seeing nothing (their output is zeros, cut off by `flex_softcapped_attention`).
+    pass and shared by the layers of a kind, over queries and keys padded to `flex_length`: padded keys masked,
+    padded queries seeing nothing (their output is zeros, cut off by `flex_softcapped_attention`).
 
     The padding is there because compiled FlexAttention (torch 2.13, on a CPU) reads a last partial block of keys
     past the end of k and scores them, and the mask does not fully clear what it scored there (NaN stored after k
@@ -260,7 +268,7 @@ def flex_block_mask(mask: torch.Tensor):
     (tests/test_family_runtime.py has the reproduction)."""
     _, create_block_mask = flex_kernel()
     B, _, T, S = mask.shape
-    pad_t, pad_s = -T % FLEX_BLOCK, -S % FLEX_BLOCK
+    pad_t, pad_s = flex_length(T) - T, flex_length(S) - S
     padded = F.pad(mask, (0, pad_s, 0, pad_t), value=False)
 
     def mask_mod(b, h, q_idx, kv_idx):

@@ -107,16 +107,40 @@ def has_flex_attention() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
+# How many shapes FlexAttention is compiled for before torch stops compiling it (torch's own limit is 8 per
+# function). Past the limit torch runs it uncompiled: its reference path, which keeps every score. A run meets
+# a shape per padded length (`model.flex_length`: a power of two from 128), batch size and grad mode (training,
+# held-out eval): padded batches of up to 2048 tokens in both modes already make 10; 64 covers up to 8192 tokens
+# (7 lengths) with 4 batch sizes in both modes.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def flex_kernel():
     """(flex_attention compiled, create_block_mask), or None where torch has no FlexAttention. Compiled because
-    eager FlexAttention is torch's slow debugging path (seconds for a tiny layer on a CPU). CUDA only
-    (`plan_runtime`): torch 2.13 has no FlexAttention backward on a CPU."""
+    eager FlexAttention is torch's slow debugging path (seconds for a tiny layer on a CPU), once per shape
+    (`dynamic=False`), up to `FLEX_RECOMPILE_LIMIT` shapes. CUDA only (`plan_runtime`): torch 2.13 has no
+    FlexAttention backward on a CPU."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
-    return torch.compile(flex_attention, dynamic=False), create_block_mask
+    return with_recompile_limit(torch.compile(flex_attention, dynamic=False), FLEX_RECOMPILE_LIMIT), create_block_mask
+
+
+def with_recompile_limit(compiled, limit: int):
+    """`compiled` (a torch.compile'd function) allowed `limit` compiled shapes instead of torch's global limit.
+    torch reads the limit when a call meets a new shape, so it is set around each call. Inside a region that is
+    itself being compiled (`--compile`), the call is traced into that region's graph, whose own limit applies."""
+    import torch._dynamo
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return compiled(*args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 @dataclass(frozen=True)
