@@ -87,7 +87,10 @@ class HarnessLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
+        """HFLM's: the BOS token's id where the tokenizer names one, whether or not it starts a text with it
+        (Phi-3 names <s> and adds none), else the EOS."""
+        bos = self.tokenizer.special_tokens.get(self.tokenizer.bos_token) if self.tokenizer.bos_token else None
+        return bos if bos is not None else self.tokenizer.eos_id
 
     @property
     def batch_size(self) -> int:

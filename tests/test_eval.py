@@ -271,6 +271,23 @@ def test_token_ids_and_context_split_equal_the_hf_models(base, lora_adapter):
     assert ours.max_length == hf.max_length
 
 
+def test_a_tokenizer_that_puts_no_bos_before_a_text_encodes_as_the_hf_model(base, tmp_path):
+    """add_bos_token: false (as Phi-3 ships it): no <s> before a text, yet <s> is still the prefix of an empty
+    context (HFLM's prefix_token_id is the BOS token's id whether or not texts start with it)."""
+    folder = tmp_path / "no_bos"
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    hf = hf_lm(folder, None)
+    ours = HarnessLM(load_model(folder), load_tokenizer(folder))
+    assert hf.tok_encode("Hello world")[0] != hf.prefix_token_id == 1  # the case this test is about
+    for text in ["Hello world", " leading space", "<s> starts with BOS", "a </s> inside", ""]:
+        assert ours.tok_encode(text) == hf.tok_encode(text), text
+    for context, continuation in [("Question: why?\nAnswer:", " because"), ("The end ", "of it")]:
+        assert ours._encode_pair(context, continuation) == hf._encode_pair(context, continuation)
+    assert ours.prefix_token_id == hf.prefix_token_id and ours.eot_token_id == hf.eot_token_id
+
+
 def test_chat_prompts_equal_the_hf_models_including_a_continued_final_message(base):
     """HFLM renders with continue_final_message when a task has a gen_prefix (add_generation_prompt=False)."""
     hf = hf_lm(base, None)

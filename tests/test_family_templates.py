@@ -213,6 +213,52 @@ def test_phi3_hub_files_decide_as_in_transformers(folders, tmp_path):
     assert encode_rendered(text, tokenizer) == hf(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def phi3_tokenizer_json_with_bos(tmp_path_factory) -> str:
+    """The tokenizer.json transformers writes for Phi-3's tokenizer.model under add_bos_token: true (its
+    post-processor puts <s> first; the Hub folder's, written under false, puts nothing)."""
+    root = tmp_path_factory.mktemp("phi3_bos")
+    source = _phi3_folder(root / "source", {**PHI3_CONFIG, "add_bos_token": True,
+                                            "added_tokens_decoder": PHI3_DECODER}, {})
+    transformers.AutoTokenizer.from_pretrained(source).save_pretrained(root / "saved")
+    return (root / "saved" / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize("tokenizer_json", ["none", "without BOS", "with BOS"])
+@pytest.mark.parametrize("add_bos_token", [False, True])
+def test_the_bos_of_a_text_is_decided_as_in_transformers(folders, phi3_tokenizer_json_with_bos, tmp_path,
+                                                         tokenizer_json, add_bos_token):
+    """Phi-3's tokenizer_config.json says add_bos_token: false. transformers 5 follows it for a tokenizer.model
+    alone; where a tokenizer.json sits beside, its post-processor decides instead. bos_token stays <s> either
+    way. Plain text, preference-pair text and guanaco rows start as `tokenizer(text)` starts them."""
+    from data import encode as encode_conversation
+    from data import parse_guanaco
+    from data.pairs import encode_text
+    from helpers import GUANACO_SAMPLE
+
+    folder = tmp_path / "phi3"
+    shutil.copytree(folders["phi3-hub"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos_token}))
+    if tokenizer_json == "none":
+        (folder / "tokenizer.json").unlink()
+    elif tokenizer_json == "with BOS":
+        (folder / "tokenizer.json").write_text(phi3_tokenizer_json_with_bos)
+    tokenizer, hf = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.bos_token == hf.bos_token == "<s>" and tokenizer.special_tokens["<s>"] == hf.bos_token_id
+    with_bos = hf("Hi")["input_ids"][0] == hf.bos_token_id
+    assert with_bos == (add_bos_token if tokenizer_json == "none" else tokenizer_json == "with BOS")
+    assert tokenizer.bos_id == (hf.bos_token_id if with_bos else None)
+    rows = [json.loads(line)["text"] for line in GUANACO_SAMPLE.read_text(encoding="utf-8").splitlines()[:5]]
+    for text in ["Hello world", "", *rows]:
+        assert tokenizer.encode(text) == hf(text)["input_ids"], text[:40]
+    for text in ["<|user|>\nHi<|end|>\n", "<s> twice?", *rows]:
+        assert encode_text(text, tokenizer) == hf(text)["input_ids"], text[:40]
+    for row in rows:
+        ids, _ = encode_conversation(parse_guanaco(row), tokenizer, None)
+        assert ids[:3] == hf(row)["input_ids"][:3], row[:40]
+
+
 def test_the_config_written_for_a_sentencepiece_model_keeps_its_added_tokens(folders, tmp_path):
     """The export writes tokenizer_config.json beside a tokenizer.model that came without one; its
     added_tokens_decoder is then the whole list to transformers, so the added tokens must be in it."""

@@ -19,7 +19,8 @@ A `tokenizer.model` may have tokens added beside it (Phi-3: Llama 2's model, wit
 `Tokenizer` reads them as transformers 5 does: `added_tokens_decoder` where tokenizer_config.json has one (then
 it is the whole list), else tokenizer.json's `added_tokens` and then `added_tokens.json`; they are special tokens
 (single ids where a template writes them), `vocab_size` counts them, `decode` drops the special ones, and
-`bos_token`/`eos_token` are tokenizer_config.json's (Phi-3's EOS is `<|endoftext|>`, 32000).
+`bos_token`/`eos_token` are tokenizer_config.json's (Phi-3's EOS is `<|endoftext|>`, 32000). `bos_id` is the
+BOS a text starts with, or None (Phi-3's `add_bos_token: false`; `_starts_with_bos`), as for a tokenizer.json.
 
 - `Tokenizer`: `tokenizer.model` through `sentencepiece`, a thin, explicit wrapper.
 - `BPETokenizer`: `tokenizer.json` (Llama 3, SmolLM2) through the `tokenizers` library, an optional extra
@@ -68,7 +69,9 @@ class Tokenizer:
         config = read_tokenizer_config(config_path) if config_path.is_file() else {}
         # Tokens added beside the SentencePiece model (Phi-3's <|user|>, <|end|>, ... at 32000 and up): id ->
         # (content, lstrip, rstrip, special).
-        self.added: dict[int, tuple[str, bool, bool, bool]] = _sentencepiece_added(path.parent, config, self.sp)
+        own_json = _own_tokenizer_json(path.parent, self.sp)
+        self.added: dict[int, tuple[str, bool, bool, bool]] = _sentencepiece_added(path.parent, config, self.sp,
+                                                                                   own_json)
         self._extra = {i: t for i, t in self.added.items() if i >= self.sp.get_piece_size()}
         self.vocab_size: int = max([self.sp.get_piece_size(), *(i + 1 for i in self._extra)])
         # What a chat template sees as bos_token etc.: tokenizer_config.json's (Phi-3's EOS is <|endoftext|>),
@@ -76,7 +79,10 @@ class Tokenizer:
         self.bos_token, self.eos_token, self.unk_token = (
             _token_text(config.get(k)) or self._piece(i) for k, i in
             (("bos_token", self.sp.bos_id()), ("eos_token", self.sp.eos_id()), ("unk_token", self.sp.unk_id())))
-        self.bos_id: int = self._token_id(self.bos_token, "bos_token", config_path)
+        # The BOS a text starts with, or None where the tokenizer starts a text with none (Phi-3's).
+        bos_id = self._token_id(self.bos_token, "bos_token", config_path)
+        self.bos_id: int | None = bos_id if bos_id >= 0 and _starts_with_bos(own_json, config,
+                                                                                self.bos_token) else None
         self.eos_id: int = self._token_id(self.eos_token, "eos_token", config_path)
         # The tokens transformers matches in a rendered chat: the added ones, which without an
         # added_tokens_decoder include the control pieces <unk>, <s>, </s> its converter adds.
@@ -107,10 +113,11 @@ class Tokenizer:
         return i
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """The ids of `text`, after the BOS with `bos` where the tokenizer starts a text with one (`bos_id`)."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode takes one str, got {type(text).__name__}; encode a list item by item")
         ids = self.sp.encode(text, out_type=int)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_inside(self, text: str) -> list[int]:
         """The ids of `text` as it is tokenized after other text or a special token: without the dummy-prefix
@@ -272,27 +279,34 @@ def _special_strip(special_tokens: dict[str, int], flags: dict[str, tuple[bool, 
             if token in special_tokens and (left or right)}
 
 
-def _sentencepiece_added(folder: Path, config: dict, sp) -> dict[int, tuple[str, bool, bool, bool]]:
+def _own_tokenizer_json(folder: Path, sp) -> dict | None:
+    """The tokenizer.json beside a tokenizer.model, or None where there is none or it is another model's: one
+    whose added tokens contradict the model's pieces, over which the SentencePiece model wins (see
+    `load_tokenizer`; test_sentencepiece_wins_when_a_folder_has_both)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        listed = [e for e in data.get("added_tokens") or () if isinstance(e, dict)]
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path} is not a tokenizer.json ({e}); pass the tokenizer files that came with the "
+                         "model") from None
+    return data if all(_fits(sp, e.get("id"), e.get("content")) for e in listed) else None
+
+
+def _sentencepiece_added(folder: Path, config: dict, sp, own_json: dict | None
+                         ) -> dict[int, tuple[str, bool, bool, bool]]:
     """The tokens added beside a tokenizer.model, id -> (content, lstrip, rstrip, special), as transformers 5
     reads them: tokenizer_config.json's `added_tokens_decoder` where it has one (then it is the whole list: the
-    added tokens of tokenizer.json and added_tokens.json are not read), else tokenizer.json's `added_tokens`
-    and then added_tokens.json's ({content: id}, no flags) for the contents not already there. A tokenizer.json
-    whose added tokens contradict the model's pieces is another model's, and the SentencePiece model wins over
-    it (see `load_tokenizer`): its added tokens are not read."""
+    added tokens of tokenizer.json and added_tokens.json are not read), else the `added_tokens` of its own
+    tokenizer.json (`_own_tokenizer_json`) and then added_tokens.json's ({content: id}, no flags) for the
+    contents not already there."""
     decoder = config.get("added_tokens_decoder")
     if isinstance(decoder, dict):
         entries = [(k, e) for k, e in decoder.items() if isinstance(e, dict)]
     else:
-        entries = []
-        if (folder / "tokenizer.json").is_file():
-            try:
-                listed = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-                raise ValueError(f"{folder / 'tokenizer.json'} is not a tokenizer.json ({e}); pass the tokenizer "
-                                 "files that came with the model") from None
-            entries = [(e.get("id"), e) for e in listed or () if isinstance(e, dict)]
-            if not all(_fits(sp, i, e.get("content")) for i, e in entries):
-                entries = []  # another model's tokenizer.json (test_sentencepiece_wins_when_a_folder_has_both)
+        entries = [(e.get("id"), e) for e in (own_json or {}).get("added_tokens") or () if isinstance(e, dict)]
         if (folder / "added_tokens.json").is_file():
             have = {e.get("content") for _, e in entries}
             extra = read_tokenizer_config(folder / "added_tokens.json")
@@ -314,6 +328,24 @@ def _sentencepiece_added(folder: Path, config: dict, sp) -> dict[int, tuple[str,
                              f"{folder / 'tokenizer.model'}; the tokenizer files do not belong together")
         out[i] = (content, bool(entry.get("lstrip")), bool(entry.get("rstrip")), bool(entry.get("special", True)))
     return out
+
+
+def _starts_with_bos(own_json: dict | None, config: dict, bos_token: str | None) -> bool:
+    """Whether transformers 5 puts the BOS before a text of a tokenizer.model: its own tokenizer.json
+    (`_own_tokenizer_json`) decides where there is one (its post-processor's template starts with the BOS, or
+    not; add_bos_token is then not read), else tokenizer_config.json's `add_bos_token` (Phi-3's is false).
+    With neither, true: Llama 2's convention, where transformers 5 would put none."""
+    if own_json is None:
+        return bool(config.get("add_bos_token", True))
+    processor = own_json.get("post_processor")
+    if isinstance(processor, dict) and processor.get("type") == "Sequence":
+        processor = next((p for p in processor.get("processors") or () if isinstance(p, dict)
+                          and p.get("type") == "TemplateProcessing"), None)
+    if not isinstance(processor, dict) or processor.get("type") != "TemplateProcessing":
+        return False
+    first = (processor.get("single") or [None])[0]
+    special = first.get("SpecialToken") if isinstance(first, dict) else None
+    return isinstance(special, dict) and special.get("id") == bos_token
 
 
 def _fits(sp, i, content) -> bool:
@@ -368,14 +400,16 @@ def _decoder(tokenizer: Tokenizer, control) -> dict:
 def write_tokenizer_config(tokenizer: Tokenizer, folder: Path, model_max_length: int) -> None:
     """tokenizer_config.json and special_tokens_map.json for a SentencePiece `tokenizer.model`, as TinyLlama
     ships them, so transformers (4 and 5) tokenises as `tokenizer` does (README: Tokenizer lists the exceptions)."""
-    special = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id()}
+    # The BOS token's id whether or not a text starts with it (a tokenizer.json beside may put none before one).
+    bos = tokenizer.special_tokens.get(tokenizer.bos_token, -1) if tokenizer.bos_token else -1
+    special = {"bos_token": bos, "eos_token": tokenizer.eos_id, "unk_token": tokenizer.sp.unk_id()}
     missing = [name for name, i in special.items() if i < 0]
     if missing:
         raise ValueError(f"{tokenizer.path} defines no {', '.join(missing)}; a Llama tokenizer has <unk>, <s> and "
                          "</s>")
     pieces = {name: tokenizer.id_to_piece(i) for name, i in special.items()}
     config = {
-        "add_bos_token": True, "add_eos_token": False,
+        "add_bos_token": tokenizer.bos_id is not None, "add_eos_token": False,
         "added_tokens_decoder": _decoder(tokenizer, special.values()),
         **{name: {"__type": "AddedToken", **_added_token(piece)} for name, piece in pieces.items()},
         "pad_token": None, "clean_up_tokenization_spaces": False, "legacy": False,
