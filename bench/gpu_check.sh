@@ -64,13 +64,13 @@
 #   decode        bench.decode_bench --full (random TinyLlama checkpoint, batch 1 and 16)          ~60-90 s
 #   whole         W1 rank 64 with the whole model compiled (default mode)                          ~80 s
 #   compile       W2-padded under torch.compile, this project and transformers + peft             rest
-#   flexshapes    bench.flex_shapes: Gemma 2's softcapped attention over padded batches of 10 lengths
-#                 and 2 batch sizes, train then eval, twice: FlexAttention as this project compiles it
-#                 (power-of-two lengths), per whole-block length (torch's limit of 8), dynamic (as
-#                 transformers compiles it), and the plain path: compiles, seconds, peak GiB      ~60-200 s
 #   stepab        bench.step_ab: `make bench`'s W1 and W2-packed at rank 64 [64 steps], this tree against
 #                 the tree in GPU_CHECK_BASE (git archive COMMIT | tar -x -C DIR, brought along in
 #                 the working tree), ABBA: ms a step, this / base                                  ~120 s
+#   flexshapes    bench.flex_shapes: Gemma 2's softcapped attention over padded batches of 6 lengths
+#                 and 2 batch sizes, train then eval, twice: FlexAttention as this project compiles it
+#                 (power-of-two lengths), dynamic (as transformers compiles it), the plain path, and
+#                 per whole-block length (torch's limit of 8): compiles, seconds, peak GiB         ~60-200 s
 # A stage gets what remains of the budget, minus 20 s kept for combine, and is skipped when that is under
 # GPU_CHECK_MIN_STAGE_S. For example, this project's own compiled configurations after a default session:
 #   GPU_CHECK_STAGES=env,this,cudagraphs,whole GPU_CHECK_BUDGET_S=380
@@ -80,7 +80,8 @@
 # The model families' GPU checks (issue 29): their fast paths, the CUDA tests (FlexAttention's gradients among
 # them), how to compile FlexAttention, and the TinyLlama step against the tree before the families (7f7c155):
 #   mkdir ab-7f7c155 && git archive 7f7c155 | tar -x -C ab-7f7c155   # on this machine, before the run
-#   GPU_CHECK_STAGES=env,familypaths,tests,flexshapes,stepab GPU_CHECK_BASE=ab-7f7c155 bash bench/gpu_check.sh OUT
+#   GPU_CHECK_STAGES=env,familypaths,tests,stepab,flexshapes GPU_CHECK_BASE=ab-7f7c155 GPU_CHECK_BUDGET_S=570 \
+#     bash bench/gpu_check.sh OUT
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--cpu-dry-run]}
@@ -245,8 +246,8 @@ stage whole 180 "0" "$PY" -m bench.bench "${DEV[@]}" --ranks "" --focus-rank 64 
 stage compile 400 "0" "$PY" -m bench.bench "${DEV[@]}" --focus-rank 64 --workloads W2-padded \
   --systems this-compile,hf-compile --this-compile-workloads W2-padded --hf-compile-workloads W2-padded \
   --no-decode --out-dir "$WORK" --name compile
+stage stepab 200 "0" "$PY" -m bench.step_ab --base "${GPU_CHECK_BASE:-ab-base}" --out "$WORK/step_ab" -- "${STEPAB[@]}"
 stage flexshapes 240 "0" "$PY" -m bench.flex_shapes "${FLEXSHAPES[@]}" --out "$WORK/flex_shapes"
-stage stepab 300 "0" "$PY" -m bench.step_ab --base "${GPU_CHECK_BASE:-ab-base}" --out "$WORK/step_ab" -- "${STEPAB[@]}"
 RESERVE=0
 parts=()
 for s in train qlora this cudagraphs whole compile decode; do [ -f "$WORK/$s.json" ] && parts+=("$WORK/$s.json"); done
