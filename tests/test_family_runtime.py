@@ -355,6 +355,11 @@ def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
             assert_close(got, softcapped_attention(q, k, v, mask, 0.25, 5.0), rtol=1e-5, atol=1e-5)
             compiled.append(counters["stats"]["unique_graphs"])
     assert compiled[1:] == compiled[:1] * 3, "a second length or packing compiled FlexAttention again"
+    # Packed rows all have the run's one length: whole blocks are enough there (attention_inputs asks for that).
+    assert flex_block_mask(mask).seq_lengths == (512, 512)
+    assert flex_block_mask(mask, lengths_vary=False).seq_lengths == (512, 512)  # 400 tokens: 4 blocks
+    q, k, v, mask = _flex_case("cpu", True, T=300)
+    assert flex_block_mask(mask, lengths_vary=False).seq_lengths == (384, 384)
 
 
 @pytest.mark.cuda

@@ -257,9 +257,10 @@ def flex_length(n: int) -> int:
     return FLEX_BLOCK << (blocks - 1).bit_length()
 
 
-def flex_block_mask(mask: torch.Tensor):
+def flex_block_mask(mask: torch.Tensor, lengths_vary: bool = True):
     """The bool mask [B or 1, 1, T, S] (True = may attend) as FlexAttention's BlockMask, built once per forward
-    pass and shared by the layers of a kind, over queries and keys padded to `flex_length`: padded keys masked,
+    pass and shared by the layers of a kind, over queries and keys padded to `flex_length` where the run's
+    lengths vary (padded batches), else to whole blocks (packed rows: all one length): padded keys masked,
     padded queries seeing nothing (their output is zeros, cut off by `flex_softcapped_attention`).
 
     The padding is there because compiled FlexAttention (torch 2.13, on a CPU) reads a last partial block of keys
@@ -268,7 +269,8 @@ def flex_block_mask(mask: torch.Tensor):
     (tests/test_family_runtime.py has the reproduction)."""
     _, create_block_mask = flex_kernel()
     B, _, T, S = mask.shape
-    pad_t, pad_s = flex_length(T) - T, flex_length(S) - S
+    length = flex_length if lengths_vary else (lambda n: -(-n // FLEX_BLOCK) * FLEX_BLOCK)
+    pad_t, pad_s = length(T) - T, length(S) - S
     padded = F.pad(mask, (0, pad_s, 0, pad_t), value=False)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -501,7 +503,8 @@ class Llama(nn.Module):
         # Not with a cache: decoding's key count grows by one a step, and each new length would compile anew.
         # A CPU trace of a CUDA plan (training.plan) runs the plain path.
         if softcap and plan.flex_softcap and cache is None and device.type == "cuda":
-            return AttentionInputs(AttentionPath.MASKED, mask=mask, block_mask=flex_block_mask(mask))
+            return AttentionInputs(AttentionPath.MASKED, mask=mask,
+                                   block_mask=flex_block_mask(mask, lengths_vary=cu_seqlens is None))
         return AttentionInputs(AttentionPath.MASKED, mask=mask)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
