@@ -360,6 +360,24 @@ def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
     assert flex_block_mask(mask, lengths_vary=False).seq_lengths == (512, 512)  # 400 tokens: 4 blocks
     q, k, v, mask = _flex_case("cpu", True, T=300)
     assert flex_block_mask(mask, lengths_vary=False).seq_lengths == (384, 384)
+    # The padding to 512 costs no attention compute: FlexAttention visits only the (query block, key block)
+    # pairs the BlockMask lists, and none of them is past the 3 blocks that hold the 300 tokens.
+    for packed in (False, True):
+        visited = _visited_blocks(flex_block_mask(_flex_case("cpu", packed, T=300)[3]))
+        assert visited and max(max(pair) for pair in visited) == 2, sorted(visited)
+
+
+def _visited_blocks(block_mask) -> set[tuple[int, int]]:
+    """The (query block, key block) pairs FlexAttention computes for a BlockMask: its partial and full blocks."""
+    pairs = set()
+    for counts, indices in ((block_mask.kv_num_blocks, block_mask.kv_indices),
+                            (block_mask.full_kv_num_blocks, block_mask.full_kv_indices)):
+        if counts is None:
+            continue
+        for b in range(counts.shape[0]):
+            for q_block, n in enumerate(counts[b, 0].tolist()):
+                pairs.update((q_block, k_block) for k_block in indices[b, 0, q_block, :n].tolist())
+    return pairs
 
 
 @pytest.mark.cuda
