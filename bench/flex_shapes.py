@@ -51,13 +51,12 @@ class _LimitHits(logging.Handler):
 
 
 def _set_mode(mode: str):
-    """Point the model's FlexAttention path at `mode`'s padding and compile (this process only)."""
+    """Point the model's FlexAttention path at `mode`'s compile (this process only)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import tinyllama.model as model
 
     if mode in ("flex-blocks", "flex-dynamic"):
-        model.flex_length = lambda n: -(-n // model.FLEX_BLOCK) * model.FLEX_BLOCK
         compiled = torch.compile(flex_attention, dynamic=False if mode == "flex-blocks" else None)
         model.flex_kernel = lambda: (compiled, create_block_mask)
 
@@ -95,7 +94,9 @@ def child(mode: str, args) -> dict:
             if mode == "plain":
                 y = softcapped_attention(q, k, v, mask, scale, cap)
             else:
-                y = flex_softcapped_attention(q, k, v, flex_block_mask(mask), scale, cap)
+                # Power-of-two lengths for this project's mode, whole blocks for the others.
+                y = flex_softcapped_attention(q, k, v, flex_block_mask(mask, lengths_vary=mode == "flex"), scale,
+                                              cap)
             if grad:
                 y.backward(torch.ones_like(y))
             return y.detach()

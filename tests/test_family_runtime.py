@@ -325,6 +325,19 @@ def test_a_compiled_function_gets_the_recompile_limit_it_is_given():
     assert compiled_count(with_recompile_limit(torch.compile(thrice, dynamic=False, backend="eager"), 16)) == 12
 
 
+def test_flex_attention_is_called_under_its_own_recompile_limit(monkeypatch):
+    """flex_kernel's FlexAttention sees FLEX_RECOMPILE_LIMIT as torch's limit when it is called (torch.compile
+    replaced by a function that reports the limit in force at the call)."""
+    from tinyllama import runtime
+
+    def compile_reporting_the_limit(fn, **kwargs):
+        return lambda *args, **kw: torch._dynamo.config.recompile_limit
+
+    monkeypatch.setattr(torch, "compile", compile_reporting_the_limit)
+    flex, _ = runtime.flex_kernel.__wrapped__()  # not the cached kernel
+    assert flex() == runtime.FLEX_RECOMPILE_LIMIT != torch._dynamo.config.recompile_limit
+
+
 @pytest.mark.slow  # FlexAttention compiles on a CPU: about 5 s, 10 s with a cold inductor cache
 def test_flex_softcapped_attention_equals_the_plain_path_on_a_cpu():
     """The forward pass (FlexAttention has no CPU backward): padded, packed, a window shorter than the sequence,

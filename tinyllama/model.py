@@ -269,7 +269,9 @@ def flex_block_mask(mask: torch.Tensor, lengths_vary: bool = True):
     (tests/test_family_runtime.py has the reproduction)."""
     _, create_block_mask = flex_kernel()
     B, _, T, S = mask.shape
-    length = flex_length if lengths_vary else (lambda n: -(-n // FLEX_BLOCK) * FLEX_BLOCK)
+    def length(n):
+        return flex_length(n) if lengths_vary else -(-n // FLEX_BLOCK) * FLEX_BLOCK
+
     pad_t, pad_s = length(T) - T, length(S) - S
     padded = F.pad(mask, (0, pad_s, 0, pad_t), value=False)
 
